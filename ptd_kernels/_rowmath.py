@@ -1,0 +1,196 @@
+"""Small per-row math shared by every backend (one source of truth per formula).
+
+Everything here works on small tensors: per-row scalars [n] and per-row atom sets [n, M]
+(a top-K support, or a bounded chunk of full vocabulary rows). Nothing here ever sees all N
+rows by all V columns at once.
+
+Notation (SPEC §2): P is the student, Q the teacher, atoms a carry log-probabilities
+``logp_a`` and ``logq_a``. For β ∈ [0, 1]
+
+    M = β·Q + (1 − β)·P
+    JSD_β(P, Q) = β·KL(Q ‖ M) + (1 − β)·KL(P ‖ M)          (0 < β < 1)
+    β = 0 → KL(Q ‖ P),   β = 1 → KL(P ‖ Q).
+
+Gradients are expressed through ``w_a = p_a · ∂D/∂p_a`` (the "weighted score" of an atom):
+
+    0 < β < 1 :  w_a = (1 − β) · p_a · (log p_a − log m_a)
+    β = 0     :  w_a = −q_a
+    β = 1     :  w_a = p_a · (log p_a − log q_a + 1)
+
+When the atoms are a softmax of logits z (p = softmax(z)), ∂D/∂z_v = w_v − p_v · Σ_a w_a.
+The Triton kernels implement the same formulas in ``ptd_kernels/triton/_math.py``; tests tie
+both to ``ptd_kernels.reference``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+TAIL_FLOOR = 1e-12  # floor of a tail atom, in probability (SPEC §2)
+
+
+def jsd_pointwise(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-atom JSD_β contributions ``d`` (summing to D) and weighted scores ``w = p·∂D/∂p``.
+
+    ``logp``/``logq`` must be finite where the result is used (mask invalid atoms before).
+    """
+    if beta == 0.0:
+        q = logq.exp()
+        return q * (logq - logp), -q
+    if beta == 1.0:
+        p = logp.exp()
+        log_ratio = logp - logq
+        return p * log_ratio, p * (log_ratio + 1.0)
+    p = logp.exp()
+    q = logq.exp()
+    logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
+    student_part = p * (logp - logm)
+    d = beta * q * (logq - logm) + (1.0 - beta) * student_part
+    return d, (1.0 - beta) * student_part
+
+
+def tail_logprob(log_support_mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log of the tail atom 1 − Σ_S p, from log Σ_S p, floored at TAIL_FLOOR in probability.
+
+    Returns (log_tail, floored) where ``floored`` marks rows whose tail sits on the floor (the
+    tail is then a constant: it carries no gradient).
+    """
+    tail = -torch.expm1(log_support_mass)
+    floored = tail < TAIL_FLOOR
+    tail = torch.where(floored, torch.full_like(tail, TAIL_FLOOR), tail)
+    return tail.log(), floored
+
+
+def masked_logsumexp(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim, counting only ``valid`` entries."""
+    return torch.logsumexp(values.masked_fill(~valid, -math.inf), dim=-1)
+
+
+class TopKJSDTerms:
+    """Per-row Top-K JSD value and the coefficients of its gradient w.r.t. the student logits.
+
+    With p = softmax(z) over the full vocabulary:
+
+        ∂D/∂z_v = p_v · row_coef  +  Σ_m [S_m = v] · support_coef_m
+
+    so a backward pass needs one scalar per row for the dense part and a sparse correction on
+    the support. For ``tail=False`` the dense part vanishes (``row_coef`` is 0).
+    """
+
+    __slots__ = ("value", "row_coef", "support_coef", "teacher_mass")
+
+    def __init__(self, value, row_coef, support_coef, teacher_mass):
+        self.value = value
+        self.row_coef = row_coef
+        self.support_coef = support_coef
+        self.teacher_mass = teacher_mass
+
+
+def topk_jsd_terms(
+    student_logp: torch.Tensor,
+    teacher_logq: torch.Tensor,
+    valid: torch.Tensor,
+    beta: float,
+    tail: bool,
+    teacher_log_mass: torch.Tensor | None = None,
+) -> TopKJSDTerms:
+    """Top-K JSD on a support S given the exact full-vocabulary log-probs at S.
+
+    Args:
+        student_logp: [n, M] log p at the support ids (z_S − lse).
+        teacher_logq: [n, M] log q at the support ids.
+        valid: [n, M] bool, False for padding / duplicate support slots.
+        beta: JSD β in [0, 1].
+        tail: add the tail atoms (True) or renormalize over S (False).
+        teacher_log_mass: optional [n] log Σ_S q when it is known more exactly than from the
+            gathered values (unused by the dense paths; kept for sparse teachers).
+    """
+    zero = torch.zeros((), dtype=student_logp.dtype, device=student_logp.device)
+    logp = torch.where(valid, student_logp, zero)
+    logq = torch.where(valid, teacher_logq, zero)
+    log_p_mass = masked_logsumexp(logp, valid)
+    log_q_mass = masked_logsumexp(logq, valid) if teacher_log_mass is None else teacher_log_mass
+    if tail:
+        d, w = jsd_pointwise(logp, logq, beta)
+        d = torch.where(valid, d, zero)
+        w = torch.where(valid, w, zero)
+        log_p_tail, p_floored = tail_logprob(log_p_mass)
+        log_q_tail, _ = tail_logprob(log_q_mass)
+        d_tail, w_tail = jsd_pointwise(log_p_tail, log_q_tail, beta)
+        # A floored student tail is a constant: it contributes to D but not to the gradient.
+        w_tail = torch.where(p_floored, zero, w_tail)
+        g_tail = w_tail * torch.exp(-log_p_tail)  # ∂D/∂p_tail
+        value = d.sum(-1) + d_tail
+        w_sum = w.sum(-1) + w_tail
+        # v ∉ S: ∂D/∂z_v = p_v (g_tail − Σw);  v ∈ S: w_v − p_v Σw.
+        row_coef = g_tail - w_sum
+        support_coef = torch.where(valid, w - logp.exp() * g_tail[:, None], zero)
+    else:
+        logp_renorm = torch.where(valid, logp - log_p_mass[:, None], zero)
+        logq_renorm = torch.where(valid, logq - log_q_mass[:, None], zero)
+        d, w = jsd_pointwise(logp_renorm, logq_renorm, beta)
+        d = torch.where(valid, d, zero)
+        w = torch.where(valid, w, zero)
+        value = d.sum(-1)
+        w_sum = w.sum(-1)
+        row_coef = torch.zeros_like(value)
+        support_coef = torch.where(valid, w - logp_renorm.exp() * w_sum[:, None], zero)
+    return TopKJSDTerms(value, row_coef, support_coef, log_q_mass.exp())
+
+
+def full_jsd_terms(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full-vocabulary JSD over rows of log-probs [n, V].
+
+    Returns (value [n], grad_logits [n, V]) where grad_logits = ∂D/∂z = w − p·Σw, and the
+    per-row Σw [n] (the Triton path streams it instead of keeping [n, V]).
+    """
+    d, w = jsd_pointwise(logp, logq, beta)
+    w_sum = w.sum(-1)
+    grad_logits = w - logp.exp() * w_sum[:, None]
+    return d.sum(-1), grad_logits, w_sum
+
+
+def union_support(student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deduplicated union of two id sets per row.
+
+    Returns (ids [n, Ks + Kt] sorted ascending, valid [n, Ks + Kt]) where duplicates are
+    marked invalid (their slot still holds a real id, so gathers stay in range).
+    """
+    ids = torch.cat([student_ids, teacher_ids], dim=-1).sort(dim=-1).values
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    return ids, valid
+
+
+def overlap_fraction(ids_a: torch.Tensor, ids_b: torch.Tensor) -> torch.Tensor:
+    """|A ∩ B| / k per row for two [n, k] sets of distinct ids (float32 [n])."""
+    k = ids_a.shape[-1]
+    if k == 0:
+        return torch.zeros(ids_a.shape[0], dtype=torch.float32, device=ids_a.device)
+    _, valid = union_support(ids_a, ids_b)
+    duplicates = (~valid).sum(-1)
+    return duplicates.to(torch.float32) / k
+
+
+def pack_topk_keys(logits: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose order is (logit descending, id ascending): top-K with ties to the smaller id.
+
+    key = (order-preserving int32 bits of the float32 logit) << 32 | (2^32 − 1 − id).
+    NaN logits sort above +inf (they are propagated, not hidden).
+    """
+    v = logits.shape[-1]
+    # "+ 0.0" turns −0.0 into +0.0 so that the two zeros tie (and fall back to the id order).
+    bits = (logits.to(torch.float32) + 0.0).contiguous().view(torch.int32).to(torch.int64)
+    # Negative floats: flip the magnitude bits so that larger floats have larger keys.
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    ids = torch.arange(v, device=logits.device, dtype=torch.int64)
+    return (ordered << 32) | (0xFFFFFFFF - ids)
+
+
+def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids of the k largest logits per row (a bounded chunk), descending, ties to the smaller id."""
+    keys = pack_topk_keys(logits)
+    top = torch.topk(keys, k, dim=-1, sorted=True).values
+    return 0xFFFFFFFF - (top & 0xFFFFFFFF)

@@ -1,0 +1,23 @@
+"""Test set-up: Triton kernels run under the interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here,
+before the tests import ptd_kernels.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
