@@ -1,0 +1,187 @@
+"""Input checks shared by every backend and by the reference.
+
+Each error names the offending argument (SPEC §4): ValueError for bad values and shapes,
+TypeError for bad types and dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+SUPPORTS = ("union", "teacher", "student")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_tensor(name: str, x, ndim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+
+
+def _check_float(name: str, x: torch.Tensor) -> None:
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def check_linear(hidden, weight, bias, *, prefix: str = "") -> tuple[int, int, int]:
+    """hidden [N, H], weight [V, H], bias [V] or None, same dtype. Returns (N, H, V)."""
+    h_name, w_name, b_name = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    _check_tensor(h_name, hidden, 2)
+    _check_tensor(w_name, weight, 2)
+    _check_float(h_name, hidden)
+    _check_float(w_name, weight)
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{h_name} has {hidden.shape[1]} features but {w_name} expects {weight.shape[1]} "
+            f"({h_name} {tuple(hidden.shape)}, {w_name} {tuple(weight.shape)})"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{h_name} ({hidden.dtype}) and {w_name} ({weight.dtype}) must have the same dtype")
+    if hidden.device != weight.device:
+        raise ValueError(f"{h_name} is on {hidden.device} but {w_name} is on {weight.device}")
+    if bias is not None:
+        _check_tensor(b_name, bias, 1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{b_name} has {bias.shape[0]} entries but {w_name} has {weight.shape[0]} rows")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{b_name} ({bias.dtype}) and {w_name} ({weight.dtype}) must have the same dtype")
+        if bias.device != weight.device:
+            raise ValueError(f"{b_name} is on {bias.device} but {w_name} is on {weight.device}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{w_name} must have at least one row (vocabulary size ≥ 1)")
+    return hidden.shape[0], hidden.shape[1], weight.shape[0]
+
+
+def check_logits(name: str, logits) -> tuple[int, int]:
+    _check_tensor(name, logits, 2)
+    _check_float(name, logits)
+    if logits.shape[1] < 1:
+        raise ValueError(f"{name} must have a vocabulary of size ≥ 1, got shape {tuple(logits.shape)}")
+    return logits.shape[0], logits.shape[1]
+
+
+def check_same_rows(name: str, x: torch.Tensor, n: int, ref_name: str = "hidden") -> None:
+    if x.shape[0] != n:
+        raise ValueError(f"{name} has {x.shape[0]} rows but {ref_name} has {n}")
+
+
+def check_same_device(reference: torch.Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != reference.device:
+            raise ValueError(f"{name} is on {t.device} but the student inputs are on {reference.device}")
+
+
+def check_teacher_vocab(vocab: int, teacher_vocab: int, name: str = "teacher_weight") -> None:
+    if teacher_vocab != vocab:
+        raise ValueError(f"{name} has vocabulary {teacher_vocab} but the student has {vocab}")
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not (temperature > 0) or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return float(temperature)
+
+
+def check_beta(beta) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
+    if not (0.0 <= beta <= 1.0):
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    return float(beta)
+
+
+def check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be ≥ 1, got {k}")
+    return k
+
+
+def check_support(support) -> str:
+    if support not in SUPPORTS:
+        raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
+    return support
+
+
+def check_targets(targets, n: int, vocab: int, ignore_index: int, device: torch.device) -> None:
+    _check_tensor("targets", targets, 1)
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    check_same_rows("targets", targets, n)
+    if targets.device != device:
+        raise ValueError(f"targets is on {targets.device} but the student inputs are on {device}")
+    live = targets[targets != ignore_index]
+    if live.numel() and (bool((live < 0).any()) or bool((live >= vocab).any())):
+        bad = live[(live < 0) | (live >= vocab)][0].item()
+        raise ValueError(
+            f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}"
+        )
+
+
+def check_mask(name: str, mask, n: int, device: torch.device) -> None:
+    if mask is None:
+        return
+    _check_tensor(name, mask, 1)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {mask.dtype}")
+    check_same_rows(name, mask, n)
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the student inputs are on {device}")
+
+
+def check_weights(weights, n: int, device: torch.device) -> None:
+    if weights is None:
+        return
+    _check_tensor("weights", weights, 1)
+    _check_float("weights", weights)
+    check_same_rows("weights", weights, n)
+    if weights.device != device:
+        raise ValueError(f"weights is on {weights.device} but the student inputs are on {device}")
+
+
+def check_sparse_teacher(teacher_indices, teacher_logprobs, n: int, vocab: int, device: torch.device) -> int:
+    _check_tensor("teacher_indices", teacher_indices, 2)
+    _check_tensor("teacher_logprobs", teacher_logprobs, 2)
+    if teacher_indices.dtype.is_floating_point or teacher_indices.dtype == torch.bool:
+        raise TypeError(f"teacher_indices must be an integer tensor, got {teacher_indices.dtype}")
+    _check_float("teacher_logprobs", teacher_logprobs)
+    check_same_rows("teacher_indices", teacher_indices, n)
+    if teacher_logprobs.shape != teacher_indices.shape:
+        raise ValueError(
+            f"teacher_logprobs {tuple(teacher_logprobs.shape)} must match teacher_indices "
+            f"{tuple(teacher_indices.shape)}"
+        )
+    for name, t in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the student inputs are on {device}")
+    k = teacher_indices.shape[1]
+    if k < 1:
+        raise ValueError("teacher_indices must hold at least one id per row")
+    if teacher_indices.numel():
+        if bool((teacher_indices < 0).any()) or bool((teacher_indices >= vocab).any()):
+            raise ValueError(f"teacher_indices must lie in [0, {vocab})")
+        ordered = teacher_indices.sort(dim=-1).values
+        if k > 1 and bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError("teacher_indices must not repeat an id within a row")
+    return k
+
+
+def row_mask(n: int, device, targets=None, ignore_index: int = -100, mask=None) -> torch.Tensor:
+    """The rows that produce output: target ≠ ignore_index and mask True."""
+    live = torch.ones(n, dtype=torch.bool, device=device)
+    if targets is not None:
+        live &= targets != ignore_index
+    if mask is not None:
+        live &= mask
+    return live
