@@ -140,7 +140,9 @@ def topk_jsd_terms(
     return TopKJSDTerms(value, row_coef, support_coef, log_q_mass.exp())
 
 
-def full_jsd_terms(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def full_jsd_terms(
+    logp: torch.Tensor, logq: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Full-vocabulary JSD over rows of log-probs [n, V].
 
     Returns (value [n], grad_logits [n, V]) where grad_logits = ∂D/∂z = w − p·Σw, and the
