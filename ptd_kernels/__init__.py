@@ -1,9 +1,14 @@
-"""ptd_kernels: distillation losses fused with the output layer (placeholder: reference only)."""
+"""ptd_kernels: distillation losses fused with the output layer.
+
+Log-probs, entropy, full JSD and PTD-PO's Top-K JSD with tail compensation, computed from hidden
+states and output-layer weights tile by tile over the vocabulary: no tokens×vocabulary tensor
+is ever allocated. Every function takes ``backend="auto" | "triton" | "torch"``;
+``ptd_kernels.reference`` holds the same functions written the obvious way (the test oracle).
+"""
 
 from . import reference
 from ._types import PTDTerms, TopK
-from .reference import (  # noqa: F401  (replaced by the fused functional API)
-    jsd,
+from .functional import (
     linear_jsd,
     linear_jsd_loss,
     linear_logprobs,
@@ -12,9 +17,23 @@ from .reference import (  # noqa: F401  (replaced by the fused functional API)
     linear_topk,
     linear_topk_jsd,
     linear_topk_jsd_loss,
-    logprobs,
-    topk_jsd,
-    topk_overlap,
 )
+from .reference import jsd, logprobs, topk_jsd, topk_overlap  # TEMPORARY until the chunked logits-level path
 
-__all__ = ["reference", "PTDTerms", "TopK"]
+__all__ = [
+    "PTDTerms",
+    "TopK",
+    "jsd",
+    "linear_jsd",
+    "linear_jsd_loss",
+    "linear_logprobs",
+    "linear_ptd_terms",
+    "linear_sparse_jsd",
+    "linear_topk",
+    "linear_topk_jsd",
+    "linear_topk_jsd_loss",
+    "logprobs",
+    "reference",
+    "topk_jsd",
+    "topk_overlap",
+]

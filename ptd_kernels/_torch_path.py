@@ -1,0 +1,232 @@
+"""The chunked PyTorch backend (CPU, and the fallback everywhere).
+
+Same memory rule as the Triton kernels: logits exist only as bounded blocks, one
+[rows, V] (forward) or [N, cols] / [rows, V] (backward) float32 block of at most
+``CHUNK_BYTES`` at a time, recomputed in the backward pass. Nothing grows with N·V.
+
+Backward passes tile along whichever axis makes the accumulated gradient the smaller one:
+vocabulary blocks (accumulating d hidden, [N, H]) when N ≤ V, row blocks (accumulating
+d weight, [V, H]) otherwise.
+
+All functions take only live rows (the functional layer strips masked rows first) and
+return float32 statistics (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _rowmath
+
+CHUNK_BYTES = 8 << 20  # one float32 logits block
+
+
+class RowStats(NamedTuple):
+    lse: torch.Tensor
+    mean_logit: torch.Tensor | None
+    target_logit: torch.Tensor | None
+    topk_indices: torch.Tensor | None
+    topk_logits: torch.Tensor | None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block(count: int, other: int, itemsize: int) -> int:
+    """How many rows (or columns) of a [count, other] block fit in CHUNK_BYTES."""
+    return max(1, min(count, CHUNK_BYTES // max(1, other * itemsize)))
+
+
+def _logits(hidden, weight, bias, temperature: float) -> torch.Tensor:
+    z = hidden @ weight.T
+    if bias is not None:
+        z += bias
+    if temperature != 1.0:
+        z /= temperature
+    return z
+
+
+def _prepare(hidden, weight, bias):
+    dtype = compute_dtype(weight.dtype)
+    return dtype, hidden.to(dtype), weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@torch.no_grad()
+def row_stats(hidden, weight, bias, temperature, targets=None, k=0, *, with_mean_logit=True) -> RowStats:
+    """Per-row logsumexp, Σ p·z, target logit and top-k (ids, logits) in one sweep of row blocks."""
+    dtype, hidden, weight, bias = _prepare(hidden, weight, bias)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    lse = torch.empty(n, dtype=dtype, device=hidden.device)
+    mean_logit = torch.empty_like(lse) if with_mean_logit else None
+    target_logit = torch.empty_like(lse) if targets is not None else None
+    top_ids = torch.empty((n, k), dtype=torch.int64, device=hidden.device) if k else None
+    top_logits = torch.empty((n, k), dtype=dtype, device=hidden.device) if k else None
+    # The packed top-k keys are int64: budget for them as well.
+    step = _block(n, vocab, 4 + (8 if k else 0))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        z = _logits(hidden[r0:r1], weight, bias, temperature)
+        lse[r0:r1] = torch.logsumexp(z, dim=-1)
+        if targets is not None:
+            target_logit[r0:r1] = z.gather(1, targets[r0:r1, None]).squeeze(1)
+        if k:
+            ids = _rowmath.topk_ids(z, k)
+            top_ids[r0:r1] = ids
+            top_logits[r0:r1] = z.gather(1, ids)
+        if with_mean_logit:
+            p = torch.exp(z - lse[r0:r1, None])
+            mean_logit[r0:r1] = (p * z).sum(-1)
+    return RowStats(lse, mean_logit, target_logit, top_ids, top_logits)
+
+
+@torch.no_grad()
+def jsd_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature, beta):
+    """Full-vocabulary JSD_β per row with Σw (for the backward) and both logsumexps."""
+    dtype, hidden, weight, bias = _prepare(hidden, weight, bias)
+    _, teacher_hidden, teacher_weight, teacher_bias = _prepare(teacher_hidden, teacher_weight, teacher_bias)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    value, w_sum, lse, teacher_lse = (torch.empty(n, dtype=dtype, device=hidden.device) for _ in range(4))
+    step = _block(n, vocab, 4 * 2)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        z = _logits(hidden[r0:r1], weight, bias, temperature)
+        teacher_z = _logits(teacher_hidden[r0:r1], teacher_weight, teacher_bias, temperature)
+        lse[r0:r1] = torch.logsumexp(z, dim=-1)
+        teacher_lse[r0:r1] = torch.logsumexp(teacher_z, dim=-1)
+        d, w = _rowmath.jsd_pointwise(z - lse[r0:r1, None], teacher_z - teacher_lse[r0:r1, None], beta)
+        value[r0:r1], w_sum[r0:r1] = d.sum(-1), w.sum(-1)
+    return value, w_sum, lse, teacher_lse
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, need_weight, need_bias):
+    """Run ``dz_block(z, rows, cols) -> dz`` over bounded logits blocks and contract into gradients.
+
+    Returns compute-dtype (grad_hidden, grad_weight, grad_bias), the 1/τ applied.
+    """
+    dtype, hidden, weight, bias = _prepare(hidden, weight, bias)
+    n, h = hidden.shape
+    vocab = weight.shape[0]
+    grad_hidden = torch.zeros((n, h), dtype=dtype, device=hidden.device) if need_hidden else None
+    grad_weight = torch.zeros((vocab, h), dtype=dtype, device=hidden.device) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=dtype, device=hidden.device) if need_bias else None
+    itemsize = torch.finfo(dtype).bits // 8
+    if n <= vocab:  # vocabulary blocks over all rows: d weight is written once, d hidden accumulates
+        step = _block(vocab, n, itemsize)
+        for c0 in range(0, vocab, step):
+            cols = slice(c0, min(vocab, c0 + step))
+            z = _logits(hidden, weight[cols], bias[cols] if bias is not None else None, temperature)
+            dz = dz_block(z, slice(None), cols)
+            if need_hidden:
+                grad_hidden.addmm_(dz, weight[cols])
+            if need_weight:
+                torch.mm(dz.T, hidden, out=grad_weight[cols])
+            if need_bias:
+                grad_bias[cols] = dz.sum(0)
+    else:  # row blocks over the whole vocabulary: d hidden is written once, d weight accumulates
+        step = _block(n, vocab, itemsize)
+        for r0 in range(0, n, step):
+            rows = slice(r0, min(n, r0 + step))
+            z = _logits(hidden[rows], weight, bias, temperature)
+            dz = dz_block(z, rows, slice(None))
+            if need_hidden:
+                torch.mm(dz, weight, out=grad_hidden[rows])
+            if need_weight:
+                grad_weight.addmm_(dz.T, hidden[rows])
+            if need_bias:
+                grad_bias += dz.sum(0)
+    for g in (grad_hidden, grad_weight, grad_bias):
+        if g is not None and temperature != 1.0:
+            g /= temperature
+    return grad_hidden, grad_weight, grad_bias
+
+
+def head_backward(hidden, weight, bias, temperature, lse, row_coef, logit_coef=None, *, need_hidden=True,
+                  need_weight=True, need_bias=True):
+    """Gradients of the dense part dz = p·(row_coef + logit_coef·z), p = exp(z − lse).
+
+    Sparse parts (target one-hots, support corrections) are added by ``_sparse.sparse_backward``.
+    """
+
+    def dz_block(z, rows, cols):
+        coef = row_coef[rows, None]
+        if logit_coef is not None:
+            coef = coef + logit_coef[rows, None] * z
+        z.sub_(lse[rows, None]).exp_()  # z now holds p (in place: one block alive)
+        return z.mul_(coef)
+
+    return _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, need_weight, need_bias)
+
+
+def jsd_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature, beta, lse,
+                 teacher_lse, w_sum, grad, *, need_hidden=True, need_weight=True, need_bias=True):
+    """Gradients of Σ_n grad_n · JSD_n: dz = grad·(w − p·Σw), recomputing both sides' logits blockwise."""
+    dtype, teacher_hidden, teacher_weight, teacher_bias = _prepare(teacher_hidden, teacher_weight, teacher_bias)
+
+    def dz_block(z, rows, cols):
+        teacher_z = _logits(teacher_hidden[rows], teacher_weight[cols],
+                            teacher_bias[cols] if teacher_bias is not None else None, temperature)
+        logp = z.sub_(lse[rows, None])
+        _, w = _rowmath.jsd_pointwise(logp, teacher_z.sub_(teacher_lse[rows, None]), beta)
+        return (w - logp.exp_() * w_sum[rows, None]).mul_(grad[rows, None])
+
+    return _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, need_weight, need_bias)
+
+
+# ----------------------------------------------------------------------------- loss level (grad in forward)
+
+
+def _support_from_topk(student_ids, teacher_ids, support):
+    if support == "union":
+        return _rowmath.union_support(student_ids, teacher_ids)
+    ids = teacher_ids if support == "teacher" else student_ids
+    return ids, torch.ones_like(ids, dtype=torch.bool)
+
+
+def fused_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature, beta, weights, *,
+               k=None, support="union", tail=True, need_hidden=True, need_weight=True, need_bias=True):
+    """Σ_n weights_n · D_n and its gradients in one sweep of row blocks (no recomputation).
+
+    ``k=None``: full-vocabulary JSD; else Top-K JSD with the given support and tail rule.
+    Returns (per-row values, grad_hidden, grad_weight, grad_bias) in the compute dtype.
+    """
+    dtype, hidden, weight, bias = _prepare(hidden, weight, bias)
+    _, teacher_hidden, teacher_weight, teacher_bias = _prepare(teacher_hidden, teacher_weight, teacher_bias)
+    n, h = hidden.shape
+    vocab = weight.shape[0]
+    weights = weights.to(dtype)
+    value = torch.empty(n, dtype=dtype, device=hidden.device)
+    grad_hidden = torch.zeros((n, h), dtype=dtype, device=hidden.device) if need_hidden else None
+    grad_weight = torch.zeros((vocab, h), dtype=dtype, device=hidden.device) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=dtype, device=hidden.device) if need_bias else None
+    step = _block(n, vocab, 4 * 3)
+    for r0 in range(0, n, step):
+        rows = slice(r0, min(n, r0 + step))
+        with torch.no_grad():
+            z = _logits(hidden[rows], weight, bias, temperature)
+            teacher_z = _logits(teacher_hidden[rows], teacher_weight, teacher_bias, temperature)
+            logp = z - torch.logsumexp(z, dim=-1, keepdim=True)
+            logq = teacher_z - torch.logsumexp(teacher_z, dim=-1, keepdim=True)
+            if k is None:
+                value[rows], dz, _ = _rowmath.full_jsd_terms(logp, logq, beta)
+            else:
+                ids, valid = _support_from_topk(_rowmath.topk_ids(z, k), _rowmath.topk_ids(teacher_z, k), support)
+                terms = _rowmath.topk_jsd_terms(logp.gather(1, ids), logq.gather(1, ids), valid, beta, tail)
+                value[rows] = terms.value
+                dz = logp.exp_().mul_(terms.row_coef[:, None]).scatter_add_(1, ids, terms.support_coef)
+            dz.mul_(weights[rows, None] / temperature)
+            if need_hidden:
+                torch.mm(dz, weight, out=grad_hidden[rows])
+            if need_weight:
+                grad_weight.addmm_(dz.T, hidden[rows])
+            if need_bias:
+                grad_bias += dz.sum(0)
+    return value, grad_hidden, grad_weight, grad_bias
