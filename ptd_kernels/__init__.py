@@ -18,7 +18,7 @@ from .functional import (
     linear_topk_jsd,
     linear_topk_jsd_loss,
 )
-from .reference import jsd, logprobs, topk_jsd, topk_overlap  # TEMPORARY until the chunked logits-level path
+from .logits_level import jsd, logprobs, topk_jsd, topk_overlap
 
 __all__ = [
     "PTDTerms",
