@@ -176,23 +176,39 @@ def overlap_fraction(ids_a: torch.Tensor, ids_b: torch.Tensor) -> torch.Tensor:
     return duplicates.to(torch.float32) / k
 
 
-def pack_topk_keys(logits: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose order is (logit descending, id ascending): top-K with ties to the smaller id.
+def pack_topk_keys(values: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 keys whose order is (value descending, id ascending): top-K with ties to the smaller id.
 
-    key = (order-preserving int32 bits of the float32 logit) << 32 | (2^32 − 1 − id).
-    NaN logits sort above +inf (they are propagated, not hidden).
+    key = (order-preserving int32 bits of the float32 value) << 32 | (2^32 − 1 − id), where the
+    ids default to the column index. NaN values sort above +inf (they are propagated, not hidden).
     """
-    v = logits.shape[-1]
     # "+ 0.0" turns −0.0 into +0.0 so that the two zeros tie (and fall back to the id order).
-    bits = (logits.to(torch.float32) + 0.0).contiguous().view(torch.int32).to(torch.int64)
+    bits = (values.to(torch.float32) + 0.0).contiguous().view(torch.int32).to(torch.int64)
     # Negative floats: flip the magnitude bits so that larger floats have larger keys.
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    ids = torch.arange(v, device=logits.device, dtype=torch.int64)
+    if ids is None:
+        ids = torch.arange(values.shape[-1], device=values.device, dtype=torch.int64)
     return (ordered << 32) | (0xFFFFFFFF - ids)
 
 
+def _ids_from_keys(keys: torch.Tensor) -> torch.Tensor:
+    return 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+
+
 def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Ids of the k largest logits per row (a bounded chunk), descending, ties to the smaller id."""
-    keys = pack_topk_keys(logits)
-    top = torch.topk(keys, k, dim=-1, sorted=True).values
-    return 0xFFFFFFFF - (top & 0xFFFFFFFF)
+    """Ids of the k largest logits per row (a bounded block), descending, ties to the smaller id.
+
+    ``torch.topk`` finds the k largest values fast but orders ties arbitrarily; the exact rule
+    only matters where ties straddle the k-th place (those rows redo the selection on packed
+    keys) and among equal selected values (fixed by sorting the k selected on packed keys).
+    """
+    values, ids = torch.topk(logits, k, dim=-1)
+    kth = values[:, -1:]
+    ambiguous = ((logits >= kth).sum(-1) > k) | torch.isnan(values).any(-1)
+    if bool(ambiguous.any()):
+        rows = ambiguous.nonzero().squeeze(-1)
+        top = torch.topk(pack_topk_keys(logits[rows]), k, dim=-1).values
+        ids[rows] = _ids_from_keys(top)
+        values[rows] = logits[rows].gather(1, ids[rows])
+    order = torch.sort(pack_topk_keys(values, ids), dim=-1, descending=True).values
+    return _ids_from_keys(order)

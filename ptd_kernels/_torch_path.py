@@ -20,7 +20,7 @@ import torch
 
 from . import _rowmath
 
-CHUNK_BYTES = 8 << 20  # one float32 logits block
+CHUNK_BYTES = 32 << 20  # all live temporaries of one logits block (each op divides by its buffer count)
 
 
 class RowStats(NamedTuple):
@@ -67,21 +67,24 @@ def row_stats(hidden, weight, bias, temperature, targets=None, k=0, *, with_mean
     target_logit = torch.empty_like(lse) if targets is not None else None
     top_ids = torch.empty((n, k), dtype=torch.int64, device=hidden.device) if k else None
     top_logits = torch.empty((n, k), dtype=dtype, device=hidden.device) if k else None
-    # The packed top-k keys are int64: budget for them as well.
-    step = _block(n, vocab, 4 + (8 if k else 0))
+    step = _block(n, vocab, 4 * 4)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         z = _logits(hidden[r0:r1], weight, bias, temperature)
-        lse[r0:r1] = torch.logsumexp(z, dim=-1)
         if targets is not None:
             target_logit[r0:r1] = z.gather(1, targets[r0:r1, None]).squeeze(1)
         if k:
             ids = _rowmath.topk_ids(z, k)
             top_ids[r0:r1] = ids
             top_logits[r0:r1] = z.gather(1, ids)
+        # Shift by the row max in place, then one exp serves both Σe and Σe·z (fewer passes).
+        row_max = z.amax(-1, keepdim=True)
+        z -= row_max
+        e = z.exp()
+        e_sum = e.sum(-1)
+        lse[r0:r1] = row_max.squeeze(-1) + e_sum.log()
         if with_mean_logit:
-            p = torch.exp(z - lse[r0:r1, None])
-            mean_logit[r0:r1] = (p * z).sum(-1)
+            mean_logit[r0:r1] = row_max.squeeze(-1) + (e.mul_(z)).sum(-1) / e_sum
     return RowStats(lse, mean_logit, target_logit, top_ids, top_logits)
 
 
@@ -92,7 +95,7 @@ def jsd_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bi
     _, teacher_hidden, teacher_weight, teacher_bias = _prepare(teacher_hidden, teacher_weight, teacher_bias)
     n, vocab = hidden.shape[0], weight.shape[0]
     value, w_sum, lse, teacher_lse = (torch.empty(n, dtype=dtype, device=hidden.device) for _ in range(4))
-    step = _block(n, vocab, 4 * 2)
+    step = _block(n, vocab, 4 * 10)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         z = _logits(hidden[r0:r1], weight, bias, temperature)
@@ -107,7 +110,7 @@ def jsd_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bi
 # ----------------------------------------------------------------------------- backward
 
 
-def _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, need_weight, need_bias):
+def _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, need_weight, need_bias, buffers):
     """Run ``dz_block(z, rows, cols) -> dz`` over bounded logits blocks and contract into gradients.
 
     Returns compute-dtype (grad_hidden, grad_weight, grad_bias), the 1/τ applied.
@@ -118,7 +121,7 @@ def _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, ne
     grad_hidden = torch.zeros((n, h), dtype=dtype, device=hidden.device) if need_hidden else None
     grad_weight = torch.zeros((vocab, h), dtype=dtype, device=hidden.device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=dtype, device=hidden.device) if need_bias else None
-    itemsize = torch.finfo(dtype).bits // 8
+    itemsize = torch.finfo(dtype).bits // 8 * buffers
     if n <= vocab:  # vocabulary blocks over all rows: d weight is written once, d hidden accumulates
         step = _block(vocab, n, itemsize)
         for c0 in range(0, vocab, step):
@@ -163,7 +166,7 @@ def head_backward(hidden, weight, bias, temperature, lse, row_coef, logit_coef=N
         z.sub_(lse[rows, None]).exp_()  # z now holds p (in place: one block alive)
         return z.mul_(coef)
 
-    return _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, need_weight, need_bias)
+    return _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, need_weight, need_bias, 4)
 
 
 def jsd_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature, beta, lse,
@@ -178,7 +181,7 @@ def jsd_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
         _, w = _rowmath.jsd_pointwise(logp, teacher_z.sub_(teacher_lse[rows, None]), beta)
         return (w - logp.exp_() * w_sum[rows, None]).mul_(grad[rows, None])
 
-    return _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, need_weight, need_bias)
+    return _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, need_weight, need_bias, 10)
 
 
 # ----------------------------------------------------------------------------- loss level (grad in forward)
@@ -207,7 +210,7 @@ def fused_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bia
     grad_hidden = torch.zeros((n, h), dtype=dtype, device=hidden.device) if need_hidden else None
     grad_weight = torch.zeros((vocab, h), dtype=dtype, device=hidden.device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=dtype, device=hidden.device) if need_bias else None
-    step = _block(n, vocab, 4 * 3)
+    step = _block(n, vocab, 4 * 10)
     for r0 in range(0, n, step):
         rows = slice(r0, min(n, r0 + step))
         with torch.no_grad():

@@ -103,7 +103,8 @@ class _PTDHead(torch.autograd.Function):
         want_logp = targets is not None
         full = cfg.k >= vocab  # S is the whole vocabulary: D_K is the full JSD (SPEC §2)
         k = min(cfg.k, vocab)
-        student_topk = not full and (cfg.support != "teacher" or cfg.want_overlap)
+        n_jsd = 0 if jsd_rows is None else jsd_rows.numel()
+        student_topk = n_jsd > 0 and not full and (cfg.support != "teacher" or cfg.want_overlap)
         stats = engine.row_stats(hidden, weight, bias, cfg.temperature, targets, k if student_topk else 0,
                                  with_mean_logit=want_logp)
         dtype = stats.lse.dtype
@@ -111,7 +112,7 @@ class _PTDHead(torch.autograd.Function):
         logp = stats.target_logit - stats.lse if want_logp else zeros
         entropy = stats.lse - stats.mean_logit if want_logp else zeros
         jsd, overlap, teacher_mass = zeros.clone(), zeros.clone(), zeros.clone()
-        saved = dict(full=full, n_jsd=0 if jsd_rows is None else jsd_rows.numel())
+        saved = dict(full=full, n_jsd=n_jsd)
         jsd_saved = []
         if saved["n_jsd"]:
             hidden_j = hidden.index_select(0, jsd_rows)
