@@ -90,7 +90,8 @@ class TritonEngine:
         dtype = _torch_path.compute_dtype(weight.dtype)
         grad_hidden, grad_weight, grad_bias = head_backward(
             hidden, weight, bias, temperature, lse.to(dtype), row_coef.to(dtype), _as_compute(logit_coef, dtype),
-            targets, _as_compute(target_coef, dtype), need_hidden_grad=need_hidden, need_weight_grad=need_weight)
+            targets, _as_compute(target_coef, dtype), need_hidden_grad=need_hidden, need_weight_grad=need_weight,
+            need_bias_grad=need_bias)
         grads = (_as_compute(grad_hidden, dtype) if need_hidden else None,
                  _as_compute(grad_weight, dtype) if need_weight else None,
                  _as_compute(grad_bias, dtype) if need_bias else None)
@@ -115,7 +116,7 @@ class TritonEngine:
         dtype = _torch_path.compute_dtype(weight.dtype)
         grad_hidden, grad_weight, grad_bias = jsd_backward(
             hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature, lse, teacher_lse, beta,
-            w_sum, grad.to(dtype), need_hidden_grad=need_hidden, need_weight_grad=need_weight)
+            w_sum, grad.to(dtype), need_hidden_grad=need_hidden, need_weight_grad=need_weight, need_bias_grad=need_bias)
         return (_as_compute(grad_hidden, dtype) if need_hidden else None,
                 _as_compute(grad_weight, dtype) if need_weight else None,
                 _as_compute(grad_bias, dtype) if need_bias else None)
