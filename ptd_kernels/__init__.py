@@ -19,8 +19,13 @@ from .functional import (
     linear_topk_jsd_loss,
 )
 from .logits_level import jsd, logprobs, topk_jsd, topk_overlap
+from .modules import LinearJSDLoss, LinearLogprobs, LinearPTDTerms, PTDTopKJSDLoss
 
 __all__ = [
+    "LinearJSDLoss",
+    "LinearLogprobs",
+    "LinearPTDTerms",
+    "PTDTopKJSDLoss",
     "PTDTerms",
     "TopK",
     "jsd",
