@@ -202,9 +202,14 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     only matters where ties straddle the k-th place (those rows redo the selection on packed
     keys) and among equal selected values (fixed by sorting the k selected on packed keys).
     """
-    values, ids = torch.topk(logits, k, dim=-1)
-    kth = values[:, -1:]
-    ambiguous = ((logits >= kth).sum(-1) > k) | torch.isnan(values).any(-1)
+    if k < logits.shape[-1]:  # one extra value tells whether a tie straddles the k-th place
+        values, ids = torch.topk(logits, k + 1, dim=-1)
+        ambiguous = values[:, k - 1] == values[:, k]
+        values, ids = values[:, :k], ids[:, :k]
+    else:
+        values, ids = torch.topk(logits, k, dim=-1)
+        ambiguous = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    ambiguous |= torch.isnan(values).any(-1)
     if bool(ambiguous.any()):
         rows = ambiguous.nonzero().squeeze(-1)
         top = torch.topk(pack_topk_keys(logits[rows]), k, dim=-1).values
