@@ -1,0 +1,382 @@
+"""Forward sweep over the vocabulary: per-row log-sum-exp, mean logit, target logit and top-K.
+
+For rows n and vocabulary ids v, with hidden h [N, H], weight W [V, H], optional bias b [V]
+and temperature τ,
+
+    z[n, v]        = (h[n] · W[v] + b[v]) / τ
+    lse[n]         = log Σ_v exp(z[n, v])
+    mean_logit[n]  = Σ_v p[n, v] z[n, v],      p = softmax(z)     (entropy = lse − mean_logit)
+    target_logit[n] = z[n, y[n]]
+    topk_indices[n] = the k ids with the largest z[n, ·], descending, ties → smaller id
+
+z is never stored: each program owns a block of BLOCK_N rows and one *segment* of the
+vocabulary (a run of BLOCK_V tiles; the split-K idea of decoding kernels, so that small N still
+fills the GPU). It sweeps its tiles once, keeping for every row
+
+    m = max z,   s = Σ exp(z − m),   t = Σ exp(z − m) · z        (online, rescaled when m grows)
+
+and a running top-K of packed int64 keys (see ``_pack_keys``): a key orders by (float32 logit
+descending, id ascending), so comparing keys is the whole tie rule and the id and the logit
+decode back out of the key. A second, tiny step in torch merges the per-segment partials:
+
+    M = max_s m_s,   S = Σ_s s_s e^{m_s − M},   lse = M + log S,   mean = Σ_s t_s e^{m_s − M} / S
+    top-K = top-k of the [N, segments · K_PAD] partial keys.
+
+Extra memory is O(N · segments · K_PAD + tiles), never O(N · V).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ptd_kernels.triton._launch import accumulator_dtype, dot_upcast, interpreting
+
+MAX_K = 256  # largest k this kernel keeps in registers; callers use the torch path above it
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KEY_SENTINEL = tl.constexpr(-(2**63))  # below every real key: masked vocabulary entries and empty top-K slots
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics of z = (hidden @ weight.T + bias) / τ (see the module docstring).
+
+    lse, mean_logit, target_logit: [N] float32 (float64 for float64 inputs).
+    mean_logit is None when ``with_mean_logit=False``; target_logit is None without targets.
+    topk_indices: int64 [N, k] by descending logit, ties → smaller id; None when k == 0.
+    topk_logits: float32 [N, k], the logits at topk_indices (z rounded to float32).
+    """
+
+    lse: torch.Tensor
+    mean_logit: torch.Tensor | None
+    target_logit: torch.Tensor | None
+    topk_indices: torch.Tensor | None
+    topk_logits: torch.Tensor | None
+
+
+@triton.jit
+def _pack_keys(z, cols):
+    """int64 keys ordered by (float32 z descending, id ascending), as ``_rowmath.pack_topk_keys``.
+
+    key = (order-preserving int32 bits of z) << 32 | (2^32 − 1 − id). NaN (positive) sorts above +inf.
+    """
+    z32 = z.to(tl.float32)
+    z32 = tl.where(z32 == 0.0, 0.0, z32)  # −0.0 → +0.0: the two zeros tie and fall back to the id
+    bits = z32.to(tl.int32, bitcast=True)
+    # Negative floats order backwards as integers: flip their magnitude bits.
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    low = tl.full((), 4294967295, tl.int64) - cols.to(tl.int64)  # 2^32 − 1 − id
+    return (ordered << 32) | low[None, :]
+
+
+@triton.jit
+def _merge_topk_bitonic(top, keys, K_PAD: tl.constexpr):
+    """The K_PAD largest of ``top`` (ascending) and ``keys`` (a tile), ascending. GPU path."""
+    cand = tl.topk(keys, K_PAD)  # descending
+    # top ascending, cand descending: the elementwise max holds the K_PAD largest of both lists
+    # and is bitonic, so one bitonic merge sorts it again.
+    return tl.bitonic_merge(tl.maximum(top, cand), descending=False)
+
+
+@triton.jit
+def _merge_topk_rank(top, keys, K_PAD: tl.constexpr):
+    """Same result as ``_merge_topk_bitonic``, by ranking: the interpreter path.
+
+    The interpreter runs the sorting network's xor-reductions element by element in Python
+    (seconds per tile); here every step is a whole-array compare/sum/max. rank(x) = how many
+    keys of both lists are strictly greater; a key of rank r < K_PAD goes to ascending slot
+    K_PAD − 1 − r. Real keys are distinct (the id is in them); equal sentinels share one rank,
+    and slots nobody claims stay sentinels, which is what they would hold anyway.
+    """
+    rank_top = tl.sum((top[:, None, :] > top[:, :, None]).to(tl.int32), axis=2)
+    rank_top += tl.sum((keys[:, None, :] > top[:, :, None]).to(tl.int32), axis=2)
+    rank_keys = tl.sum((top[:, None, :] > keys[:, :, None]).to(tl.int32), axis=2)
+    rank_keys += tl.sum((keys[:, None, :] > keys[:, :, None]).to(tl.int32), axis=2)
+    slot = (K_PAD - 1 - tl.arange(0, K_PAD))[None, None, :]
+    from_top = tl.max(tl.where(rank_top[:, :, None] == slot, top[:, :, None], _KEY_SENTINEL), axis=1)
+    from_keys = tl.max(tl.where(rank_keys[:, :, None] == slot, keys[:, :, None], _KEY_SENTINEL), axis=1)
+    return tl.maximum(from_top, from_keys)
+
+
+@triton.jit
+def _row_stats_kernel(
+    h_ptr, w_ptr, b_ptr, temp_ptr, y_ptr,
+    part_m_ptr, part_s_ptr, part_t_ptr, part_keys_ptr, target_out_ptr,
+    N, V, H, TILES_PER_SEG,
+    stride_hn, stride_hh, stride_wv, stride_wh, stride_b,
+    HAS_BIAS: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    WITH_MEAN: tl.constexpr,
+    TOPK: tl.constexpr,
+    K_PAD: tl.constexpr,
+    NUM_SEG: tl.constexpr,
+    RANK_MERGE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    seg = tl.program_id(1)
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)  # int64 offsets: N·H and V·H may exceed 2^31
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_v = tl.arange(0, BLOCK_V)
+    tau = tl.load(temp_ptr)  # τ in the accumulator dtype (a float arg would be float32)
+
+    num_tiles = tl.cdiv(V, BLOCK_V)
+    tile_lo = seg * TILES_PER_SEG
+    tile_hi = tl.minimum(tile_lo + TILES_PER_SEG, num_tiles)
+
+    m = tl.full((BLOCK_N,), float("-inf"), ACC_DTYPE)
+    s = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    t = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    if HAS_TARGETS:
+        y = tl.load(y_ptr + rows64, mask=row_mask, other=-1)
+        z_target = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    if TOPK:
+        tl.static_assert(K_PAD <= BLOCK_V, "the launcher widens BLOCK_V to K_PAD")
+        # Sorted ascending, so that a descending tile candidate list merges by one bitonic pass.
+        top = tl.full((BLOCK_N, K_PAD), _KEY_SENTINEL, tl.int64)
+
+    for tile in range(tile_lo, tile_hi):
+        cols = tile * BLOCK_V + offs_v
+        col_mask = cols < V
+        cols64 = cols.to(tl.int64)
+
+        # acc[n, v] = Σ_h hidden[n, h] · weight[v, h], in float32 (float64 for float64 inputs).
+        acc = tl.zeros((BLOCK_N, BLOCK_V), ACC_DTYPE)
+        for h0 in range(0, H, BLOCK_H):
+            hs = h0 + offs_h
+            h_mask = hs < H
+            h_tile = tl.load(
+                h_ptr + rows64[:, None] * stride_hn + hs[None, :].to(tl.int64) * stride_hh,
+                mask=row_mask[:, None] & h_mask[None, :], other=0.0,
+            )
+            w_tile = tl.load(
+                w_ptr + cols64[:, None] * stride_wv + hs[None, :].to(tl.int64) * stride_wh,
+                mask=col_mask[:, None] & h_mask[None, :], other=0.0,
+            )
+            if UPCAST:  # the interpreter's bf16 tl.dot is wrong; upcast there only
+                h_tile = h_tile.to(tl.float32)
+                w_tile = w_tile.to(tl.float32)
+            acc = tl.dot(h_tile, tl.trans(w_tile), acc, input_precision="ieee", out_dtype=ACC_DTYPE)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols64 * stride_b, mask=col_mask, other=0.0).to(ACC_DTYPE)
+            acc = acc + bias[None, :]
+        z = acc / tau
+
+        # Online logsumexp. Masked columns are −inf so they add exp(−inf) = 0; NaN propagates to s.
+        z_lse = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z_lse, axis=1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z_lse - m_new[:, None])
+        s = s * alpha + tl.sum(e, axis=1)
+        if WITH_MEAN:
+            # where, not e·z: a masked entry would give 0 · (−inf) = NaN.
+            t = t * alpha + tl.sum(tl.where(col_mask[None, :], e * z, 0.0), axis=1)
+        m = m_new
+
+        if HAS_TARGETS:
+            hit = cols64[None, :] == y[:, None]
+            z_target += tl.sum(tl.where(hit, z, 0.0), axis=1)
+
+        if TOPK:
+            keys = tl.where(col_mask[None, :], _pack_keys(z, cols), _KEY_SENTINEL)
+            # Skip the merge when no key of the tile beats any row's current K_PAD-th key
+            # (after the first tiles this is the common case).
+            threshold = tl.min(top, axis=1)
+            n_better = tl.sum((keys > threshold[:, None]).to(tl.int32))
+            if n_better > 0:
+                if RANK_MERGE:
+                    top = _merge_topk_rank(top, keys, K_PAD)
+                else:
+                    top = _merge_topk_bitonic(top, keys, K_PAD)
+
+    part = seg.to(tl.int64) * N + rows64
+    tl.store(part_m_ptr + part, m, mask=row_mask)
+    tl.store(part_s_ptr + part, s, mask=row_mask)
+    if WITH_MEAN:
+        tl.store(part_t_ptr + part, t, mask=row_mask)
+    if HAS_TARGETS:
+        # Only the segment that holds the target column writes it.
+        owns = (y >= tile_lo * BLOCK_V) & (y < tl.minimum(tile_hi * BLOCK_V, V))
+        tl.store(target_out_ptr + rows64, z_target, mask=row_mask & owns)
+    if TOPK:
+        offs_k = tl.arange(0, K_PAD)
+        key_ptrs = part_keys_ptr + (rows64[:, None] * NUM_SEG + seg) * K_PAD + offs_k[None, :]
+        tl.store(key_ptrs, top, mask=row_mask[:, None])
+
+
+def _unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``_pack_keys``: (ids int64, float32 logits)."""
+    ids = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+    ordered = keys >> 32  # arithmetic shift: back to the signed int32 range
+    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(torch.int32)
+    return ids, bits.view(torch.float32)
+
+
+def _default_tiles(k_pad: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps) for an H100.
+
+    The running top-K costs BLOCK_N·K_PAD int64 registers next to the BLOCK_N×BLOCK_V logit
+    tile, and the tile must hold K_PAD candidates (BLOCK_V ≥ K_PAD). Chosen from sm_90
+    cross-compiles (ptxas register/spill reports), not from timings: no GPU was at hand.
+    """
+    if k_pad <= 32:
+        return 64, 128, 64, 8
+    if k_pad <= 128:
+        return 64, 128, 32, 16
+    return 32, 256, 32, 8
+
+
+def _num_segments(device: torch.device, row_blocks: int, num_tiles: int) -> int:
+    if device.type == "cuda":
+        # Aim at two programs per SM: few rows (decoding, small batches) split the vocabulary.
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(target, row_blocks)
+    else:
+        want = 2  # interpreter: keep the segment merge exercised at little cost
+    return max(1, min(want, num_tiles))
+
+
+def row_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    targets: torch.Tensor | None = None,
+    k: int = 0,
+    *,
+    with_mean_logit: bool = True,
+    block_n: int | None = None,
+    block_v: int | None = None,
+    block_h: int | None = None,
+    num_segments: int | None = None,
+    topk_merge: str | None = None,
+) -> RowStats:
+    """One sweep over the vocabulary per row block: lse, mean logit, target logit, top-k.
+
+    Args:
+        hidden: [N, H] float16/bfloat16/float32/float64.
+        weight: [V, H], same dtype. bias: [V] or None, same dtype.
+        temperature: τ > 0; z = (hidden @ weight.T + bias) / τ.
+        targets: int64 [N] ids in [0, V) (the caller strips ignored rows), or None.
+        k: top-k size, 0 ≤ k ≤ min(V, MAX_K).
+        with_mean_logit: also return Σ_v p_v z_v (needed for the entropy).
+        block_n, block_v, block_h, num_segments: tuning overrides (tests use small tiles).
+        topk_merge: "bitonic" (sorting network, the GPU path) or "rank" (whole-array ranking,
+            the default under the interpreter, where the sorting network is very slow).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden [N, H] and weight [V, H] must agree, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    dtype = hidden.dtype
+    if dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"hidden: unsupported dtype {dtype} (supported: {_SUPPORTED_DTYPES})")
+    if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        raise TypeError(f"hidden, weight and bias must share one dtype, got {dtype}, {weight.dtype}"
+                        f"{'' if bias is None else ', ' + str(bias.dtype)}")
+    n, hdim = hidden.shape
+    v = weight.shape[0]
+    if bias is not None and bias.shape != (v,):
+        raise ValueError(f"bias must have shape ({v},), got {tuple(bias.shape)}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if not 0 <= k <= min(v, MAX_K):
+        raise ValueError(f"k must be in [0, min(V={v}, MAX_K={MAX_K})], got {k}")
+    if targets is not None:
+        if targets.shape != (n,):
+            raise ValueError(f"targets must have shape ({n},), got {tuple(targets.shape)}")
+        if targets.dtype != torch.int64:
+            raise TypeError(f"targets must be int64, got {targets.dtype}")
+        targets = targets.contiguous()
+
+    if topk_merge is None:
+        topk_merge = "rank" if interpreting() else "bitonic"
+    if topk_merge not in ("bitonic", "rank"):
+        raise ValueError(f"topk_merge must be 'bitonic' or 'rank', got {topk_merge!r}")
+
+    device = hidden.device
+    acc_dtype = accumulator_dtype(dtype)
+    out_lse = torch.empty(n, dtype=acc_dtype, device=device)
+    out_target = None if targets is None else torch.full((n,), math.nan, dtype=acc_dtype, device=device)
+    if n == 0:
+        return RowStats(
+            out_lse,
+            out_lse.clone() if with_mean_logit else None,
+            out_target,
+            torch.empty(0, k, dtype=torch.int64, device=device) if k else None,
+            torch.empty(0, k, dtype=torch.float32, device=device) if k else None,
+        )
+
+    k_pad = max(2, triton.next_power_of_2(k)) if k else 0
+    d_n, d_v, d_h, num_warps = _default_tiles(k_pad)
+    # Few rows: a smaller row block wastes less of the tile (16 is tl.dot's minimum on a GPU).
+    block_n = block_n or min(d_n, max(16, triton.next_power_of_2(n)))
+    block_v = max(block_v or d_v, k_pad)  # a tile must hold K_PAD candidates
+    block_h = block_h or d_h
+    if not interpreting() and min(block_n, block_h) < 16:
+        raise ValueError("block_n and block_h must be ≥ 16 on a GPU (tl.dot)")
+    row_blocks = triton.cdiv(n, block_n)
+    num_tiles = triton.cdiv(v, block_v)
+    num_seg = num_segments or _num_segments(device, row_blocks, num_tiles)
+    num_seg = max(1, min(num_seg, num_tiles))
+    tiles_per_seg = triton.cdiv(num_tiles, num_seg)
+    num_seg = triton.cdiv(num_tiles, tiles_per_seg)  # no empty segment
+
+    part_m = torch.empty(num_seg, n, dtype=acc_dtype, device=device)
+    part_s = torch.empty_like(part_m)
+    part_t = torch.empty_like(part_m) if with_mean_logit else part_m
+    part_keys = torch.empty(n, num_seg, k_pad, dtype=torch.int64, device=device) if k else part_m
+    temp = torch.full((1,), float(temperature), dtype=acc_dtype, device=device)
+
+    _row_stats_kernel[(row_blocks, num_seg)](
+        hidden, weight, bias if bias is not None else hidden, temp,
+        targets if targets is not None else part_m,
+        part_m, part_s, part_t, part_keys, out_target if out_target is not None else part_m,
+        n, v, hdim, tiles_per_seg,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        HAS_BIAS=bias is not None,
+        HAS_TARGETS=targets is not None,
+        WITH_MEAN=with_mean_logit,
+        TOPK=k > 0,
+        K_PAD=max(k_pad, 2),
+        NUM_SEG=num_seg,
+        RANK_MERGE=topk_merge == "rank",
+        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        UPCAST=dot_upcast(dtype),
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        BLOCK_H=block_h,
+        num_warps=num_warps,
+        # float64 tiles take twice the shared memory per pipeline stage.
+        num_stages=2 if dtype == torch.float64 else 3,
+    )
+
+    if num_seg == 1:
+        s = part_s[0]
+        lse = part_m[0] + s.log()
+        mean = part_t[0] / s if with_mean_logit else None
+    else:
+        big_m = part_m.amax(dim=0)
+        scale = torch.exp(part_m - big_m)
+        s = (part_s * scale).sum(dim=0)
+        lse = big_m + s.log()
+        mean = (part_t * scale).sum(dim=0) / s if with_mean_logit else None
+
+    top_ids = top_logits = None
+    if k:
+        keys = part_keys.view(n, num_seg * k_pad)
+        keys = torch.topk(keys, k, dim=1, sorted=True).values
+        top_ids, top_logits = _unpack_keys(keys)
+    return RowStats(lse, mean, out_target, top_ids, top_logits)

@@ -1,0 +1,288 @@
+"""The forward sweep kernel (ptd_kernels/triton/row_stats.py) against dense float64 torch.
+
+Each test materializes z = (h Wᵀ + b) / τ in float64 (the kernel never does) and compares lse,
+the mean logit, the target logit and the top-K (ids by descending logit, ties → smaller id,
+i.e. a stable descending sort). Shapes are small because Triton runs under its interpreter;
+tiles are chosen so that they do not divide V or H and that several vocabulary segments meet
+in the merge.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from ptd_kernels._rowmath import pack_topk_keys
+from ptd_kernels.triton.row_stats import MAX_K, _pack_keys, row_stats
+
+TAU = 0.7
+SMALL_TILES = dict(block_n=4, block_v=32, block_h=32)  # 300 % 32 ≠ 0, 48 % 32 ≠ 0
+
+
+def dense_logits(hidden, weight, bias, temperature=TAU):
+    """float64 z from the inputs as given (bf16 inputs are already rounded: compare to those)."""
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    return z / temperature
+
+
+def make_inputs(n, h, v, dtype=torch.float32, bias=True, scale=0.3):
+    hidden = torch.randn(n, h).to(dtype)
+    weight = (torch.randn(v, h) * scale).to(dtype)
+    b = torch.randn(v).to(dtype) if bias else None
+    targets = torch.randint(0, v, (n,))
+    return hidden, weight, b, targets
+
+
+def check_stats(r, z, targets, *, rtol, atol, with_mean=True):
+    lse = torch.logsumexp(z, dim=1)
+    torch.testing.assert_close(r.lse.double(), lse, rtol=rtol, atol=atol)
+    if with_mean:
+        mean = (torch.softmax(z, dim=1) * z).sum(1)
+        torch.testing.assert_close(r.mean_logit.double(), mean, rtol=rtol, atol=atol)
+    if targets is not None:
+        torch.testing.assert_close(r.target_logit.double(), z.gather(1, targets[:, None])[:, 0], rtol=rtol, atol=atol)
+
+
+def check_topk(r, z, k, *, exact=True, atol=1e-5):
+    """exact: ids equal the stable descending sort (the tie rule); otherwise (low precision
+    inputs, where near-ties may legitimately swap) the float64 logits at the returned ids must
+    equal the sorted top-k logits, which a wrong set or a wrong order would break."""
+    expected = torch.sort(z, dim=1, descending=True, stable=True)
+    ids, logits = r.topk_indices, r.topk_logits
+    assert ids.shape == (z.shape[0], k) and ids.dtype == torch.int64
+    assert logits.shape == (z.shape[0], k) and logits.dtype == torch.float32
+    assert ((ids >= 0) & (ids < z.shape[1])).all()
+    assert (ids.sort(dim=1).values.diff(dim=1) != 0).all(), "duplicate ids in a row"
+    if exact:
+        assert torch.equal(ids, expected.indices[:, :k])
+    else:
+        torch.testing.assert_close(z.gather(1, ids), expected.values[:, :k], rtol=0, atol=atol)
+    # The returned logits are the float32 logits at the returned ids.
+    torch.testing.assert_close(logits.double(), z.gather(1, ids), rtol=1e-6, atol=atol)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("k,num_segments", [(0, 3), (7, 3), (32, 1), (60, None)])
+def test_float32_matches_dense(bias, k, num_segments):
+    hidden, weight, b, targets = make_inputs(12, 48, 300, bias=bias)
+    r = row_stats(hidden, weight, b, TAU, targets, k, num_segments=num_segments, **SMALL_TILES)
+    z = dense_logits(hidden, weight, b)
+    check_stats(r, z, targets, rtol=1e-5, atol=1e-5)
+    assert r.lse.dtype == torch.float32 and r.lse.shape == (12,)
+    if k:
+        check_topk(r, z, k)
+    else:
+        assert r.topk_indices is None and r.topk_logits is None
+
+
+def test_default_tiles_and_segments():
+    hidden, weight, b, targets = make_inputs(12, 48, 300)
+    r = row_stats(hidden, weight, b, TAU, targets, 100)
+    z = dense_logits(hidden, weight, b)
+    check_stats(r, z, targets, rtol=1e-5, atol=1e-5)
+    check_topk(r, z, 100)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_float64_on_rounded_inputs(dtype):
+    hidden, weight, b, targets = make_inputs(12, 48, 300, dtype=dtype)
+    r = row_stats(hidden, weight, b, TAU, targets, 20, num_segments=4, **SMALL_TILES)
+    z = dense_logits(hidden, weight, b)
+    assert r.lse.dtype == torch.float32
+    check_stats(r, z, targets, rtol=1e-4, atol=1e-4)
+    check_topk(r, z, 20, exact=False, atol=1e-4)
+
+
+def test_float64_accumulates_in_float64():
+    hidden, weight, b, targets = make_inputs(12, 48, 300, dtype=torch.float64)
+    r = row_stats(hidden, weight, b, TAU, targets, 9, num_segments=3, **SMALL_TILES)
+    z = dense_logits(hidden, weight, b)
+    assert r.lse.dtype == torch.float64 and r.mean_logit.dtype == torch.float64
+    assert r.target_logit.dtype == torch.float64
+    # 1e-12 would fail with float32 accumulation (or a float32 temperature).
+    check_stats(r, z, targets, rtol=1e-12, atol=1e-12)
+    check_topk(r, z, 9)
+
+
+@pytest.mark.parametrize(
+    "n,v,k",
+    [(1, 37, 1), (1, 37, 37), (5, 37, 37), (3, 300, 5), (12, 300, 37), (12, 300, 60)],
+    ids=["N1-k1", "N1-kV", "kV", "k5", "k37", "k60-short-last-segment"],
+)
+def test_k_edge_cases(n, v, k):
+    # k = V must return every id exactly once (masked tile columns never enter); k = 60 with
+    # 64-wide tiles and one segment per tile leaves the last segment 300 − 256 = 44 real keys,
+    # fewer than k: its partial is padded with sentinels that must lose the merge.
+    hidden, weight, b, targets = make_inputs(n, 40, v)
+    r = row_stats(hidden, weight, b, TAU, targets, k, block_n=4, block_v=64, block_h=16, num_segments=5)
+    z = dense_logits(hidden, weight, b)
+    check_stats(r, z, targets, rtol=1e-5, atol=1e-5)
+    check_topk(r, z, k)
+    if k == v:
+        assert torch.equal(r.topk_indices.sort(dim=1).values, torch.arange(v).expand(n, v))
+
+
+def _tie_inputs(n, v, bias):
+    """Two thirds of the vocabulary has zero weight rows: their logits are exactly b/τ (one
+    constant, 0 without bias), spread over every tile and segment. Five rows score above
+    that constant and the rest below, so the top-k is those five, then the smallest tied ids."""
+    hidden = torch.randn(n, 24).abs() + 0.1
+    weight = -(torch.randn(v, 24).abs() * 0.3)
+    perm = torch.randperm(v)
+    tied, above = perm[: 2 * v // 3], perm[2 * v // 3 : 2 * v // 3 + 5]
+    weight[tied] = 0.0
+    weight[above] = -weight[above]
+    b = torch.full((v,), 0.25) if bias else None
+    targets = torch.randint(0, v, (n,))
+    return hidden, weight, b, targets, tied, above
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("merge", ["rank", "bitonic"])
+def test_exact_ties_go_to_the_smaller_id(bias, merge):
+    if merge == "rank":
+        n, v, k, tiles = 10, 300, 40, SMALL_TILES
+    else:  # the sorting network is slow under the interpreter: smaller problem, tiny tiles
+        n, v, k, tiles = 4, 150, 16, dict(block_n=2, block_v=16, block_h=16)
+    hidden, weight, b, targets, tied, above = _tie_inputs(n, v, bias)
+    z = dense_logits(hidden, weight, b)
+    # The cut falls inside the tie group: the expected top-k is the 5 larger ids, then the
+    # smallest tied ids (not merely "some" tied ids).
+    above_sorted = above[z[:, above].sort(dim=1, descending=True).indices]
+    smallest_tied = tied.sort().values[: k - 5].expand(n, k - 5)
+    expected = torch.cat([above_sorted, smallest_tied], dim=1)
+    r = row_stats(hidden, weight, b, TAU, targets, k, num_segments=4, topk_merge=merge, **tiles)
+    check_stats(r, z, targets, rtol=1e-5, atol=1e-5)
+    check_topk(r, z, k)
+    assert torch.equal(r.topk_indices, expected)
+
+
+@pytest.mark.parametrize("merge", ["rank", "bitonic"])
+def test_whole_row_tied_and_monotone_rows(merge):
+    # Row 0: zero hidden and constant bias → all V logits equal: top-k = 0..k-1.
+    # Row 1: logits descending with the id → after the first tile every tile is skipped.
+    # Row 2: logits ascending with the id → every tile replaces the running top-k.
+    v, k = 90, 12
+    hidden = torch.zeros(3, 8)
+    weight = torch.zeros(v, 8)
+    weight[:, 0] = torch.linspace(1.0, -1.0, v)
+    hidden[1, 0] = 1.0
+    hidden[2, 0] = -1.0
+    b = torch.full((v,), 0.5)
+    r = row_stats(hidden, weight, b, TAU, None, k, block_n=2, block_v=16, block_h=16,
+                  num_segments=2, topk_merge=merge)
+    z = dense_logits(hidden, weight, b)
+    check_topk(r, z, k)
+    assert torch.equal(r.topk_indices[0], torch.arange(k))
+    assert torch.equal(r.topk_indices[1], torch.arange(k))
+    assert torch.equal(r.topk_indices[2], torch.arange(v - 1, v - 1 - k, -1))
+    torch.testing.assert_close(r.lse[0].double(), torch.tensor(0.5 / TAU + math.log(v), dtype=torch.float64))
+
+
+def test_bitonic_and_rank_merges_agree():
+    hidden, weight, b, targets = make_inputs(3, 20, 70)
+    tiles = dict(block_n=2, block_v=16, block_h=16, num_segments=3)
+    for k in (3, 16):  # K_PAD < BLOCK_V and K_PAD == BLOCK_V
+        a = row_stats(hidden, weight, b, TAU, targets, k, topk_merge="bitonic", **tiles)
+        c = row_stats(hidden, weight, b, TAU, targets, k, topk_merge="rank", **tiles)
+        assert torch.equal(a.topk_indices, c.topk_indices)
+        assert torch.equal(a.topk_logits, c.topk_logits)
+        check_topk(a, dense_logits(hidden, weight, b), k)
+
+
+def test_huge_logits_do_not_overflow():
+    # Logits of order 1e4 in one row (exp would overflow without the running max), with the
+    # row's maximum in the last segment so the segment merge has to rescale by e^{m_s − M}.
+    hidden, weight, b, targets = make_inputs(4, 32, 300)
+    hidden[2] *= 3e3
+    b[290] = 2e4
+    r = row_stats(hidden, weight, b, TAU, targets, 10, num_segments=3, **SMALL_TILES)
+    z = dense_logits(hidden, weight, b)
+    assert z[2].abs().max() > 1e4
+    assert torch.isfinite(r.lse).all() and torch.isfinite(r.mean_logit).all()
+    check_stats(r, z, targets, rtol=2e-6, atol=1e-5)
+    check_topk(r, z, 10, atol=1e-2)
+    assert r.topk_indices[:, 0].eq(290).all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_nan_or_inf_in_one_row_stays_in_that_row(bad):
+    hidden, weight, b, targets = make_inputs(6, 24, 100)
+    hidden[3, 5] = bad
+    r = row_stats(hidden, weight, b, TAU, targets, 4, num_segments=2, **SMALL_TILES)
+    assert torch.isnan(r.lse[3]) and torch.isnan(r.mean_logit[3])
+    good = torch.tensor([0, 1, 2, 4, 5])
+    z = dense_logits(hidden[good], weight, b)
+    sub = r._replace(
+        lse=r.lse[good], mean_logit=r.mean_logit[good], target_logit=r.target_logit[good],
+        topk_indices=r.topk_indices[good], topk_logits=r.topk_logits[good],
+    )
+    check_stats(sub, z, targets[good], rtol=1e-5, atol=1e-5)
+    check_topk(sub, z, 4)
+
+
+def test_optional_outputs_and_empty_input():
+    hidden, weight, b, _ = make_inputs(5, 24, 100)
+    r = row_stats(hidden, weight, b, TAU, None, 0, with_mean_logit=False, **SMALL_TILES)
+    assert r.mean_logit is None and r.target_logit is None and r.topk_indices is None
+    torch.testing.assert_close(r.lse.double(), torch.logsumexp(dense_logits(hidden, weight, b), 1))
+    e = row_stats(hidden[:0], weight, b, TAU, torch.zeros(0, dtype=torch.int64), 3)
+    assert e.lse.shape == (0,) and e.topk_indices.shape == (0, 3) and e.target_logit.shape == (0,)
+
+
+def test_strided_inputs():
+    # A column-sliced hidden and a transposed (column-major) weight: the kernel uses strides.
+    base = torch.randn(7, 64)
+    hidden = base[:, ::2]
+    weight = (torch.randn(32, 150) * 0.3).T  # [150, 32], strides (1, 150)
+    b = torch.randn(300)[::2]
+    targets = torch.randint(0, 150, (7,))
+    r = row_stats(hidden, weight, b, TAU, targets, 6, num_segments=2, **SMALL_TILES)
+    z = dense_logits(hidden, weight, b)
+    check_stats(r, z, targets, rtol=1e-5, atol=1e-5)
+    check_topk(r, z, 6)
+
+
+def test_bad_arguments():
+    hidden, weight, b, targets = make_inputs(3, 8, 20)
+    with pytest.raises(ValueError, match="k"):
+        row_stats(hidden, weight, b, TAU, targets, 21)
+    with pytest.raises(ValueError, match="k"):
+        row_stats(torch.randn(3, 8), torch.randn(MAX_K + 10, 8), None, TAU, None, MAX_K + 1)
+    with pytest.raises(ValueError, match="temperature"):
+        row_stats(hidden, weight, b, 0.0, targets, 2)
+    with pytest.raises(TypeError, match="dtype"):
+        row_stats(hidden.double(), weight, b, TAU, targets, 2)
+    with pytest.raises(TypeError, match="hidden"):
+        row_stats(hidden.int(), weight.int(), None, TAU, targets, 2)
+    with pytest.raises(TypeError, match="targets"):
+        row_stats(hidden, weight, b, TAU, targets.int(), 2)
+    with pytest.raises(ValueError, match="bias"):
+        row_stats(hidden, weight, b[:5], TAU, targets, 2)
+
+
+@triton.jit
+def _pack_keys_probe(z_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    keys = _pack_keys(tl.load(z_ptr + offs)[None, :], offs)
+    tl.store(out_ptr + offs[None, :], keys)
+
+
+def test_in_kernel_keys_match_rowmath():
+    # The tie rule lives in the keys: they must be bit-identical to _rowmath.pack_topk_keys,
+    # including −0.0 (ties +0.0), ±inf, subnormals and the extreme finite floats.
+    f32 = torch.finfo(torch.float32)
+    z = torch.tensor(
+        [0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, math.nan, f32.max, -f32.max, f32.tiny / 4,
+         -f32.tiny / 4, 1.0, 1e-30, -1e-30, 3.5, -3.5],
+        dtype=torch.float32,
+    )
+    out = torch.empty(16, dtype=torch.int64)
+    _pack_keys_probe[(1,)](z, out, BLOCK=16)
+    assert torch.equal(out, pack_topk_keys(z[None])[0])
