@@ -250,7 +250,10 @@ def linear_topk(hidden, weight, k, *, bias=None, temperature=1.0, targets=None, 
     stats = engine.row_stats(hidden, weight, bias, temperature, targets, k, with_mean_logit=False)
     out_dtype = _out_dtype(hidden)
     lse = stats.lse.to(out_dtype)
-    logprobs = stats.topk_logits.to(out_dtype) - lse[:, None]
+    top_logits = stats.topk_logits
+    if out_dtype == torch.float64:  # kernels rank on float32 keys; recompute float64 logits at the ids
+        top_logits = gather_logits(hidden, weight, bias, temperature, stats.topk_indices, out_dtype)
+    logprobs = top_logits.to(out_dtype) - lse[:, None]
     target_logprobs = None
     if targets is not None:
         target_logprobs = torch.where(live, stats.target_logit.to(out_dtype) - lse, torch.zeros_like(lse))
