@@ -216,15 +216,21 @@ def fused_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bia
         with torch.no_grad():
             z = _logits(hidden[rows], weight, bias, temperature)
             teacher_z = _logits(teacher_hidden[rows], teacher_weight, teacher_bias, temperature)
-            logp = z - torch.logsumexp(z, dim=-1, keepdim=True)
-            logq = teacher_z - torch.logsumexp(teacher_z, dim=-1, keepdim=True)
             if k is None:
+                logp = z - torch.logsumexp(z, dim=-1, keepdim=True)
+                logq = teacher_z - torch.logsumexp(teacher_z, dim=-1, keepdim=True)
                 value[rows], dz, _ = _rowmath.full_jsd_terms(logp, logq, beta)
             else:
                 ids, valid = _support_from_topk(_rowmath.topk_ids(z, k), _rowmath.topk_ids(teacher_z, k), support)
-                terms = _rowmath.topk_jsd_terms(logp.gather(1, ids), logq.gather(1, ids), valid, beta, tail)
+                teacher_logq = teacher_z.gather(1, ids) - torch.logsumexp(teacher_z, dim=-1, keepdim=True)
+                # p from one exp of the max-shifted logits; it is reused as the dense part of dz.
+                row_max = z.amax(-1, keepdim=True)
+                p = torch.exp(z - row_max)
+                p_sum = p.sum(-1, keepdim=True)
+                student_logp = z.gather(1, ids) - (row_max + p_sum.log())
+                terms = _rowmath.topk_jsd_terms(student_logp, teacher_logq, valid, beta, tail)
                 value[rows] = terms.value
-                dz = logp.exp_().mul_(terms.row_coef[:, None]).scatter_add_(1, ids, terms.support_coef)
+                dz = p.mul_(terms.row_coef[:, None] / p_sum).scatter_add_(1, ids, terms.support_coef)
             dz.mul_(weights[rows, None] / temperature)
             if need_hidden:
                 torch.mm(dz, weight, out=grad_hidden[rows])
