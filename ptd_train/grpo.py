@@ -1,0 +1,108 @@
+"""The PTD-PO / GRPO loss of SPEC §3 as small pure functions over per-token terms.
+
+Shapes: B prompts × G rollouts = R rollouts; T response positions; per-token tensors are
+``[R, T]`` with a boolean ``mask`` marking real response tokens. Rollout r belongs to group
+``r // G`` (rollouts of one prompt are contiguous).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, scale_rewards: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """``rewards`` [B, G] → advantages [B, G]: A = (r − mean r) / (std r + eps) per group.
+
+    ``std`` is the sample standard deviation (Bessel-corrected, as TRL's GRPO); ``"none"`` skips
+    the division (Dr. GRPO).
+    """
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale_rewards == "group":
+        return centered / (rewards.std(dim=1, keepdim=True) + eps)
+    if scale_rewards == "none":
+        return centered
+    raise ValueError(f"scale_rewards: expected 'group' or 'none', got {scale_rewards!r}")
+
+
+def clipped_pg_loss(logp, logp_old, advantages, eps_low: float = 0.2, eps_high: float = 0.3):
+    """Per-token ℓ = −min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A), ρ = exp(logp − logp_old).
+
+    ``advantages`` broadcast against ``logp`` ([R, 1] per rollout). Returns (ℓ, clipped) where
+    ``clipped`` marks tokens whose clipped branch is the active minimum.
+    """
+    ratio = torch.exp(logp - logp_old)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped)
+
+
+def k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(π ‖ π_ref): exp(r − logp) − (r − logp) − 1, r = logp_ref."""
+    d = logp_ref - logp
+    return torch.exp(d) - d - 1.0
+
+
+def ptd_groups(rewards: torch.Tensor, has_hint: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
+    """Groups [B] that get PTD: a hint exists and mean reward < ``threshold``."""
+    return has_hint.bool() & (rewards.mean(dim=1) < threshold)
+
+
+def ptd_set(rewards: torch.Tensor, has_hint: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
+    """The PTD set F as a bool [B, G]: failed rollouts (reward < 1) of PTD groups."""
+    return ptd_groups(rewards, has_hint, threshold)[:, None] & (rewards < 1.0)
+
+
+def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ x over masked tokens / number of masked tokens (0 when there are none)."""
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor
+    pg: torch.Tensor
+    kl: torch.Tensor
+    ptd: torch.Tensor
+    clip_frac: torch.Tensor
+
+
+def ptd_po_loss(
+    logp,
+    logp_old,
+    logp_ref,
+    advantages,
+    mask,
+    jsd,
+    in_ptd_set,
+    ref_kl_mask,
+    *,
+    kl_coef: float = 0.01,
+    ptd_coef: float = 0.05,
+    eps_low: float = 0.2,
+    eps_high: float = 0.3,
+) -> LossParts:
+    """L = token_mean(ℓ) + kl_coef·token_mean(k3) + λ·Σ_{i∈F,t} D_K / Σ_{i∈F} |y_i|  (SPEC §3).
+
+    Per-token ``[R, T]``: ``logp`` (differentiable), ``logp_old``, ``logp_ref`` (or None when
+    ``kl_coef`` is 0), ``jsd`` (D_K; differentiable, 0 off F), ``mask``. Per rollout ``[R]``:
+    ``advantages``, ``in_ptd_set`` (F) and ``ref_kl_mask`` (False for members of PTD groups when
+    ``ptd_drop_ref_kl``). Both token means divide by every response token of the batch; the
+    dropped k3 terms count as 0.
+    """
+    pg_tok, clipped = clipped_pg_loss(logp, logp_old, advantages[:, None], eps_low, eps_high)
+    pg = token_mean(pg_tok, mask)
+    if kl_coef != 0.0 and logp_ref is not None:
+        kl = token_mean(k3(logp, logp_ref) * ref_kl_mask[:, None], mask)
+    else:
+        kl = logp.new_zeros(())
+    f_mask = mask & in_ptd_set[:, None]
+    if ptd_coef != 0.0 and bool(f_mask.any()):
+        ptd = token_mean(jsd, f_mask)
+    else:
+        ptd = logp.new_zeros(())
+    loss = pg + kl_coef * kl + ptd_coef * ptd
+    clip_frac = token_mean(clipped.float(), mask).detach()
+    return LossParts(loss, pg.detach(), kl.detach(), ptd.detach(), clip_frac)

@@ -1,0 +1,320 @@
+"""Model side: a tiny Qwen3-VL built from a config, its word-level tokenizer, image patchify,
+and how prompts/responses become model inputs.
+
+Nothing here downloads anything. A real checkpoint directory (``--model_name_or_path``) is
+loaded with ``from_pretrained`` and goes through the same functions.
+
+Qwen3-VL facts this relies on (transformers ≥ 5, ``models/qwen3_vl/modeling_qwen3_vl.py``):
+
+- the vision tower takes ``pixel_values`` as flat patches ``[Σ t·h·w, C·T·P·P]`` plus
+  ``image_grid_thw`` ``[n_images, 3]``; every ``merge²`` patches become one LLM token, placed
+  where ``<|image_pad|>`` (``config.image_token_id``) stands in ``input_ids``;
+- multimodal RoPE needs ``mm_token_type_ids`` (1 at image tokens, else 0) whenever
+  ``image_grid_thw`` is given, and ``mrope_section`` must sum to ``head_dim / 2``;
+- ``deepstack_visual_indexes=[]`` switches DeepStack off (one vision layer is all we have),
+  and the vision position table is a square (``num_position_embeddings`` = 8·8 patches for a
+  56×56 image with 7-pixel patches).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+# Special tokens (Qwen spellings, so real checkpoints and the tiny one share the prompt code).
+PAD = "<|endoftext|>"
+EOS = "<|im_end|>"
+BOS_USER = "<|im_start|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+UNK = "<unk>"
+SPECIAL_TOKENS = [PAD, EOS, BOS_USER, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, UNK]
+# Tokens a rollout may never contain: sampling suppresses them, every log-prob masks them
+# (a sampled <|image_pad|> makes the next forward pass fail: image tokens ≠ image features).
+PLACEHOLDER_TOKENS = [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+
+# Qwen3-VL normalizes pixels with mean = std = 0.5 per channel.
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.5, 0.5, 0.5)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``SPECIAL_TOKENS + words`` (whitespace-separated words).
+
+    Round-trips through ``save_pretrained`` / ``AutoTokenizer.from_pretrained``.
+    """
+    vocab: dict[str, int] = {}
+    for w in SPECIAL_TOKENS + list(words):
+        if w not in vocab:
+            vocab[w] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token=UNK,
+        pad_token=PAD,
+        eos_token=EOS,
+        additional_special_tokens=[BOS_USER, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD],
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    return tok
+
+
+def placeholder_ids(tok) -> list[int]:
+    """Ids of the vision placeholder tokens that exist in this vocabulary."""
+    vocab = tok.get_vocab()
+    return [vocab[t] for t in PLACEHOLDER_TOKENS if t in vocab]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class TinyVLSpec:
+    """Shape of the embedded tiny Qwen3-VL (random init)."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    vision_hidden: int = 64
+    vision_depth: int = 1
+    vision_heads: int = 2
+    patch_size: int = 7
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    image_size: int = 56
+
+
+def tiny_qwen3vl_config(tok, spec: TinyVLSpec | None = None) -> Qwen3VLConfig:
+    spec = spec or TinyVLSpec()
+    head_dim = spec.hidden_size // spec.num_heads
+    half = head_dim // 2  # mrope_section must sum to head_dim / 2 (t, h, w)
+    mrope = [half - 2 * (half // 3), half // 3, half // 3]
+    side = spec.image_size // spec.patch_size
+    vocab = tok.get_vocab()
+    return Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_heads,
+            num_key_value_heads=spec.num_kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=512,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=mrope, mrope_interleaved=True),
+            pad_token_id=vocab[PAD],
+        ),
+        vision_config=dict(
+            depth=spec.vision_depth,
+            hidden_size=spec.vision_hidden,
+            intermediate_size=2 * spec.vision_hidden,
+            num_heads=spec.vision_heads,
+            patch_size=spec.patch_size,
+            spatial_merge_size=spec.merge_size,
+            temporal_patch_size=spec.temporal_patch_size,
+            out_hidden_size=spec.hidden_size,
+            num_position_embeddings=side * side,
+            deepstack_visual_indexes=[],
+        ),
+        image_token_id=vocab[IMAGE_PAD],
+        video_token_id=vocab[VIDEO_PAD],
+        vision_start_token_id=vocab[VISION_START],
+        vision_end_token_id=vocab[VISION_END],
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_model(tok, spec: TinyVLSpec | None = None, seed: int = 0) -> Qwen3VLForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(tiny_qwen3vl_config(tok, spec))
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def load_model_and_tokenizer(path: str):
+    """A local Qwen-VL checkpoint directory (model + tokenizer files), no network."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok.padding_side = "left"
+    model = Qwen3VLForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def output_layer(model):
+    """(weight, bias) of the output layer: ``lm_head`` or the tied input embedding."""
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def backbone(model):
+    """The part of the model that stops at the last hidden states (no output layer)."""
+    return model.model
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class VisionGeometry:
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    image_mean: tuple = IMAGE_MEAN
+    image_std: tuple = IMAGE_STD
+
+    @classmethod
+    def of(cls, model, path: str | None = None) -> VisionGeometry:
+        vc = model.config.vision_config
+        mean, std = IMAGE_MEAN, IMAGE_STD
+        if path is not None and os.path.exists(os.path.join(path, "preprocessor_config.json")):
+            with open(os.path.join(path, "preprocessor_config.json")) as f:
+                pc = json.load(f)
+            mean = tuple(pc.get("image_mean", mean))
+            std = tuple(pc.get("image_std", std))
+        return cls(vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size, mean, std)
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+
+def patchify(image: np.ndarray, geo: VisionGeometry) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """One RGB image ``[H, W, 3]`` (uint8 or float in [0, 1]) → (patches, (t, h, w)).
+
+    The Qwen2-VL/Qwen3-VL layout: patches ordered by merge window (row-major over windows,
+    row-major inside a window), each flattened as ``[C, T, P, P]`` with the single frame
+    repeated ``temporal_patch_size`` times. H and W must be multiples of patch·merge.
+    Returns float32 patches ``[h·w, C·T·P·P]`` and the grid (1, h, w) in patches.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    if image.dtype == np.uint8:
+        img = img / 255.0
+    H, W, C = img.shape
+    P, M, T = geo.patch_size, geo.merge_size, geo.temporal_patch_size
+    if H % (P * M) or W % (P * M):
+        raise ValueError(f"image: size {H}x{W} is not a multiple of patch·merge = {P * M}")
+    img = (img - np.asarray(geo.image_mean, np.float32)) / np.asarray(geo.image_std, np.float32)
+    gh, gw = H // P, W // P
+    x = img.transpose(2, 0, 1).reshape(C, gh // M, M, P, gw // M, M, P)
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/M, gw/M, M, M, C, P, P)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], T, P, P))
+    return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, C * T * P * P)), (1, gh, gw)
+
+
+def resize_for_model(image: np.ndarray, geo: VisionGeometry, max_pixels: int = 512 * 512) -> np.ndarray:
+    """Resize an RGB uint8 image so both sides are multiples of patch·merge (at most max_pixels)."""
+    from PIL import Image
+
+    H, W = image.shape[:2]
+    f = geo.factor
+    scale = min(1.0, math.sqrt(max_pixels / (H * W)))
+    h = max(f, round(H * scale / f) * f)
+    w = max(f, round(W * scale / f) * f)
+    if (h, w) == (H, W):
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def encode_prompt(tok, question: str, n_image_tokens: int, hint: str | None = None) -> list[int]:
+    """Token ids of one prompt: image placeholders, question, optional hint, answer cue.
+
+    ``hint=None`` is the student context x; a hint string gives the teacher context x^h = [x ; h].
+    Real chat checkpoints get their ``<|im_start|>user … <|im_end|> <|im_start|>assistant`` frame.
+    """
+    vocab = tok.get_vocab()
+    ids = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    chat = bool(getattr(tok, "chat_template", None))  # a real chat checkpoint (ours has no template)
+    out: list[int] = []
+    if chat:
+        out += [vocab[BOS_USER]] + ids("user\n")
+    out += [vocab[VISION_START]] + [vocab[IMAGE_PAD]] * n_image_tokens + [vocab[VISION_END]]
+    out += ids((" " if not chat else "") + question)
+    if hint is not None:
+        out += ids(" hint : " + hint if not chat else "\nHint: " + hint)
+    if chat:
+        out += [vocab[EOS]] + ids("\n") + [vocab[BOS_USER]] + ids("assistant\n")
+    else:
+        out += ids(" answer :")
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
+        att[i, L - len(s) :] = 1
+    return ids, att
+
+
+@dataclass
+class VisionBatch:
+    """Pixel inputs of a batch of sequences, one image per sequence, in sequence order."""
+
+    pixel_values: torch.Tensor  # [Σ patches, C·T·P·P]
+    image_grid_thw: torch.Tensor  # [B, 3]
+
+    def select(self, rows: list[int]) -> VisionBatch:
+        counts = self.image_grid_thw.prod(-1).tolist()
+        starts = np.cumsum([0] + counts)
+        parts = [self.pixel_values[starts[r] : starts[r + 1]] for r in rows]
+        return VisionBatch(torch.cat(parts), self.image_grid_thw[rows])
+
+    def to(self, device) -> VisionBatch:
+        return VisionBatch(self.pixel_values.to(device), self.image_grid_thw.to(device))
+
+
+def stack_images(patches: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> VisionBatch:
+    return VisionBatch(torch.cat(patches), torch.tensor(grids, dtype=torch.long))
+
+
+def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: VisionBatch) -> dict:
+    """kwargs for ``model(...)`` / ``model.generate(...)`` (mm_token_type_ids included)."""
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=vision.pixel_values,
+        image_grid_thw=vision.image_grid_thw,
+        mm_token_type_ids=(input_ids == model.config.image_token_id).int(),
+    )
+
+
+def response_hidden(model, prompt_ids, prompt_mask, vision: VisionBatch, response_ids, response_mask):
+    """Last hidden states at the positions that predict each response token.
+
+    ``prompt_*`` are left-padded ``[B, P]``; ``response_*`` right-padded ``[B, T]``.
+    Returns ``[B, T, H]``: row (b, t) is the state after prompt + response[:t], i.e. the one whose
+    output distribution scores response token t. The output layer is *not* applied.
+    """
+    P = prompt_ids.shape[1]
+    T = response_ids.shape[1]
+    ids = torch.cat([prompt_ids, response_ids], dim=1)
+    att = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    # Clear the rope cache left by generate() so 3-D positions are recomputed for this batch.
+    backbone(model).rope_deltas = None
+    out = backbone(model)(**model_inputs(model, ids, att, vision), use_cache=False)
+    return out.last_hidden_state[:, P - 1 : P - 1 + T]

@@ -1,0 +1,147 @@
+"""ptd_train.model and the embedded task: tokenizer, patchify, prompts, the tiny Qwen3-VL."""
+
+import numpy as np
+import pytest
+import torch
+
+from ptd_train.model import (
+    IMAGE_PAD,
+    TinyVLSpec,
+    VisionGeometry,
+    build_tiny_model,
+    build_tokenizer,
+    encode_prompt,
+    left_pad,
+    model_inputs,
+    patchify,
+    placeholder_ids,
+    response_hidden,
+    stack_images,
+)
+from ptd_train.tasks import GridCountTask, reward
+from ptd_train.tasks.grid_count import IMAGE_SIZE
+
+SMALL = TinyVLSpec(
+    hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, vision_hidden=16, vision_heads=1
+)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return GridCountTask(eval_size=8, dev_size=4)
+
+
+@pytest.fixture(scope="module")
+def tok(task):
+    return build_tokenizer(task.words)
+
+
+def test_tokenizer_round_trips_through_save_pretrained(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    text = "how many red cells ? hint : look only at cells a1 b3 and ignore the blue cells . answer : total 7"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    tok.save_pretrained(tmp_path)
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok2.get_vocab() == tok.get_vocab()
+    assert tok2.encode(text, add_special_tokens=False) == ids
+    assert (tok2.pad_token_id, tok2.eos_token_id) == (tok.pad_token_id, tok.eos_token_id)
+    seq = [tok.convert_tokens_to_ids("<|vision_start|>")] + [tok.convert_tokens_to_ids(IMAGE_PAD)] * 3
+    assert tok2.convert_ids_to_tokens(seq) == ["<|vision_start|>"] + [IMAGE_PAD] * 3
+    assert set(placeholder_ids(tok2)) == set(placeholder_ids(tok)) and len(placeholder_ids(tok)) == 4
+
+
+def test_patchify_matches_qwen_processor_layout():
+    """Our patchify against transformers' Qwen2-VL (PIL) image processor patchify, and against
+    the documented layout written out by hand."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(56, 84, 3), dtype=np.uint8)
+    geo = VisionGeometry(patch_size=7, merge_size=2, temporal_patch_size=2)
+    ours, thw = patchify(img, geo)
+    assert thw == (1, 8, 12) and ours.shape == (96, 3 * 2 * 7 * 7)
+    normed = ((img / 255.0 - 0.5) / 0.5).astype(np.float32).transpose(2, 0, 1)  # C, H, W
+    proc = Qwen2VLImageProcessorPil.__new__(Qwen2VLImageProcessorPil)
+    theirs, gh, gw = proc.patchify(normed, patch_size=7, merge_size=2, temporal_patch_size=2)
+    assert (gh, gw) == (8, 12)
+    torch.testing.assert_close(ours, torch.from_numpy(np.ascontiguousarray(theirs)), rtol=1e-6, atol=1e-6)
+    # by hand: token j of merge window (wy, wx), sub-position (my, mx), channel c, frame t, pixel (py, px)
+    P, M = 7, 2
+    wy, wx, my, mx, c, t, py, px = 1, 4, 1, 0, 2, 1, 3, 5
+    row = (wy * (12 // M) + wx) * M * M + my * M + mx
+    col = ((c * 2 + t) * P + py) * P + px
+    y, x = (wy * M + my) * P + py, (wx * M + mx) * P + px
+    assert ours[row, col].item() == pytest.approx(normed[c, y, x], abs=1e-6)
+
+
+def test_patchify_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="image"):
+        patchify(np.zeros((50, 56, 3), np.uint8), VisionGeometry(7, 2, 2))
+
+
+def test_grid_task_one_token_per_cell_and_disjoint_splits(task, tok):
+    ex = task.test[0]
+    assert ex.image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    p, thw = patchify(ex.image, VisionGeometry(7, 2, 2))
+    assert thw[1] * thw[2] // 4 == 16  # one LLM image token per grid cell
+    assert reward(ex.completion, ex.answer) == 1.0
+    assert reward("total 3 4", "4") == 1.0 and reward("total 4 3", "4") == 0.0 and reward("total", "4") == 0.0
+    train = task.sample(np.random.default_rng(0), 300)
+    assert all(0 <= int(e.answer) <= 16 for e in train)
+    # no training grid is a held-out or dev grid (the grid is recovered from the spatial hint)
+    from ptd_train.tasks.grid_count import _grid_key
+
+    def grid_of(e):
+        g = np.zeros((4, 4), bool)
+        for w in e.hints["spatial"].split():
+            if len(w) == 2 and w[0] in "abcd" and w[1] in "1234":
+                g["abcd".index(w[0]), int(w[1]) - 1] = True
+        assert g.sum() == int(e.answer)
+        return g
+
+    assert {_grid_key(grid_of(e)) for e in task.test + task.dev} <= task._held_keys
+    assert not any(_grid_key(grid_of(e)) in task._held_keys for e in train)
+
+
+def test_prompt_has_hint_only_when_asked(task, tok):
+    ex = task.test[0]
+    hint_id = tok.convert_tokens_to_ids("hint")
+    x = encode_prompt(tok, ex.question, 16, None)
+    xh = encode_prompt(tok, ex.question, 16, ex.hints["spatial"])
+    assert hint_id not in x and hint_id in xh
+    assert x.count(tok.convert_tokens_to_ids(IMAGE_PAD)) == 16 == xh.count(tok.convert_tokens_to_ids(IMAGE_PAD))
+    assert tok.unk_token_id not in xh
+
+
+def test_tiny_model_generates_and_gives_response_hidden(task, tok):
+    model = build_tiny_model(tok, SMALL, seed=0).eval()
+    geo = VisionGeometry.of(model)
+    exs = task.test[:3]
+    prompts = [encode_prompt(tok, e.question, 16, None) for e in exs]
+    prompts[1] = encode_prompt(tok, exs[1].question, 16, exs[1].hints["spatial"])  # a longer one: left padding
+    ids, att = left_pad(prompts, tok.pad_token_id)
+    pv = [patchify(e.image, geo) for e in exs]
+    vision = stack_images([p for p, _ in pv], [g for _, g in pv])
+    blocked = placeholder_ids(tok)
+    out = model.generate(
+        **model_inputs(model, ids, att, vision),
+        max_new_tokens=3,
+        do_sample=True,
+        top_k=0,
+        suppress_tokens=blocked,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    resp = out[:, ids.shape[1] :]
+    assert not torch.isin(resp, torch.tensor(blocked)).any()
+    rmask = torch.ones_like(resp, dtype=torch.bool)
+    with torch.no_grad():
+        h = response_hidden(model, ids, att, vision, resp, rmask)
+        full = model(**model_inputs(model, torch.cat([ids, resp], 1), torch.cat([att, rmask.long()], 1), vision))
+    P, T = ids.shape[1], resp.shape[1]
+    assert h.shape == (3, T, SMALL.hidden_size)
+    # the hidden state at row t scores response token t: same as the model's own logits there
+    torch.testing.assert_close(model.lm_head(h), full.logits[:, P - 1 : P - 1 + T], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,297 @@
+"""ptd_train.run end to end on tiny shapes: one-step runs (GRPO and PTD), resume, the JSONL +
+checkpoint path, the student never seeing a hint, and no batch×length×vocab tensor."""
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ptd_train import run
+from ptd_train.config import TrainConfig
+from ptd_train.model import TinyVLSpec, VisionGeometry, build_tiny_model, build_tokenizer
+from ptd_train.tasks import GridCountTask
+from ptd_train.tasks.grid_count import render
+
+TINY = dict(warmstart_max_steps=0, eval_size=8, prompts_per_step=2, group_size=4, progress=False)
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("ptd_coef", [0.0, 1.0])
+def test_one_step_run(tmp_path, ptd_coef):
+    out = str(tmp_path / "run")
+    evals = run.main(
+        [
+            "--output_dir",
+            out,
+            "--max_steps",
+            "1",
+            "--ptd_coef",
+            str(ptd_coef),
+            *sum([[f"--{k}", str(v)] for k, v in TINY.items()], []),
+        ]
+    )
+    (m,) = _metrics(out)
+    for key in (
+        "step",
+        "reward_mean",
+        "accuracy",
+        "entropy",
+        "neg_logp",
+        "ptd_rollouts",
+        "jsd",
+        "overlap",
+        "teacher_mass",
+        "loss",
+        "seconds",
+    ):
+        assert key in m, key
+    assert m["step"] == 1 and np.isfinite(m["loss"]) and m["entropy"] > 0 and m["neg_logp"] > 0
+    if ptd_coef == 0:
+        assert m["ptd_rollouts"] == 0 and m["jsd"] == 0 and m["ptd_loss"] == 0
+    else:  # random init: every group fails, every rollout is in F
+        assert m["ptd_rollouts"] > 0 and m["jsd"] > 0 and 0 < m["teacher_mass"] <= 1 and 0 <= m["overlap"] <= 1
+    with open(os.path.join(out, "eval.json")) as f:
+        e = json.load(f)
+    assert e == evals and {"accuracy_before", "accuracy_after"} <= set(e)
+    assert os.path.exists(os.path.join(out, "curves.png"))
+    assert os.path.exists(os.path.join(out, "checkpoint.pt"))
+    assert os.path.exists(os.path.join(out, "final", "config.json"))
+
+
+def test_resume_gives_the_same_next_step_loss(tmp_path, monkeypatch):
+    args = ["--max_steps", "3", "--save_steps", "1", *sum([[f"--{k}", str(v)] for k, v in TINY.items()], [])]
+    full = str(tmp_path / "full")
+    run.main(["--output_dir", full, *args])
+
+    part = str(tmp_path / "part")
+    real = run.sample_prompts
+    calls = {"n": 0}
+
+    def crash_on_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed during step 3, after step 2 was checkpointed
+        return real(*a, **k)
+
+    monkeypatch.setattr(run, "sample_prompts", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--output_dir", part, *args])
+    monkeypatch.setattr(run, "sample_prompts", real)
+    assert [m["step"] for m in _metrics(part)] == [1, 2]
+    run.main(["--output_dir", part, "--resume", "true", *args])
+    a, b = _metrics(full), _metrics(part)
+    assert [m["step"] for m in b] == [1, 2, 3]
+    for key in ("loss", "reward_mean", "entropy", "jsd", "grad_norm"):
+        assert a[2][key] == b[2][key], key
+    assert (
+        json.load(open(os.path.join(full, "eval.json")))["accuracy_after"]
+        == json.load(open(os.path.join(part, "eval.json")))["accuracy_after"]
+    )
+
+
+def _setup(tmp_path, spec=None, words=(), **overrides):
+    cfg = TrainConfig(output_dir=str(tmp_path), **{**TINY, **overrides}).resolved()
+    task = GridCountTask(eval_size=4, dev_size=2)
+    tok = build_tokenizer(list(task.words) + list(words))
+    policy = build_tiny_model(tok, spec, seed=0)
+    env = run.Env(cfg, tok, VisionGeometry.of(policy), torch.device("cpu"), "torch")
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    return cfg, task, tok, env, policy, ref, opt
+
+
+@pytest.mark.parametrize("teacher", ["ref", "policy"])
+def test_student_never_sees_the_hint(tmp_path, teacher):
+    cfg, task, tok, env, policy, ref, opt = _setup(tmp_path, teacher=teacher)
+    hint_id = tok.convert_tokens_to_ids("hint")
+    seen = {"policy_with_grad": [], "policy_no_grad": [], "ref": []}
+
+    def spy(name):
+        def hook(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is not None:
+                has = bool((ids == hint_id).any())
+                key = name if name == "ref" else ("policy_with_grad" if torch.is_grad_enabled() else "policy_no_grad")
+                seen[key].append(has)
+
+        return hook
+
+    policy.model.register_forward_pre_hook(spy("policy"), with_kwargs=True)
+    ref.model.register_forward_pre_hook(spy("ref"), with_kwargs=True)
+    m = run.rl_step(policy, ref, opt, env, task.sample(np.random.default_rng(0), 2))
+    assert m["ptd_rollouts"] > 0  # a teacher pass happened
+    assert seen["policy_with_grad"] and not any(seen["policy_with_grad"])  # the student's passes: no hint
+    if teacher == "ref":
+        assert not any(seen["policy_no_grad"])  # sampling: no hint
+        assert any(seen["ref"])  # the teacher got it
+    else:
+        assert any(seen["policy_no_grad"])  # the teacher pass (no grad) got it ...
+        assert not seen["policy_no_grad"][0]  # ... but not the rollouts (the first, generate, call)
+
+
+def _student_step_memory(tmp_path, n_extra_words):
+    """(bytes the student pass adds at its peak, largest tensor with a vocab axis, R·T, V, H)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    spec = TinyVLSpec(
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=32,
+        vision_hidden=16,
+        vision_heads=1,
+    )
+    extra = [f"w{i}" for i in range(n_extra_words)]
+    cfg, task, tok, env, policy, ref, opt = _setup(tmp_path, spec, extra, prompts_per_step=8, group_size=8)
+    V, H = policy.lm_head.weight.shape
+    exs = task.sample(np.random.default_rng(0), 8)
+    G = cfg.group_size
+    pid, pmask, vision = env.prompts(exs)
+    owner = [i // G for i in range(len(exs) * G)]
+    pid, pmask, vision = pid[owner], pmask[owner], vision.select(owner)
+    resp, mask = run.generate(policy, env, pid, pmask, vision, greedy=False)
+    R, T = resp.shape
+    tid, tmask, tvision = env.prompts([exs[i] for i in owner], ["spatial"] * R)
+    with torch.no_grad():
+        th = run.response_hidden(ref, tid, tmask, tvision, resp, mask).reshape(R * T, -1)
+    jsd_mask = torch.ones(R * T, dtype=torch.bool)  # PTD on every rollout
+    Wt = ref.lm_head.weight
+
+    def step():
+        logp, ent, jsd, ov, tm = run.student_pass(policy, env, pid, pmask, vision, resp, mask, th, Wt, None, jsd_mask)
+        (logp.sum() + ent.sum() + jsd.sum()).backward()
+
+    step()  # warm-up (lazy allocations)
+    policy.zero_grad(set_to_none=True)
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and V in t.shape:  # anything logits-like
+                    Largest.biggest = max(Largest.biggest, t.numel())
+            return out
+
+    with Largest():
+        step()
+    policy.zero_grad(set_to_none=True)
+
+    inputs = [th, pid, pmask, resp, mask, vision.pixel_values, vision.image_grid_thw]
+    tracker = MemTracker()
+    tracker.track_external(policy, *inputs)
+    with tracker:
+        step()
+    peak = sum(stats.get("Total", 0) for stats in tracker.get_tracker_snapshot("peak").values())
+    added = peak - sum(t.numel() * t.element_size() for t in [*policy.parameters(), *inputs])
+    policy.zero_grad(set_to_none=True)
+    return added, Largest.biggest, R * T, V, H
+
+
+def test_student_step_allocates_no_batch_length_vocab_tensor(tmp_path, monkeypatch):
+    """Vocab ≥ 8192: the student pass (forward + backward, PTD on every rollout) forms no
+    [R, T, V] tensor. The kernels' logits tile is bounded by a byte budget (32 MiB by default,
+    more than [R·T, V] at test size), so it is shrunk to 1 MiB: the point is that the trainer
+    itself never forms the logits. MemTracker compares the peak at V ≈ 8k with V ≈ 100 (the
+    vision tower's activations, the same in both, dominate the absolute peak)."""
+    import ptd_kernels._torch_path
+
+    monkeypatch.setattr(ptd_kernels._torch_path, "CHUNK_BYTES", 1 << 20)
+    added_small, _, _, v_small, _ = _student_step_memory(tmp_path / "small", 0)
+    added, biggest, rows, V, H = _student_step_memory(tmp_path / "big", 8192)
+    rtv_bytes = rows * V * 4
+    assert V >= 8192 and rows == 256 and 4 * V * H <= rows * V
+    # nothing with a vocabulary axis is larger than the output layer (its gradient is [V, H])
+    assert biggest <= V * H, (biggest, rows * V)
+    # growing V by 8k costs the gradients of embedding + output layer (2·V·H floats) and a tile,
+    # far below one [R·T, V] float32 tensor
+    grown = added - added_small
+    assert grown < rtv_bytes // 2, (grown, rtv_bytes)
+
+
+def _write_dataset(root, n, bad_line=None):
+    os.makedirs(root / "img", exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        grid = rng.random((4, 4)) < 0.5
+        Image.fromarray(render(grid, rng)).save(root / "img" / f"{i}.png")
+        lines.append(
+            json.dumps(
+                {
+                    "image": f"img/{i}.png",
+                    "question": "how many red cells ?",
+                    "answer": int(grid.sum()),
+                    "hint": "look only at cells a1 and ignore the blue cells .",
+                }
+            )
+        )
+    if bad_line is not None:
+        lines[bad_line - 1] = '{"image": "img/0.png", "question": 3, "answer": 1}'
+    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return str(root / "data.jsonl")
+
+
+def test_jsonl_dataset_and_checkpoint_dir(tmp_path):
+    task = GridCountTask(eval_size=2, dev_size=2)
+    tok = build_tokenizer(task.words)
+    model = build_tiny_model(tok, seed=0)
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    data = _write_dataset(tmp_path, 8)
+    out = str(tmp_path / "out")
+    evals = run.main(
+        [
+            "--output_dir",
+            out,
+            "--model_name_or_path",
+            str(tmp_path / "ckpt"),
+            "--dataset",
+            data,
+            "--max_steps",
+            "1",
+            "--eval_size",
+            "3",
+            "--prompts_per_step",
+            "2",
+            "--group_size",
+            "2",
+            "--progress",
+            "false",
+        ]
+    )
+    (m,) = _metrics(out)
+    assert m["step"] == 1 and np.isfinite(m["loss"])
+    assert "accuracy_after" in evals
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    from ptd_train.tasks import load_jsonl
+
+    data = _write_dataset(tmp_path, 4, bad_line=3)
+    with pytest.raises(ValueError, match=r"data\.jsonl:3: field 'question' must be a string"):
+        load_jsonl(data)
+    p = tmp_path / "broken.jsonl"
+    p.write_text('{"image": "img/0.png", "question": "q", "answer": 1}\n{not json\n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2: not valid JSON"):
+        load_jsonl(str(p))
+    p.write_text('{"image": "img/0.png", "question": "q", "answer": 1, "hint": "it is 1"}\n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl:1: .*leaks the answer"):
+        load_jsonl(str(p))
+    p.write_text('{"image": "img/missing.png", "question": "q", "answer": 1}\n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl:1: cannot read image"):
+        load_jsonl(str(p))
+    p.write_text('{"question": "q", "answer": 1}\n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl:1: missing field 'image'"):
+        load_jsonl(str(p))
