@@ -225,8 +225,9 @@ def evaluate(model, env: Env, examples: list[Example], hint_kind: str | None = N
 
 
 def warm_start(model, env: Env, task: GridCountTask, log=print) -> dict:
-    """Supervised warm start on a hint mix (cached): stops once hint-free dev accuracy reaches
-    ``warmstart_target`` while the hinted accuracy is ≥ ``warmstart_hinted_min``.
+    """Supervised warm start on a hint mix (cached in ``warmstart_dir``): stops at the first
+    evaluation where the hinted dev accuracy is ≥ ``warmstart_hinted_min`` and the hint-free one
+    ≥ ``warmstart_target``.
 
     The data mixes hint-free and hinted prompts: a model that never saw a hint cannot use one,
     and then the teacher would be no better than the student.
@@ -234,7 +235,8 @@ def warm_start(model, env: Env, task: GridCountTask, log=print) -> dict:
     cfg = env.cfg
     keys = [f for f in dataclasses.fields(cfg) if f.name.startswith("warmstart_") and f.name != "warmstart_dir"]
     spec = {f.name: getattr(cfg, f.name) for f in keys}
-    spec.update(model=dataclasses.asdict(TinyVLSpec()), seed=cfg.seed, version=1)
+    task_print = hashlib.sha256(task.dev[0].image.tobytes() + " ".join(task.words).encode()).hexdigest()
+    spec.update(model=dataclasses.asdict(TinyVLSpec()), task=task_print, max_grad_norm=cfg.max_grad_norm, version=1)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cfg.warmstart_dir, f"warmstart-{key}.pt")
     if os.path.exists(path):
@@ -245,8 +247,8 @@ def warm_start(model, env: Env, task: GridCountTask, log=print) -> dict:
 
     kinds, weights = zip(*[(k, float(w)) for k, w in (kv.split(":") for kv in cfg.warmstart_hint_mix.split(","))])
     probs = np.asarray(weights) / sum(weights)
-    rng = np.random.default_rng([cfg.seed, 17])
-    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng([cfg.warmstart_seed, 17])
+    torch.manual_seed(cfg.warmstart_seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmstart_lr, weight_decay=0.0)
     W, b = output_layer(model)
     t0 = time.time()
@@ -511,7 +513,7 @@ def train(cfg: TrainConfig) -> dict:
     task, train_set, test_set, dev_set = load_data(cfg)
     if cfg.model_name_or_path is None:
         tok = build_tokenizer(GridCountTask.words)
-        policy = build_tiny_model(tok, seed=cfg.seed)
+        policy = build_tiny_model(tok, seed=cfg.warmstart_seed)
     else:
         policy, tok = load_model_and_tokenizer(cfg.model_name_or_path)
     policy.to(device)

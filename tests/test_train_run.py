@@ -295,3 +295,27 @@ def test_jsonl_errors_name_the_line(tmp_path):
     p.write_text('{"question": "q", "answer": 1}\n')
     with pytest.raises(ValueError, match=r"broken\.jsonl:1: missing field 'image'"):
         load_jsonl(str(p))
+
+
+def test_warm_start_mixes_hints_and_is_cached(tmp_path):
+    cfg, task, tok, env, policy, ref, opt = _setup(
+        tmp_path, warmstart_max_steps=2, warmstart_eval_every=2, warmstart_batch=16
+    )
+    task.dev = task.dev[:2]
+    hint_id = tok.convert_tokens_to_ids("hint")
+    rows = []
+
+    def hook(module, args, kwargs):
+        if torch.is_grad_enabled():  # the supervised steps (evaluations run without grad)
+            rows.extend((kwargs["input_ids"] == hint_id).any(1).tolist())
+
+    handle = policy.model.register_forward_pre_hook(hook, with_kwargs=True)
+    info = run.warm_start(policy, env, task, log=lambda *a: None)
+    handle.remove()
+    assert info["steps"] == 2 and len(rows) == 32
+    assert 0 < sum(rows) < 32  # hinted and hint-free prompts both present
+    trained = {k: v.clone() for k, v in policy.state_dict().items()}
+    fresh = build_tiny_model(tok, seed=1)
+    info2 = run.warm_start(fresh, env, task, log=lambda *a: None)  # from the cache: no training
+    assert info2 == info
+    assert all(torch.equal(trained[k], v) for k, v in fresh.state_dict().items())
