@@ -177,6 +177,30 @@ def check_sparse_teacher(teacher_indices, teacher_logprobs, n: int, vocab: int, 
     return k
 
 
+def check_student(hidden, weight, bias, temperature) -> tuple[int, int, float]:
+    """The student output layer and τ. Returns (N, V, τ)."""
+    n, _, vocab = check_linear(hidden, weight, bias)
+    return n, vocab, check_temperature(temperature)
+
+
+def check_teacher(hidden, vocab: int, teacher_hidden, teacher_weight, teacher_bias) -> None:
+    """A teacher output layer beside the student's: same rows, same vocabulary, same device."""
+    check_linear(teacher_hidden, teacher_weight, teacher_bias, prefix="teacher_")
+    check_same_rows("teacher_hidden", teacher_hidden, hidden.shape[0])
+    check_teacher_vocab(vocab, teacher_weight.shape[0])
+    check_same_device(hidden, teacher_hidden=teacher_hidden)
+
+
+def check_logits_pair(logits, teacher_logits) -> tuple[int, int]:
+    """Student and teacher logits of the same shape and device. Returns (N, V)."""
+    n, vocab = check_logits("logits", logits)
+    _, teacher_vocab = check_logits("teacher_logits", teacher_logits)
+    check_same_rows("teacher_logits", teacher_logits, n, "logits")
+    check_teacher_vocab(vocab, teacher_vocab, "teacher_logits")
+    check_same_device(logits, teacher_logits=teacher_logits)
+    return n, vocab
+
+
 def row_mask(n: int, device, targets=None, ignore_index: int = -100, mask=None) -> torch.Tensor:
     """The rows that produce output: target ≠ ignore_index and mask True."""
     live = torch.ones(n, dtype=torch.bool, device=device)

@@ -66,16 +66,8 @@ def _cast_grads(grads, hidden, weight, bias):
     )
 
 
-def _check_student(hidden, weight, bias, temperature):
-    n, _, vocab = V.check_linear(hidden, weight, bias)
-    return n, vocab, V.check_temperature(temperature)
 
 
-def _check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias):
-    V.check_linear(teacher_hidden, teacher_weight, teacher_bias, prefix="teacher_")
-    V.check_same_rows("teacher_hidden", teacher_hidden, hidden.shape[0])
-    V.check_teacher_vocab(vocab, teacher_weight.shape[0])
-    V.check_same_device(hidden, teacher_hidden=teacher_hidden)
 
 
 def _support(student_ids, teacher_ids, support):
@@ -220,7 +212,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     Differentiable w.r.t. hidden, weight and bias.
     """
     V.check_backend(backend)
-    n, vocab, temperature = _check_student(hidden, weight, bias, temperature)
+    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
     V.check_targets(targets, n, vocab, ignore_index, hidden.device)
     live = V.row_mask(n, hidden.device, targets, ignore_index)
     cfg = SimpleNamespace(k=1, beta=0.5, support="union", tail=True, temperature=temperature, want_overlap=False)
@@ -237,7 +229,7 @@ def linear_topk(hidden, weight, k, *, bias=None, temperature=1.0, targets=None, 
     logprobs [N,k] float32, lse [N], target_logprobs [N] or None)``.
     """
     V.check_backend(backend)
-    n, vocab, temperature = _check_student(hidden, weight, bias, temperature)
+    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
     k = V.check_k(k)
     if k > vocab:
         raise ValueError(f"k={k} exceeds the vocabulary size {vocab}")
@@ -266,8 +258,8 @@ def linear_topk(hidden, weight, k, *, bias=None, temperature=1.0, targets=None, 
 def _jsd_common(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, beta, temperature, mask,
                 backend):
     V.check_backend(backend)
-    n, vocab, temperature = _check_student(hidden, weight, bias, temperature)
-    _check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
+    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
+    V.check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
     beta = V.check_beta(beta)
     V.check_mask("mask", mask, n, hidden.device)
     return n, vocab, temperature, beta, V.row_mask(n, hidden.device, mask=mask)
@@ -300,8 +292,8 @@ def linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, k,
     are never read. Equal to the separate functions.
     """
     V.check_backend(backend)
-    n, vocab, temperature = _check_student(hidden, weight, bias, temperature)
-    _check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
+    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
+    V.check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
     cfg = SimpleNamespace(k=V.check_k(k), beta=V.check_beta(beta), support=V.check_support(support),
                           tail=bool(tail), temperature=temperature, want_overlap=True)
     V.check_targets(targets, n, vocab, ignore_index, hidden.device)
@@ -351,7 +343,7 @@ def linear_sparse_jsd(hidden, weight, teacher_indices, teacher_logprobs, *, beta
     The support is the teacher's ids; q_tail = 1 − Σ exp(teacher_logprobs) (floored at 1e-12).
     """
     V.check_backend(backend)
-    n, vocab, temperature = _check_student(hidden, weight, bias, temperature)
+    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
     V.check_sparse_teacher(teacher_indices, teacher_logprobs, n, vocab, hidden.device)
     cfg = SimpleNamespace(beta=V.check_beta(beta), tail=bool(tail), temperature=temperature)
     V.check_mask("mask", mask, n, hidden.device)

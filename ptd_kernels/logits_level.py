@@ -103,11 +103,7 @@ class _JSD(torch.autograd.Function):
 
 def _check_pair(logits, teacher_logits, mask, temperature, beta, backend):
     V.check_backend(backend)
-    n, vocab = V.check_logits("logits", logits)
-    _, teacher_vocab = V.check_logits("teacher_logits", teacher_logits)
-    V.check_same_rows("teacher_logits", teacher_logits, n, "logits")
-    V.check_teacher_vocab(vocab, teacher_vocab, "teacher_logits")
-    V.check_same_device(logits, teacher_logits=teacher_logits)
+    n, vocab = V.check_logits_pair(logits, teacher_logits)
     V.check_mask("mask", mask, n, logits.device)
     return n, vocab, V.check_temperature(temperature), V.check_beta(beta), _live_index(
         V.row_mask(n, logits.device, mask=mask))

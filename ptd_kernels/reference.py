@@ -107,17 +107,8 @@ def _support_jsd(logp, logq, in_support, beta, tail, log_q_mass=None):
     return _generalized_jsd(logp - log_p_mass[:, None], logq - log_q_mass[:, None], beta, in_support)
 
 
-def _check_student(hidden, weight, bias, temperature):
-    n, _, vocab = V.check_linear(hidden, weight, bias)
-    return n, vocab, V.check_temperature(temperature)
 
 
-def _check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias):
-    n = hidden.shape[0]
-    V.check_linear(teacher_hidden, teacher_weight, teacher_bias, prefix="teacher_")
-    V.check_same_rows("teacher_hidden", teacher_hidden, n)
-    V.check_teacher_vocab(vocab, teacher_weight.shape[0])
-    V.check_same_device(hidden, teacher_hidden=teacher_hidden)
 
 
 # ----------------------------------------------------------------------------- logits level
@@ -144,11 +135,7 @@ def logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, with_entrop
 def jsd(logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None, backend="auto"):
     """Full-vocabulary JSD_β(softmax(logits/τ), softmax(teacher_logits/τ)) per row [N]."""
     V.check_backend(backend)
-    n, vocab = V.check_logits("logits", logits)
-    tn, tv = V.check_logits("teacher_logits", teacher_logits)
-    V.check_same_rows("teacher_logits", teacher_logits, n, "logits")
-    V.check_teacher_vocab(vocab, tv, "teacher_logits")
-    V.check_same_device(logits, teacher_logits=teacher_logits)
+    n, vocab = V.check_logits_pair(logits, teacher_logits)
     beta, temperature = V.check_beta(beta), V.check_temperature(temperature)
     V.check_mask("mask", mask, n, logits.device)
     live = V.row_mask(n, logits.device, mask=mask)
@@ -180,11 +167,7 @@ def topk_jsd(logits, teacher_logits, k, *, beta=0.5, support="union", tail=True,
              backend="auto"):
     """Top-K JSD with tail compensation (SPEC §2) per row [N], on given logits."""
     V.check_backend(backend)
-    n, vocab = V.check_logits("logits", logits)
-    _, tv = V.check_logits("teacher_logits", teacher_logits)
-    V.check_same_rows("teacher_logits", teacher_logits, n, "logits")
-    V.check_teacher_vocab(vocab, tv, "teacher_logits")
-    V.check_same_device(logits, teacher_logits=teacher_logits)
+    n, vocab = V.check_logits_pair(logits, teacher_logits)
     k, beta, support = V.check_k(k), V.check_beta(beta), V.check_support(support)
     temperature = V.check_temperature(temperature)
     V.check_mask("mask", mask, n, logits.device)
@@ -215,7 +198,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
                     backend="auto"):
     """log p(target) (and entropy) of softmax((hidden @ weight.T + bias) / τ), materializing logits."""
     V.check_backend(backend)
-    n, vocab, temperature = _check_student(hidden, weight, bias, temperature)
+    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
     V.check_targets(targets, n, vocab, ignore_index, hidden.device)
     live = V.row_mask(n, hidden.device, targets, ignore_index)
     dtype = _compute_dtype(hidden)
@@ -232,7 +215,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
 def linear_topk(hidden, weight, k, *, bias=None, temperature=1.0, targets=None, ignore_index=-100, backend="auto"):
     """Top-k ids, their log-probs, the row logsumexp and the targets' log-probs. No gradient."""
     V.check_backend(backend)
-    n, vocab, temperature = _check_student(hidden, weight, bias, temperature)
+    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
     k = V.check_k(k)
     if k > vocab:
         raise ValueError(f"k={k} exceeds the vocabulary size {vocab}")
@@ -263,8 +246,8 @@ def linear_jsd(hidden, weight, teacher_hidden, teacher_weight, *, beta=0.5, bias
                temperature=1.0, mask=None, backend="auto"):
     """Full-vocabulary JSD_β between the student and the (detached) teacher output layers, per row."""
     V.check_backend(backend)
-    n, vocab, temperature = _check_student(hidden, weight, bias, temperature)
-    _check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
+    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
+    V.check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
     beta = V.check_beta(beta)
     V.check_mask("mask", mask, n, hidden.device)
     live = V.row_mask(n, hidden.device, mask=mask)
@@ -278,8 +261,8 @@ def linear_topk_jsd(hidden, weight, teacher_hidden, teacher_weight, k, *, beta=0
                     bias=None, teacher_bias=None, temperature=1.0, mask=None, backend="auto"):
     """Top-K JSD with tail compensation between the student and the (detached) teacher, per row."""
     V.check_backend(backend)
-    n, vocab, temperature = _check_student(hidden, weight, bias, temperature)
-    _check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
+    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
+    V.check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
     k, beta, support = V.check_k(k), V.check_beta(beta), V.check_support(support)
     V.check_mask("mask", mask, n, hidden.device)
     live = V.row_mask(n, hidden.device, mask=mask)
@@ -293,7 +276,7 @@ def linear_sparse_jsd(hidden, weight, teacher_indices, teacher_logprobs, *, beta
                       temperature=1.0, mask=None, backend="auto"):
     """Top-K JSD against a sparse teacher given as its top-K ids and log-probs (support = those ids)."""
     V.check_backend(backend)
-    n, vocab, temperature = _check_student(hidden, weight, bias, temperature)
+    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
     V.check_sparse_teacher(teacher_indices, teacher_logprobs, n, vocab, hidden.device)
     beta = V.check_beta(beta)
     V.check_mask("mask", mask, n, hidden.device)
@@ -318,8 +301,8 @@ def linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, k,
     jsd, overlap and teacher_mass are 0 and the teacher rows are not read.
     """
     V.check_backend(backend)
-    n, vocab, temperature = _check_student(hidden, weight, bias, temperature)
-    _check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
+    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
+    V.check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
     k, beta, support = V.check_k(k), V.check_beta(beta), V.check_support(support)
     V.check_targets(targets, n, vocab, ignore_index, hidden.device)
     V.check_mask("mask", mask, n, hidden.device)
