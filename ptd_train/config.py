@@ -53,7 +53,7 @@ class TrainConfig:
         default=None, metadata={"help": "Held-out JSONL; None with --dataset = the last eval_size lines."}
     )
     eval_size: int = field(default=200, metadata={"help": "Held-out prompts (greedy accuracy before/after training)."})
-    eval_steps: int = field(default=0, metadata={"help": "Also evaluate every N steps (0 = only before and after)."})
+    eval_steps: int = field(default=25, metadata={"help": "Also evaluate the held-out split every N steps (0 = off)."})
     max_pixels: int = field(
         default=512 * 512, metadata={"help": "Dataset images are resized to at most this many pixels."}
     )

@@ -531,7 +531,7 @@ def train(cfg: TrainConfig) -> dict:
     eval_path = os.path.join(cfg.output_dir, "eval.json")
     start, evals = 0, {}
     if cfg.resume and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on CPU
         policy.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
