@@ -273,19 +273,40 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 @dataclass
 class VisionBatch:
-    """Pixel inputs of a batch of sequences, one image per sequence, in sequence order."""
+    """The images of a batch of sequences, one image per sequence.
 
-    pixel_values: torch.Tensor  # [Σ patches, C·T·P·P]
-    image_grid_thw: torch.Tensor  # [B, 3]
+    ``pixel_values``/``grids`` hold each distinct image once; ``rows[i]`` names the image of
+    sequence i (None: image i for sequence i). The G rollouts of a prompt share one image, so
+    the vision tower runs once per prompt in teacher-forced passes (see ``response_hidden``).
+    """
+
+    pixel_values: torch.Tensor  # [Σ patches of the distinct images, C·T·P·P]
+    grids: torch.Tensor  # [n_images, 3]
+    rows: list[int] | None = None
+
+    @property
+    def image_rows(self) -> list[int]:
+        return list(range(len(self.grids))) if self.rows is None else self.rows
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor:
+        """Per-sequence grid [B, 3]."""
+        return self.grids if self.rows is None else self.grids[self.rows]
 
     def select(self, rows: list[int]) -> VisionBatch:
-        counts = self.image_grid_thw.prod(-1).tolist()
-        starts = np.cumsum([0] + counts)
-        parts = [self.pixel_values[starts[r] : starts[r + 1]] for r in rows]
-        return VisionBatch(torch.cat(parts), self.image_grid_thw[rows])
+        """The batch of sequences ``rows`` (sharing, not copying, the pixels)."""
+        return VisionBatch(self.pixel_values, self.grids, [self.image_rows[r] for r in rows])
+
+    def dense(self) -> VisionBatch:
+        """Pixels repeated per sequence (what ``generate`` takes)."""
+        if self.rows is None:
+            return self
+        starts = np.cumsum([0] + self.grids.prod(-1).tolist())
+        parts = [self.pixel_values[starts[r] : starts[r + 1]] for r in self.rows]
+        return VisionBatch(torch.cat(parts), self.grids[self.rows])
 
     def to(self, device) -> VisionBatch:
-        return VisionBatch(self.pixel_values.to(device), self.image_grid_thw.to(device))
+        return VisionBatch(self.pixel_values.to(device), self.grids.to(device), self.rows)
 
 
 def stack_images(patches: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> VisionBatch:
@@ -294,6 +315,7 @@ def stack_images(patches: list[torch.Tensor], grids: list[tuple[int, int, int]])
 
 def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: VisionBatch) -> dict:
     """kwargs for ``model(...)`` / ``model.generate(...)`` (mm_token_type_ids included)."""
+    vision = vision.dense()
     return dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -315,6 +337,20 @@ def response_hidden(model, prompt_ids, prompt_mask, vision: VisionBatch, respons
     ids = torch.cat([prompt_ids, response_ids], dim=1)
     att = torch.cat([prompt_mask, response_mask.long()], dim=1)
     # Clear the rope cache left by generate() so 3-D positions are recomputed for this batch.
-    backbone(model).rope_deltas = None
-    out = backbone(model)(**model_inputs(model, ids, att, vision), use_cache=False)
+    core = backbone(model)
+    core.rope_deltas = None
+    inputs = dict(
+        input_ids=ids,
+        attention_mask=att,
+        image_grid_thw=vision.image_grid_thw,
+        mm_token_type_ids=(ids == model.config.image_token_id).int(),
+    )
+    if vision.rows is None:
+        inputs["pixel_values"] = vision.pixel_values
+    else:  # encode each distinct image once, then hand every sequence its image's features
+        feats = core.get_image_features(vision.pixel_values, vision.grids, return_dict=True)
+        feats.pooler_output = tuple(feats.pooler_output[r] for r in vision.rows)
+        feats.deepstack_features = [tuple(f[r] for r in vision.rows) for f in feats.deepstack_features]
+        inputs["mm_encoder_outputs"] = {"image": feats}
+    out = core(**inputs, use_cache=False)
     return out.last_hidden_state[:, P - 1 : P - 1 + T]

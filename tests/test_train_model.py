@@ -145,3 +145,25 @@ def test_tiny_model_generates_and_gives_response_hidden(task, tok):
     assert h.shape == (3, T, SMALL.hidden_size)
     # the hidden state at row t scores response token t: same as the model's own logits there
     torch.testing.assert_close(model.lm_head(h), full.logits[:, P - 1 : P - 1 + T], rtol=1e-4, atol=1e-4)
+
+
+def test_shared_images_match_repeated_pixels(task, tok):
+    """Rollouts of one prompt share its image: the vision tower runs once per distinct image,
+    with the same hidden states and gradients as repeating the pixels per sequence."""
+    model = build_tiny_model(tok, SMALL, seed=0)
+    geo = VisionGeometry.of(model)
+    exs = task.test[:2]
+    pv = [patchify(e.image, geo) for e in exs]
+    vision = stack_images([p for p, _ in pv], [g for _, g in pv])
+    owner = [0, 0, 1, 1, 1]
+    ids, att = left_pad([encode_prompt(tok, exs[i].question, 16, None) for i in owner], tok.pad_token_id)
+    resp = torch.tensor([[tok.convert_tokens_to_ids("total"), tok.convert_tokens_to_ids(str(i))] for i in range(5)])
+    rmask = torch.ones_like(resp, dtype=torch.bool)
+    shared = vision.select(owner)
+    assert shared.rows == owner and shared.pixel_values is vision.pixel_values
+    h1 = response_hidden(model, ids, att, shared, resp, rmask)
+    g1 = torch.autograd.grad(h1.square().sum(), model.model.visual.patch_embed.proj.weight)[0]
+    h2 = response_hidden(model, ids, att, shared.dense(), resp, rmask)
+    g2 = torch.autograd.grad(h2.square().sum(), model.model.visual.patch_embed.proj.weight)[0]
+    torch.testing.assert_close(h1, h2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
