@@ -22,16 +22,6 @@ from ._sparse import sparse_backward
 from .triton._launch import interpreting
 
 
-def _add_sparse(hidden, weight, temperature, targets, target_coef, sparse, grads):
-    grad_hidden, grad_weight, grad_bias = grads
-    if targets is not None and target_coef is not None:
-        sparse_backward(hidden, weight, temperature, targets[:, None], target_coef[:, None], grad_hidden,
-                        grad_weight, grad_bias)
-    for rows, ids, coef in sparse:
-        sparse_backward(hidden, weight, temperature, ids, coef, grad_hidden, grad_weight, grad_bias, rows=rows)
-    return grads
-
-
 class TorchEngine:
     """Chunked PyTorch: bounded logits blocks, recomputed in backward."""
 
@@ -42,11 +32,15 @@ class TorchEngine:
         return _torch_path.row_stats(hidden, weight, bias, temperature, targets, k, with_mean_logit=with_mean_logit)
 
     @staticmethod
-    def head_backward(hidden, weight, bias, temperature, lse, row_coef, logit_coef=None, targets=None,
-                      target_coef=None, sparse=(), need_hidden=True, need_weight=True, need_bias=True):
-        grads = _torch_path.head_backward(hidden, weight, bias, temperature, lse, row_coef, logit_coef,
-                                          need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
-        return _add_sparse(hidden, weight, temperature, targets, target_coef, sparse, grads)
+    def head_backward(hidden, weight, bias, temperature, lse, row_coef, logit_coef=None, logit_shift=None,
+                      targets=None, target_coef=None, sparse=(), need_hidden=True, need_weight=True, need_bias=True):
+        sparse = list(sparse)
+        if targets is not None and target_coef is not None:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            sparse.append((rows, targets[:, None], target_coef[:, None]))
+        return _torch_path.head_backward(hidden, weight, bias, temperature, lse, row_coef, logit_coef, logit_shift,
+                                         sparse, need_hidden=need_hidden, need_weight=need_weight,
+                                         need_bias=need_bias)
 
     @staticmethod
     def jsd_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature, beta):
@@ -83,19 +77,22 @@ class TritonEngine:
         return kernel.row_stats(hidden, weight, bias, temperature, targets, k, with_mean_logit=with_mean_logit)
 
     @staticmethod
-    def head_backward(hidden, weight, bias, temperature, lse, row_coef, logit_coef=None, targets=None,
-                      target_coef=None, sparse=(), need_hidden=True, need_weight=True, need_bias=True):
+    def head_backward(hidden, weight, bias, temperature, lse, row_coef, logit_coef=None, logit_shift=None,
+                      targets=None, target_coef=None, sparse=(), need_hidden=True, need_weight=True, need_bias=True):
         from .triton.head_backward import head_backward
 
         dtype = _torch_path.compute_dtype(weight.dtype)
         grad_hidden, grad_weight, grad_bias = head_backward(
             hidden, weight, bias, temperature, lse.to(dtype), row_coef.to(dtype), _as_compute(logit_coef, dtype),
-            targets, _as_compute(target_coef, dtype), need_hidden_grad=need_hidden, need_weight_grad=need_weight,
-            need_bias_grad=need_bias)
+            targets, _as_compute(target_coef, dtype), _as_compute(logit_shift, dtype), need_hidden_grad=need_hidden,
+            need_weight_grad=need_weight, need_bias_grad=need_bias)
         grads = (_as_compute(grad_hidden, dtype) if need_hidden else None,
                  _as_compute(grad_weight, dtype) if need_weight else None,
                  _as_compute(grad_bias, dtype) if need_bias else None)
-        return _add_sparse(hidden, weight, temperature, None, None, sparse, grads)
+        # TODO(triton): fold the support terms into the kernel's dz tiles, as the torch path does.
+        for rows, ids, coef in sparse:
+            sparse_backward(hidden, weight, temperature, ids, coef, *grads, rows=rows)
+        return grads
 
     @staticmethod
     def jsd_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature, beta):

@@ -154,26 +154,36 @@ def full_jsd_terms(
     return d.sum(-1), grad_logits, w_sum
 
 
-def union_support(student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def union_support(student_ids: torch.Tensor, teacher_ids: torch.Tensor, *, return_order: bool = False):
     """Deduplicated union of two id sets per row.
 
     Returns (ids [n, Ks + Kt] sorted ascending, valid [n, Ks + Kt]) where duplicates are
-    marked invalid (their slot still holds a real id, so gathers stay in range).
+    marked invalid (their slot still holds a real id, so gathers stay in range); with
+    ``return_order``, also the permutation of ``cat([student_ids, teacher_ids])`` that sorts it
+    (to carry values known for the inputs over to the union).
     """
-    ids = torch.cat([student_ids, teacher_ids], dim=-1).sort(dim=-1).values
+    ids, order = torch.cat([student_ids, teacher_ids], dim=-1).sort(dim=-1)
     valid = torch.ones_like(ids, dtype=torch.bool)
     valid[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    return ids, valid
+    return (ids, valid, order) if return_order else (ids, valid)
 
 
-def overlap_fraction(ids_a: torch.Tensor, ids_b: torch.Tensor) -> torch.Tensor:
-    """|A ∩ B| / k per row for two [n, k] sets of distinct ids (float32 [n])."""
+def support_ids(student_ids, teacher_ids, support: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The support S of SPEC §2 from both sides' top-k ids: (ids [n, M], valid [n, M])."""
+    if support == "union":
+        return union_support(student_ids, teacher_ids)
+    ids = teacher_ids if support == "teacher" else student_ids
+    return ids, torch.ones_like(ids, dtype=torch.bool)
+
+
+def overlap_fraction(ids_a: torch.Tensor, ids_b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """|A ∩ B| / k per row for two [n, k] sets of distinct ids ([n] in ``dtype``)."""
     k = ids_a.shape[-1]
     if k == 0:
-        return torch.zeros(ids_a.shape[0], dtype=torch.float32, device=ids_a.device)
+        return torch.zeros(ids_a.shape[0], dtype=dtype, device=ids_a.device)
     _, valid = union_support(ids_a, ids_b)
     duplicates = (~valid).sum(-1)
-    return duplicates.to(torch.float32) / k
+    return duplicates.to(dtype) / k
 
 
 def pack_topk_keys(values: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 16 << 20  # all live [rows, M, H] temporaries of one chunk
+_LIVE_BUFFERS = 4  # gathered weight rows, their compute-dtype copy, the product, its reshape/cast
 
 
 def _rows_per_chunk(n: int, m: int, h: int, itemsize: int) -> int:
-    return max(1, min(n, CHUNK_BYTES // max(1, m * h * itemsize)))
+    return max(1, min(n, CHUNK_BYTES // max(1, _LIVE_BUFFERS * m * h * itemsize)))
 
 
 def gather_logits(hidden, weight, bias, temperature: float, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -102,7 +102,9 @@ def jsd_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bi
         teacher_z = _logits(teacher_hidden[r0:r1], teacher_weight, teacher_bias, temperature)
         lse[r0:r1] = torch.logsumexp(z, dim=-1)
         teacher_lse[r0:r1] = torch.logsumexp(teacher_z, dim=-1)
-        d, w = _rowmath.jsd_pointwise(z - lse[r0:r1, None], teacher_z - teacher_lse[r0:r1, None], beta)
+        # log_softmax rather than z − lse: a rounded lse would shift every log-prob of the row and
+        # leave Σp ≠ 1, which shows as small negative divergences at LLM-sized logits.
+        d, w = _rowmath.jsd_pointwise(torch.log_softmax(z, -1), torch.log_softmax(teacher_z, -1), beta)
         value[r0:r1], w_sum[r0:r1] = d.sum(-1), w.sum(-1)
     return value, w_sum, lse, teacher_lse
 
@@ -110,8 +112,21 @@ def jsd_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bi
 # ----------------------------------------------------------------------------- backward
 
 
-def _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, need_weight, need_bias, buffers):
-    """Run ``dz_block(z, rows, cols) -> dz`` over bounded logits blocks and contract into gradients.
+def _add_sparse(dz, r0, r1, c0, c1, sparse):
+    """Add the sparse terms (row_index [m], ids [m, M], coef [m, M]) that fall in the block rows
+    [r0, r1) × columns [c0, c1) into dz, before the block's GEMMs (so that dense and sparse parts
+    cancel before they multiply hidden, not after)."""
+    for row_index, ids, coef in sparse:
+        inside = (ids >= c0) & (ids < c1) & ((row_index >= r0) & (row_index < r1))[:, None]
+        if bool(inside.any()):
+            block_rows = row_index[:, None].expand_as(ids)[inside] - r0
+            dz.index_put_((block_rows, ids[inside] - c0), coef[inside].to(dz.dtype), accumulate=True)
+
+
+def _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, need_weight, need_bias, buffers,
+                    sparse=()):
+    """Run ``dz_block(z, rows, cols) -> dz`` over bounded logits blocks, add the sparse terms, and
+    contract into gradients.
 
     Returns compute-dtype (grad_hidden, grad_weight, grad_bias), the 1/τ applied.
     """
@@ -128,6 +143,7 @@ def _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, ne
             cols = slice(c0, min(vocab, c0 + step))
             z = _logits(hidden, weight[cols], bias[cols] if bias is not None else None, temperature)
             dz = dz_block(z, slice(None), cols)
+            _add_sparse(dz, 0, n, cols.start, cols.stop, sparse)
             if need_hidden:
                 grad_hidden.addmm_(dz, weight[cols])
             if need_weight:
@@ -140,6 +156,7 @@ def _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, ne
             rows = slice(r0, min(n, r0 + step))
             z = _logits(hidden[rows], weight, bias, temperature)
             dz = dz_block(z, rows, slice(None))
+            _add_sparse(dz, rows.start, rows.stop, 0, vocab, sparse)
             if need_hidden:
                 torch.mm(dz, weight, out=grad_hidden[rows])
             if need_weight:
@@ -152,21 +169,24 @@ def _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, ne
     return grad_hidden, grad_weight, grad_bias
 
 
-def head_backward(hidden, weight, bias, temperature, lse, row_coef, logit_coef=None, *, need_hidden=True,
-                  need_weight=True, need_bias=True):
-    """Gradients of the dense part dz = p·(row_coef + logit_coef·z), p = exp(z − lse).
+def head_backward(hidden, weight, bias, temperature, lse, row_coef, logit_coef=None, logit_shift=None, sparse=(),
+                  *, need_hidden=True, need_weight=True, need_bias=True):
+    """Gradients of dz = p·(row_coef + logit_coef·(z − logit_shift)) + Σ sparse terms, p = exp(z − lse).
 
-    Sparse parts (target one-hots, support corrections) are added by ``_sparse.sparse_backward``.
+    ``sparse``: (row_index [m], ids [m, M], coef [m, M]) triples (target one-hots, support
+    corrections), added into each logits block before its GEMMs.
     """
 
     def dz_block(z, rows, cols):
         coef = row_coef[rows, None]
         if logit_coef is not None:
-            coef = coef + logit_coef[rows, None] * z
+            shifted = z if logit_shift is None else z - logit_shift[rows, None]
+            coef = coef + logit_coef[rows, None] * shifted
         z.sub_(lse[rows, None]).exp_()  # z now holds p (in place: one block alive)
         return z.mul_(coef)
 
-    return _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, need_weight, need_bias, 4)
+    return _dense_backward(hidden, weight, bias, temperature, dz_block, need_hidden, need_weight, need_bias, 5,
+                           sparse)
 
 
 def jsd_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature, beta, lse,
@@ -185,13 +205,6 @@ def jsd_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
 
 
 # ----------------------------------------------------------------------------- loss level (grad in forward)
-
-
-def _support_from_topk(student_ids, teacher_ids, support):
-    if support == "union":
-        return _rowmath.union_support(student_ids, teacher_ids)
-    ids = teacher_ids if support == "teacher" else student_ids
-    return ids, torch.ones_like(ids, dtype=torch.bool)
 
 
 def fused_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature, beta, weights, *,
@@ -221,7 +234,7 @@ def fused_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bia
                 logq = teacher_z - torch.logsumexp(teacher_z, dim=-1, keepdim=True)
                 value[rows], dz, _ = _rowmath.full_jsd_terms(logp, logq, beta)
             else:
-                ids, valid = _support_from_topk(_rowmath.topk_ids(z, k), _rowmath.topk_ids(teacher_z, k), support)
+                ids, valid = _rowmath.support_ids(_rowmath.topk_ids(z, k), _rowmath.topk_ids(teacher_z, k), support)
                 teacher_logq = teacher_z.gather(1, ids) - torch.logsumexp(teacher_z, dim=-1, keepdim=True)
                 # p from one exp of the max-shifted logits; it is reused as the dense part of dz.
                 row_max = z.amax(-1, keepdim=True)

@@ -70,11 +70,32 @@ def _cast_grads(grads, hidden, weight, bias):
 
 
 
-def _support(student_ids, teacher_ids, support):
+def _support_logits(student, teacher, student_top, teacher_top, support, dtype):
+    """Support ids and both sides' logits on them.
+
+    Each side's logits at its own top-k come from its sweep (the same GEMM tiles as its lse, so
+    that Σ_S p and the tail stay consistent); only the other side's ids are gathered.
+    ``student``/``teacher`` are (hidden, weight, bias, τ) of the rows; ``*_top`` are RowStats.
+    """
+    def own_or_gather(side, top):
+        if top.topk_logits is not None and top.topk_logits.dtype == dtype:
+            return top.topk_logits
+        return gather_logits(*side, top.topk_indices, dtype)
+
+    def gather(side, ids):
+        return gather_logits(*side, ids, dtype)
+
     if support == "union":
-        return _rowmath.union_support(student_ids, teacher_ids)
-    ids = teacher_ids if support == "teacher" else student_ids
-    return ids, torch.ones_like(ids, dtype=torch.bool)
+        ids, valid, order = _rowmath.union_support(student_top.topk_indices, teacher_top.topk_indices,
+                                                   return_order=True)
+        student_cat = torch.cat([own_or_gather(student, student_top), gather(student, teacher_top.topk_indices)], -1)
+        teacher_cat = torch.cat([gather(teacher, student_top.topk_indices), own_or_gather(teacher, teacher_top)], -1)
+        return ids, valid, student_cat.gather(1, order), teacher_cat.gather(1, order)
+    if support == "teacher":
+        ids = teacher_top.topk_indices
+        return ids, torch.ones_like(ids, dtype=torch.bool), gather(student, ids), own_or_gather(teacher, teacher_top)
+    ids = student_top.topk_indices
+    return ids, torch.ones_like(ids, dtype=torch.bool), own_or_gather(student, student_top), gather(teacher, ids)
 
 
 # ----------------------------------------------------------------------------- the PTD head
@@ -118,17 +139,23 @@ class _PTDHead(torch.autograd.Function):
             else:
                 teacher = engine.row_stats(teacher_hidden, teacher_weight, teacher_bias, cfg.temperature, None, k,
                                            with_mean_logit=False)
-                student_ids = stats.topk_indices[jsd_rows] if student_topk else None
-                ids, valid = _support(student_ids, teacher.topk_indices, cfg.support)
+                student_top = None
+                if student_topk:
+                    student_top = SimpleNamespace(topk_indices=stats.topk_indices[jsd_rows],
+                                                  topk_logits=stats.topk_logits[jsd_rows])
+                ids, valid, student_z, teacher_z = _support_logits(
+                    (hidden_j, weight, bias, cfg.temperature), (teacher_hidden, teacher_weight, teacher_bias,
+                                                                cfg.temperature),
+                    student_top, teacher, cfg.support, dtype)
                 lse_j = stats.lse[jsd_rows]
-                student_logp = gather_logits(hidden_j, weight, bias, cfg.temperature, ids, dtype) - lse_j[:, None]
-                teacher_logq = gather_logits(teacher_hidden, teacher_weight, teacher_bias, cfg.temperature, ids,
-                                             dtype) - teacher.lse[:, None].to(dtype)
-                terms = _rowmath.topk_jsd_terms(student_logp, teacher_logq, valid, cfg.beta, cfg.tail)
+                terms = _rowmath.topk_jsd_terms(student_z.to(dtype) - lse_j[:, None],
+                                                teacher_z.to(dtype) - teacher.lse[:, None].to(dtype), valid,
+                                                cfg.beta, cfg.tail)
                 jsd[jsd_rows] = terms.value
                 teacher_mass[jsd_rows] = terms.teacher_mass
                 if cfg.want_overlap:
-                    overlap[jsd_rows] = _rowmath.overlap_fraction(student_ids, teacher.topk_indices).to(dtype)
+                    overlap[jsd_rows] = _rowmath.overlap_fraction(student_top.topk_indices, teacher.topk_indices,
+                                                                  dtype)
                 jsd_saved = [ids, terms.row_coef, terms.support_coef]
         ctx.cfg, ctx.engine, ctx.saved_info, ctx.want_logp = cfg, engine, saved, want_logp
         ctx.save_for_backward(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias, jsd_rows,
@@ -144,16 +171,15 @@ class _PTDHead(torch.autograd.Function):
         needs = dict(need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
                      need_bias=bias is not None and ctx.needs_input_grad[2])
         row_coef = torch.zeros_like(lse)
-        logit_coef = target_coef = None
+        logit_coef = logit_shift = target_coef = None
         if ctx.want_logp:
             if grad_logp is not None:
                 grad_logp = grad_logp.to(lse.dtype)
                 row_coef -= grad_logp
                 target_coef = grad_logp
             if grad_entropy is not None:
-                grad_entropy = grad_entropy.to(lse.dtype)
-                row_coef += grad_entropy * mean_logit  # d H / d z = −p (z − Σ p z)
-                logit_coef = -grad_entropy
+                # d H / d z = −p (z − Σ p z); the shift is applied per element (precision at huge logits)
+                logit_coef, logit_shift = -grad_entropy.to(lse.dtype), mean_logit
         sparse = []
         full_jsd = info["full"] and info["n_jsd"] and grad_jsd is not None
         if info["n_jsd"] and grad_jsd is not None and not info["full"]:
@@ -161,8 +187,8 @@ class _PTDHead(torch.autograd.Function):
             grad_j = grad_jsd.to(lse.dtype)[jsd_rows]
             row_coef.index_add_(0, jsd_rows, grad_j * jsd_row_coef)
             sparse.append((jsd_rows, ids, grad_j[:, None] * support_coef))
-        grads = engine.head_backward(hidden, weight, bias, cfg.temperature, lse, row_coef, logit_coef, targets,
-                                     target_coef, sparse, **needs)
+        grads = engine.head_backward(hidden, weight, bias, cfg.temperature, lse, row_coef, logit_coef, logit_shift,
+                                     targets, target_coef, sparse, **needs)
         if full_jsd:
             lse_j, teacher_lse, w_sum = jsd_saved
             grad_hidden, grad_weight, grad_bias = grads
@@ -330,7 +356,7 @@ class _SparseJSD(torch.autograd.Function):
         grad = grad.to(lse.dtype)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         grads = ctx.engine.head_backward(
-            hidden, weight, bias, cfg.temperature, lse, grad * row_coef, None, None, None,
+            hidden, weight, bias, cfg.temperature, lse, grad * row_coef, None, None, None, None,
             [(rows, ids, grad[:, None] * support_coef)], need_hidden=ctx.needs_input_grad[0],
             need_weight=ctx.needs_input_grad[1], need_bias=bias is not None and ctx.needs_input_grad[2])
         return (*_cast_grads(grads, hidden, weight, bias), None, None, None, None)

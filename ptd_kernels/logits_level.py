@@ -13,7 +13,7 @@ import torch
 from . import _rowmath
 from . import _validate as V
 from ._torch_path import CHUNK_BYTES, compute_dtype
-from .functional import _live_index, _put, _support, _take
+from .functional import _live_index, _put, _take
 
 __all__ = ["logprobs", "jsd", "topk_jsd", "topk_overlap"]
 
@@ -131,7 +131,7 @@ class _TopKJSD(torch.autograd.Function):
             z = _scaled(logits, rows, temperature).to(dtype)
             teacher_z = _scaled(teacher_logits, rows, temperature).to(dtype)
             lse[rows] = torch.logsumexp(z, -1)
-            block_ids, valid = _support(_rowmath.topk_ids(z, k), _rowmath.topk_ids(teacher_z, k), support)
+            block_ids, valid = _rowmath.support_ids(_rowmath.topk_ids(z, k), _rowmath.topk_ids(teacher_z, k), support)
             logq = teacher_z.gather(1, block_ids) - torch.logsumexp(teacher_z, -1, keepdim=True)
             terms = _rowmath.topk_jsd_terms(z.gather(1, block_ids) - lse[rows, None], logq, valid, beta, tail)
             value[rows], row_coef[rows] = terms.value, terms.row_coef

@@ -75,11 +75,6 @@ def test_linear_logprobs_with_entropy(inputs, record_property):
     assert extra < LIMIT, f"{extra / MiB:.1f} MiB ≥ {LIMIT / MiB:.0f} MiB"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "peak ≈ 70 MiB > 64 MiB (backward alone 67 MiB): _sparse.CHUNK_BYTES = 16 MiB sizes ONE [rows, M, H] "
-    "buffer, but gather_logits / sparse_backward keep two or three of them alive at once (weight[ids], the "
-    "coef·hidden product, index_add_'s operand); with CHUNK_BYTES = 4 MiB the peak is 37 MiB forward, "
-    "31 MiB backward. Divide the budget by the live buffers, as _torch_path does"))
 def test_linear_topk_jsd_union_tail(inputs, record_property):
     hidden, weight, teacher_hidden, teacher_weight, _ = inputs
     run = fwd_bwd(lambda: ptd.linear_topk_jsd(hidden, weight, teacher_hidden, teacher_weight, 64, support="union",

@@ -6,11 +6,12 @@ Math (SPEC §2; every loss of the library reduces to it). With the student logit
 
 and per-row coefficients given by the caller,
 
-    dz[n, v] = p[n, v] · (row_coef[n] + logit_coef[n] · z[n, v]) + target_coef[n] · [v = targets[n]]
+    dz[n, v] = p[n, v] · (row_coef[n] + logit_coef[n] · (z[n, v] − logit_shift[n])) + target_coef[n] · [v = targets[n]]
     grad_hidden = dz @ weight / τ,   grad_weight = dzᵀ @ hidden / τ,   grad_bias = Σ_n dz[n, :] / τ.
 
-Examples: log-prob of the target (row_coef = −g, target_coef = g), entropy (row_coef = g·Σ_v p z,
-logit_coef = −g), the dense part of the Top-K JSD (row_coef = g·c).
+Examples: log-prob of the target (row_coef = −g, target_coef = g), entropy (logit_coef = −g,
+logit_shift = Σ_v p z: the shift is subtracted per element, so that a huge mean logit does not
+swallow the O(1) row coefficient), the dense part of the Top-K JSD (row_coef = g·c).
 
 How: one program per (BLOCK_N rows × BLOCK_V vocabulary) tile. It recomputes the logits tile
 (a loop over H), forms dz in registers, then loops over H again and atomically adds
@@ -151,7 +152,7 @@ def accumulate_head_grads(
 @triton.jit
 def _head_backward_kernel(
     x_ptr, w_ptr, b_ptr, scalars_ptr,
-    lse_ptr, row_coef_ptr, logit_coef_ptr, targets_ptr, target_coef_ptr,
+    lse_ptr, row_coef_ptr, logit_coef_ptr, logit_shift_ptr, targets_ptr, target_coef_ptr,
     gx_ptr, gw_ptr, gb_ptr,
     N, V, H,
     stride_xn, stride_xh, stride_wv, stride_wh,
@@ -178,7 +179,8 @@ def _head_backward_kernel(
     p = tl.exp(tl.where(valid, z - lse[:, None], 0.0))
     coef = tl.load(row_coef_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
     if HAS_LOGIT_COEF:
-        coef = coef + tl.load(logit_coef_ptr + offs_n, mask=mask_n, other=0.0)[:, None] * z
+        shift = tl.load(logit_shift_ptr + offs_n, mask=mask_n, other=0.0)
+        coef = coef + tl.load(logit_coef_ptr + offs_n, mask=mask_n, other=0.0)[:, None] * (z - shift[:, None])
     dz = p * coef
     if HAS_TARGETS:
         target = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1)
@@ -281,6 +283,7 @@ def head_backward(
     logit_coef: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     target_coef: torch.Tensor | None = None,
+    logit_shift: torch.Tensor | None = None,
     *,
     need_hidden_grad: bool = True,
     need_weight_grad: bool = True,
@@ -297,6 +300,7 @@ def head_backward(
         temperature: τ > 0.
         lse: [N] logsumexp of z (float32, float64 for float64 inputs; other dtypes are converted).
         row_coef, logit_coef, target_coef: [N] per-row coefficients of dz (logit_coef may be None).
+        logit_shift: [N] subtracted from z inside the logit_coef term (None: 0).
         targets: [N] int64 ids in [0, V) with ``target_coef`` (or None). Masked rows must be
             removed by the caller (an id outside [0, V) simply matches no column).
         need_hidden_grad, need_weight_grad, need_bias_grad: skip the gradients not wanted.
@@ -310,7 +314,7 @@ def head_backward(
     device = hidden.device
     acc_dtype = _launch.accumulator_dtype(hidden.dtype)
     for name, vec in (("lse", lse), ("row_coef", row_coef), ("logit_coef", logit_coef),
-                      ("target_coef", target_coef)):
+                      ("target_coef", target_coef), ("logit_shift", logit_shift)):
         if vec is not None:
             check_row_vector(name, vec, n, device)
     if (targets is None) != (target_coef is None):
@@ -339,6 +343,7 @@ def head_backward(
         hidden, weight, bias if bias is not None else dummy, scalars,
         lse_, row_coef_,
         vec(logit_coef) if logit_coef is not None else dummy,
+        vec(logit_shift) if logit_shift is not None else torch.zeros_like(lse_),
         targets.to(torch.int64).contiguous() if targets is not None else dummy,
         vec(target_coef) if target_coef is not None else dummy,
         gx if gx is not None else dummy, gw if gw is not None else dummy, gb if gb is not None else dummy,
