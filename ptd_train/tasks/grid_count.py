@@ -20,7 +20,7 @@ GRID = 4
 CELL = 14
 IMAGE_SIZE = GRID * CELL
 ROWS = "abcd"
-COLOURS = {"red": (138, 120, 118), "blue": (118, 120, 138)}
+COLOURS = {"red": (134, 120, 122), "blue": (122, 120, 134)}
 CELL_JITTER = 3.0  # std of each cell's colour, per channel
 PIXEL_NOISE = 8.0  # std of per-pixel noise
 QUESTION = "how many red cells ?"
@@ -38,7 +38,7 @@ def cell_name(r: int, c: int) -> str:
 def render(grid: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
     """``grid`` [4, 4] bool (True = red) → uint8 RGB image [56, 56, 3].
 
-    Low-contrast colours (reddish/bluish grey, ±10 on R and B) with a little per-cell and
+    Low-contrast colours (reddish/bluish grey, ±6 on R and B) with a little per-cell and
     per-pixel noise: reading the image takes the tiny model a few hundred warm-start steps to
     learn, while the spatial hint is usable earlier — the regime where a hinted teacher is near
     perfect and the hint-free student is not.
