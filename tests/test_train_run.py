@@ -319,3 +319,26 @@ def test_warm_start_mixes_hints_and_is_cached(tmp_path):
     info2 = run.warm_start(fresh, env, task, log=lambda *a: None)  # from the cache: no training
     assert info2 == info
     assert all(torch.equal(trained[k], v) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--ptd_full_vocab", "true"],  # full-vocabulary JSD ablation
+        ["--teacher_hint", "none"],  # teacher without the hint (control)
+        ["--teacher", "policy", "--ptd_support", "teacher", "--no_ptd_tail"],
+        ["--scale_rewards", "none", "--no_ptd_drop_ref_kl", "--ptd_k", "200"],  # K ≥ V: capped
+    ],
+)
+def test_switches_run_one_step(tmp_path, flags):
+    out = str(tmp_path / "run")
+    run.main(["--output_dir", out, "--max_steps", "1", *sum([[f"--{k}", str(v)] for k, v in TINY.items()], []), *flags])
+    (m,) = _metrics(out)
+    assert np.isfinite(m["loss"]) and m["ptd_rollouts"] > 0 and m["jsd"] > 0
+    if "--ptd_full_vocab" in flags:
+        assert m["overlap"] == 0  # no Top-K support in the full-vocabulary path
+
+
+def test_bad_switch_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="teacher_hint"):
+        run.main(["--output_dir", str(tmp_path), "--teacher_hint", "answer"])
