@@ -97,10 +97,12 @@ class TritonEngine:
     @staticmethod
     def jsd_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature, beta):
         from .triton.jsd import jsd_forward
+        from .triton.row_stats import row_stats
 
-        lse = TritonEngine.row_stats(hidden, weight, bias, temperature, with_mean_logit=False).lse
-        teacher_lse = TritonEngine.row_stats(teacher_hidden, teacher_weight, teacher_bias, temperature,
-                                             with_mean_logit=False).lse
+        # float64 normalizers: log p = z − lse exact before rounding (no Σp ≠ 1 drift at large logits)
+        lse = row_stats(hidden, weight, bias, temperature, with_mean_logit=False, lse_dtype=torch.float64).lse
+        teacher_lse = row_stats(teacher_hidden, teacher_weight, teacher_bias, temperature, with_mean_logit=False,
+                                lse_dtype=torch.float64).lse
         value, w_sum = jsd_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature,
                                    lse, teacher_lse, beta)
         return value, w_sum, lse, teacher_lse

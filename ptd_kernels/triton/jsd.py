@@ -135,8 +135,10 @@ def _jsd_tile(
     # Padding rows/columns have finite but meaningless logits (exp(bias/τ) may even overflow
     # there): give them log p = log q = 0 and zero their d and w before any reduction.
     valid = mask_n[:, None] & mask_v[None, :]
-    logp = tl.where(valid, z - lse[:, None], 0.0)
-    logq = tl.where(valid, zt - t_lse[:, None], 0.0)
+    # lse may come in float64: z − lse is then exact before it is rounded back, so that a rounded
+    # lse cannot shift every log-prob of the row (Σp ≠ 1 shows as negative divergences).
+    logp = tl.where(valid, (z - lse[:, None]).to(z.dtype), 0.0)
+    logq = tl.where(valid, (zt - t_lse[:, None]).to(zt.dtype), 0.0)
     d, w = jsd_pointwise(logp, logq, beta, log_beta, log1m_beta, BETA_CASE)
     d = tl.where(valid, d, 0.0)
     w = tl.where(valid, w, 0.0)
@@ -208,6 +210,11 @@ def _jsd_backward_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+def _normalizer(lse, acc_dtype):
+    """lse as the kernels read it: float64 stays float64 (the exact normalizer), else acc_dtype."""
+    return (lse if lse.dtype == torch.float64 else lse.to(acc_dtype)).contiguous()
+
+
 def _prepare(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature, lse,
              teacher_lse, beta, block_n, block_v, block_h):
     """Validates the inputs; returns the launch arguments shared by both sweeps."""
@@ -238,7 +245,7 @@ def _prepare(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
     args = (
         hidden, weight, bias if bias is not None else scalars,
         teacher_hidden, teacher_weight, teacher_bias if teacher_bias is not None else scalars,
-        scalars, lse.to(acc_dtype).contiguous(), teacher_lse.to(acc_dtype).contiguous(),
+        scalars, _normalizer(lse, acc_dtype), _normalizer(teacher_lse, acc_dtype),
     )
     sizes = (
         n, v, h, th,
@@ -279,7 +286,8 @@ def jsd_forward(
         teacher_hidden [N, H'], teacher_weight [V, H'], teacher_bias [V] or None: the teacher's
             (any supported dtype, possibly different from the student's).
         temperature: τ > 0, shared by both sides.
-        lse, teacher_lse: [N] logsumexp of z and z'.
+        lse, teacher_lse: [N] logsumexp of z and z' (pass float64 for an exact normalizer; see
+            ``row_stats(..., lse_dtype=torch.float64)``).
         beta: β in [0, 1] (0 → KL(Q ‖ P), 1 → KL(P ‖ Q)).
         block_n, block_v, block_h: tile overrides (powers of 2, ≥ 16), for tests and tuning.
 

@@ -261,6 +261,7 @@ def row_stats(
     block_h: int | None = None,
     num_segments: int | None = None,
     topk_merge: str | None = None,
+    lse_dtype: torch.dtype | None = None,
 ) -> RowStats:
     """One sweep over the vocabulary per row block: lse, mean logit, target logit, top-k.
 
@@ -272,6 +273,8 @@ def row_stats(
         k: top-k size, 0 ≤ k ≤ min(V, MAX_K).
         with_mean_logit: also return Σ_v p_v z_v (needed for the entropy).
         block_n, block_v, block_h, num_segments: tuning overrides (tests use small tiles).
+        lse_dtype: dtype of the returned lse (default: the accumulator's); float64 makes z − lse
+            exact for callers that normalize logits by it (the JSD kernels).
         topk_merge: "bitonic" (sorting network, the GPU path) or "rank" (whole-array ranking,
             the default under the interpreter, where the sorting network is very slow).
     """
@@ -364,15 +367,17 @@ def row_stats(
     )
 
     if num_seg == 1:
-        s = part_s[0]
-        lse = part_m[0] + s.log()
+        big_m, s = part_m[0], part_s[0]
         mean = part_t[0] / s if with_mean_logit else None
     else:
         big_m = part_m.amax(dim=0)
         scale = torch.exp(part_m - big_m)
         s = (part_s * scale).sum(dim=0)
-        lse = big_m + s.log()
         mean = (part_t * scale).sum(dim=0) / s if with_mean_logit else None
+    # M + log S: with lse_dtype=float64 the sum is exact (M is a float32 logit, log S is small), so
+    # z − lse loses nothing to the rounding of lse at its own magnitude.
+    wide = lse_dtype or acc_dtype
+    lse = big_m.to(wide) + s.log().to(wide)
 
     top_ids = top_logits = None
     if k:
