@@ -211,7 +211,11 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     ``torch.topk`` finds the k largest values fast but orders ties arbitrarily; the exact rule
     only matters where ties straddle the k-th place (those rows redo the selection on packed
     keys) and among equal selected values (fixed by sorting the k selected on packed keys).
+    float64 blocks use a stable sort instead (packed keys hold float32 bits, which would merge
+    float64 values closer than a float32 ulp).
     """
+    if logits.dtype == torch.float64:
+        return torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
     if k < logits.shape[-1]:  # one extra value tells whether a tie straddles the k-th place
         values, ids = torch.topk(logits, k + 1, dim=-1)
         ambiguous = values[:, k - 1] == values[:, k]

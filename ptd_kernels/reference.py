@@ -179,8 +179,9 @@ def topk_jsd(logits, teacher_logits, k, *, beta=0.5, support="union", tail=True,
     return _scatter_rows(value, live)
 
 
-def topk_overlap(indices_a, indices_b):
+def topk_overlap(indices_a, indices_b, *, backend="auto"):
     """|A ∩ B| / k per row for two [N, k] id sets (float32 [N])."""
+    V.check_backend(backend)
     if not isinstance(indices_a, torch.Tensor) or not isinstance(indices_b, torch.Tensor):
         raise TypeError("indices_a and indices_b must be tensors")
     if indices_a.dim() != 2 or indices_a.shape != indices_b.shape:

@@ -104,3 +104,26 @@ def test_reference_materializes_logits(inputs, record_property):
     run = fwd_bwd(lambda: ref.linear_logprobs(hidden, weight, targets, with_entropy=True))
     extra = measure(record_property, "reference linear_logprobs(with_entropy)", run, hidden, weight, targets)
     assert extra > LOGITS_BYTES, f"{extra / MiB:.1f} MiB ≤ {LOGITS_BYTES / MiB:.0f} MiB"
+
+
+@pytest.mark.parametrize("name", ["logprobs", "jsd", "topk_jsd"])
+def test_logits_level_with_masked_rows_allocates_only_the_gradient(name, record_property):
+    """On given logits the only N×V allocation is the gradient, even with masked rows (which must not be
+    copied out: no index_select of the logits, no second N×V buffer in backward). Bounded row blocks
+    (``_torch_path.CHUNK_BYTES`` of temporaries) come on top of the gradient."""
+    n, v = 4096, 8192
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, v, generator=g).requires_grad_()
+    teacher_logits = torch.randn(n, v, generator=g)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[::7] = -100
+    mask = targets != -100
+    calls = {
+        "logprobs": lambda: ptd.logprobs(logits, targets, with_entropy=True),
+        "jsd": lambda: ptd.jsd(logits, teacher_logits, mask=mask),
+        "topk_jsd": lambda: ptd.topk_jsd(logits, teacher_logits, 16, mask=mask),
+    }
+    extra, _ = peak_extra_bytes(fwd_bwd(calls[name]), logits, teacher_logits)
+    record_property("peak_extra_MiB", round(extra / MiB, 1))
+    gradient = n * v * 4
+    assert extra < gradient + gradient // 2, f"{extra / MiB:.1f} MiB vs a {gradient / MiB:.0f} MiB gradient"
