@@ -44,6 +44,7 @@ class TrainConfig:
         default=50, metadata={"help": "Checkpoint every N steps (and at the end); 0 = only at the end."}
     )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+    plot: bool = field(default=True, metadata={"help": "Write curves.png at the end."})
 
     # --- model and data
     model_name_or_path: str | None = field(
@@ -113,7 +114,19 @@ class TrainConfig:
     teacher_hint: str = field(
         default="spatial",
         metadata={
-            "help": "Teacher-context hint: spatial | procedure | both | none (control); datasets use their own hint."
+            "help": "Teacher-context hint: spatial | procedure | both | none (control) | leak (states the answer; "
+            "needs --allow_answer_leak); datasets use their own hint."
+        },
+    )
+    allow_answer_leak: bool = field(
+        default=False,
+        metadata={"help": "Let --teacher_hint leak skip the zero-spoiler check (the ptd-leak baseline only)."},
+    )
+    ptd_grad: str = field(
+        default="exact",
+        metadata={
+            "help": "exact (the true derivative of D_K) | released (the authors' stop-grad surrogate: D_K is "
+            "logged but its gradient is zero, see grpo.released_surrogate)."
         },
     )
 
@@ -134,12 +147,18 @@ class TrainConfig:
             ("scale_rewards", c.scale_rewards, ("group", "none")),
             ("ptd_support", c.ptd_support, ("union", "teacher", "student")),
             ("teacher", c.teacher, ("ref", "policy")),
-            ("teacher_hint", c.teacher_hint, ("spatial", "procedure", "both", "none")),
+            ("teacher_hint", c.teacher_hint, ("spatial", "procedure", "both", "none", "leak")),
+            ("ptd_grad", c.ptd_grad, ("exact", "released")),
             ("device", c.device, ("auto", "cpu", "cuda")),
             ("backend", c.backend, ("auto", "triton", "torch")),
         ):
             if value not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+        if c.teacher_hint == "leak" and not c.allow_answer_leak:
+            raise ValueError(
+                "teacher_hint: 'leak' states the answer and fails the zero-spoiler check; "
+                "pass --allow_answer_leak true to run the answer-conditioned baseline on purpose"
+            )
         if c.group_size < 2:
             raise ValueError("group_size: GRPO needs at least 2 rollouts per prompt")
         return c

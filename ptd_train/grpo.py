@@ -60,6 +60,20 @@ def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp(min=1.0)
 
 
+def released_surrogate(jsd: torch.Tensor) -> torch.Tensor:
+    """What the authors' released code optimizes in place of D_K: the same value, zero gradient.
+
+    Their JSD_β = β·Σ q log(q/m) + (1−β)·Σ sg(p) (log sg(p) − log m), m = β·q + (1−β)·p, stop-grads
+    the student weight p but differentiates the mixture m. Its derivative is
+        −Σ_v (β q_v + (1−β) p_v) · dm_v / m_v = −Σ_v dm_v = −(1−β)·Σ_v dp_v = 0,
+    since the weights add up to m and Σ_v p_v = 1 (on the |S|+1 Top-K atoms with the tail as well;
+    tests/test_reference.py checks both in float64). So the surrogate is exactly ``jsd.detach()``:
+    the value is logged, no gradient flows, and in a ``ptd-released`` run the only thing PTD
+    changes is that PTD groups lose their reference-KL term.
+    """
+    return jsd.detach()
+
+
 @dataclass
 class LossParts:
     loss: torch.Tensor

@@ -84,6 +84,13 @@ def leak_reason(hint: str, answer: str) -> str | None:
     return None
 
 
+def leak_hint(completion: str) -> str:
+    """The ptd-leak baseline's hint: the reference completion itself (it states the answer and
+    fails :func:`check_hint`; the trainer uses it only with ``--teacher_hint leak
+    --allow_answer_leak true``)."""
+    return completion
+
+
 def check_hint(hint: str, answer: str) -> str:
     """Return ``hint`` if it is zero-spoiler, else raise :class:`HintLeakError`."""
     reason = leak_reason(hint, answer)

@@ -33,7 +33,7 @@ from ptd_kernels import linear_jsd, linear_logprobs, linear_ptd_terms
 
 from . import grpo
 from .config import TrainConfig
-from .hints import check_hint
+from .hints import HintLeakError, check_hint, leak_hint
 from .model import (
     TinyVLSpec,
     VisionBatch,
@@ -84,16 +84,25 @@ class Env:
         for i, ex in enumerate(examples):
             p, thw = self.image(ex)
             n_img = thw[0] * thw[1] * thw[2] // self.geo.merge_size**2
-            hint = None
-            if hint_kinds is not None:
-                hint = ex.hint(hint_kinds[i])
-                if hint is not None:
-                    check_hint(hint, ex.answer)
+            hint = None if hint_kinds is None else self.hint(ex, hint_kinds[i])
             ids.append(encode_prompt(self.tok, ex.question, n_img, hint))
             patches.append(p)
             grids.append(thw)
         pid, pmask = left_pad(ids, self.tok.pad_token_id)
         return pid.to(self.device), pmask.to(self.device), stack_images(patches, grids).to(self.device)
+
+    def hint(self, ex: Example, kind: str) -> str | None:
+        """The hint of this kind, checked zero-spoiler. The one exception is ``"leak"`` (the
+        ptd-leak baseline, which states the answer): config.resolved() admits it only with
+        ``allow_answer_leak``, and it is refused here too without that flag."""
+        if kind == "leak":
+            if not self.cfg.allow_answer_leak:
+                raise HintLeakError("teacher_hint 'leak' states the answer; needs --allow_answer_leak true")
+            return leak_hint(ex.completion or ex.answer)
+        hint = ex.hint(kind)
+        if hint is not None:
+            check_hint(hint, ex.answer)
+        return hint
 
 
 class _nullcontext:
@@ -419,13 +428,15 @@ def rl_step(policy, ref, opt, env: Env, examples: list[Example]) -> dict:
     logp, entropy, jsd = logp.view(R, T), entropy.view(R, T), jsd.view(R, T)
 
     # 4. SPEC §3 loss; one update per batch, so the behaviour policy's log-probs are logp.detach()
+    #    (ptd_grad="released": the authors' surrogate, same D_K value, zero gradient)
+    jsd_loss = grpo.released_surrogate(jsd) if cfg.ptd_grad == "released" else jsd
     parts = grpo.ptd_po_loss(
         logp,
         logp.detach(),
         logp_ref,
         adv,
         mask,
-        jsd,
+        jsd_loss,
         in_f,
         ref_kl_mask,
         kl_coef=cfg.kl_coef,
@@ -603,7 +614,8 @@ def train(cfg: TrainConfig) -> dict:
     try:
         from .plots import plot_curves
 
-        plot_curves(metrics_path, os.path.join(cfg.output_dir, "curves.png"), evals)
+        if cfg.plot:
+            plot_curves(metrics_path, os.path.join(cfg.output_dir, "curves.png"), evals)
     except Exception as e:  # a plot must never cost a finished run
         log(f"plot failed: {e!r}")
     log(

@@ -1,0 +1,432 @@
+"""The miniature study (issue 6): GRPO vs PTD-PO, its control and its ablations, paired seeds.
+
+    python -m ptd_train.compare [--seeds 6] [--steps 150] [--methods grpo,ptd,...] [--jobs 2] [run flags]
+
+Every method is a handful of ``run`` switches on top of one shared :class:`TrainConfig` (any
+``python -m ptd_train.run`` flag is accepted and applies to all methods):
+
+  grpo          λ = 0 (plain GRPO with the k3 reference KL)
+  ptd           λ = 1 (embedded default), union support, tail, K = 8, spatial hint, frozen-ref teacher
+  ptd-nohint    ptd, but the teacher gets no hint (control: the hint vs merely anchoring failures)
+  ptd-leak      ptd, but the teacher's hint states the answer (answer-conditioned baseline)
+  ptd-full      ptd with full-vocabulary JSD instead of Top-K (the referee's ablation)
+  ptd-released  ptd with the authors' released surrogate: D_K is logged, its gradient is zero, so
+                only the dropped reference KL of PTD groups differs from grpo
+
+One warm-start checkpoint is trained first (``warmstart_seed``) and every run starts from it.
+Seed s of every method draws the same prompts and sampling seed at each step (``run.step_seed``;
+the trajectories diverge once the weights do). Runs go to ``<output_dir>/runs/<method>/seed<s>/``
+(metrics.jsonl, eval.json), the study to ``<output_dir>/summary.md``, ``curves.png`` and
+``runs.jsonl`` (one line per run: its measures and held-out curves). Finished runs with the same
+configuration are reused, so an interrupted study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .config import TrainConfig
+
+METHODS: dict[str, dict] = {
+    "grpo": dict(ptd_coef=0.0),
+    "ptd": dict(),
+    "ptd-nohint": dict(teacher_hint="none"),
+    "ptd-leak": dict(teacher_hint="leak", allow_answer_leak=True),
+    "ptd-full": dict(ptd_full_vocab=True),
+    "ptd-released": dict(ptd_grad="released"),
+}
+# Settings every method shares (the issue's `ptd` row); methods above override only what differs.
+SHARED = dict(ptd_support="union", ptd_tail=True, teacher="ref", teacher_hint="spatial", ptd_grad="exact")
+
+DEFAULT_DIR = "runs/compare"
+
+
+@dataclass
+class CompareConfig:
+    seeds: str = field(default="6", metadata={"help": "N (seeds 0..N-1) or a comma list of seeds."})
+    steps: int | None = field(default=None, metadata={"help": "RL steps per run; None = --max_steps (150)."})
+    methods: str = field(default=",".join(METHODS), metadata={"help": f"Comma list of {', '.join(METHODS)}."})
+    jobs: int = field(default=2, metadata={"help": "Parallel worker processes (one run each at a time)."})
+    rerun: bool = field(default=False, metadata={"help": "Retrain runs that already finished."})
+
+    def seed_list(self) -> list[int]:
+        s = self.seeds.strip()
+        return list(range(int(s))) if "," not in s and s.isdigit() else [int(x) for x in s.split(",") if x.strip()]
+
+    def method_list(self) -> list[str]:
+        ms = [m.strip() for m in self.methods.split(",") if m.strip()]
+        bad = [m for m in ms if m not in METHODS]
+        if bad or not ms:
+            raise ValueError(f"methods: unknown {bad}; expected some of {list(METHODS)}")
+        return ms
+
+
+def run_config(base: TrainConfig, study_dir: str, method: str, seed: int) -> TrainConfig:
+    return dataclasses.replace(
+        base,
+        **{**SHARED, **METHODS[method]},
+        seed=seed,
+        output_dir=os.path.join(study_dir, "runs", method, f"seed{seed}"),
+        progress=False,
+        save_steps=0,
+        plot=False,  # the study draws its own plot
+        resume=False,
+    )
+
+
+# fields that do not change what a run computes: a finished run is reused across them
+NOT_RESULTS = ("progress", "save_steps", "plot", "resume", "num_threads")
+
+
+def _stamp(cfg_dict: dict) -> str:
+    return json.dumps({k: v for k, v in cfg_dict.items() if k not in NOT_RESULTS}, sort_keys=True)
+
+
+# ============================================================================ running
+
+
+def _train_one(job: tuple[str, int, dict]) -> dict:
+    """Worker: train one (method, seed) run, or reuse it when it finished with this config."""
+    from . import run
+
+    method, seed, cfg_dict = job
+    cfg = TrainConfig(**cfg_dict)
+    stamp = os.path.join(cfg.output_dir, "study_config.json")
+    want = _stamp(cfg_dict)
+    eval_path = os.path.join(cfg.output_dir, "eval.json")
+    reused = os.path.exists(eval_path) and os.path.exists(stamp) and _stamp(json.load(open(stamp))) == want
+    t0 = time.time()
+    if not reused:
+        if os.path.exists(stamp):
+            os.remove(stamp)
+        run.train(cfg)
+        run.atomic_write_text(want, stamp)
+    return {"method": method, "seed": seed, "dir": cfg.output_dir, "wall_s": time.time() - t0, "reused": reused}
+
+
+def shared_warm_start(base: TrainConfig, log) -> dict | None:
+    """Train (or load) the one warm-start checkpoint all runs start from."""
+    if base.model_name_or_path is not None or base.dataset is not None or base.warmstart_max_steps <= 0:
+        return None
+    import torch
+
+    from . import run
+    from .model import VisionGeometry, build_tiny_model, build_tokenizer
+    from .tasks import GridCountTask
+
+    cfg = base.resolved()
+    device, backend = run.resolve_device(cfg)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, cfg.num_threads))
+    task = GridCountTask(eval_size=cfg.eval_size)
+    tok = build_tokenizer(GridCountTask.words)
+    policy = build_tiny_model(tok, seed=cfg.warmstart_seed).to(device)
+    env = run.Env(cfg, tok, VisionGeometry.of(policy), device, backend)
+    return run.warm_start(policy, env, task, log)
+
+
+# ============================================================================ measures
+
+
+def _load_run(d: str) -> tuple[list[dict], dict]:
+    with open(os.path.join(d, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(d, "eval.json")) as f:
+        ev = json.load(f)
+    return rows, ev
+
+
+def _auc(curve: list[tuple[int, float]]) -> float:
+    """Trapezoid area under (step, value) divided by the step span: the curve's mean level."""
+    if len(curve) < 2:
+        return curve[0][1] if curve else float("nan")
+    area = sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(curve, curve[1:]))
+    return area / (curve[-1][0] - curve[0][0])
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def run_measures(method: str, seed: int, d: str) -> dict:
+    rows, ev = _load_run(d)
+    steps = ev["steps"]
+    acc = [(0, ev["accuracy_before"])] + [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+    acc.append((steps, ev["accuracy_after"]))
+    pc = [(0, ev["p_correct_before"])] + [(r["step"], r["eval_p_correct"]) for r in rows if "eval_p_correct" in r]
+    pc.append((steps, ev["p_correct_after"]))
+    tail = rows[-max(1, len(rows) // 6) :]
+    ptd_rows = [r for r in rows if r["ptd_rollouts"] > 0]
+    has_overlap = METHODS[method].get("ptd_coef", 1.0) != 0 and not METHODS[method].get("ptd_full_vocab", False)
+    return {
+        "method": method,
+        "seed": seed,
+        "steps": steps,
+        "acc_before": ev["accuracy_before"],
+        "teacher_acc": ev.get("accuracy_hinted_before"),
+        "acc_final": ev["accuracy_after"],
+        "acc_auc": _auc(acc),
+        "p_correct_final": ev["p_correct_after"],
+        "p_correct_auc": _auc(pc),
+        "train_reward": _mean(r["reward_mean"] for r in rows),
+        "entropy": _mean(r["entropy"] for r in rows),
+        "entropy_last": _mean(r["entropy"] for r in tail),
+        "overlap": _mean(r["overlap"] for r in ptd_rows) if has_overlap else None,
+        "teacher_mass": _mean(r["teacher_mass"] for r in ptd_rows) if has_overlap else None,
+        "jsd": _mean(r["jsd"] for r in ptd_rows) if METHODS[method].get("ptd_coef", 1.0) != 0 else None,
+        "ptd_rollouts": _mean(r["ptd_rollouts"] for r in rows),
+        "all_fail_groups": _mean(r["all_fail_groups"] for r in rows),
+        "seconds": ev.get("seconds_this_process"),
+        "acc_curve": acc,
+        "p_correct_curve": pc,
+    }
+
+
+def _sd(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return float("nan")
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _fmt(xs: list, digits: int = 3) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "—"
+    m = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {_sd(xs):.{digits}f}"
+
+
+MEASURES = [  # key, column title
+    ("teacher_acc", "teacher acc (hinted, t=0)"),
+    ("acc_final", "held-out acc (final)"),
+    ("acc_auc", "acc AUC"),
+    ("p_correct_final", "p(correct) (final)"),
+    ("p_correct_auc", "p(correct) AUC"),
+    ("train_reward", "train reward"),
+    ("entropy", "entropy (mean)"),
+    ("entropy_last", "entropy (last 1/6)"),
+    ("overlap", "Top-K overlap"),
+    ("teacher_mass", "teacher mass on S"),
+    ("jsd", "mean D"),
+    ("ptd_rollouts", "PTD rollouts/step"),
+    ("all_fail_groups", "all-fail groups/step"),
+]
+PAIRED = [("acc_auc", "acc AUC"), ("acc_final", "acc final"), ("p_correct_auc", "p(correct) AUC"),
+          ("p_correct_final", "p(correct) final"), ("entropy", "entropy (mean)")]  # fmt: skip
+
+
+def paired(results: list[dict], a: str, b: str, key: str) -> tuple[list[float], int]:
+    """Per-seed differences a − b on the seeds both methods finished."""
+    by = {(r["method"], r["seed"]): r for r in results}
+    seeds = sorted({r["seed"] for r in results})
+    d = [by[a, s][key] - by[b, s][key] for s in seeds if (a, s) in by and (b, s) in by]
+    return d, sum(x > 0 for x in d)
+
+
+def summary_markdown(results: list[dict], methods: list[str], header: str) -> str:
+    lines = [header, "", "## Per method (mean ± sd over seeds)", ""]
+    lines.append("| method | n | " + " | ".join(t for _, t in MEASURES) + " |")
+    lines.append("|---" * (len(MEASURES) + 2) + "|")
+    for m in methods:
+        rs = [r for r in results if r["method"] == m]
+        if rs:
+            lines.append(f"| {m} | {len(rs)} | " + " | ".join(_fmt([r[k] for r in rs]) for k, _ in MEASURES) + " |")
+    pairs = [(m, "grpo") for m in methods if m != "grpo" and "grpo" in methods]
+    if "ptd" in methods and "ptd-nohint" in methods:
+        pairs.append(("ptd", "ptd-nohint"))
+    if pairs:
+        lines += ["", "## Paired differences (per seed, a − b): mean ± sd, seeds with a > b", ""]
+        lines.append("| a − b | " + " | ".join(t for _, t in PAIRED) + " |")
+        lines.append("|---" * (len(PAIRED) + 1) + "|")
+        for a, b in pairs:
+            cells = []
+            for k, _ in PAIRED:
+                d, pos = paired(results, a, b, k)
+                cells.append(f"{_fmt(d)} ({pos}/{len(d)})" if d else "—")
+            lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Definitions. Held-out = the task's fixed test split, greedy decoding, hint-free. AUC = trapezoid "
+        "area under the held-out curve (step 0, every eval step, final) divided by the steps: the curve's "
+        "mean level. p(correct) = mean probability of the reference completion. Train reward, entropy "
+        "(exact H(p) of the student on its rollouts), PTD rollouts |F| and all-fail groups are per-step "
+        "means; overlap |TopK(p) ∩ TopK(q)|/K, teacher mass Σ_S q and D (D_K, or the full JSD for "
+        "ptd-full) are means over steps with |F| > 0. Teacher acc = greedy accuracy of the initial model "
+        "with the method's teacher hint (— for no hint). sd = sample sd over seeds.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ============================================================================ plot
+
+
+def _smooth(y: list[float], w: int) -> list[float]:
+    out = []
+    for i in range(len(y)):
+        lo = max(0, i - w + 1)
+        out.append(sum(y[lo : i + 1]) / (i + 1 - lo))
+    return out
+
+
+def plot_study(results: list[dict], methods: list[str], study_dir: str, out_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    panels = [
+        ("acc", "held-out greedy accuracy"),
+        ("p_correct", "held-out p(correct)"),
+        ("entropy", "student token entropy on rollouts (nats, moving mean 10)"),
+        ("overlap", "Top-K overlap |TopK(p) ∩ TopK(q)|/K on F (moving mean 10)"),
+    ]
+    for ax, (key, title) in zip(axes.flat, panels):
+        for ci, m in enumerate(methods):
+            rs = [r for r in results if r["method"] == m]
+            if not rs or (key == "overlap" and rs[0]["overlap"] is None):
+                continue
+            if key in ("acc", "p_correct"):
+                xs = [s for s, _ in rs[0][f"{key}_curve"]]
+                ys = np.array([[v for _, v in r[f"{key}_curve"]] for r in rs])
+            else:
+                per = []
+                for r in rs:
+                    rows, _ = _load_run(os.path.join(study_dir, "runs", m, f"seed{r['seed']}"))
+                    vals = [row[key] if (key != "overlap" or row["ptd_rollouts"] > 0) else np.nan for row in rows]
+                    vals = list(np.asarray(_nan_fill(vals)))
+                    per.append(_smooth(vals, 10))
+                    xs = [row["step"] for row in rows]
+                ys = np.array(per)
+            mu = ys.mean(0)
+            sd = ys.std(0, ddof=1) if len(ys) > 1 else np.zeros_like(mu)
+            ax.plot(xs, mu, color=f"C{ci}", lw=1.8, marker="o" if key in ("acc", "p_correct") else None, ms=3, label=m)
+            ax.fill_between(xs, mu - sd, mu + sd, color=f"C{ci}", alpha=0.15)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    n = len({r["seed"] for r in results})
+    fig.suptitle(f"mean ± sd over {n} paired seed(s)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+def _nan_fill(vals: list[float]) -> list[float]:
+    """Carry the last defined value forward (steps with no PTD rollout have no overlap)."""
+    out, last = [], float("nan")
+    for v in vals:
+        last = v if not (isinstance(v, float) and math.isnan(v)) else last
+        out.append(last)
+    return out
+
+
+# ============================================================================ main
+
+
+def compare(study: CompareConfig, base: TrainConfig) -> dict:
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    t0 = time.time()
+    study_dir = DEFAULT_DIR if base.output_dir == TrainConfig.output_dir else base.output_dir
+    seeds, methods = study.seed_list(), study.method_list()
+    base = dataclasses.replace(base, output_dir=study_dir)
+    if study.steps is not None:
+        base = dataclasses.replace(base, max_steps=study.steps)
+    if base.warmstart_dir is None:
+        base = dataclasses.replace(base, warmstart_dir=os.path.join(study_dir, "warmstart"))
+    os.makedirs(study_dir, exist_ok=True)
+    load_before = os.getloadavg()
+    for m in methods:  # fail fast on a bad combination before any training
+        run_config(base, study_dir, m, 0).resolved()
+
+    warm = shared_warm_start(base, log)
+    jobs = []
+    for s in seeds:  # seed-major: an interrupted study leaves whole seeds
+        for m in methods:
+            cfg = run_config(base, study_dir, m, s)
+            d = dataclasses.asdict(cfg)
+            jobs.append((m, s, d))
+    if study.rerun:
+        for _, _, d in jobs:
+            p = os.path.join(d["output_dir"], "study_config.json")
+            if os.path.exists(p):
+                os.remove(p)
+    log(f"compare: {len(methods)} methods × {len(seeds)} seeds = {len(jobs)} runs, {study.jobs} jobs, "
+        f"{base.max_steps} steps → {study_dir}")  # fmt: skip
+    done = []
+    if study.jobs <= 1:
+        it = map(_train_one, jobs)
+        pool = None
+    else:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(study.jobs)
+        it = pool.imap_unordered(_train_one, jobs)
+    try:
+        for res in it:
+            done.append(res)
+            tag = "reused" if res["reused"] else f"{res['wall_s']:.0f} s"
+            log(f"[{len(done)}/{len(jobs)}] {res['method']} seed {res['seed']} ({tag}, {time.time() - t0:.0f} s total)")
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+    results = [run_measures(r["method"], r["seed"], r["dir"]) for r in done]
+    results.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
+    wall = time.time() - t0
+    with open(os.path.join(study_dir, "runs.jsonl"), "w") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    fresh = sum(not r["reused"] for r in done)
+    header = "\n".join(
+        [
+            "# PTD-PO miniature study",
+            "",
+            f"`python -m ptd_train.compare {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+            "",
+            f"- methods: {', '.join(methods)}; seeds: {seeds} (paired); RL steps: {base.max_steps}; "
+            f"held-out eval every {base.eval_steps} steps on {base.eval_size} prompts",
+            f"- shared: {base.prompts_per_step} prompts × {base.group_size} rollouts, lr "
+            f"{base.resolved().lr}, λ = {base.resolved().ptd_coef} for ptd*, K = {base.resolved().ptd_k}, "
+            f"β = {base.ptd_beta}, kl_coef = {base.kl_coef} (dropped for PTD groups in ptd*)",
+            f"- warm start: {json.dumps(warm) if warm else 'none'}",
+            f"- wall time {wall / 60:.1f} min ({fresh} runs trained, {len(done) - fresh} reused) with "
+            f"{study.jobs} jobs on {os.cpu_count()} CPUs; load average before "
+            f"{load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f}, after "
+            + " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+        ]
+    )
+    md = summary_markdown(results, methods, header)
+    with open(os.path.join(study_dir, "summary.md"), "w") as f:
+        f.write(md)
+    try:
+        plot_study(results, methods, study_dir, os.path.join(study_dir, "curves.png"))
+    except Exception as e:  # the table must survive a plotting problem
+        log(f"plot failed: {e!r}")
+    log(md)
+    log(f"compare: done in {wall:.0f} s")
+    return {"results": results, "summary": md, "wall_s": wall, "study_dir": study_dir}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from transformers import HfArgumentParser
+
+    study, base = HfArgumentParser((CompareConfig, TrainConfig)).parse_args_into_dataclasses(args=argv)
+    return compare(study, base)
+
+
+if __name__ == "__main__":
+    main()
