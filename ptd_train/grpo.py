@@ -109,7 +109,10 @@ def ptd_po_loss(
     pg_tok, clipped = clipped_pg_loss(logp, logp_old, advantages[:, None], eps_low, eps_high)
     pg = token_mean(pg_tok, mask)
     if kl_coef != 0.0 and logp_ref is not None:
-        kl = token_mean(k3(logp, logp_ref) * ref_kl_mask[:, None], mask)
+        # where(), not a product: rows without a reference pass may hold a placeholder logp_ref, and
+        # exp(logp_ref − logp) can overflow there (inf · 0 would be NaN).
+        kl_terms = torch.where(ref_kl_mask[:, None], k3(logp, logp_ref), torch.zeros_like(logp))
+        kl = token_mean(kl_terms, mask)
     else:
         kl = logp.new_zeros(())
     f_mask = mask & in_ptd_set[:, None]
