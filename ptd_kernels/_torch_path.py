@@ -14,6 +14,7 @@ return float32 statistics (float64 for float64 inputs).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -57,34 +58,78 @@ def _prepare(hidden, weight, bias):
 # ----------------------------------------------------------------------------- forward
 
 
+ROW_BLOCK = 1024  # rows per forward block: large enough that each weight block is read few times
+
+
+def _merge_topk(values, ids, k):
+    """Top-k of [n, m] candidates with ties to the smaller id (exact in any dtype: two stable sorts)."""
+    by_id = ids.argsort(dim=-1, stable=True)
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    by_value = values.argsort(dim=-1, descending=True, stable=True)[:, :k]
+    return values.gather(1, by_value), ids.gather(1, by_value)
+
+
 @torch.no_grad()
 def row_stats(hidden, weight, bias, temperature, targets=None, k=0, *, with_mean_logit=True) -> RowStats:
-    """Per-row logsumexp, Σ p·z, target logit and top-k (ids, logits) in one sweep of row blocks."""
+    """Per-row logsumexp, Σ p·z, target logit and top-k (ids, logits) in one sweep.
+
+    Blocks of up to ROW_BLOCK rows × as many vocabulary columns as CHUNK_BYTES allows, with an
+    online logsumexp (running max m, Σ e^{z−m}, Σ e^{z−m}·z) and a running top-k merged block by
+    block, so each weight block is read once per row block (not once per small row chunk).
+    """
     dtype, hidden, weight, bias = _prepare(hidden, weight, bias)
     n, vocab = hidden.shape[0], weight.shape[0]
-    lse = torch.empty(n, dtype=dtype, device=hidden.device)
+    device = hidden.device
+    lse = torch.empty(n, dtype=dtype, device=device)
     mean_logit = torch.empty_like(lse) if with_mean_logit else None
     target_logit = torch.empty_like(lse) if targets is not None else None
-    top_ids = torch.empty((n, k), dtype=torch.int64, device=hidden.device) if k else None
-    top_logits = torch.empty((n, k), dtype=dtype, device=hidden.device) if k else None
-    step = _block(n, vocab, 4 * 4)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        z = _logits(hidden[r0:r1], weight, bias, temperature)
-        if targets is not None:
-            target_logit[r0:r1] = z.gather(1, targets[r0:r1, None]).squeeze(1)
-        if k:
-            ids = _rowmath.topk_ids(z, k)
-            top_ids[r0:r1] = ids
-            top_logits[r0:r1] = z.gather(1, ids)
-        # Shift by the row max in place, then one exp serves both Σe and Σe·z (fewer passes).
-        row_max = z.amax(-1, keepdim=True)
-        z -= row_max
-        e = z.exp()
-        e_sum = e.sum(-1)
-        lse[r0:r1] = row_max.squeeze(-1) + e_sum.log()
+    top_ids = torch.empty((n, k), dtype=torch.int64, device=device) if k else None
+    top_logits = torch.empty((n, k), dtype=dtype, device=device) if k else None
+    rows_step = min(n, ROW_BLOCK) if n else 1
+    cols_step = max(min(vocab, max(k, 128)), _block(vocab, rows_step, 4 * 5))
+    for r0 in range(0, n, rows_step):
+        rows = slice(r0, min(n, r0 + rows_step))
+        h = hidden[rows]
+        m = torch.full((h.shape[0], 1), -math.inf, dtype=dtype, device=device)
+        e_sum = torch.zeros_like(m)
+        ez_sum = torch.zeros_like(m)
+        run_values = run_ids = None
+        for c0 in range(0, vocab, cols_step):
+            c1 = min(vocab, c0 + cols_step)
+            z = _logits(h, weight[c0:c1], bias[c0:c1] if bias is not None else None, temperature)
+            if targets is not None:
+                local = targets[rows] - c0
+                inside = (local >= 0) & (local < c1 - c0)
+                picked = z.gather(1, local.clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
+                target_logit[rows] = torch.where(inside, picked, target_logit[rows])
+            if k:
+                block_ids = _rowmath.topk_ids(z, min(k, c1 - c0))
+                block_values = z.gather(1, block_ids)
+                block_ids += c0
+                if run_ids is not None:
+                    block_values = torch.cat([run_values, block_values], dim=-1)
+                    block_ids = torch.cat([run_ids, block_ids], dim=-1)
+                run_values, run_ids = _merge_topk(block_values, block_ids, k)
+            # Online logsumexp: rescale the running sums to the new max; one exp per element.
+            # S = Σ e^{z−m}, T = Σ e^{z−m}·(z − m); on a new max m', S ← S·e^{m−m'} and
+            # T ← (T + (m − m')·S)·e^{m−m'} (guarded for the first block, where S = 0 and m = −inf).
+            m_new = torch.maximum(m, z.amax(-1, keepdim=True))
+            seen = e_sum > 0
+            scale = torch.where(seen, torch.exp(m - m_new), torch.zeros_like(m))
+            if with_mean_logit:
+                shift = torch.where(seen, m - m_new, torch.zeros_like(m))
+                ez_sum = (ez_sum + shift * e_sum) * scale
+            z -= m_new
+            e = z.exp()
+            e_sum = e_sum * scale + e.sum(-1, keepdim=True)
+            if with_mean_logit:
+                ez_sum += e.mul_(z).sum(-1, keepdim=True)
+            m = m_new
+        lse[rows] = (m + e_sum.log()).squeeze(-1)
         if with_mean_logit:
-            mean_logit[r0:r1] = row_max.squeeze(-1) + (e.mul_(z)).sum(-1) / e_sum
+            mean_logit[rows] = (m + ez_sum / e_sum).squeeze(-1)
+        if k:
+            top_logits[rows], top_ids[rows] = run_values, run_ids
     return RowStats(lse, mean_logit, target_logit, top_ids, top_logits)
 
 
