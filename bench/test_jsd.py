@@ -1,101 +1,138 @@
-"""Full JSD and Top-K JSD fused with the output layer, fwd+bwd: ours vs Liger vs eager vs the GEMM floor."""
+"""Full JSD and Top-K JSD fused with the output layer, fwd+bwd (β = 0.5).
+
+- ``jsd``: ours (loss-level entry point, which forms the gradient in the forward sweep, and the
+  per-row function) vs eager (TRL's generalized-JSD formula on materialized logits), vs Liger's
+  chunked ``LigerFusedLinearJSDLoss`` (soft loss only) and, on CUDA, Liger's Triton
+  ``LigerFusedLinearJSD``.
+- ``topk_jsd K=64`` / ``K=100`` (union support + tail atom): ours vs the eager reference
+  (``ptd_kernels.reference``, which materializes both sides' logits).
+
+Priorities (``tier`` marks, see conftest): the per-row entry points and the K=100 reference are
+extras, run last and cut first by the session's time budget.
+"""
 
 import math
 
 import pytest
 import torch
-from conftest import DEVICE, gemm_floor, run_benchmark, zero_grads
+from conftest import DEVICE, FLOOR_4, measure, zero_grads
 
 import ptd_kernels as ptd
 
 BETA = 0.5
 
 
-def test_floor(benchmark, student):
-    hidden, weight, _ = student
-    run_benchmark(benchmark, lambda: gemm_floor(hidden, weight), method="gemm floor (3 GEMMs)", op="jsd",
-                  memory=False)
-
-
-def test_ptd_jsd_loss(benchmark, student, teacher):
-    hidden, weight, _ = student
-    teacher_hidden, teacher_weight = teacher
+def test_ptd_jsd_loss(benchmark, inp):
+    hidden, weight, _, teacher_hidden, teacher_weight = inp.all
 
     def step():
         zero_grads(hidden, weight)
         ptd.linear_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, beta=BETA).backward()
 
-    run_benchmark(benchmark, step, hidden, weight, teacher_hidden, teacher_weight, method="ptd linear_jsd_loss",
-                  op="jsd")
+    measure(benchmark, step, inp, op="jsd", method="ptd linear_jsd_loss", ours=True, floor=FLOOR_4,
+            grads=(hidden, weight))
 
 
-def test_ptd_jsd_per_row(benchmark, student, teacher):
-    hidden, weight, _ = student
-    teacher_hidden, teacher_weight = teacher
+@pytest.mark.tier(3)
+def test_ptd_jsd_per_row(benchmark, inp):
+    hidden, weight, _, teacher_hidden, teacher_weight = inp.all
 
     def step():
         zero_grads(hidden, weight)
         ptd.linear_jsd(hidden, weight, teacher_hidden, teacher_weight, beta=BETA).mean().backward()
 
-    run_benchmark(benchmark, step, hidden, weight, teacher_hidden, teacher_weight, method="ptd linear_jsd",
-                  op="jsd")
+    measure(benchmark, step, inp, op="jsd", method="ptd linear_jsd (per row)", ours=True, floor=FLOOR_4,
+            grads=(hidden, weight))
 
 
-def test_liger_fused_linear_jsd(benchmark, student, teacher):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_liger_chunked_jsd(benchmark, inp, compiled):
     liger = pytest.importorskip("liger_kernel.chunked_loss")
-    hidden, weight, targets = student
-    teacher_hidden, teacher_weight = teacher
-    # Soft loss only (weight_hard_loss=0): the same quantity as linear_jsd(...).mean().
-    loss_fn = liger.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=BETA,
-                                            compiled=DEVICE == "cuda")
+    hidden, weight, targets, teacher_hidden, teacher_weight = inp.all
+    # Soft loss only (weight_hard_loss=0): the same quantity as linear_jsd(...).mean(). Liger's
+    # default compiles its chunk function with torch.compile (inductor; on CPU too); without it
+    # the chunks run eagerly. Compiled code cannot run under MemTracker: its CPU peak is peak RSS.
+    loss_fn = liger.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=BETA, compiled=compiled)
 
     def step():
         zero_grads(hidden, weight)
         loss_fn(hidden, weight, teacher_hidden, teacher_weight, targets).backward()
 
-    run_benchmark(benchmark, step, hidden, weight, teacher_hidden, teacher_weight,
-                  method="liger LigerFusedLinearJSDLoss (chunked)", op="jsd")
+    mode = "compiled" if compiled else "eager"
+    measure(benchmark, step, inp, op="jsd", method=f"liger LigerFusedLinearJSDLoss (chunked, {mode})", floor=FLOOR_4,
+            grads=(hidden, weight), compiled=compiled)
 
 
-def test_eager_jsd(benchmark, student, teacher):
-    hidden, weight, _ = student
-    teacher_hidden, teacher_weight = teacher
+def test_liger_triton_jsd(benchmark, inp):
+    if DEVICE != "cuda":
+        pytest.skip("Liger's LigerFusedLinearJSD is Triton-only: needs a GPU (the CPU interpreter would time the "
+                    "interpreter)")
+    liger = pytest.importorskip("liger_kernel.transformers")
+    hidden, weight, _, teacher_hidden, teacher_weight = inp.all
+    loss_fn = liger.LigerFusedLinearJSD(jsd_beta=BETA)
 
     def step():
         zero_grads(hidden, weight)
-        logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
-        with torch.no_grad():
-            logq = torch.log_softmax((teacher_hidden @ teacher_weight.T).float(), dim=-1)
-        log_mix = torch.logsumexp(torch.stack([logp + math.log(1 - BETA), logq + math.log(BETA)]), dim=0)
-        kl_q = torch.nn.functional.kl_div(log_mix, logq, reduction="none", log_target=True).sum(-1)
-        kl_p = torch.nn.functional.kl_div(log_mix, logp, reduction="none", log_target=True).sum(-1)
-        (BETA * kl_q + (1 - BETA) * kl_p).mean().backward()
+        loss_fn(hidden, weight, teacher_hidden, teacher_weight, None).backward()
 
-    run_benchmark(benchmark, step, hidden, weight, teacher_hidden, teacher_weight, method="eager (TRL formula)",
-                  op="jsd")
+    measure(benchmark, step, inp, op="jsd", method="liger LigerFusedLinearJSD (triton)", floor=FLOOR_4,
+            grads=(hidden, weight))
 
 
-@pytest.mark.parametrize("k", [64])
-def test_ptd_topk_jsd_loss(benchmark, student, teacher, k):
-    hidden, weight, _ = student
-    teacher_hidden, teacher_weight = teacher
+def eager_jsd(hidden, weight, teacher_hidden, teacher_weight):
+    """TRL's generalized JSD (GKD trainer) on materialized logits, mean over rows."""
+    logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    with torch.no_grad():
+        logq = torch.log_softmax((teacher_hidden @ teacher_weight.T).float(), dim=-1)
+    log_mix = torch.logsumexp(torch.stack([logp + math.log(1 - BETA), logq + math.log(BETA)]), dim=0)
+    kl_q = torch.nn.functional.kl_div(log_mix, logq, reduction="none", log_target=True).sum(-1)
+    kl_p = torch.nn.functional.kl_div(log_mix, logp, reduction="none", log_target=True).sum(-1)
+    return (BETA * kl_q + (1 - BETA) * kl_p).mean()
+
+
+def test_eager_jsd(benchmark, inp):
+    hidden, weight, _, teacher_hidden, teacher_weight = inp.all
+
+    def step():
+        zero_grads(hidden, weight)
+        eager_jsd(hidden, weight, teacher_hidden, teacher_weight).backward()
+
+    measure(benchmark, step, inp, op="jsd", method="eager (TRL formula)", floor=FLOOR_4, grads=(hidden, weight),
+            nv_buffers=12)
+
+
+@pytest.mark.parametrize("k", [64, pytest.param(100, marks=pytest.mark.tier(2))])
+def test_ptd_topk_jsd_loss(benchmark, inp, k):
+    hidden, weight, _, teacher_hidden, teacher_weight = inp.all
 
     def step():
         zero_grads(hidden, weight)
         ptd.linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, k, beta=BETA).backward()
 
-    run_benchmark(benchmark, step, hidden, weight, teacher_hidden, teacher_weight,
-                  method=f"ptd linear_topk_jsd_loss K={k}", op="jsd")
+    measure(benchmark, step, inp, op=f"topk_jsd K={k}", method="ptd linear_topk_jsd_loss", ours=True,
+            floor=FLOOR_4, grads=(hidden, weight))
 
 
+@pytest.mark.tier(3)
 @pytest.mark.parametrize("k", [64])
-def test_ptd_topk_jsd_per_row(benchmark, student, teacher, k):
-    hidden, weight, _ = student
-    teacher_hidden, teacher_weight = teacher
+def test_ptd_topk_jsd_per_row(benchmark, inp, k):
+    hidden, weight, _, teacher_hidden, teacher_weight = inp.all
 
     def step():
         zero_grads(hidden, weight)
         ptd.linear_topk_jsd(hidden, weight, teacher_hidden, teacher_weight, k, beta=BETA).mean().backward()
 
-    run_benchmark(benchmark, step, hidden, weight, teacher_hidden, teacher_weight,
-                  method=f"ptd linear_topk_jsd K={k}", op="jsd")
+    measure(benchmark, step, inp, op=f"topk_jsd K={k}", method="ptd linear_topk_jsd (per row)", ours=True,
+            floor=FLOOR_4, grads=(hidden, weight))
+
+
+@pytest.mark.parametrize("k", [64, pytest.param(100, marks=pytest.mark.tier(3))])
+def test_eager_topk_jsd(benchmark, inp, k):
+    hidden, weight, _, teacher_hidden, teacher_weight = inp.all
+
+    def step():
+        zero_grads(hidden, weight)
+        ptd.reference.linear_topk_jsd(hidden, weight, teacher_hidden, teacher_weight, k, beta=BETA).mean().backward()
+
+    measure(benchmark, step, inp, op=f"topk_jsd K={k}", method="eager reference (ptd_kernels.reference)",
+            floor=FLOOR_4, grads=(hidden, weight), nv_buffers=8)

@@ -1,33 +1,35 @@
-"""log-prob + entropy of the sampled tokens, fwd+bwd: ours vs eager PyTorch vs the 3-GEMM floor."""
+"""Log-prob (+ entropy) of the sampled tokens, fwd+bwd.
 
+- ``logprobs+entropy``: ours vs eager ``log_softmax`` + gather + entropy. No peer computes the
+  exact entropy fused with the output layer, so the floor is the other yardstick.
+- ``logprobs`` (log-prob only, the cross-entropy kernels' job): ours vs eager, vs
+  cut-cross-entropy (its torch.compile path on CPU, its Triton kernel on CUDA) and, on CUDA,
+  Liger's ``LigerFusedLinearCrossEntropyLoss`` (Triton only).
+"""
+
+import pytest
 import torch
-from conftest import DEVICE, gemm_floor, run_benchmark, zero_grads
+from conftest import DEVICE, FLOOR_3, measure, zero_grads
 
 import ptd_kernels as ptd
 
-OP = "logprobs+entropy"
+BACKEND = "triton" if DEVICE == "cuda" else "torch"
 
 
-def test_floor(benchmark, student):
-    hidden, weight, _ = student
-    run_benchmark(benchmark, lambda: gemm_floor(hidden, weight), method="gemm floor (3 GEMMs)", op=OP,
-                  memory=False)
-
-
-def test_ptd(benchmark, student):
-    hidden, weight, targets = student
+def test_ptd_logprobs_entropy(benchmark, inp):
+    hidden, weight, targets = inp.student
 
     def step():
         zero_grads(hidden, weight)
         logp, entropy = ptd.linear_logprobs(hidden, weight, targets, with_entropy=True)
         (logp.sum() + entropy.sum()).backward()
 
-    run_benchmark(benchmark, step, hidden, weight, targets, method=f"ptd ({'triton' if DEVICE == 'cuda' else 'torch'})",
-                  op=OP)
+    measure(benchmark, step, inp, op="logprobs+entropy", method=f"ptd linear_logprobs ({BACKEND})", ours=True,
+            floor=FLOOR_3, grads=(hidden, weight))
 
 
-def test_eager(benchmark, student):
-    hidden, weight, targets = student
+def test_eager_logprobs_entropy(benchmark, inp):
+    hidden, weight, targets = inp.student
 
     def step():
         zero_grads(hidden, weight)
@@ -36,4 +38,64 @@ def test_eager(benchmark, student):
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         (logp.sum() + entropy.sum()).backward()
 
-    run_benchmark(benchmark, step, hidden, weight, targets, method="eager (log_softmax+gather+entropy)", op=OP)
+    measure(benchmark, step, inp, op="logprobs+entropy", method="eager (log_softmax+gather+entropy)", floor=FLOOR_3,
+            grads=(hidden, weight), nv_buffers=6)
+
+
+@pytest.mark.tier(2)
+def test_ptd_logprobs(benchmark, inp):
+    hidden, weight, targets = inp.student
+
+    def step():
+        zero_grads(hidden, weight)
+        ptd.linear_logprobs(hidden, weight, targets).sum().backward()
+
+    measure(benchmark, step, inp, op="logprobs", method=f"ptd linear_logprobs ({BACKEND})", ours=True, floor=FLOOR_3,
+            grads=(hidden, weight))
+
+
+@pytest.mark.tier(2)
+def test_eager_logprobs(benchmark, inp):
+    hidden, weight, targets = inp.student
+
+    def step():
+        zero_grads(hidden, weight)
+        log_probs = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+        log_probs.gather(1, targets[:, None]).sum().backward()
+
+    measure(benchmark, step, inp, op="logprobs", method="eager (log_softmax+gather)", floor=FLOOR_3,
+            grads=(hidden, weight), nv_buffers=4)
+
+
+@pytest.mark.tier(2)
+def test_cut_cross_entropy(benchmark, inp):
+    cce = pytest.importorskip("cut_cross_entropy", reason="cut-cross-entropy not installed (the bench extra)")
+    hidden, weight, targets = inp.student
+    # On CPU only its torch.compile path runs (its CCE kernel is Triton); on CUDA its CCE kernel,
+    # with its default gradient filtering (filter_eps="high": skips tiny-probability gradient terms).
+    impl = "cce" if DEVICE == "cuda" else "torch_compile"
+
+    def step():
+        zero_grads(hidden, weight)
+        # -log p summed: the gradient of Σ logp up to sign, the same work.
+        cce.linear_cross_entropy(hidden, weight, targets, reduction="sum", impl=impl).backward()
+
+    measure(benchmark, step, inp, op="logprobs", method=f"cut-cross-entropy ({impl})", floor=FLOOR_3,
+            grads=(hidden, weight), nv_buffers=0 if impl == "cce" else 3, compiled=impl != "cce")
+
+
+@pytest.mark.tier(2)
+def test_liger_fused_linear_cross_entropy(benchmark, inp):
+    if DEVICE != "cuda":
+        pytest.skip("Liger's LigerFusedLinearCrossEntropyLoss is Triton-only: needs a GPU (the CPU interpreter "
+                    "would time the interpreter)")
+    liger = pytest.importorskip("liger_kernel.transformers")
+    hidden, weight, targets = inp.student
+    loss_fn = liger.LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+    def step():
+        zero_grads(hidden, weight)
+        loss_fn(weight, hidden, targets).backward()
+
+    measure(benchmark, step, inp, op="logprobs", method="liger LigerFusedLinearCrossEntropyLoss (triton)",
+            floor=FLOOR_3, grads=(hidden, weight))

@@ -1,0 +1,53 @@
+"""The PTD head, fwd+bwd (K=100, union + tail, β=0.5): ``linear_ptd_terms`` (logp, entropy,
+Top-K JSD and overlap from one sweep per side) vs the same terms from separate calls
+(``linear_logprobs`` + ``linear_topk_jsd`` + two ``linear_topk`` for the overlap) vs the eager
+reference."""
+
+import pytest
+from conftest import FLOOR_4, measure, zero_grads
+
+import ptd_kernels as ptd
+
+K = 100
+BETA = 0.5
+pytestmark = pytest.mark.tier(2)
+
+
+def test_ptd_terms_one_sweep(benchmark, inp):
+    hidden, weight, targets, teacher_hidden, teacher_weight = inp.all
+
+    def step():
+        zero_grads(hidden, weight)
+        t = ptd.linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, K, beta=BETA)
+        (t.logp.sum() + t.entropy.sum() + t.jsd.sum()).backward()
+
+    measure(benchmark, step, inp, op=f"ptd head K={K}", method="ptd linear_ptd_terms (one sweep)", ours=True,
+            floor=FLOOR_4, grads=(hidden, weight))
+
+
+def test_ptd_separate_calls(benchmark, inp):
+    hidden, weight, targets, teacher_hidden, teacher_weight = inp.all
+
+    def step():
+        zero_grads(hidden, weight)
+        logp, entropy = ptd.linear_logprobs(hidden, weight, targets, with_entropy=True)
+        jsd = ptd.linear_topk_jsd(hidden, weight, teacher_hidden, teacher_weight, K, beta=BETA)
+        ptd.topk_overlap(ptd.linear_topk(hidden.detach(), weight.detach(), K).indices,
+                         ptd.linear_topk(teacher_hidden, teacher_weight, K).indices)
+        (logp.sum() + entropy.sum() + jsd.sum()).backward()
+
+    measure(benchmark, step, inp, op=f"ptd head K={K}", method="ptd separate calls (logprobs + topk_jsd + 2 topk)",
+            floor=FLOOR_4, grads=(hidden, weight))
+
+
+@pytest.mark.tier(3)
+def test_eager_reference(benchmark, inp):
+    hidden, weight, targets, teacher_hidden, teacher_weight = inp.all
+
+    def step():
+        zero_grads(hidden, weight)
+        t = ptd.reference.linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, K, beta=BETA)
+        (t.logp.sum() + t.entropy.sum() + t.jsd.sum()).backward()
+
+    measure(benchmark, step, inp, op=f"ptd head K={K}", method="eager reference (ptd_kernels.reference)",
+            floor=FLOOR_4, grads=(hidden, weight), nv_buffers=10)
