@@ -55,6 +55,7 @@ class TorchEngine:
                                         need_weight=need_weight, need_bias=need_bias)
 
     fused_loss = staticmethod(_torch_path.fused_loss)
+    fused_loss_pays = staticmethod(_torch_path.fused_loss_pays)
 
 
 def _as_compute(t, dtype):
@@ -66,6 +67,10 @@ class TritonEngine:
 
     name = "triton"
     fused_loss = None
+
+    @staticmethod
+    def fused_loss_pays(vocab: int) -> bool:
+        return False
 
     @staticmethod
     def row_stats(hidden, weight, bias, temperature, targets=None, k=0, with_mean_logit=True):

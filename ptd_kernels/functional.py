@@ -454,7 +454,8 @@ def _loss(per_row_fn, hidden, weight, bias, teacher_hidden, teacher_weight, teac
     else:
         weights = torch.where(live, weights.detach().to(dtype), torch.zeros((), dtype=dtype, device=hidden.device))
     engine = _engines.select(backend, hidden, weight, bias, teacher_hidden, teacher_weight)
-    if engine.fused_loss is None:  # per-row function, then the weighted sum (backward recomputes)
+    if engine.fused_loss is None or not engine.fused_loss_pays(vocab):
+        # per-row function, then the weighted sum (backward recomputes, in efficient vocabulary blocks)
         return (per_row_fn() * weights).sum()
     index = _live_index(live)
     cfg = SimpleNamespace(k=k if (k is None or k < vocab) else None, support=support, tail=bool(tail), beta=beta,
