@@ -18,6 +18,7 @@ Qwen3-VL facts this relies on (transformers ≥ 5, ``models/qwen3_vl/modeling_qw
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -325,25 +326,58 @@ def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, v
     )
 
 
-def response_hidden(model, prompt_ids, prompt_mask, vision: VisionBatch, response_ids, response_mask):
-    """Last hidden states at the positions that predict each response token.
+class Prefix:
+    """A batch of prompts run once through the backbone, ready to be continued.
 
-    ``prompt_*`` are left-padded ``[B, P]``; ``response_*`` right-padded ``[B, T]``.
-    Returns ``[B, T, H]``: row (b, t) is the state after prompt + response[:t], i.e. the one whose
-    output distribution scores response token t. The output layer is *not* applied.
+    ``last`` [B, H] is the last prompt position's hidden state (it scores the first response
+    token), ``cache`` the keys/values of every prompt position, ``mask`` the attention mask so far
+    and ``next_pos`` [B] the (text) rope position of the next token. Gradients flow through all of
+    it when the prefix was encoded with grad enabled.
     """
-    P = prompt_ids.shape[1]
-    T = response_ids.shape[1]
-    ids = torch.cat([prompt_ids, response_ids], dim=1)
-    att = torch.cat([prompt_mask, response_mask.long()], dim=1)
-    # Clear the rope cache left by generate() so 3-D positions are recomputed for this batch.
+
+    def __init__(self, last, cache, mask, next_pos):
+        self.last, self.cache, self.mask, self.next_pos = last, cache, mask, next_pos
+
+    def select(self, rows) -> Prefix:
+        """A new prefix of the sequences ``rows`` (a row may repeat: the G rollouts of one prompt
+        continue the same prompt). The cache is copied by ``index_select``, so continuing one
+        prefix never changes another, and gradients reach the shared prompt rows."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.last.device)
+        cache = copy.copy(self.cache)
+        cache.layers = []
+        for layer in self.cache.layers:
+            layer = copy.copy(layer)
+            layer.keys = layer.keys.index_select(0, idx)
+            layer.values = layer.values.index_select(0, idx)
+            cache.layers.append(layer)
+        return Prefix(self.last.index_select(0, idx), cache, self.mask.index_select(0, idx), self.next_pos[idx])
+
+
+def distinct_prompts(prompt_ids, prompt_mask, vision: VisionBatch) -> tuple[list[int], list[int]]:
+    """(first row of each distinct prompt, prompt index of every row): rows with the same tokens,
+    mask and image are one prompt (the G rollouts of a prompt), encoded once."""
+    img = vision.image_rows
+    seen: dict = {}
+    first, inverse = [], []
+    for r, (ids, m) in enumerate(zip(prompt_ids.tolist(), prompt_mask.tolist())):
+        key = (img[r], tuple(ids), tuple(m))
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(r)
+        inverse.append(seen[key])
+    return first, inverse
+
+
+def encode_prefix(model, prompt_ids, prompt_mask, vision: VisionBatch) -> Prefix:
+    """Run left-padded prompts ``[B, P]`` (with their images) through the backbone once, keeping
+    the cache. Multimodal rope positions come from the model's own ``get_rope_index``."""
     core = backbone(model)
-    core.rope_deltas = None
+    core.rope_deltas = None  # recompute 3-D positions for this batch (generate() or a past call may have left some)
     inputs = dict(
-        input_ids=ids,
-        attention_mask=att,
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
         image_grid_thw=vision.image_grid_thw,
-        mm_token_type_ids=(ids == model.config.image_token_id).int(),
+        mm_token_type_ids=(prompt_ids == model.config.image_token_id).int(),
     )
     if vision.rows is None:
         inputs["pixel_values"] = vision.pixel_values
@@ -352,5 +386,55 @@ def response_hidden(model, prompt_ids, prompt_mask, vision: VisionBatch, respons
         feats.pooler_output = tuple(feats.pooler_output[r] for r in vision.rows)
         feats.deepstack_features = [tuple(f[r] for r in vision.rows) for f in feats.deepstack_features]
         inputs["mm_encoder_outputs"] = {"image": feats}
-    out = core(**inputs, use_cache=False)
-    return out.last_hidden_state[:, P - 1 : P - 1 + T]
+    out = core(**inputs, use_cache=True)
+    # get_rope_index: delta = (largest position + 1) − (number of real tokens), per row
+    next_pos = prompt_mask.long().sum(1) + core.rope_deltas.view(-1).to(prompt_mask.device)
+    core.rope_deltas = None
+    return Prefix(out.last_hidden_state[:, -1], out.cache, prompt_mask, next_pos)
+
+
+def continue_prefix(model, prefix: Prefix, ids, mask) -> torch.Tensor:
+    """Feed ``ids`` [B, L] (text tokens, right after the prefix) and return their last hidden
+    states [B, L, H]; ``prefix`` is advanced in place (its cache grows by L positions)."""
+    L = ids.shape[1]
+    pos = prefix.next_pos[:, None] + torch.arange(L, device=ids.device)
+    att = torch.cat([prefix.mask, mask.to(prefix.mask.dtype)], 1)
+    out = backbone(model)(
+        input_ids=ids,
+        attention_mask=att,
+        position_ids=pos[None].expand(3, -1, -1),  # text tokens: the same position on t, h and w
+        cache=prefix.cache,
+        use_cache=True,
+    )
+    prefix.mask, prefix.next_pos = att, prefix.next_pos + L
+    return out.last_hidden_state
+
+
+def response_hidden(model, prompt_ids, prompt_mask, vision: VisionBatch, response_ids, response_mask):
+    """Last hidden states at the positions that predict each response token.
+
+    ``prompt_*`` are left-padded ``[B, P]``; ``response_*`` right-padded ``[B, T]``.
+    Returns ``[B, T, H]``: row (b, t) is the state after prompt + response[:t], i.e. the one whose
+    output distribution scores response token t. The output layer is *not* applied.
+
+    Rows that share a prompt (same tokens and image: the G rollouts of one prompt) share its
+    forward pass: each distinct prompt is encoded once, its cache is repeated per row, and only
+    the response tokens run per row. The result equals one full forward pass over
+    ``[prompt ; response]`` per row (tests check it, values and gradients).
+    """
+    first, inverse = distinct_prompts(prompt_ids, prompt_mask, vision)
+    if len(first) < len(inverse):
+        prefix = encode_prefix(model, prompt_ids[first], prompt_mask[first], vision.select(first)).select(inverse)
+    else:
+        prefix = encode_prefix(model, prompt_ids, prompt_mask, vision)
+    return prefix_response_hidden(model, prefix, response_ids, response_mask)
+
+
+def prefix_response_hidden(model, prefix: Prefix, response_ids, response_mask) -> torch.Tensor:
+    """:func:`response_hidden` from an encoded prompt batch (advances ``prefix``)."""
+    T = response_ids.shape[1]
+    first_state = prefix.last[:, None]
+    if T == 1:
+        return first_state
+    rest = continue_prefix(model, prefix, response_ids[:, : T - 1], response_mask[:, : T - 1])
+    return torch.cat([first_state, rest], 1)

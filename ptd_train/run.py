@@ -35,18 +35,22 @@ from . import grpo
 from .config import TrainConfig
 from .hints import HintLeakError, check_hint, leak_hint
 from .model import (
+    Prefix,
     TinyVLSpec,
     VisionBatch,
     VisionGeometry,
     build_tiny_model,
     build_tokenizer,
+    continue_prefix,
+    distinct_prompts,
+    encode_prefix,
     encode_prompt,
     left_pad,
     load_model_and_tokenizer,
-    model_inputs,
     output_layer,
     patchify,
     placeholder_ids,
+    prefix_response_hidden,
     resize_for_model,
     response_hidden,
     stack_images,
@@ -156,31 +160,50 @@ def completion_ids(tok, text: str) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, env: Env, pid, pmask, vision: VisionBatch, *, greedy: bool):
-    """Rollouts → (response ids [R, T] padded, mask [R, T] of real tokens incl. the first EOS)."""
+def generate(model, env: Env, pid, pmask, vision: VisionBatch, *, greedy: bool, prefix: Prefix | None = None):
+    """Rollouts → (response ids [R, T] padded, mask [R, T] of real tokens incl. the first EOS).
+
+    KV-cached decoding that encodes each distinct prompt once (the G rollouts of a prompt share
+    its prompt pass and image; the cache is repeated per rollout), then one token per step for all
+    rows: temperature sampling (or greedy), vision placeholder tokens suppressed, pad after EOS —
+    what ``model.generate`` does, without re-encoding the image of every rollout.
+    ``prefix``: an already encoded prompt batch (one row per rollout) to decode from instead.
+    """
     was_training = model.training
     model.eval()
-    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=env.cfg.temperature, top_k=0, top_p=1.0)
+    cfg = env.cfg
+    W, b = output_layer(model)
     with env.amp():
-        seqs = model.generate(
-            **model_inputs(model, pid, pmask, vision),
-            max_new_tokens=env.cfg.max_new_tokens,
-            suppress_tokens=env.blocked,
-            pad_token_id=env.tok.pad_token_id,
-            eos_token_id=env.tok.eos_token_id,
-            repetition_penalty=1.0,
-            **kw,
-        )
+        if prefix is None:
+            first, inverse = distinct_prompts(pid, pmask, vision)
+            prefix = encode_prefix(model, pid[first], pmask[first], vision.select(first)).select(inverse)
+        R = prefix.last.shape[0]
+        h = prefix.last
+        done = torch.zeros(R, dtype=torch.bool, device=h.device)
+        blocked = torch.tensor(env.blocked, dtype=torch.long, device=h.device)
+        out = []
+        for t in range(cfg.max_new_tokens):
+            logits = torch.nn.functional.linear(h.to(W.dtype), W, b).float()
+            logits[:, blocked] = -float("inf")
+            if greedy:
+                nxt = logits.argmax(-1)
+            else:
+                nxt = torch.multinomial(torch.softmax(logits / cfg.temperature, -1), 1).squeeze(1)
+            nxt = nxt.masked_fill(done, env.tok.pad_token_id)
+            out.append(nxt)
+            done |= nxt == env.tok.eos_token_id
+            if t + 1 == cfg.max_new_tokens or bool(done.all()):
+                break
+            h = continue_prefix(model, prefix, nxt[:, None], torch.ones_like(nxt[:, None]))[:, -1]
     model.train(was_training)
-    resp = seqs[:, pid.shape[1] :]
-    T = env.cfg.max_new_tokens
+    resp = torch.stack(out, 1)
+    T = cfg.max_new_tokens
     if resp.shape[1] < T:
-        resp = torch.cat([resp, resp.new_full((resp.shape[0], T - resp.shape[1]), env.tok.pad_token_id)], 1)
+        resp = torch.cat([resp, resp.new_full((R, T - resp.shape[1]), env.tok.pad_token_id)], 1)
     is_eos = resp == env.tok.eos_token_id
     after_eos = (torch.cumsum(is_eos.long(), 1) - is_eos.long()) > 0
     mask = ~after_eos
-    blocked = torch.isin(resp, torch.tensor(env.blocked, device=resp.device))
-    mask &= ~blocked
+    mask &= ~torch.isin(resp, blocked)
     resp = resp.masked_fill(~mask, env.tok.pad_token_id)
     return resp, mask
 
@@ -196,24 +219,25 @@ def targets_of(resp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, env: Env, examples: list[Example], hint_kind: str | None = None, batch: int = 100) -> dict:
     """Greedy accuracy on ``examples`` (hint-free unless ``hint_kind``) and the mean probability
-    of the reference completion (hint-free only; a smoother signal than greedy accuracy)."""
+    of the reference completion (hint-free only; a smoother signal than greedy accuracy).
+
+    Each prompt is encoded once: greedy decoding and the teacher-forced reference completion
+    both continue the same prompt cache."""
+    was_training = model.training
+    model.eval()
     correct, p_correct = 0.0, 0.0
     for s in range(0, len(examples), batch):
         chunk = examples[s : s + batch]
         pid, pmask, vision = env.prompts(chunk, None if hint_kind is None else [hint_kind] * len(chunk))
-        resp, mask = generate(model, env, pid, pmask, vision, greedy=True)
+        with env.amp():
+            prefix = encode_prefix(model, pid, pmask, vision)
+        keep = prefix.select(list(range(len(chunk)))) if hint_kind is None else prefix  # decoding grows its cache
+        resp, mask = generate(model, env, pid, pmask, vision, greedy=True, prefix=keep)
         correct += sum(reward(t, ex.answer) for t, ex in zip(decode(env.tok, resp, mask), chunk))
         if hint_kind is None:
-            gold = [completion_ids(env.tok, ex.completion or ex.answer) for ex in chunk]
-            T = max(map(len, gold))
-            g = torch.full((len(chunk), T), env.tok.pad_token_id, dtype=torch.long)
-            gm = torch.zeros((len(chunk), T), dtype=torch.bool)
-            for i, ids in enumerate(gold):
-                g[i, : len(ids)] = torch.tensor(ids)
-                gm[i, : len(ids)] = True
-            g, gm = g.to(env.device), gm.to(env.device)
+            g, gm = gold_batch(env, chunk)
             with env.amp():
-                h = response_hidden(model, pid, pmask, vision, g, gm)
+                h = prefix_response_hidden(model, prefix, g, gm)
             W, b = output_layer(model)
             logp = linear_logprobs(
                 h.reshape(-1, h.shape[-1]).to(W.dtype),
@@ -223,11 +247,24 @@ def evaluate(model, env: Env, examples: list[Example], hint_kind: str | None = N
                 temperature=env.cfg.temperature,
                 backend=env.backend,
             )
-            p_correct += logp.view(len(chunk), T).sum(1).exp().sum().item()
+            p_correct += logp.view(len(chunk), g.shape[1]).sum(1).exp().sum().item()
+    model.train(was_training)
     out = {"accuracy": correct / len(examples)}
     if hint_kind is None:
         out["p_correct"] = p_correct / len(examples)
     return out
+
+
+def gold_batch(env: Env, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference completions (+ EOS), right-padded: ids [B, T] and mask [B, T]."""
+    gold = [completion_ids(env.tok, ex.completion or ex.answer) for ex in examples]
+    T = max(map(len, gold))
+    g = torch.full((len(examples), T), env.tok.pad_token_id, dtype=torch.long)
+    gm = torch.zeros((len(examples), T), dtype=torch.bool)
+    for i, ids in enumerate(gold):
+        g[i, : len(ids)] = torch.tensor(ids)
+        gm[i, : len(ids)] = True
+    return g.to(env.device), gm.to(env.device)
 
 
 # ============================================================================ warm start
@@ -266,13 +303,7 @@ def warm_start(model, env: Env, task: GridCountTask, log=print) -> dict:
         batch = task.sample(rng, cfg.warmstart_batch)
         hk = list(rng.choice(kinds, size=len(batch), p=probs))
         pid, pmask, vision = env.prompts(batch, hk)
-        gold = [completion_ids(env.tok, ex.completion or ex.answer) for ex in batch]
-        T = max(map(len, gold))
-        g = torch.full((len(batch), T), env.tok.pad_token_id, dtype=torch.long, device=env.device)
-        gm = torch.zeros((len(batch), T), dtype=torch.bool, device=env.device)
-        for i, ids in enumerate(gold):
-            g[i, : len(ids)] = torch.tensor(ids, device=env.device)
-            gm[i, : len(ids)] = True
+        g, gm = gold_batch(env, batch)
         with env.amp():
             h = response_hidden(model, pid, pmask, vision, g, gm)
         logp = linear_logprobs(
@@ -393,9 +424,11 @@ def rl_step(policy, ref, opt, env: Env, examples: list[Example]) -> dict:
     rows = in_f.nonzero().flatten().tolist()
     teacher_hidden = None
     if rows:
-        tid, tmask, tvision = env.prompts([examples[r // G] for r in rows], [hint_kind] * len(rows))
+        prompts_f = sorted({r // G for r in rows})  # each prompt (and image) of F once ...
+        tid, tmask, tvision = env.prompts([examples[i] for i in prompts_f], [hint_kind] * len(prompts_f))
+        sel = [prompts_f.index(r // G) for r in rows]  # ... then one row per rollout in F
         with torch.no_grad(), env.amp():
-            th = response_hidden(teacher, tid, tmask, tvision, resp[rows], mask[rows])
+            th = response_hidden(teacher, tid[sel], tmask[sel], tvision.select(sel), resp[rows], mask[rows])
         teacher_hidden = torch.zeros(R, T, th.shape[-1], dtype=Wt.dtype, device=env.device)
         teacher_hidden[rows] = th.to(Wt.dtype)
         teacher_hidden = teacher_hidden.reshape(R * T, -1)

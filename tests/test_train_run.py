@@ -167,9 +167,14 @@ def _student_step_memory(tmp_path, n_extra_words):
     jsd_mask = torch.ones(R * T, dtype=torch.bool)  # PTD on every rollout
     Wt = ref.lm_head.weight
 
+    class Forward(torch.nn.Module):  # one parent module: the backbone runs twice per pass (the prompts,
+        def forward(self):  # then the responses on their cache), which MemTracker refuses at top level
+            out = run.student_pass(policy, env, pid, pmask, vision, resp, mask, th, Wt, None, jsd_mask)
+            logp, ent, jsd = out[:3]
+            return logp.sum() + ent.sum() + jsd.sum()
+
     def step():
-        logp, ent, jsd, ov, tm = run.student_pass(policy, env, pid, pmask, vision, resp, mask, th, Wt, None, jsd_mask)
-        (logp.sum() + ent.sum() + jsd.sum()).backward()
+        Forward()().backward()
 
     step()  # warm-up (lazy allocations)
     policy.zero_grad(set_to_none=True)
@@ -303,11 +308,14 @@ def test_warm_start_mixes_hints_and_is_cached(tmp_path):
     )
     task.dev = task.dev[:2]
     hint_id = tok.convert_tokens_to_ids("hint")
+    image_id = policy.config.image_token_id
     rows = []
 
     def hook(module, args, kwargs):
-        if torch.is_grad_enabled():  # the supervised steps (evaluations run without grad)
-            rows.extend((kwargs["input_ids"] == hint_id).any(1).tolist())
+        ids = kwargs["input_ids"]
+        # the supervised steps' prompt passes (evaluations run without grad; response passes have no image)
+        if torch.is_grad_enabled() and (ids == image_id).any():
+            rows.extend((ids == hint_id).any(1).tolist())
 
     handle = policy.model.register_forward_pre_hook(hook, with_kwargs=True)
     info = run.warm_start(policy, env, task, log=lambda *a: None)
@@ -342,3 +350,36 @@ def test_switches_run_one_step(tmp_path, flags):
 def test_bad_switch_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="teacher_hint"):
         run.main(["--output_dir", str(tmp_path), "--teacher_hint", "answer"])
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_cached_generate_matches_hf_generate(tmp_path, greedy):
+    """run.generate (each prompt encoded once, KV cache repeated per rollout) draws exactly the
+    rollouts that transformers' generate draws from the same RNG state on the repeated prompts."""
+    from ptd_train.model import model_inputs
+
+    cfg, task, tok, env, policy, ref, opt = _setup(tmp_path, max_new_tokens=4)
+    exs = task.sample(np.random.default_rng(3), 2)
+    G = cfg.group_size
+    pid, pmask, vision = env.prompts(exs)
+    owner = [i // G for i in range(len(exs) * G)]
+    pid, pmask, vision = pid[owner], pmask[owner], vision.select(owner)
+    torch.manual_seed(7)
+    resp, mask = run.generate(policy, env, pid, pmask, vision, greedy=greedy)
+    torch.manual_seed(7)
+    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    with torch.no_grad():
+        seqs = policy.eval().generate(
+            **model_inputs(policy, pid, pmask, vision),
+            max_new_tokens=4,
+            suppress_tokens=env.blocked,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            **kw,
+        )
+    hf = seqs[:, pid.shape[1] :]
+    hf = torch.cat([hf, hf.new_full((hf.shape[0], 4 - hf.shape[1]), tok.pad_token_id)], 1)
+    assert not greedy or len(set(map(tuple, resp.tolist()))) <= len(exs)  # greedy: one answer per prompt
+    assert torch.equal(resp.masked_fill(~mask, tok.pad_token_id), hf.masked_fill(~mask, tok.pad_token_id))
+    assert torch.equal(resp[~mask], torch.full_like(resp[~mask], tok.pad_token_id))
+
