@@ -13,7 +13,15 @@ Every method is a handful of ``run`` switches on top of one shared :class:`Train
   ptd-released  ptd with the authors' released surrogate: D_K is logged, its gradient is zero, so
                 only the dropped reference KL of PTD groups differs from grpo
 
-One warm-start checkpoint is trained first (``warmstart_seed``) and every run starts from it.
+One warm-start checkpoint is trained first (``warmstart_seed``) and every run starts from it. Its
+supervised data mixes hint kinds (``warmstart_hint_mix``, default none 25 %, spatial 50 %,
+procedure 12.5 %, leak 12.5 %): the leak share (the hint states the answer) is there so that
+ptd-leak's teacher is a competent answer-conditioned teacher — the random-init model has to learn
+to copy a stated answer, which any real LLM does; without it that teacher scored ≈ 0.1 hinted and
+the baseline measured a confused teacher, not answer conditioning. The warm start stops once the
+spatial- and the leak-hinted dev accuracies both reach ``warmstart_hinted_min`` (0.9). All methods
+share that checkpoint; no student ever sees a hint in RL, and only ptd-leak's teacher gets the
+answer-stating hint (``allow_answer_leak``; the zero-spoiler check guards every other hint).
 Seed s of every method draws the same prompts and sampling seed at each step (``run.step_seed``;
 the trajectories diverge once the weights do). Runs go to ``<output_dir>/runs/<method>/seed<s>/``
 (metrics.jsonl, eval.json), the study to ``<output_dir>/summary.md``, ``curves.png`` and
@@ -234,7 +242,7 @@ def paired(results: list[dict], a: str, b: str, key: str) -> tuple[list[float], 
     return d, sum(x > 0 for x in d)
 
 
-def summary_markdown(results: list[dict], methods: list[str], header: str) -> str:
+def summary_markdown(results: list[dict], methods: list[str], header: str, warm_mix: str | None = None) -> str:
     lines = [header, "", "## Per method (mean ± sd over seeds)", ""]
     lines.append("| method | n | " + " | ".join(t for _, t in MEASURES) + " |")
     lines.append("|---" * (len(MEASURES) + 2) + "|")
@@ -264,7 +272,14 @@ def summary_markdown(results: list[dict], methods: list[str], header: str) -> st
         "(exact H(p) of the student on its rollouts), PTD rollouts |F| and all-fail groups are per-step "
         "means; overlap |TopK(p) ∩ TopK(q)|/K, teacher mass Σ_S q and D (D_K, or the full JSD for "
         "ptd-full) are means over steps with |F| > 0. Teacher acc = greedy accuracy of the initial model "
-        "with the method's teacher hint (— for no hint). sd = sample sd over seeds.",
+        "with the method's teacher hint (— for no hint). sd = sample sd over seeds."
+        + (
+            f" Warm start (shared by all methods): supervised on the hint mix {warm_mix} (kind:weight; none = "
+            "hint-free, leak = the hint states the answer), stopped once the spatial- and leak-hinted dev "
+            "accuracies reach the threshold; no hint reaches the student in RL."
+            if warm_mix
+            else ""
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -412,7 +427,7 @@ def compare(study: CompareConfig, base: TrainConfig) -> dict:
             + " / ".join(f"{x:.2f}" for x in os.getloadavg()),
         ]
     )
-    md = summary_markdown(results, methods, header)
+    md = summary_markdown(results, methods, header, base.warmstart_hint_mix if warm else None)
     with open(os.path.join(study_dir, "summary.md"), "w") as f:
         f.write(md)
     try:

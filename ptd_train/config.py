@@ -25,7 +25,12 @@ class TrainConfig:
     and where exactly is sensitive to float rounding). So the warm start stops at the first
     evaluation where the hinted dev accuracy is ≥ 0.9: RL starts with a near-perfect hinted
     teacher and a hint-free student near 0.2. Half the warm-start prompts carry the spatial hint
-    (the pilot used 25 %; with 25 % the two events raced on this image).
+    (the pilot used 25 %; with 25 % the two events raced on this image). An eighth carry the
+    answer-stating hint of the ptd-leak baseline (``leak``, the reference completion): a real LLM
+    copies an answer stated in its context, the random-init tiny model must first learn to, or the
+    answer-conditioned teacher would be a confused one (hinted accuracy ≈ 0.1 without it); the
+    warm start then also waits for that teacher to reach ``warmstart_hinted_min``. The student
+    never sees any hint in RL, and RL teachers get the leak only with ``--allow_answer_leak``.
     Top-K (``ptd_k``): SPEC's K = 100 covers the whole ~90-token vocabulary of the embedded
     task (D_K would be the full JSD and the overlap diagnostic trivially 1), so the embedded
     default uses K = 8; real checkpoints use 100.
@@ -77,7 +82,8 @@ class TrainConfig:
     warmstart_lr: float = 3e-3
     warmstart_eval_every: int = 10
     warmstart_hint_mix: str = field(
-        default="none:0.25,spatial:0.5,procedure:0.25", metadata={"help": "Hint kinds of warm-start prompts."}
+        default="none:0.25,spatial:0.5,procedure:0.125,leak:0.125",
+        metadata={"help": "Hint kinds of warm-start prompts (leak: the hint states the answer; see class doc)."},
     )
     warmstart_dir: str | None = field(
         default=None, metadata={"help": "Cache of the warm-start checkpoint; None = output_dir/warmstart."}

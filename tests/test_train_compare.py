@@ -125,3 +125,10 @@ def test_new_methods_run_one_step(tmp_path, method):
         assert "accuracy_hinted_before" in evals  # the leak teacher's accuracy is measured
     else:
         assert m["ptd_loss"] > 0  # logged, though it carries no gradient
+
+
+def test_summary_states_the_warm_start_hint_mix():
+    r = dict.fromkeys([k for k, _ in compare.MEASURES], 0.5) | {"method": "grpo", "seed": 0}
+    md = compare.summary_markdown([r], ["grpo"], "# h", warm_mix="none:0.25,spatial:0.5,leak:0.25")
+    assert "hint mix none:0.25,spatial:0.5,leak:0.25" in md and "leak = the hint states the answer" in md
+    assert "hint mix" not in compare.summary_markdown([r], ["grpo"], "# h")  # no warm start, nothing claimed

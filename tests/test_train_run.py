@@ -12,6 +12,7 @@ from PIL import Image
 
 from ptd_train import run
 from ptd_train.config import TrainConfig
+from ptd_train.hints import HintLeakError
 from ptd_train.model import TinyVLSpec, VisionGeometry, build_tiny_model, build_tokenizer
 from ptd_train.tasks import GridCountTask
 from ptd_train.tasks.grid_count import render
@@ -307,21 +308,27 @@ def test_warm_start_mixes_hints_and_is_cached(tmp_path):
         tmp_path, warmstart_max_steps=2, warmstart_eval_every=2, warmstart_batch=16
     )
     task.dev = task.dev[:2]
-    hint_id = tok.convert_tokens_to_ids("hint")
+    hint_id, total_id = tok.convert_tokens_to_ids("hint"), tok.convert_tokens_to_ids("total")
     image_id = policy.config.image_token_id
-    rows = []
+    rows, leaks = [], []
 
     def hook(module, args, kwargs):
         ids = kwargs["input_ids"]
         # the supervised steps' prompt passes (evaluations run without grad; response passes have no image)
         if torch.is_grad_enabled() and (ids == image_id).any():
             rows.extend((ids == hint_id).any(1).tolist())
+            leaks.extend((ids == total_id).any(1).tolist())  # the leak hint is the completion "total N"
 
+    assert "leak" in cfg.warmstart_hint_mix  # the default mix teaches copying a stated answer
     handle = policy.model.register_forward_pre_hook(hook, with_kwargs=True)
     info = run.warm_start(policy, env, task, log=lambda *a: None)
     handle.remove()
     assert info["steps"] == 2 and len(rows) == 32
     assert 0 < sum(rows) < 32  # hinted and hint-free prompts both present
+    assert 0 < sum(leaks) < sum(rows)  # some hints state the answer, most do not
+    assert 0 <= info["dev_accuracy_leak"] <= 1
+    with pytest.raises(HintLeakError):  # the warm start's data path did not open the RL teacher's
+        env.hint(task.test[0], "leak")
     trained = {k: v.clone() for k, v in policy.state_dict().items()}
     fresh = build_tiny_model(tok, seed=1)
     info2 = run.warm_start(fresh, env, task, log=lambda *a: None)  # from the cache: no training
@@ -383,3 +390,21 @@ def test_cached_generate_matches_hf_generate(tmp_path, greedy):
     assert torch.equal(resp.masked_fill(~mask, tok.pad_token_id), hf.masked_fill(~mask, tok.pad_token_id))
     assert torch.equal(resp[~mask], torch.full_like(resp[~mask], tok.pad_token_id))
 
+
+@pytest.mark.parametrize("leak_acc, stops_at", [(0.5, 3), (0.95, 1)])
+def test_warm_start_waits_for_the_answer_conditioned_teacher(tmp_path, monkeypatch, leak_acc, stops_at):
+    """With leak in the hint mix, the warm start stops only once both the spatial-hinted and the
+    leak-hinted dev accuracies reach warmstart_hinted_min (the ptd-leak teacher must be competent)."""
+    cfg, task, tok, env, policy, ref, opt = _setup(
+        tmp_path, warmstart_max_steps=3, warmstart_eval_every=1, warmstart_batch=4
+    )
+    acc = {None: 0.2, "spatial": 0.95, "leak": leak_acc}
+    monkeypatch.setattr(run, "evaluate", lambda model, env, exs, hint_kind=None: {"accuracy": acc[hint_kind]})
+    info = run.warm_start(policy, env, task, log=lambda *a: None)
+    assert info["steps"] == stops_at and info["dev_accuracy_leak"] == leak_acc
+
+
+def test_warm_start_rejects_unknown_hint_kind(tmp_path):
+    cfg, task, tok, env, policy, ref, opt = _setup(tmp_path, warmstart_max_steps=1, warmstart_hint_mix="none:1,hnt:1")
+    with pytest.raises(ValueError, match="hnt"):
+        run.warm_start(policy, env, task, log=lambda *a: None)
