@@ -546,6 +546,28 @@ def test_loss_scales_with_the_incoming_gradient(backend):
     assert_grads(g3, -3.0 * g1, 1e-5, "grad × (−3)")
 
 
+@pytest.mark.parametrize("kind", ["jsd", "topk"])
+@pytest.mark.parametrize("one_sweep", [True, False], ids=["one-sweep", "per-row"])
+def test_torch_path_in_many_small_blocks(monkeypatch, kind, one_sweep):
+    """Tiny block budgets force several row blocks, cache sub-blocks and vocabulary blocks (the
+    bench shapes do; the small test shapes otherwise fit one block): the same values and gradients."""
+    from ptd_kernels import _torch_path
+
+    monkeypatch.setattr(_torch_path, "CHUNK_BYTES", 3 * 2 * V * 4)  # small per-row blocks
+    monkeypatch.setattr(_torch_path, "FUSED_BLOCK_BYTES", 3 * 2 * V * 4)  # 3 full rows of both sides per block
+    monkeypatch.setattr(_torch_path, "SUB_BLOCK_BYTES", 2 * V * 4)  # 2 rows per sub-block
+    monkeypatch.setattr(_torch_path, "FUSED_LOSS_MIN_ROWS", 1 if one_sweep else 10**9)
+    calls = []
+    real = _torch_path.fused_loss
+    monkeypatch.setattr(_torch_path, "fused_loss", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    from ptd_kernels import _engines
+
+    monkeypatch.setattr(_engines.TorchEngine, "fused_loss", staticmethod(_torch_path.fused_loss))
+    for dtype in (F32, F64):
+        check(loss_fn(kind, ROW_WEIGHTS), masked_case(dtype=dtype), "torch")
+    assert bool(calls) == one_sweep
+
+
 # ----------------------------------------------------------------------------- 6. logits level
 
 
