@@ -25,6 +25,7 @@ both to ``ptd_kernels.reference``.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -169,36 +170,56 @@ def full_jsd_terms(
     return value, grad_logits, w_sum
 
 
-def _softmax_(z: torch.Tensor) -> torch.Tensor:
-    """In place: z ← log softmax(z) (log_softmax's arithmetic); returns p = softmax(z), one exp."""
-    z.sub_(z.amax(-1, keepdim=True))
+def _softmax_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: z ← log softmax(z) (log_softmax's arithmetic); returns (p = softmax(z), lse [n]), one exp."""
+    row_max = z.amax(-1, keepdim=True)
+    z.sub_(row_max)
     p = z.exp()
     p_sum = p.sum(-1, keepdim=True)
-    z.sub_(p_sum.log())
-    return p.div_(p_sum)
+    log_sum = p_sum.log()
+    z.sub_(log_sum)
+    return p.div_(p_sum), (row_max + log_sum).squeeze(-1)
 
 
-def full_jsd_from_logits_(z: torch.Tensor, teacher_z: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``full_jsd_terms`` of rows of logits, in place: returns (value [n], ∂D/∂z written over z).
+def log_mixture_(p: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+    """log m = log(β·q + (1 − β)·p) for 0 < β < 1, floored at the smallest normal float where both
+    p and q underflow (their atoms are then 0·finite = 0, as with a log-add-exp). Overwrites nothing;
+    the forward and the recomputing backward of the CPU JSD must use this same expression, so that
+    Σ_v (w_v − p_v·Σw) cancels to rounding (one-hot rows)."""
+    return torch.lerp(p, q, beta).clamp_min_(torch.finfo(p.dtype).tiny).log_()
 
-    ``teacher_z`` is overwritten too. For 0 < β < 1 one exp per logit and side and one log per
-    atom: log m = log(β·q + (1 − β)·p), floored at the smallest normal float where both p and q
-    underflow (their atoms are then 0·finite = 0, exactly as with a log-add-exp), instead of
+
+class FullJSDRows(NamedTuple):
+    value: torch.Tensor  # [n]
+    grad_logits: torch.Tensor | None  # ∂D/∂z [n, V], written over the student logits
+    w_sum: torch.Tensor  # Σ_v w_v [n]
+    lse: torch.Tensor  # student logsumexp [n]
+    teacher_lse: torch.Tensor  # teacher logsumexp [n]
+
+
+def full_jsd_from_logits_(z: torch.Tensor, teacher_z: torch.Tensor, beta: float, *, grad: bool = True) -> FullJSDRows:
+    """``full_jsd_terms`` of rows of logits, in place: ∂D/∂z is written over z (``teacher_z`` is
+    overwritten too), with both logsumexps.
+
+    For 0 < β < 1 one exp per logit and side and one log per atom (``log_mixture_``) instead of
     log_softmax + exp + logaddexp (about 3× the transcendental work; this is the inner loop of the
-    CPU loss, see ``_torch_path.fused_loss``).
+    CPU JSD, see ``_torch_path``).
     """
     if beta == 0.0 or beta == 1.0:
-        value, grad_logits, _ = full_jsd_terms(torch.log_softmax(z, -1), torch.log_softmax(teacher_z, -1), beta)
-        return value, z.copy_(grad_logits)
-    p = _softmax_(z)  # z now holds log p
-    q = _softmax_(teacher_z)  # teacher_z now holds log q
-    logm = torch.lerp(p, q, beta).clamp_min_(torch.finfo(z.dtype).tiny).log_()
+        lse, teacher_lse = torch.logsumexp(z, -1), torch.logsumexp(teacher_z, -1)
+        value, grad_logits, w_sum = full_jsd_terms(torch.log_softmax(z, -1), torch.log_softmax(teacher_z, -1), beta)
+        return FullJSDRows(value, z.copy_(grad_logits) if grad else None, w_sum, lse, teacher_lse)
+    p, lse = _softmax_(z)  # z now holds log p
+    q, teacher_lse = _softmax_(teacher_z)  # teacher_z now holds log q
+    logm = log_mixture_(p, q, beta)
     teacher_kl = torch.linalg.vecdot(q, teacher_z.sub_(logm))
     w = z.sub_(logm).mul_(p)  # p·(log p − log m): the atoms of KL(P ‖ M)
     student_kl = w.sum(-1)
     value = beta * teacher_kl + (1.0 - beta) * student_kl
+    w_sum = (1.0 - beta) * student_kl
     # ∂D/∂z = w − p·Σw with w = (1 − β)·p·(log p − log m)
-    return value, w.addcmul_(p, student_kl[:, None], value=-1.0).mul_(1.0 - beta)
+    grad_logits = w.addcmul_(p, student_kl[:, None], value=-1.0).mul_(1.0 - beta) if grad else None
+    return FullJSDRows(value, grad_logits, w_sum, lse, teacher_lse)
 
 
 def union_support(student_ids: torch.Tensor, teacher_ids: torch.Tensor, *, return_order: bool = False):

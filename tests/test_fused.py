@@ -779,6 +779,22 @@ def test_shared_output_layer(backend):
         check(shared(f), case, backend)
 
 
+def test_shared_output_layer_is_one_gemm_on_the_torch_path(monkeypatch):
+    """The two-sided torch sweeps see a shared output layer (through ``detach()``) and stack both
+    sides' rows into one GEMM; separate layers keep two."""
+    from ptd_kernels import _torch_path
+
+    seen = []
+    real = _torch_path._two_sided_row_blocks
+    monkeypatch.setattr(_torch_path, "_two_sided_row_blocks", lambda *a: seen.append(a[-1]) or real(*a))
+    case = masked_case(th=H)
+    x = case.inputs(F32)
+    for teacher_weight in (x.weight, x.teacher_weight):
+        ptd.linear_jsd_loss(x.hidden, x.weight, x.teacher_hidden, teacher_weight, backend="torch").backward()
+        ptd.linear_jsd(x.hidden, x.weight, x.teacher_hidden, teacher_weight, backend="torch").sum().backward()
+    assert seen == [True, True, False, False]
+
+
 @pytest.mark.parametrize("backend", BOTH)
 def test_teacher_gets_no_gradient(backend):
     case = masked_case()
