@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import _torch_path
-from ._sparse import sparse_backward
+from ._sparse import pad_sparse
 from .triton._launch import interpreting
 
 
@@ -63,7 +63,7 @@ def _as_compute(t, dtype):
 
 
 class TritonEngine:
-    """Triton kernels for the vocabulary sweeps; the few-ids-per-row work stays in PyTorch."""
+    """Triton kernels for the vocabulary sweeps; gathers at a few ids per row stay in PyTorch."""
 
     name = "triton"
     fused_loss = None
@@ -87,17 +87,17 @@ class TritonEngine:
         from .triton.head_backward import head_backward
 
         dtype = _torch_path.compute_dtype(weight.dtype)
+        # The support terms go into the kernel's dz tiles (as the torch path adds them into its
+        # blocks): dense and sparse parts of a logit cancel before they multiply hidden.
+        padded = pad_sparse(hidden.shape[0], weight.shape[0], sparse, dtype)
+        sparse_ids, sparse_coef = padded if padded is not None else (None, None)
         grad_hidden, grad_weight, grad_bias = head_backward(
             hidden, weight, bias, temperature, lse.to(dtype), row_coef.to(dtype), _as_compute(logit_coef, dtype),
-            targets, _as_compute(target_coef, dtype), _as_compute(logit_shift, dtype), need_hidden_grad=need_hidden,
-            need_weight_grad=need_weight, need_bias_grad=need_bias)
-        grads = (_as_compute(grad_hidden, dtype) if need_hidden else None,
-                 _as_compute(grad_weight, dtype) if need_weight else None,
-                 _as_compute(grad_bias, dtype) if need_bias else None)
-        # TODO(triton): fold the support terms into the kernel's dz tiles, as the torch path does.
-        for rows, ids, coef in sparse:
-            sparse_backward(hidden, weight, temperature, ids, coef, *grads, rows=rows)
-        return grads
+            targets, _as_compute(target_coef, dtype), _as_compute(logit_shift, dtype), sparse_ids, sparse_coef,
+            need_hidden_grad=need_hidden, need_weight_grad=need_weight, need_bias_grad=need_bias)
+        return (_as_compute(grad_hidden, dtype) if need_hidden else None,
+                _as_compute(grad_weight, dtype) if need_weight else None,
+                _as_compute(grad_bias, dtype) if need_bias else None)
 
     @staticmethod
     def jsd_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature, beta):

@@ -1,8 +1,10 @@
-"""Output-layer work on a few ids per row (a top-K support, the targets): shared by both backends.
+"""Output-layer work on a few ids per row (a top-K support, the targets).
 
-Costs O(N·M·H) for M ids per row instead of the O(N·V·H) of a vocabulary sweep, so it needs no
-tiling over the vocabulary: rows are processed in chunks whose gathered weight rows
-([rows, M, H]) stay within ``CHUNK_BYTES``.
+``gather_logits`` costs O(N·M·H) for M ids per row instead of the O(N·V·H) of a vocabulary
+sweep, so it needs no tiling over the vocabulary: rows are processed in chunks whose gathered
+weight rows ([rows, M, H]) stay within ``CHUNK_BYTES``. Gradients of such terms are never formed
+here: both backends add them into the dz blocks of their vocabulary sweep (so that they cancel
+against the dense part before the GEMMs); ``pad_sparse`` lays them out for the Triton kernel.
 """
 
 from __future__ import annotations
@@ -35,40 +37,40 @@ def gather_logits(hidden, weight, bias, temperature: float, ids: torch.Tensor, d
     return out
 
 
-def sparse_backward(hidden, weight, temperature: float, ids: torch.Tensor, coef: torch.Tensor, grad_hidden,
-                    grad_weight, grad_bias, rows: torch.Tensor | None = None) -> None:
-    """Add the gradients of Σ_{n,m} coef[n, m] · z[n, ids[n, m]] into the given accumulators (in place).
+def pad_sparse(n: int, vocab: int, sparse, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Merge sparse terms into one padded array per row, for kernels that add them into dz tiles.
 
-    ``grad_hidden`` [N, H], ``grad_weight`` [V, H], ``grad_bias`` [V] are compute-dtype buffers or
-    None when not wanted. The 1/τ of the logits is applied here. With ``rows`` (int64 [n]), the
-    i-th row of ids/coef belongs to row ``rows[i]`` of hidden / grad_hidden.
+    ``sparse``: (row_index [m], ids [m, M_i], coef [m, M_i]) triples with row_index in [0, n)
+    (several triples may name one row, and one row may repeat within a triple). Returns
+    (ids [n, M] int64 sorted ascending per row, coef [n, M] in ``dtype``), M the largest number
+    of terms of any row, the unused slots at the end of a row holding id ``vocab`` (it matches no
+    column) and coefficient 0; or None when no term is left. Terms with coefficient 0 are dropped
+    (they add nothing); a NaN coefficient is kept. A repeated (row, id) keeps both terms.
     """
-    if rows is not None:
-        hidden = hidden[rows]
-        if grad_hidden is not None:
-            partial = torch.zeros((rows.shape[0], hidden.shape[1]), dtype=grad_hidden.dtype, device=hidden.device)
-            sparse_backward(hidden, weight, temperature, ids, coef, partial, grad_weight, grad_bias)
-            grad_hidden.index_add_(0, rows, partial)
-            return
-        sparse_backward(hidden, weight, temperature, ids, coef, None, grad_weight, grad_bias)
-        return
-    n, m = ids.shape
-    if n == 0 or m == 0:
-        return
-    dtype = coef.dtype
-    scaled = coef / temperature
-    if grad_bias is not None:
-        grad_bias.index_add_(0, ids.reshape(-1), scaled.reshape(-1).to(grad_bias.dtype))
-    if grad_hidden is None and grad_weight is None:
-        return
-    h = hidden.shape[1]
-    step = _rows_per_chunk(n, m, h, torch.finfo(dtype).bits // 8)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        rows, c = ids[r0:r1], scaled[r0:r1]
-        if grad_hidden is not None:
-            w_rows = weight[rows].to(dtype)  # [c, m, H]
-            grad_hidden[r0:r1] += torch.bmm(c[:, None, :], w_rows).squeeze(1).to(grad_hidden.dtype)
-        if grad_weight is not None:
-            contrib = c[:, :, None] * hidden[r0:r1].to(dtype)[:, None, :]  # [c, m, H]
-            grad_weight.index_add_(0, rows.reshape(-1), contrib.reshape(-1, h).to(grad_weight.dtype))
+    rows, ids, coefs = [], [], []
+    for row_index, row_ids, coef in sparse:
+        if row_ids.numel() == 0:
+            continue
+        rows.append(row_index.to(torch.int64)[:, None].expand_as(row_ids).reshape(-1))
+        ids.append(row_ids.to(torch.int64).reshape(-1))
+        coefs.append(coef.to(dtype).reshape(-1))
+    if not rows:
+        return None
+    rows, ids, coefs = torch.cat(rows), torch.cat(ids), torch.cat(coefs)
+    keep = coefs != 0
+    rows, ids, coefs = rows[keep], ids[keep], coefs[keep]
+    if rows.numel() == 0:
+        return None
+    # One sort on (row, id): rows become contiguous runs, ids ascending within each.
+    span = int(ids.max()) - int(ids.min()) + 1
+    order = (rows * span + (ids - ids.min())).argsort()
+    rows, ids, coefs = rows[order], ids[order], coefs[order]
+    counts = torch.bincount(rows, minlength=n)
+    width = int(counts.max())
+    run_start = counts.cumsum(0) - counts
+    slot = torch.arange(rows.numel(), device=rows.device) - run_start[rows]
+    out_ids = torch.full((n, width), vocab, dtype=torch.int64, device=rows.device)
+    out_coef = torch.zeros((n, width), dtype=dtype, device=rows.device)
+    out_ids[rows, slot] = ids
+    out_coef[rows, slot] = coefs
+    return out_ids, out_coef

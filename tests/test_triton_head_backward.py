@@ -61,19 +61,34 @@ def dense_dz(z, lse, row_coef, logit_coef, targets, target_coef):
     return dz
 
 
-def run_and_compare(hidden, weight, bias, coefs, tiles, tol, tau=TAU):
+def dense_sparse(v, sparse_ids, sparse_coef):
+    """float64 [n, v] with Σ_m coef[n, m] at column ids[n, m] (ids outside [0, v) ignored)."""
+    n = sparse_ids.shape[0]
+    out = torch.zeros((n, v), dtype=torch.float64)
+    inside = (sparse_ids >= 0) & (sparse_ids < v)
+    rows = torch.arange(n)[:, None].expand_as(sparse_ids)
+    out.index_put_((rows[inside], sparse_ids[inside]), sparse_coef.to(torch.float64)[inside], accumulate=True)
+    return out
+
+
+def run_and_compare(hidden, weight, bias, coefs, tiles, tol, tau=TAU, sparse=None):
     row_coef, logit_coef, targets, target_coef = coefs
     x, w, b, z = dense_logits(hidden, weight, bias, tau)
     z = z.detach()
     lse = z.logsumexp(-1)
     dz = dense_dz(z, lse, row_coef, logit_coef, targets, target_coef)
     acc = acc_dtype(hidden.dtype)
+    sparse_ids = sparse_coef = None
+    if sparse is not None:
+        sparse_ids, sparse_coef = sparse
+        dz = dz + dense_sparse(z.shape[1], sparse_ids, sparse_coef)
 
     def cast(t):
         return None if t is None else t.to(acc)
 
     gx, gw, gb = head_backward(hidden, weight, bias, tau, cast(lse), cast(row_coef), cast(logit_coef),
-                               targets, cast(target_coef), **tiles)
+                               targets, cast(target_coef), sparse_ids=sparse_ids, sparse_coef=cast(sparse_coef),
+                               **tiles)
     assert gx.dtype == hidden.dtype and gw.dtype == weight.dtype
     assert_rel_close(gx, dz @ w.detach() / tau, tol, "grad_hidden")
     assert_rel_close(gw, dz.T @ x.detach() / tau, tol, "grad_weight")
@@ -208,6 +223,15 @@ def test_bad_inputs_are_rejected():
         head_backward(hidden, weight, bias, TAU, lse, coef, block_v=48)
     with pytest.raises(ValueError, match="targets"):
         head_backward(hidden, weight, bias, TAU, lse, coef, targets=torch.zeros(N, dtype=torch.int64))
+    ids, sparse_coef = torch.zeros((N, 3), dtype=torch.int64), torch.zeros((N, 3))
+    with pytest.raises(ValueError, match="sparse_ids and sparse_coef"):
+        head_backward(hidden, weight, bias, TAU, lse, coef, sparse_ids=ids)
+    with pytest.raises(ValueError, match="sparse_coef"):
+        head_backward(hidden, weight, bias, TAU, lse, coef, sparse_ids=ids, sparse_coef=sparse_coef[:, :2])
+    with pytest.raises(ValueError, match="sparse_ids"):
+        head_backward(hidden, weight, bias, TAU, lse, coef, sparse_ids=ids[:-1], sparse_coef=sparse_coef[:-1])
+    with pytest.raises(TypeError, match="sparse_ids"):
+        head_backward(hidden, weight, bias, TAU, lse, coef, sparse_ids=ids.float(), sparse_coef=sparse_coef)
 
 
 def test_many_row_tiles():
@@ -215,3 +239,128 @@ def test_many_row_tiles():
     hidden, weight, bias = make_inputs(torch.float32, True, n=150)
     run_and_compare(hidden, weight, bias, random_coefs(n=150), dict(block_n=16, block_v=128, block_h=64),
                     GRAD_TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------- sparse terms in the dz tiles
+
+# With V = 200 and BLOCK_V = 64 the vocabulary tiles are [0, 64), [64, 128), [128, 192) and the
+# partial [192, 200). Rows given in no particular order within a row (the launcher sorts them).
+_SPARSE_ROWS = [
+    [5, 3, 60, 10, 200, 200, 200, 200],  # several ids in the first tile, padded with id V
+    [199, 193, 192, 195, -1, -1, -1, -1],  # several ids in the last, partial tile; padding −1
+    [200, 200, 200, 200, 200, 200, 200, 200],  # no sparse term (ids V, coefficients 0)
+    [0, 63, 64, 127, 128, 191, 192, 199],  # both edges of every tile
+    [7, 150, 7, 7, 0, 0, 0, 0],  # a repeated id adds up (padding: id 0 with coefficient 0)
+    [-5, 200, 10_000, 3, 3, 3, 3, 3],  # ids outside [0, V) match no column even with a coefficient
+    [11, 12, 13, 14, 15, 16, 17, 18],
+]
+
+
+def sparse_terms(n=N, seed=1):
+    ids = torch.tensor(_SPARSE_ROWS, dtype=torch.int64)[:n]
+    coef = torch.randn(ids.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    coef[0, 4:] = 0.0
+    coef[1, 4:] = 0.0
+    coef[2] = 0.0
+    coef[4, 4:] = 0.0
+    coef[5, 3:] = 0.0
+    return ids, coef
+
+
+def test_sparse_terms_reference_layout():
+    """The torch reference of the sparse terms: the rows above mean what their comments say."""
+    ids, coef = sparse_terms()
+    dense = dense_sparse(V, ids, coef)
+    assert torch.all(dense[2] == 0) and torch.all(dense[5] == 0)
+    assert dense[4, 7] == coef[4, 0] + coef[4, 2] + coef[4, 3]
+    assert (dense[1, 192:] != 0).sum() == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("tiles", [SMALL_TILES, DEFAULT_TILES], ids=["small_tiles", "default_tiles"])
+def test_sparse_terms_in_tiles(dtype, tiles):
+    """dz = dense part + targets + sparse terms, with the sparse ids spread over tiles as in _SPARSE_ROWS."""
+    hidden, weight, bias = make_inputs(dtype, True)
+    run_and_compare(hidden, weight, bias, random_coefs(), tiles, GRAD_TOL[dtype], sparse=sparse_terms())
+
+
+def test_sparse_terms_alone_and_single_slot():
+    """Only sparse terms (row_coef 0, no targets), and M = 1 (one slot per row)."""
+    hidden, weight, bias = make_inputs(torch.float64, True)
+    zero = (torch.zeros(N, dtype=torch.float64), None, None, None)
+    gx, gw, gb = run_and_compare(hidden, weight, bias, zero, SMALL_TILES, GRAD_TOL[torch.float64],
+                                 sparse=sparse_terms())
+    assert torch.all(gx[2] == 0) and torch.all(gx[5] == 0)  # rows without a term in [0, V)
+    ids = torch.tensor([[199], [0], [64], [63], [200], [100], [128]])
+    coef = torch.randn(N, 1, dtype=torch.float64)
+    run_and_compare(hidden, weight, bias, zero, SMALL_TILES, GRAD_TOL[torch.float64], sparse=(ids, coef))
+
+
+def test_sparse_terms_many_rows_and_random_ids():
+    """150 rows over 10 row tiles, 21 random (possibly repeated) ids per row, some rows without any."""
+    n = 150
+    hidden, weight, bias = make_inputs(torch.float32, False, n=n)
+    ids = torch.randint(0, V, (n, 21))
+    coef = torch.randn(n, 21, dtype=torch.float64)
+    coef[::7] = 0.0
+    run_and_compare(hidden, weight, bias, random_coefs(n=n), dict(block_n=16, block_v=64, block_h=64),
+                    GRAD_TOL[torch.float32], sparse=(ids, coef))
+
+
+def test_sparse_terms_cancel_inside_the_tile():
+    """A 1e4-scaled hidden row whose p is exactly one-hot at t, with row_coef c and a sparse −c at t:
+    dz[0, t] = c·1 − c = 0 exactly when the sparse term is added in the tile, so d weight[t] keeps
+    the other rows' small contributions. Contracting the sparse term with hidden separately
+    (the former Triton path) sums ±c·1e4 in float32 and loses them: relative error 3e-4 vs 4e-7."""
+    tau, t = 0.5, 37  # 1/τ exact in float32
+    hidden, weight, _ = make_inputs(torch.float32, False)
+    weight[:, 0] = 0.0
+    weight[t, 0] = 2.0 ** -6
+    hidden[0] = 0.0
+    hidden[0, 0] = 1e4  # z[0, t] = 1e4 / 64 / τ = 312.5 exactly, z[0, v ≠ t] = 0: p[0] one-hot in float32
+    row_coef = 0.01 * torch.randn(N, dtype=torch.float64)
+    row_coef[0] = 1.0
+    ids = torch.full((N, 2), V, dtype=torch.int64)
+    coef = torch.zeros(N, 2, dtype=torch.float64)
+    ids[0, 0], coef[0, 0] = t, -1.0
+    ids[1:, 0], coef[1:, 0] = torch.randint(0, V, (N - 1,)), 0.01 * torch.randn(N - 1, dtype=torch.float64)
+    run_and_compare(hidden, weight, None, (row_coef, None, None, None), SMALL_TILES, 1e-6, tau=tau,
+                    sparse=(ids, coef))
+
+
+def test_pad_sparse_merges_triples_per_row():
+    """Several (row_index, ids, coef) triples, rows named twice or not at all, become one padded
+    array per row: ids ascending, padding id V with coefficient 0, zero coefficients dropped."""
+    from ptd_kernels._sparse import pad_sparse
+
+    first = (torch.tensor([0, 2]), torch.tensor([[9, 4], [1, 1]]), torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
+    second = (torch.tensor([2, 0, 2]), torch.tensor([[0], [5], [7]]), torch.tensor([[4.0], [5.0], [6.0]]))
+    ids, coef = pad_sparse(4, 10, [first, second], torch.float64)
+    assert ids.tolist() == [[4, 5, 9], [10, 10, 10], [0, 1, 7], [10, 10, 10]]
+    assert coef.tolist() == [[2.0, 5.0, 1.0], [0.0, 0.0, 0.0], [4.0, 3.0, 6.0], [0.0, 0.0, 0.0]]
+    assert pad_sparse(4, 10, [], torch.float32) is None
+    assert pad_sparse(4, 10, [(torch.tensor([1]), torch.tensor([[3]]), torch.zeros(1, 1))], torch.float32) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_engine_sparse_triples_match_the_torch_engine(dtype):
+    """TritonEngine.head_backward with target one-hots and two sparse triples (one on a subset of
+    rows, with repeated ids) against the chunked torch engine, which adds them into its blocks."""
+    from ptd_kernels._engines import TorchEngine, TritonEngine
+
+    n = 9
+    hidden, weight, bias = make_inputs(dtype, True, n=n)
+    acc = acc_dtype(dtype)
+    _, _, _, z = dense_logits(hidden, weight, bias)
+    lse = z.detach().logsumexp(-1).to(acc)
+    row_coef, logit_coef, targets, target_coef = (None if t is None else (t.to(acc) if t.is_floating_point() else t)
+                                                  for t in random_coefs(n=n))
+    subset = torch.tensor([1, 4, 8])
+    sparse = [(subset, torch.tensor([[3, 3, 199], [0, 64, 100], [192, 5, 6]]), torch.randn(3, 3, dtype=acc)),
+              (torch.arange(n), torch.randint(0, V, (n, 5)), torch.randn(n, 5, dtype=acc))]
+    args = (hidden, weight, bias, TAU, lse, row_coef, logit_coef, lse.new_zeros(n), targets, target_coef, sparse)
+    want = TorchEngine.head_backward(*args)
+    got = TritonEngine.head_backward(*args)
+    for g, w_, what in zip(got, want, ("grad_hidden", "grad_weight", "grad_bias")):
+        assert g.dtype == acc, what
+        assert_rel_close(g, w_.to(torch.float64), GRAD_TOL[dtype], what)

@@ -7,17 +7,25 @@ Math (SPEC §2; every loss of the library reduces to it). With the student logit
 and per-row coefficients given by the caller,
 
     dz[n, v] = p[n, v] · (row_coef[n] + logit_coef[n] · (z[n, v] − logit_shift[n])) + target_coef[n] · [v = targets[n]]
+               + Σ_m sparse_coef[n, m] · [v = sparse_ids[n, m]]
     grad_hidden = dz @ weight / τ,   grad_weight = dzᵀ @ hidden / τ,   grad_bias = Σ_n dz[n, :] / τ.
 
 Examples: log-prob of the target (row_coef = −g, target_coef = g), entropy (logit_coef = −g,
 logit_shift = Σ_v p z: the shift is subtracted per element, so that a huge mean logit does not
-swallow the O(1) row coefficient), the dense part of the Top-K JSD (row_coef = g·c).
+swallow the O(1) row coefficient), the Top-K JSD (row_coef = g·c for its dense part, and its
+support terms as sparse_ids / sparse_coef: M ids per row with their coefficients).
 
 How: one program per (BLOCK_N rows × BLOCK_V vocabulary) tile. It recomputes the logits tile
 (a loop over H), forms dz in registers, then loops over H again and atomically adds
 dz @ weight-tile into a float32 grad_hidden and dzᵀ @ hidden-tile into a float32 grad_weight
 (the scheme of Apple's cut-cross-entropy). Nothing of size N×V is ever allocated; the extra
 memory is the float32 accumulators of the gradients (cast to the input dtype at the end).
+
+The sparse terms are added into the dz tile before its dot products (``add_sparse_terms``), so
+that a dense part and a sparse part of one logit cancel in dz first, at |dz| magnitude, and not
+after both have been multiplied by a possibly huge hidden row. With the ids sorted ascending per
+row, each program binary-searches, per row, the slots whose ids fall in its column range and
+loops over at most the largest such count in the tile (not over all M slots).
 
 Dtypes: float32, bfloat16, float16 (fp32 accumulation) and float64 (fp64 accumulation; tl.dot
 and atomic_add on float64 are exact under the interpreter, not yet measured on a GPU). float32
@@ -144,6 +152,49 @@ def accumulate_head_grads(
                           mask=mask_v[:, None] & mask_k[None, :], sem="relaxed")
 
 
+@triton.jit
+def add_sparse_terms(
+    dz, ids_ptr, coef_ptr, offs_n, offs_v, mask_n, v_start, M, search_steps,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """dz + Σ_m coef[n, m]·[ids[n, m] = v] over the [BLOCK_N, BLOCK_V] tile (rows offs_n, columns offs_v).
+
+    ``ids``/``coef`` are contiguous [N, M] arrays whose ids are sorted ascending per row (ids
+    outside [0, V) match no column; a repeated id adds each of its coefficients). The columns
+    of the tile are [v_start, v_start + BLOCK_V). ``search_steps`` ≥ ⌈log2(M + 1)⌉.
+    """
+    row_base = offs_n * M  # int64 (offs_n is int64): N·M may exceed 2^31
+    v_end = v_start + BLOCK_V
+    # Per row: first = #slots with id < v_start, last = #slots with id < v_end (two lower bounds).
+    first = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    first_hi = tl.zeros((BLOCK_N,), dtype=tl.int32) + M
+    last = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    last_hi = tl.zeros((BLOCK_N,), dtype=tl.int32) + M
+    for _ in range(search_steps):
+        open_first = mask_n & (first < first_hi)
+        mid = (first + first_hi) // 2
+        mid_id = tl.load(ids_ptr + row_base + mid, mask=open_first, other=0)
+        below = open_first & (mid_id < v_start)
+        first = tl.where(below, mid + 1, first)
+        first_hi = tl.where(open_first & (mid_id >= v_start), mid, first_hi)
+
+        open_last = mask_n & (last < last_hi)
+        mid = (last + last_hi) // 2
+        mid_id = tl.load(ids_ptr + row_base + mid, mask=open_last, other=0)
+        below = open_last & (mid_id < v_end)
+        last = tl.where(below, mid + 1, last)
+        last_hi = tl.where(open_last & (mid_id >= v_end), mid, last_hi)
+    count = tl.where(mask_n, last - first, 0)
+    for j in range(0, tl.max(count, axis=0)):
+        slot = first + j
+        mask_slot = mask_n & (slot < last)
+        ids = tl.load(ids_ptr + row_base + slot, mask=mask_slot, other=-1)
+        coef = tl.load(coef_ptr + row_base + slot, mask=mask_slot, other=0.0)
+        hit = mask_slot[:, None] & (offs_v[None, :] == ids[:, None])
+        dz += tl.where(hit, coef[:, None], 0.0)
+    return dz
+
+
 # ----------------------------------------------------------------------------------------------
 # kernel
 # ----------------------------------------------------------------------------------------------
@@ -153,10 +204,11 @@ def accumulate_head_grads(
 def _head_backward_kernel(
     x_ptr, w_ptr, b_ptr, scalars_ptr,
     lse_ptr, row_coef_ptr, logit_coef_ptr, logit_shift_ptr, targets_ptr, target_coef_ptr,
+    sparse_ids_ptr, sparse_coef_ptr,
     gx_ptr, gw_ptr, gb_ptr,
-    N, V, H,
+    N, V, H, M, search_steps,
     stride_xn, stride_xh, stride_wv, stride_wh,
-    HAS_BIAS: tl.constexpr, HAS_LOGIT_COEF: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LOGIT_COEF: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_SPARSE: tl.constexpr,
     NEED_X_GRAD: tl.constexpr, NEED_W_GRAD: tl.constexpr, NEED_B_GRAD: tl.constexpr,
     DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
@@ -186,6 +238,9 @@ def _head_backward_kernel(
         target = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1)
         target_coef = tl.load(target_coef_ptr + offs_n, mask=mask_n, other=0.0)
         dz += tl.where(offs_v[None, :] == target[:, None], target_coef[:, None], 0.0)
+    if HAS_SPARSE:
+        dz = add_sparse_terms(dz, sparse_ids_ptr, sparse_coef_ptr, offs_n, offs_v, mask_n,
+                              pid_v.to(tl.int64) * BLOCK_V, M, search_steps, BLOCK_N, BLOCK_V)
     dz = tl.where(valid, dz * inv_tau, 0.0)
 
     accumulate_head_grads(dz, x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr,
@@ -243,6 +298,23 @@ def check_row_vector(name: str, tensor: torch.Tensor, n: int, device: torch.devi
         raise ValueError(f"{name} is on {tensor.device}, expected {device}")
 
 
+def check_sparse(ids: torch.Tensor, coef: torch.Tensor, n: int, device: torch.device) -> None:
+    """sparse_ids / sparse_coef: [n, M] tensors on ``device``, integer ids and float coefficients."""
+    for name, tensor in (("sparse_ids", ids), ("sparse_coef", coef)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 2 or tensor.shape[0] != n:
+            raise ValueError(f"{name} must have shape ({n}, M), got {tuple(tensor.shape)}")
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device}, expected {device}")
+    if ids.shape != coef.shape:
+        raise ValueError(f"sparse_ids {tuple(ids.shape)} and sparse_coef {tuple(coef.shape)} must have one shape")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"sparse_ids must be int64, got {ids.dtype}")
+    if not coef.dtype.is_floating_point:
+        raise TypeError(f"sparse_coef must be a float tensor, got {coef.dtype}")
+
+
 def check_head(hidden, weight, bias, temperature, prefix=""):
     """Validates one output layer; returns (N, V, H)."""
     check_operand(prefix + "hidden", hidden, 2)
@@ -284,6 +356,8 @@ def head_backward(
     targets: torch.Tensor | None = None,
     target_coef: torch.Tensor | None = None,
     logit_shift: torch.Tensor | None = None,
+    sparse_ids: torch.Tensor | None = None,
+    sparse_coef: torch.Tensor | None = None,
     *,
     need_hidden_grad: bool = True,
     need_weight_grad: bool = True,
@@ -303,6 +377,9 @@ def head_backward(
         logit_shift: [N] subtracted from z inside the logit_coef term (None: 0).
         targets: [N] int64 ids in [0, V) with ``target_coef`` (or None). Masked rows must be
             removed by the caller (an id outside [0, V) simply matches no column).
+        sparse_ids, sparse_coef: [N, M] ids (int64) and coefficients of the sparse terms (or
+            None), in any order within a row; a row with fewer terms pads with coefficient 0
+            (any id) or with an id outside [0, V). Repeated ids add up.
         need_hidden_grad, need_weight_grad, need_bias_grad: skip the gradients not wanted.
         block_n, block_v, block_h: tile overrides (powers of 2, ≥ 16), for tests and tuning.
 
@@ -323,6 +400,10 @@ def head_backward(
         check_row_vector("targets", targets, n, device)
         if targets.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"targets must be int64, got {targets.dtype}")
+    if (sparse_ids is None) != (sparse_coef is None):
+        raise ValueError("sparse_ids and sparse_coef must be given together")
+    if sparse_ids is not None:
+        check_sparse(sparse_ids, sparse_coef, n, device)
 
     need_bias_grad = need_bias_grad and bias is not None
     gx = torch.zeros((n, h), dtype=acc_dtype, device=device) if need_hidden_grad else None
@@ -337,6 +418,11 @@ def head_backward(
     lse_, row_coef_ = vec(lse), vec(row_coef)
     scalars = torch.tensor([1.0 / float(temperature)], dtype=acc_dtype, device=device)
     dummy = scalars  # stands in for absent optional pointers (never read: constexpr flags)
+    has_sparse = sparse_ids is not None and sparse_ids.shape[1] > 0
+    m = sparse_ids.shape[1] if has_sparse else 0
+    if has_sparse:  # the kernel binary-searches each row: ids ascending, coefficients alongside
+        sparse_ids, order = sparse_ids.to(torch.int64).sort(dim=1)
+        sparse_ids, sparse_coef = sparse_ids.contiguous(), vec(sparse_coef.gather(1, order))
     bn, bv, bh, warps = resolve_tiles(hidden.dtype, block_n, block_v, block_h)
     grid = (triton.cdiv(n, bn) * triton.cdiv(v, bv),)
     _head_backward_kernel[grid](
@@ -346,10 +432,12 @@ def head_backward(
         vec(logit_shift) if logit_shift is not None else torch.zeros_like(lse_),
         targets.to(torch.int64).contiguous() if targets is not None else dummy,
         vec(target_coef) if target_coef is not None else dummy,
+        sparse_ids if has_sparse else dummy, sparse_coef if has_sparse else dummy,
         gx if gx is not None else dummy, gw if gw is not None else dummy, gb if gb is not None else dummy,
-        n, v, h,
+        n, v, h, m, m.bit_length(),
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None, HAS_LOGIT_COEF=logit_coef is not None, HAS_TARGETS=targets is not None,
+        HAS_SPARSE=has_sparse,
         NEED_X_GRAD=need_hidden_grad, NEED_W_GRAD=need_weight_grad, NEED_B_GRAD=need_bias_grad,
         DOT_UPCAST=_launch.dot_upcast(hidden.dtype), PRECISION=dot_precision(hidden.dtype),
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, GROUP_N=GROUP_N,
