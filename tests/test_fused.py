@@ -710,19 +710,10 @@ def test_huge_logit_and_tied_rows(backend, name, dtype, bias):
                      "grad bias")
 
 
-# The torch path folds the sparse terms (target one-hot, support coefficients) into each dz block before the
-# GEMMs; the Triton backend still contracts the support terms with hidden separately from the kernel's dense
-# p·coef sweep, so their cancellation on a one-hot row happens after multiplying by the 1e4 hidden row.
-_SPLIT_CANCELLATION = pytest.mark.xfail(strict=True, reason=(
-    "Triton backend, d weight with a 1e4-scaled hidden row: the support terms of the Top-K JSD are contracted "
-    "with hidden outside the kernel's dz tiles (_engines.TritonEngine.head_backward → _sparse.sparse_backward), "
-    "so they cancel at |hidden|·|coef| magnitude; fold them into the kernel's dz tiles (TODO)"))
-
-
+# Both backends add the sparse terms (target one-hot, support coefficients) into each dz tile before the
+# GEMMs / dots, so that on a one-hot row they cancel in dz, not after multiplying by the 1e4 hidden row.
 @pytest.mark.parametrize("backend,name", [
-    pytest.param(be, n, marks=([*TRITON.marks] if be == "triton" else [])
-                 + ([_SPLIT_CANCELLATION] if be == "triton" and n in ("topk_jsd", "topk_jsd_loss") else []),
-                 id=f"{be}-{n}")
+    pytest.param(be, n, marks=[*TRITON.marks] if be == "triton" else [], id=f"{be}-{n}")
     for be in ("torch", "triton") for n in ALL_FNS])
 def test_huge_hidden_row_weight_gradient(backend, name):
     """d weight when one hidden row is scaled by 1e4: within 4× the plain float32 reference's error."""
