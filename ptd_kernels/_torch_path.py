@@ -1,8 +1,8 @@
 """The chunked PyTorch backend (CPU, and the fallback everywhere).
 
 Same memory rule as the Triton kernels: logits exist only as bounded blocks of at most
-``CHUNK_BYTES`` (``FUSED_BLOCK_BYTES`` for the two-sided JSD sweeps), recomputed in the
-backward pass. Nothing grows with N·V.
+``CHUNK_BYTES`` (``FUSED_BLOCK_BYTES`` for the two-sided JSD forward, ``LOSS_BLOCK_BYTES``
+for the one-sweep loss), recomputed in the backward pass. Nothing grows with N·V.
 
 Two block levels, because a CPU has two speeds: each block is as large as the budget allows,
 so its GEMMs run at full speed (a thin block re-streams the whole weight per call); the
@@ -28,7 +28,12 @@ import torch
 from . import _rowmath
 
 CHUNK_BYTES = 32 << 20  # one-sided logits block (per-row forward and backward sweeps)
-FUSED_BLOCK_BYTES = 48 << 20  # both sides' full-row logits blocks (~200 rows at V = 32k: near-full-speed GEMMs)
+FUSED_BLOCK_BYTES = 48 << 20  # both sides' full-row logits blocks of the per-row JSD forward
+# The one-sweep loss's blocks (both sides, full rows). A GEMM whose M (rows) is small re-streams the
+# whole weight per call: measured on 2 threads at V = 32000, H = 1024, the four GEMMs of the loss
+# cost 3.63 s in 196-row blocks, 3.25 s in 256-row and 3.03 s in 342-row blocks vs 3.00 s unblocked.
+# The loss trades this constant (not N·V) memory for speed; the per-row paths keep the smaller blocks.
+LOSS_BLOCK_BYTES = 88 << 20
 SUB_BLOCK_BYTES = 1 << 20  # elementwise sub-blocks, per buffer (a few of them stay in a 1-2 MiB L2)
 ROW_BLOCK = 1024  # rows per forward block of row_stats: each weight block is read once per row block
 FUSED_LOSS_MIN_ROWS = 128  # below this many rows per two-sided block, re-reading the weights costs more than it saves
@@ -97,13 +102,14 @@ def _prepare_pair(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_
     return dtype, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, False
 
 
-def _two_sided_row_blocks(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, shared):
+def _two_sided_row_blocks(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, shared, budget):
     """Yield (r0, r1, z, teacher_z): both sides' full-row logits (no 1/τ) for blocks of rows,
-    in one reused buffer of FUSED_BLOCK_BYTES. With a shared output layer, one GEMM over the
+    in one reused buffer of ``budget`` bytes. With a shared output layer, one GEMM over the
     stacked rows reads each weight block once for both sides."""
     n, vocab = hidden.shape[0], weight.shape[0]
     itemsize = hidden.element_size()
-    step = max(1, min(n, FUSED_BLOCK_BYTES // (vocab * 2 * itemsize)))
+    step = max(1, min(n, budget // (vocab * 2 * itemsize)))
+    step = -(-n // -(-n // step)) if n else 1  # equal blocks: no thin last block (thin GEMMs are slow)
     buffer = torch.empty(2 * step * vocab, dtype=hidden.dtype, device=hidden.device)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
@@ -207,7 +213,7 @@ def jsd_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bi
     n, vocab = hidden.shape[0], weight.shape[0]
     value, w_sum, lse, teacher_lse = (torch.empty(n, dtype=dtype, device=hidden.device) for _ in range(4))
     for r0, r1, z, teacher_z in _two_sided_row_blocks(hidden, weight, bias, teacher_hidden, teacher_weight,
-                                                      teacher_bias, shared):
+                                                      teacher_bias, shared, FUSED_BLOCK_BYTES):
         for sub in _sub_blocks(r1 - r0, vocab, z.element_size()):
             z_sub, teacher_sub = z[sub], teacher_z[sub]
             if temperature != 1.0:
@@ -341,10 +347,10 @@ def fused_loss_pays(vocab: int) -> bool:
 
     Its blocks hold whole rows, so at large V they hold few rows, and each block re-reads both
     output layers and rewrites all of d weight (measured with 26-row blocks at V = 32000: 24.8 s
-    vs 12.2 s per row). With ≥ 128 rows per block (V ≲ 48k in float32) the GEMMs run near full
+    vs 12.2 s per row). With ≥ 128 rows per block (V ≲ 90k in float32) the GEMMs run near full
     speed and the sweep saves the recomputation: one GEMM in four.
     """
-    return FUSED_BLOCK_BYTES // (vocab * 2 * 4) >= FUSED_LOSS_MIN_ROWS
+    return LOSS_BLOCK_BYTES // (vocab * 2 * 4) >= FUSED_LOSS_MIN_ROWS
 
 
 def _loss_rows(z, teacher_z, beta, k, support, tail):
@@ -382,11 +388,14 @@ def fused_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bia
     row_scale = weights.to(dtype) / temperature
     value = torch.empty(n, dtype=dtype, device=device)
     grad_hidden = torch.empty((n, h), dtype=dtype, device=device) if need_hidden else None
-    grad_weight = torch.zeros((vocab, h), dtype=dtype, device=device) if need_weight else None
+    # d weight: written by the first block's GEMM, accumulated by the others (no zero fill of V×H)
+    grad_weight = torch.empty((vocab, h), dtype=dtype, device=device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=dtype, device=device) if need_bias else None
+    if n == 0 and need_weight:
+        grad_weight.zero_()
     with torch.no_grad():
         for r0, r1, z, teacher_z in _two_sided_row_blocks(hidden, weight, bias, teacher_hidden, teacher_weight,
-                                                          teacher_bias, shared):
+                                                          teacher_bias, shared, LOSS_BLOCK_BYTES):
             # Sub-blocks of 4× the elementwise budget: the Top-K branch runs ~40 small per-row ops
             # per sub-block, so fewer, larger ones; the full JSD keeps them cache-sized.
             for sub in _sub_blocks(r1 - r0, vocab // (1 if k is None else 4), z.element_size()):
@@ -400,7 +409,10 @@ def fused_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bia
             if need_hidden:
                 torch.mm(z, weight, out=grad_hidden[r0:r1])
             if need_weight:
-                grad_weight.addmm_(z.T, hidden[r0:r1])
+                if r0 == 0:
+                    torch.mm(z.T, hidden[r0:r1], out=grad_weight)
+                else:
+                    grad_weight.addmm_(z.T, hidden[r0:r1])
             if need_bias:
                 grad_bias += z.sum(0)
     return value, grad_hidden, grad_weight, grad_bias

@@ -423,7 +423,13 @@ def linear_jsd(hidden, weight, teacher_hidden, teacher_weight, *, beta=0.5, bias
 
 
 class _FusedLoss(torch.autograd.Function):
-    """Σ_n w_n·D_n with gradients formed during the forward sweep (no recomputation)."""
+    """Σ_n w_n·D_n with gradients formed during the forward sweep (no recomputation).
+
+    The one backward hands the stored gradients over (scaled in place when the incoming gradient
+    is not 1) instead of copying them: a copy, and autograd's own clone of a gradient still held
+    here, would each cost another V×H d weight at the peak. A second backward through the same
+    graph (``retain_graph=True``) therefore raises; call the loss again instead.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, row_weights, cfg, engine):
@@ -432,13 +438,20 @@ class _FusedLoss(torch.autograd.Function):
         value, *grads = engine.fused_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
                                           cfg.temperature, cfg.beta, row_weights, k=cfg.k, support=cfg.support,
                                           tail=cfg.tail, **needs)
-        ctx.save_for_backward(*_cast_grads(grads, hidden, weight, bias))
+        ctx.grads = _cast_grads(grads, hidden, weight, bias)
         return (value * row_weights.to(value.dtype)).sum()
 
     @staticmethod
     def backward(ctx, grad):
-        scaled = [None if g is None else g * grad.to(g.dtype) for g in ctx.saved_tensors]
-        return (*scaled, None, None, None, None, None, None)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError(
+                "linear_jsd_loss / linear_topk_jsd_loss formed their gradients in the forward sweep and handed "
+                "them over on the first backward; a second backward through the same graph (retain_graph=True) "
+                "is not supported: call the loss again")
+        if not bool(grad == 1):
+            grads = [None if g is None else g.mul_(grad.to(g.dtype)) for g in grads]
+        return (*grads, None, None, None, None, None, None)
 
 
 def _loss(per_row_fn, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, k, support, tail, beta,

@@ -542,6 +542,11 @@ def test_loss_scales_with_the_incoming_gradient(backend):
     loss = ptd.linear_topk_jsd_loss(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, K, bias=x.bias,
                                     teacher_bias=x.teacher_bias, temperature=TAU, mask=x.mask, backend=backend)
     g1 = torch.autograd.grad(loss, x.hidden, retain_graph=True)[0]
+    if backend == "torch":  # the one-sweep loss hands its stored gradients over once
+        with pytest.raises(RuntimeError, match="retain_graph"):
+            torch.autograd.grad(loss, x.hidden)
+    loss = ptd.linear_topk_jsd_loss(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, K, bias=x.bias,
+                                    teacher_bias=x.teacher_bias, temperature=TAU, mask=x.mask, backend=backend)
     g3 = torch.autograd.grad(-3.0 * loss, x.hidden)[0]
     assert_grads(g3, -3.0 * g1, 1e-5, "grad × (−3)")
 
@@ -555,6 +560,7 @@ def test_torch_path_in_many_small_blocks(monkeypatch, kind, one_sweep):
 
     monkeypatch.setattr(_torch_path, "CHUNK_BYTES", 3 * 2 * V * 4)  # small per-row blocks
     monkeypatch.setattr(_torch_path, "FUSED_BLOCK_BYTES", 3 * 2 * V * 4)  # 3 full rows of both sides per block
+    monkeypatch.setattr(_torch_path, "LOSS_BLOCK_BYTES", 2 * 2 * V * 4)  # 2 full rows of both sides per block
     monkeypatch.setattr(_torch_path, "SUB_BLOCK_BYTES", 2 * V * 4)  # 2 rows per sub-block
     monkeypatch.setattr(_torch_path, "FUSED_LOSS_MIN_ROWS", 1 if one_sweep else 10**9)
     calls = []
@@ -777,7 +783,7 @@ def test_shared_output_layer_is_one_gemm_on_the_torch_path(monkeypatch):
 
     seen = []
     real = _torch_path._two_sided_row_blocks
-    monkeypatch.setattr(_torch_path, "_two_sided_row_blocks", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(_torch_path, "_two_sided_row_blocks", lambda *a: seen.append(a[6]) or real(*a))
     case = masked_case(th=H)
     x = case.inputs(F32)
     for teacher_weight in (x.weight, x.teacher_weight):

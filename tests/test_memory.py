@@ -91,11 +91,25 @@ def test_linear_jsd(inputs, record_property):
     assert extra < LIMIT, f"{extra / MiB:.1f} MiB ≥ {LIMIT / MiB:.0f} MiB"
 
 
-def test_linear_jsd_loss(inputs, record_property):
+@pytest.mark.parametrize("k", [None, 64])
+def test_linear_jsd_loss(inputs, record_property, k):
+    """The one-sweep loss trades a larger constant block (``LOSS_BLOCK_BYTES``, both sides' full rows: its
+    GEMMs need ~300 rows per block to run at full speed) for a GEMM fewer; it must stay within that block,
+    the input gradients and a little slack, far below one N×V tensor, and must not grow with N (bench
+    scaling sweep)."""
+    from ptd_kernels import _torch_path
+
     hidden, weight, teacher_hidden, teacher_weight, _ = inputs
-    run = fwd_bwd(lambda: ptd.linear_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, backend="torch"))
-    extra = measure(record_property, "linear_jsd_loss", run, hidden, weight, teacher_hidden, teacher_weight)
-    assert extra < LIMIT, f"{extra / MiB:.1f} MiB ≥ {LIMIT / MiB:.0f} MiB"
+    if k is None:
+        run = fwd_bwd(lambda: ptd.linear_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, backend="torch"))
+    else:
+        run = fwd_bwd(lambda: ptd.linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, k,
+                                                       backend="torch"))
+    extra = measure(record_property, f"linear_{'' if k is None else 'topk_'}jsd_loss", run, hidden, weight,
+                    teacher_hidden, teacher_weight)
+    grads = (N + V) * H * 4
+    limit = _torch_path.LOSS_BLOCK_BYTES + grads + 8 * MiB
+    assert extra < min(limit, LOGITS_BYTES // 4), f"{extra / MiB:.1f} MiB ≥ {limit / MiB:.0f} MiB"
 
 
 def test_reference_materializes_logits(inputs, record_property):
