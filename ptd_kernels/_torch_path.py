@@ -313,9 +313,9 @@ def head_backward(hidden, weight, bias, temperature, lse, row_coef, logit_coef=N
 
     def dz_rows(z, _teacher_z, rows, _cols):
         coef = row_coef[rows, None]
-        if logit_coef is not None:
-            shifted = z if logit_shift is None else z - logit_shift[rows, None]
-            coef = coef + logit_coef[rows, None] * shifted
+        if logit_coef is not None:  # one temporary: (z − shift)·logit_coef + row_coef
+            shifted = z.clone() if logit_shift is None else z - logit_shift[rows, None]
+            coef = shifted.mul_(logit_coef[rows, None]).add_(coef)
         z.sub_(lse[rows, None]).exp_().mul_(coef)  # z: p, then dz
 
     return _dense_backward(hidden, weight, bias, temperature, dz_rows, need_hidden, need_weight, need_bias, sparse)

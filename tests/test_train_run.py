@@ -207,13 +207,15 @@ def _student_step_memory(tmp_path, n_extra_words):
 
 def test_student_step_allocates_no_batch_length_vocab_tensor(tmp_path, monkeypatch):
     """Vocab ≥ 8192: the student pass (forward + backward, PTD on every rollout) forms no
-    [R, T, V] tensor. The kernels' logits tile is bounded by a byte budget (32 MiB by default,
-    more than [R·T, V] at test size), so it is shrunk to 1 MiB: the point is that the trainer
+    [R, T, V] tensor. The kernels' logits tiles are bounded by byte budgets (32-88 MiB by default,
+    more than [R·T, V] at test size), so they are shrunk to 1 MiB: the point is that the trainer
     itself never forms the logits. MemTracker compares the peak at V ≈ 8k with V ≈ 100 (the
     vision tower's activations, the same in both, dominate the absolute peak)."""
     import ptd_kernels._torch_path
 
-    monkeypatch.setattr(ptd_kernels._torch_path, "CHUNK_BYTES", 1 << 20)
+    for budget in ("CHUNK_BYTES", "FUSED_BLOCK_BYTES", "LOSS_BLOCK_BYTES"):
+        monkeypatch.setattr(ptd_kernels._torch_path, budget, 1 << 20)
+    monkeypatch.setattr(ptd_kernels._torch_path, "SUB_BLOCK_BYTES", 1 << 18)
     added_small, _, _, v_small, _ = _student_step_memory(tmp_path / "small", 0)
     added, biggest, rows, V, H = _student_step_memory(tmp_path / "big", 8192)
     rtv_bytes = rows * V * 4
