@@ -181,6 +181,16 @@ def _softmax_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return p.div_(p_sum), (row_max + log_sum).squeeze(-1)
 
 
+def mixture_from_probs(beta: float) -> bool:
+    """Whether the CPU JSD may form log m from the probabilities (``log_mixture_``).
+
+    Near β = 0 or 1 the weight of one side is tiny: a float32 lerp rounds it (1 − β at β = 1 − 1e-6
+    comes out 1.3 % off) and log p − log m cancels to nothing, so there the log-add-exp form of
+    ``jsd_pointwise`` (with log β and log1p(−β) in double) is used, in forward and backward alike.
+    """
+    return 1e-3 <= beta <= 1.0 - 1e-3
+
+
 def log_mixture_(p: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
     """log m = log(β·q + (1 − β)·p) for 0 < β < 1, floored at the smallest normal float where both
     p and q underflow (their atoms are then 0·finite = 0, as with a log-add-exp). Overwrites nothing;
@@ -205,7 +215,7 @@ def full_jsd_from_logits_(z: torch.Tensor, teacher_z: torch.Tensor, beta: float,
     log_softmax + exp + logaddexp (about 3× the transcendental work; this is the inner loop of the
     CPU JSD, see ``_torch_path``).
     """
-    if beta == 0.0 or beta == 1.0:
+    if not mixture_from_probs(beta):
         lse, teacher_lse = torch.logsumexp(z, -1), torch.logsumexp(teacher_z, -1)
         value, grad_logits, w_sum = full_jsd_terms(torch.log_softmax(z, -1), torch.log_softmax(teacher_z, -1), beta)
         return FullJSDRows(value, z.copy_(grad_logits) if grad else None, w_sum, lse, teacher_lse)

@@ -329,7 +329,7 @@ def jsd_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
         logp = z.sub_(lse[rows, None])
         logq = teacher_z.sub_(teacher_lse[rows, None])
         p = logp.exp()
-        if beta == 0.0 or beta == 1.0:
+        if not _rowmath.mixture_from_probs(beta):  # the forward's choice (full_jsd_from_logits_)
             w = z.copy_(_rowmath.jsd_pointwise(logp, logq, beta)[1])
         else:  # the forward's expression (full_jsd_from_logits_), written over z
             w = logp.sub_(_rowmath.log_mixture_(p, logq.exp_(), beta)).mul_(p).mul_(1.0 - beta)

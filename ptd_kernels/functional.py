@@ -433,8 +433,9 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, row_weights, cfg, engine):
-        needs = dict(need_hidden=hidden.requires_grad, need_weight=weight.requires_grad,
-                     need_bias=bias is not None and bias.requires_grad)
+        # (forward runs under no_grad: whether the caller wants gradients was read before apply)
+        needs = dict(need_hidden=cfg.grad and hidden.requires_grad, need_weight=cfg.grad and weight.requires_grad,
+                     need_bias=cfg.grad and bias is not None and bias.requires_grad)
         value, *grads = engine.fused_loss(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
                                           cfg.temperature, cfg.beta, row_weights, k=cfg.k, support=cfg.support,
                                           tail=cfg.tail, **needs)
@@ -472,7 +473,7 @@ def _loss(per_row_fn, hidden, weight, bias, teacher_hidden, teacher_weight, teac
         return (per_row_fn() * weights).sum()
     index = _live_index(live)
     cfg = SimpleNamespace(k=k if (k is None or k < vocab) else None, support=support, tail=bool(tail), beta=beta,
-                          temperature=temperature)
+                          temperature=temperature, grad=torch.is_grad_enabled())
     return _FusedLoss.apply(_take(hidden, index), weight, bias, _take(teacher_hidden.detach(), index),
                             teacher_weight.detach(), teacher_bias.detach() if teacher_bias is not None else None,
                             _take(weights, index), cfg, engine)

@@ -776,6 +776,44 @@ def test_shared_output_layer(backend):
         check(shared(f), case, backend)
 
 
+@pytest.mark.parametrize("beta", [1e-6, 1e-3, 1.0 - 1e-6])
+@pytest.mark.parametrize("name", ["jsd", "jsd_loss"])
+def test_extreme_beta_as_precise_as_float32(name, beta):
+    """β near 0 or 1 (one side's weight tiny): values and gradients within 4× the error of the
+    obvious float32 computation (the reference run in float32), against float64."""
+    def fn(m, x, be):
+        d = m.linear_jsd if name == "jsd" else m.linear_jsd_loss
+        return d(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, beta=beta, bias=x.bias,
+                 teacher_bias=x.teacher_bias, temperature=TAU, mask=x.mask, backend=be)
+
+    case = Case(n=16, v=4000, seed=2)
+    ours, ours_grads, _ = evaluate(fn, ptd, case, F32, "torch")
+    plain, plain_grads, _ = evaluate(fn, ref, case, F32, "torch")
+    want, want_grads, _ = evaluate(fn, ref, case, F64, "torch")
+    for o, p, w in zip(ours, plain, want):
+        assert_values(o, w, max(VALUE_TOL[F32], 4 * _error(p, w)), "value")
+    for g, p, w, what in zip(ours_grads, plain_grads, want_grads, LINEAR):
+        assert_grads(g, w, max(GRAD_TOL[F32], 4 * _error(p, w, False)), f"grad {what}")
+
+
+def test_loss_under_no_grad_forms_no_gradients(monkeypatch):
+    """A loss evaluated for logging (``torch.no_grad``) skips the gradient GEMMs of the one-sweep path."""
+    from ptd_kernels import _torch_path
+
+    seen = []
+    real = _torch_path.fused_loss
+    monkeypatch.setattr(_torch_path, "fused_loss", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    from ptd_kernels import _engines
+
+    monkeypatch.setattr(_engines.TorchEngine, "fused_loss", staticmethod(_torch_path.fused_loss))
+    x = masked_case().inputs(F32)
+    with torch.no_grad():
+        with_no_grad = ptd.linear_jsd_loss(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, backend="torch")
+    loss = ptd.linear_jsd_loss(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, backend="torch")
+    assert [kw["need_weight"] for kw in seen] == [False, True]
+    assert_values(with_no_grad, loss.detach(), 1e-6, "value under no_grad")
+
+
 def test_shared_output_layer_is_one_gemm_on_the_torch_path(monkeypatch):
     """The two-sided torch sweeps see a shared output layer (through ``detach()``) and stack both
     sides' rows into one GEMM; separate layers keep two."""
