@@ -153,6 +153,16 @@ def accumulate_head_grads(
 
 
 @triton.jit
+def lower_bound_step(lo, hi, ids_ptr, row_base, target, mask_n):
+    """One bisection step, per row, of lower_bound(ids[n, :], target) within [lo, hi)."""
+    open_rows = mask_n & (lo < hi)
+    mid = (lo + hi) // 2
+    mid_id = tl.load(ids_ptr + row_base + mid, mask=open_rows, other=0)
+    below = open_rows & (mid_id < target)
+    return tl.where(below, mid + 1, lo), tl.where(open_rows & (mid_id >= target), mid, hi)
+
+
+@triton.jit
 def add_sparse_terms(
     dz, ids_ptr, coef_ptr, offs_n, offs_v, mask_n, v_start, M, search_steps,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -171,19 +181,8 @@ def add_sparse_terms(
     last = tl.zeros((BLOCK_N,), dtype=tl.int32)
     last_hi = tl.zeros((BLOCK_N,), dtype=tl.int32) + M
     for _ in range(search_steps):
-        open_first = mask_n & (first < first_hi)
-        mid = (first + first_hi) // 2
-        mid_id = tl.load(ids_ptr + row_base + mid, mask=open_first, other=0)
-        below = open_first & (mid_id < v_start)
-        first = tl.where(below, mid + 1, first)
-        first_hi = tl.where(open_first & (mid_id >= v_start), mid, first_hi)
-
-        open_last = mask_n & (last < last_hi)
-        mid = (last + last_hi) // 2
-        mid_id = tl.load(ids_ptr + row_base + mid, mask=open_last, other=0)
-        below = open_last & (mid_id < v_end)
-        last = tl.where(below, mid + 1, last)
-        last_hi = tl.where(open_last & (mid_id >= v_end), mid, last_hi)
+        first, first_hi = lower_bound_step(first, first_hi, ids_ptr, row_base, v_start, mask_n)
+        last, last_hi = lower_bound_step(last, last_hi, ids_ptr, row_base, v_end, mask_n)
     count = tl.where(mask_n, last - first, 0)
     for j in range(0, tl.max(count, axis=0)):
         slot = first + j
