@@ -483,7 +483,8 @@ def linear_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, *, beta=0.5,
                     temperature=1.0, mask=None, weights=None, backend="auto"):
     """Σ_n weights_n · JSD_β,n (default weights: 1 / number of unmasked rows), a scalar.
 
-    Gradients equal those of ``linear_jsd``; the chunked path forms them during the forward sweep.
+    Gradients equal those of ``linear_jsd``; the chunked path forms them during the forward sweep
+    and hands them over on the first backward (a second backward through the same graph raises).
     """
     return _loss(lambda: linear_jsd(hidden, weight, teacher_hidden, teacher_weight, beta=beta, bias=bias,
                                     teacher_bias=teacher_bias, temperature=temperature, mask=mask, backend=backend),
@@ -495,7 +496,8 @@ def linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, k, *, b
                          bias=None, teacher_bias=None, temperature=1.0, mask=None, weights=None, backend="auto"):
     """Σ_n weights_n · D_K,n (default weights: 1 / number of unmasked rows), a scalar.
 
-    Gradients equal those of ``linear_topk_jsd``; the chunked path forms them during the forward sweep.
+    Gradients equal those of ``linear_topk_jsd``; the chunked path forms them during the forward
+    sweep and hands them over on the first backward (a second backward through the same graph raises).
     """
     return _loss(lambda: linear_topk_jsd(hidden, weight, teacher_hidden, teacher_weight, k, beta=beta,
                                          support=support, tail=tail, bias=bias, teacher_bias=teacher_bias,
