@@ -1,0 +1,23 @@
+"""The README's kernel API example runs as written (a user copies it first)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def test_kernel_api_example_runs():
+    text = open(README, encoding="utf-8").read()
+    section = text[text.index("## The kernel API in one example"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    torch.manual_seed(0)
+    scope: dict = {}
+    exec(compile(code, "README.md (kernel API example)", "exec"), scope)  # its own asserts must hold
+    # the example's backward reached the student's leaves, and only those
+    assert scope["hidden"].grad is not None and scope["weight"].grad is not None
+    assert bool(torch.isfinite(scope["weight"].grad).all())
+    assert scope["teacher_hidden"].grad is None
