@@ -90,13 +90,7 @@ def grid(names, full, triton_subset=()):
     return pytest.mark.parametrize(("backend", *names), params)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 
 
 # ----------------------------------------------------------------------------- problems

@@ -27,13 +27,7 @@ SUPPORTS = ("union", "teacher", "student")
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threading only adds overhead (milliseconds per op on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 
 
 def _problem(n=6, h=5, v=9, th=7, dtype=F64, seed=0, scale=1.0):

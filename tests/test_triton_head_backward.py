@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _checks import acc_dtype, assert_rel_close
 
 from ptd_kernels.triton.head_backward import head_backward
 
@@ -19,19 +20,6 @@ DEFAULT_TILES: dict = {}
 # max |kernel − exact| / max |exact| allowed per input dtype. bf16/fp16 round dz to the operand
 # dtype before the gradient dots (as torch's own bf16 backward does).
 GRAD_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def assert_rel_close(actual, expected, tol, what):
-    actual = actual.to(torch.float64)
-    assert actual.shape == expected.shape, what
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = expected.abs().max().clamp_min(1e-30)
-    err = (actual - expected).abs().max() / scale
-    assert err <= tol, f"{what}: relative error {err.item():.3e} > {tol:.1e}"
 
 
 def make_inputs(dtype, with_bias, n=N, v=V, h=H):

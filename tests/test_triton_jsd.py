@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from _checks import acc_dtype, assert_rel_close
 
 from ptd_kernels import _rowmath
 from ptd_kernels.triton.jsd import jsd_backward, jsd_forward
@@ -24,19 +25,6 @@ DEFAULT_TILES: dict = {}
 # the bf16 backward rounds dz to bf16 before the gradient dots.
 VALUE_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-4}
 GRAD_TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 3e-2}
-
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def assert_rel_close(actual, expected, tol, what):
-    actual = actual.to(torch.float64)
-    assert actual.shape == expected.shape, what
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    scale = expected.abs().max().clamp_min(1e-30)
-    err = (actual - expected).abs().max() / scale
-    assert err <= tol, f"{what}: relative error {err.item():.3e} > {tol:.1e}"
 
 
 def dense_jsd(logp, logq, beta):
