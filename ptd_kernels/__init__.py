@@ -6,7 +6,7 @@ is ever allocated. Every function takes ``backend="auto" | "triton" | "torch"``;
 ``ptd_kernels.reference`` holds the same functions written the obvious way (the test oracle).
 """
 
-from . import reference
+from . import config, reference
 from ._types import PTDTerms, TopK
 from .functional import (
     linear_jsd,
@@ -19,12 +19,13 @@ from .functional import (
     linear_topk_jsd_loss,
 )
 from .logits_level import jsd, logprobs, topk_jsd, topk_overlap
-from .modules import LinearJSDLoss, LinearLogprobs, LinearPTDTerms, PTDTopKJSDLoss
+from .modules import LinearJSDLoss, LinearLogprobs, LinearPTDTerms, LinearTopKJSDLoss, PTDTopKJSDLoss
 
 __all__ = [
     "LinearJSDLoss",
     "LinearLogprobs",
     "LinearPTDTerms",
+    "LinearTopKJSDLoss",
     "PTDTopKJSDLoss",
     "PTDTerms",
     "TopK",
@@ -37,6 +38,7 @@ __all__ = [
     "linear_topk",
     "linear_topk_jsd",
     "linear_topk_jsd_loss",
+    "config",
     "logprobs",
     "reference",
     "topk_jsd",

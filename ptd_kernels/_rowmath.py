@@ -1,8 +1,7 @@
-"""Small per-row math shared by every backend (one source of truth per formula).
+"""Per-row math shared by every backend and by the logits-level functions: one spelling per form.
 
-Everything here works on small tensors: per-row scalars [n] and per-row atom sets [n, M]
-(a top-K support, or a bounded chunk of full vocabulary rows). Nothing here ever sees all N
-rows by all V columns at once.
+Everything here works on rows: per-row scalars [n], atom sets [n, M] (a top-K support) or
+bounded blocks of full vocabulary rows [n, V] (never all N rows by V columns at once).
 
 Notation (SPEC §2): P is the student, Q the teacher, atoms a carry log-probabilities
 ``logp_a`` and ``logq_a``. For β ∈ [0, 1]
@@ -18,18 +17,30 @@ Gradients are expressed through ``w_a = p_a · ∂D/∂p_a`` (the "weighted scor
     β = 1     :  w_a = p_a · (log p_a − log q_a + 1)
 
 When the atoms are a softmax of logits z (p = softmax(z)), ∂D/∂z_v = w_v − p_v · Σ_a w_a.
-The Triton kernels implement the same formulas in ``ptd_kernels/triton/_math.py``; tests tie
-both to ``ptd_kernels.reference``.
+
+The forms, each written once:
+
+- value and weighted score per atom, log-add-exp form: ``jsd_pointwise`` (top-K atoms; full rows
+  near β = 0 or 1). Its Triton twin is ``backends/triton/_math.py``.
+- the same for full rows from the probabilities (0.001 ≤ β ≤ 0.999): ``jsd_scores_`` (one exp per
+  logit and side, log m = log(lerp(p, q, β))), chosen by ``mixture_from_probs``.
+- the softmax chain rule: ``jsd_grad_logits_``; the Top-K one: ``topk_grad_logits_``.
+- the Top-K value and gradient coefficients on a support: ``topk_jsd_terms``.
+
+Tests tie every backend to ``ptd_kernels.reference``, which is derived independently.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 
 TAIL_FLOOR = 1e-12  # floor of a tail atom, in probability (SPEC §2)
+
+
+# ----------------------------------------------------------------------------- JSD per atom
 
 
 def jsd_pointwise(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,6 +63,103 @@ def jsd_pointwise(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> tuple[
     return d, (1.0 - beta) * student_part
 
 
+def mixture_from_probs(beta: float) -> bool:
+    """Whether full rows may form log m from the probabilities (``log_mixture_``).
+
+    Near β = 0 or 1 the weight of one side is tiny: a float32 lerp rounds it (1 − β at β = 1 − 1e-6
+    comes out 1.3 % off) and log p − log m cancels to nothing, so there the log-add-exp form of
+    ``jsd_pointwise`` (with log β and log1p(−β) in double) is used, in forward and backward alike.
+    """
+    return 1e-3 <= beta <= 1.0 - 1e-3
+
+
+def log_mixture_(p: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+    """log m = log(β·q + (1 − β)·p) for 0 < β < 1, floored at the smallest normal float where both p
+    and q underflow (their atoms are then 0·finite = 0, as with a log-add-exp)."""
+    return torch.lerp(p, q, beta).clamp_min_(torch.finfo(p.dtype).tiny).log_()
+
+
+def jsd_scores_(logp: torch.Tensor, logq: torch.Tensor, beta: float, p: torch.Tensor, q: torch.Tensor | None = None,
+                *, with_value: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, float]:
+    """JSD_β of full rows [n, V] given both sides' log-probs and the student probabilities ``p``.
+
+    Returns (value [n] or None, w_part, scale): the weighted scores are w = scale·w_part, and
+    ``w_part`` is written over ``logp`` (``logq`` is overwritten too). ``q`` = exp(logq) when the
+    caller has it. The forward, the recomputing backward and the one-sweep loss all call this, so
+    that Σ_v (w_v − p_v·Σw) cancels to rounding (one-hot rows).
+    """
+    if not mixture_from_probs(beta):
+        d, w = jsd_pointwise(logp, logq, beta)
+        return (d.sum(-1) if with_value else None), logp.copy_(w), 1.0
+    if q is None:
+        q = logq.exp() if with_value else logq.exp_()
+    logm = log_mixture_(p, q, beta)
+    teacher_kl = torch.linalg.vecdot(q, logq.sub_(logm)) if with_value else None
+    w_part = logp.sub_(logm).mul_(p)  # p·(log p − log m): the atoms of KL(P ‖ M)
+    value = beta * teacher_kl + (1.0 - beta) * w_part.sum(-1) if with_value else None
+    return value, w_part, 1.0 - beta
+
+
+def jsd_grad_logits_(w_part: torch.Tensor, p: torch.Tensor, w_part_sum: torch.Tensor, scale: float) -> torch.Tensor:
+    """∂D/∂z = w − p·Σw = scale·(w_part − p·Σ w_part) (softmax chain rule), written over ``w_part``."""
+    w_part.addcmul_(p, w_part_sum[:, None], value=-1.0)
+    return w_part if scale == 1.0 else w_part.mul_(scale)
+
+
+def softmax_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: z ← log softmax(z); returns (p = softmax(z), lse [n]) from one exp per element."""
+    row_max = z.amax(-1, keepdim=True)
+    z.sub_(row_max)
+    p = z.exp()
+    p_sum = p.sum(-1, keepdim=True)
+    log_sum = p_sum.log()
+    z.sub_(log_sum)
+    return p.div_(p_sum), (row_max + log_sum).squeeze(-1)
+
+
+def normalize_(z: torch.Tensor, lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """z ← log p in place, from the given row logsumexps (None: computed here); returns (p, lse)."""
+    if lse is None:
+        return softmax_(z)
+    z.sub_(lse[:, None])
+    return z.exp(), lse
+
+
+@dataclass(frozen=True)
+class FullJSDRows:
+    value: torch.Tensor  # [n]
+    w_sum: torch.Tensor  # Σ_v w_v [n]
+    lse: torch.Tensor  # student logsumexp [n]
+    teacher_lse: torch.Tensor  # teacher logsumexp [n]
+    grad_logits: torch.Tensor | None  # ∂D/∂z [n, V], written over the student logits
+
+
+def full_jsd_rows_(z: torch.Tensor, teacher_z: torch.Tensor, beta: float, *, grad: bool = True,
+                   lse: torch.Tensor | None = None, teacher_lse: torch.Tensor | None = None) -> FullJSDRows:
+    """Full-vocabulary JSD_β of rows of logits (1/τ applied), in place: ∂D/∂z (``grad``) is written
+    over ``z``; ``teacher_z`` is overwritten too. ``lse``/``teacher_lse``: the rows' logsumexps when
+    known (else computed here, from the same exp)."""
+    p, lse = normalize_(z, lse)  # z now holds log p
+    q, teacher_lse = normalize_(teacher_z, teacher_lse)  # teacher_z now holds log q
+    value, w_part, scale = jsd_scores_(z, teacher_z, beta, p, q)
+    w_part_sum = w_part.sum(-1)
+    grad_logits = jsd_grad_logits_(w_part, p, w_part_sum, scale) if grad else None
+    return FullJSDRows(value, scale * w_part_sum, lse, teacher_lse, grad_logits)
+
+
+def jsd_backward_rows_(z: torch.Tensor, teacher_z: torch.Tensor, beta: float, lse: torch.Tensor,
+                       teacher_lse: torch.Tensor, w_sum: torch.Tensor) -> torch.Tensor:
+    """∂D/∂z of a block of logits (any columns of the rows; 1/τ applied) from the forward's lse and
+    Σw, written over ``z`` (``teacher_z`` is overwritten too)."""
+    logp = z.sub_(lse[:, None])
+    p = logp.exp()
+    _, w_part, scale = jsd_scores_(logp, teacher_z.sub_(teacher_lse[:, None]), beta, p, with_value=False)
+    return jsd_grad_logits_(w_part, p, w_sum / scale, scale)
+
+
+# ----------------------------------------------------------------------------- Top-K JSD
+
+
 def tail_logprob(log_support_mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log of the tail atom 1 − Σ_S p, from log Σ_S p, floored at TAIL_FLOOR in probability.
 
@@ -69,6 +177,7 @@ def masked_logsumexp(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(values.masked_fill(~valid, -math.inf), dim=-1)
 
 
+@dataclass(frozen=True)
 class TopKJSDTerms:
     """Per-row Top-K JSD value and the coefficients of its gradient w.r.t. the student logits.
 
@@ -80,13 +189,10 @@ class TopKJSDTerms:
     the support. For ``tail=False`` the dense part vanishes (``row_coef`` is 0).
     """
 
-    __slots__ = ("value", "row_coef", "support_coef", "teacher_mass")
-
-    def __init__(self, value, row_coef, support_coef, teacher_mass):
-        self.value = value
-        self.row_coef = row_coef
-        self.support_coef = support_coef
-        self.teacher_mass = teacher_mass
+    value: torch.Tensor
+    row_coef: torch.Tensor
+    support_coef: torch.Tensor
+    teacher_mass: torch.Tensor
 
 
 def topk_jsd_terms(
@@ -106,7 +212,7 @@ def topk_jsd_terms(
         beta: JSD β in [0, 1].
         tail: add the tail atoms (True) or renormalize over S (False).
         teacher_log_mass: optional [n] log Σ_S q when it is known more exactly than from the
-            gathered values (unused by the dense paths; kept for sparse teachers).
+            gathered values (a sparse teacher's own log-probs).
     """
     zero = torch.zeros((), dtype=student_logp.dtype, device=student_logp.device)
     logp = torch.where(valid, student_logp, zero)
@@ -141,95 +247,38 @@ def topk_jsd_terms(
     return TopKJSDTerms(value, row_coef, support_coef, log_q_mass.exp())
 
 
-def full_jsd_terms(
-    logp: torch.Tensor, logq: torch.Tensor, beta: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Full-vocabulary JSD over rows of log-probs [n, V].
-
-    Returns (value [n], grad_logits [n, V]) where grad_logits = ∂D/∂z = w − p·Σw, and the
-    per-row Σw [n] (the Triton path streams it instead of keeping [n, V]).
-
-    The same formulas as ``jsd_pointwise``, arranged for whole rows: the row sums are taken
-    from the two KL parts directly and p is computed once, so a block costs ~12 elementwise
-    passes instead of ~18 (this is the inner loop of the CPU loss, see ``_torch_path``).
-    """
-    if beta == 0.0 or beta == 1.0:
-        d, w = jsd_pointwise(logp, logq, beta)
-        value = d.sum(-1)
-        p = logp.exp()
-    else:
-        p = logp.exp()
-        q = logq.exp()
-        logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
-        teacher_kl = torch.linalg.vecdot(q, logq - logm)
-        w = (logp - logm).mul_(p)  # p·(log p − log m): the atoms of KL(P ‖ M)
-        value = beta * teacher_kl + (1.0 - beta) * w.sum(-1)
-        w.mul_(1.0 - beta)
-    w_sum = w.sum(-1)
-    grad_logits = w.addcmul_(p, w_sum[:, None], value=-1.0)
-    return value, grad_logits, w_sum
+def topk_grad_logits_(p: torch.Tensor, row_coef: torch.Tensor, ids: torch.Tensor,
+                      support_coef: torch.Tensor) -> torch.Tensor:
+    """∂D/∂z = p·row_coef + the support terms (``TopKJSDTerms``) of full rows, written over ``p``."""
+    return p.mul_(row_coef[:, None]).scatter_add_(1, ids, support_coef.to(p.dtype))
 
 
-def _softmax_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """In place: z ← log softmax(z) (log_softmax's arithmetic); returns (p = softmax(z), lse [n]), one exp."""
+@dataclass(frozen=True)
+class TopKJSDRows:
+    terms: TopKJSDTerms
+    ids: torch.Tensor  # [n, M] the support
+    lse: torch.Tensor  # [n] student logsumexp
+    shifted_exp: torch.Tensor  # [n, V] exp(z − max z), written over z
+    shifted_sum: torch.Tensor  # [n] its row sums: p = shifted_exp / shifted_sum
+
+
+def topk_jsd_rows_(z: torch.Tensor, teacher_z: torch.Tensor, k: int, beta: float, support: str,
+                   tail: bool) -> TopKJSDRows:
+    """Top-K JSD of full rows of logits (1/τ applied, k < V), with one exp per student logit, which
+    is kept (over ``z``) as the dense part of the gradient."""
+    ids, valid = support_ids(topk_ids(z, k), topk_ids(teacher_z, k), support)
+    teacher_logq = teacher_z.gather(1, ids) - torch.logsumexp(teacher_z, dim=-1, keepdim=True)
     row_max = z.amax(-1, keepdim=True)
-    z.sub_(row_max)
-    p = z.exp()
-    p_sum = p.sum(-1, keepdim=True)
-    log_sum = p_sum.log()
-    z.sub_(log_sum)
-    return p.div_(p_sum), (row_max + log_sum).squeeze(-1)
+    student_logp = z.gather(1, ids)
+    shifted_exp = z.sub_(row_max).exp_()
+    shifted_sum = shifted_exp.sum(-1, keepdim=True)
+    lse = row_max + shifted_sum.log()
+    student_logp -= lse
+    terms = topk_jsd_terms(student_logp, teacher_logq, valid, beta, tail)
+    return TopKJSDRows(terms, ids, lse.squeeze(-1), shifted_exp, shifted_sum.squeeze(-1))
 
 
-def mixture_from_probs(beta: float) -> bool:
-    """Whether the CPU JSD may form log m from the probabilities (``log_mixture_``).
-
-    Near β = 0 or 1 the weight of one side is tiny: a float32 lerp rounds it (1 − β at β = 1 − 1e-6
-    comes out 1.3 % off) and log p − log m cancels to nothing, so there the log-add-exp form of
-    ``jsd_pointwise`` (with log β and log1p(−β) in double) is used, in forward and backward alike.
-    """
-    return 1e-3 <= beta <= 1.0 - 1e-3
-
-
-def log_mixture_(p: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
-    """log m = log(β·q + (1 − β)·p) for 0 < β < 1, floored at the smallest normal float where both
-    p and q underflow (their atoms are then 0·finite = 0, as with a log-add-exp). Overwrites nothing;
-    the forward and the recomputing backward of the CPU JSD must use this same expression, so that
-    Σ_v (w_v − p_v·Σw) cancels to rounding (one-hot rows)."""
-    return torch.lerp(p, q, beta).clamp_min_(torch.finfo(p.dtype).tiny).log_()
-
-
-class FullJSDRows(NamedTuple):
-    value: torch.Tensor  # [n]
-    grad_logits: torch.Tensor | None  # ∂D/∂z [n, V], written over the student logits
-    w_sum: torch.Tensor  # Σ_v w_v [n]
-    lse: torch.Tensor  # student logsumexp [n]
-    teacher_lse: torch.Tensor  # teacher logsumexp [n]
-
-
-def full_jsd_from_logits_(z: torch.Tensor, teacher_z: torch.Tensor, beta: float, *, grad: bool = True) -> FullJSDRows:
-    """``full_jsd_terms`` of rows of logits, in place: ∂D/∂z is written over z (``teacher_z`` is
-    overwritten too), with both logsumexps.
-
-    For 0 < β < 1 one exp per logit and side and one log per atom (``log_mixture_``) instead of
-    log_softmax + exp + logaddexp (about 3× the transcendental work; this is the inner loop of the
-    CPU JSD, see ``_torch_path``).
-    """
-    if not mixture_from_probs(beta):
-        lse, teacher_lse = torch.logsumexp(z, -1), torch.logsumexp(teacher_z, -1)
-        value, grad_logits, w_sum = full_jsd_terms(torch.log_softmax(z, -1), torch.log_softmax(teacher_z, -1), beta)
-        return FullJSDRows(value, z.copy_(grad_logits) if grad else None, w_sum, lse, teacher_lse)
-    p, lse = _softmax_(z)  # z now holds log p
-    q, teacher_lse = _softmax_(teacher_z)  # teacher_z now holds log q
-    logm = log_mixture_(p, q, beta)
-    teacher_kl = torch.linalg.vecdot(q, teacher_z.sub_(logm))
-    w = z.sub_(logm).mul_(p)  # p·(log p − log m): the atoms of KL(P ‖ M)
-    student_kl = w.sum(-1)
-    value = beta * teacher_kl + (1.0 - beta) * student_kl
-    w_sum = (1.0 - beta) * student_kl
-    # ∂D/∂z = w − p·Σw with w = (1 − β)·p·(log p − log m)
-    grad_logits = w.addcmul_(p, student_kl[:, None], value=-1.0).mul_(1.0 - beta) if grad else None
-    return FullJSDRows(value, grad_logits, w_sum, lse, teacher_lse)
+# ----------------------------------------------------------------------------- supports and top-K
 
 
 def union_support(student_ids: torch.Tensor, teacher_ids: torch.Tensor, *, return_order: bool = False):

@@ -33,8 +33,8 @@ import pytest
 import torch
 
 import ptd_kernels as ptd
+from ptd_kernels import PTDTerms, TopK
 from ptd_kernels import reference as ref
-from ptd_kernels._types import PTDTerms, TopK
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 BETAS = (0.0, 0.5, 1.0)
@@ -53,7 +53,8 @@ def grad_tol(dtype, backend):
 
 # ----------------------------------------------------------------------------- backends
 
-TRITON_MODULES = ("ptd_kernels.triton.row_stats", "ptd_kernels.triton.head_backward", "ptd_kernels.triton.jsd")
+TRITON_MODULES = ("ptd_kernels.backends.triton.row_stats", "ptd_kernels.backends.triton.head_backward",
+                  "ptd_kernels.backends.triton.jsd")
 
 
 def _triton_unavailable() -> str | None:
@@ -550,19 +551,17 @@ def test_loss_scales_with_the_incoming_gradient(backend):
 def test_torch_path_in_many_small_blocks(monkeypatch, kind, one_sweep):
     """Tiny block budgets force several row blocks, cache sub-blocks and vocabulary blocks (the
     bench shapes do; the small test shapes otherwise fit one block): the same values and gradients."""
-    from ptd_kernels import _torch_path
+    from ptd_kernels import config
+    from ptd_kernels.backends.torch import fused_loss
 
-    monkeypatch.setattr(_torch_path, "CHUNK_BYTES", 3 * 2 * V * 4)  # small per-row blocks
-    monkeypatch.setattr(_torch_path, "FUSED_BLOCK_BYTES", 3 * 2 * V * 4)  # 3 full rows of both sides per block
-    monkeypatch.setattr(_torch_path, "LOSS_BLOCK_BYTES", 2 * 2 * V * 4)  # 2 full rows of both sides per block
-    monkeypatch.setattr(_torch_path, "SUB_BLOCK_BYTES", 2 * V * 4)  # 2 rows per sub-block
-    monkeypatch.setattr(_torch_path, "FUSED_LOSS_MIN_ROWS", 1 if one_sweep else 10**9)
+    monkeypatch.setattr(config, "CHUNK_BYTES", 3 * 2 * V * 4)  # small per-row blocks
+    monkeypatch.setattr(config, "FUSED_BLOCK_BYTES", 3 * 2 * V * 4)  # 3 full rows of both sides per block
+    monkeypatch.setattr(config, "LOSS_BLOCK_BYTES", 2 * 2 * V * 4)  # 2 full rows of both sides per block
+    monkeypatch.setattr(config, "SUB_BLOCK_BYTES", 2 * V * 4)  # 2 rows per sub-block
+    monkeypatch.setattr(config, "FUSED_LOSS_MIN_ROWS", 1 if one_sweep else 10**9)
     calls = []
-    real = _torch_path.fused_loss
-    monkeypatch.setattr(_torch_path, "fused_loss", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    from ptd_kernels import _engines
-
-    monkeypatch.setattr(_engines.TorchEngine, "fused_loss", staticmethod(_torch_path.fused_loss))
+    real = fused_loss.fused_loss
+    monkeypatch.setattr(fused_loss, "fused_loss", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     for dtype in (F32, F64):
         check(loss_fn(kind, ROW_WEIGHTS), masked_case(dtype=dtype), "torch")
     assert bool(calls) == one_sweep
@@ -792,30 +791,28 @@ def test_extreme_beta_as_precise_as_float32(name, beta):
 
 def test_loss_under_no_grad_forms_no_gradients(monkeypatch):
     """A loss evaluated for logging (``torch.no_grad``) skips the gradient GEMMs of the one-sweep path."""
-    from ptd_kernels import _torch_path
+    from ptd_kernels.backends.torch import fused_loss
 
     seen = []
-    real = _torch_path.fused_loss
-    monkeypatch.setattr(_torch_path, "fused_loss", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
-    from ptd_kernels import _engines
-
-    monkeypatch.setattr(_engines.TorchEngine, "fused_loss", staticmethod(_torch_path.fused_loss))
+    real = fused_loss.fused_loss
+    monkeypatch.setattr(fused_loss, "fused_loss", lambda *a: seen.append(a[4]) or real(*a))
     x = masked_case().inputs(F32)
     with torch.no_grad():
         with_no_grad = ptd.linear_jsd_loss(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, backend="torch")
     loss = ptd.linear_jsd_loss(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, backend="torch")
-    assert [kw["need_weight"] for kw in seen] == [False, True]
+    assert [needs.weight for needs in seen] == [False, True]
     assert_values(with_no_grad, loss.detach(), 1e-6, "value under no_grad")
 
 
 def test_shared_output_layer_is_one_gemm_on_the_torch_path(monkeypatch):
     """The two-sided torch sweeps see a shared output layer (through ``detach()``) and stack both
     sides' rows into one GEMM; separate layers keep two."""
-    from ptd_kernels import _torch_path
+    from ptd_kernels.backends.torch import _blocks
 
     seen = []
-    real = _torch_path._two_sided_row_blocks
-    monkeypatch.setattr(_torch_path, "_two_sided_row_blocks", lambda *a: seen.append(a[6]) or real(*a))
+    real = _blocks.two_sided_row_blocks
+    monkeypatch.setattr(_blocks, "two_sided_row_blocks",
+                        lambda *a: seen.append(a[0].shares_layer_with(a[1])) or real(*a))
     case = masked_case(th=H)
     x = case.inputs(F32)
     for teacher_weight in (x.weight, x.teacher_weight):

@@ -97,7 +97,7 @@ def test_linear_jsd_loss(inputs, record_property, k):
     GEMMs need ~300 rows per block to run at full speed) for a GEMM fewer; it must stay within that block,
     the input gradients and a little slack, far below one N×V tensor, and must not grow with N (bench
     scaling sweep)."""
-    from ptd_kernels import _torch_path
+    from ptd_kernels import config
 
     hidden, weight, teacher_hidden, teacher_weight, _ = inputs
     if k is None:
@@ -108,7 +108,7 @@ def test_linear_jsd_loss(inputs, record_property, k):
     extra = measure(record_property, f"linear_{'' if k is None else 'topk_'}jsd_loss", run, hidden, weight,
                     teacher_hidden, teacher_weight)
     grads = (N + V) * H * 4
-    limit = _torch_path.LOSS_BLOCK_BYTES + grads + 8 * MiB
+    limit = config.LOSS_BLOCK_BYTES + grads + 8 * MiB
     assert extra < min(limit, LOGITS_BYTES // 4), f"{extra / MiB:.1f} MiB ≥ {limit / MiB:.0f} MiB"
 
 
@@ -124,7 +124,7 @@ def test_reference_materializes_logits(inputs, record_property):
 def test_logits_level_with_masked_rows_allocates_only_the_gradient(name, record_property):
     """On given logits the only N×V allocation is the gradient, even with masked rows (which must not be
     copied out: no index_select of the logits, no second N×V buffer in backward). Bounded row blocks
-    (``_torch_path.CHUNK_BYTES`` of temporaries) come on top of the gradient."""
+    (``ptd_kernels.config.CHUNK_BYTES`` of temporaries) come on top of the gradient."""
     n, v = 4096, 8192
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(n, v, generator=g).requires_grad_()

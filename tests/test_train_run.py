@@ -211,11 +211,11 @@ def test_student_step_allocates_no_batch_length_vocab_tensor(tmp_path, monkeypat
     more than [R·T, V] at test size), so they are shrunk to 1 MiB: the point is that the trainer
     itself never forms the logits. MemTracker compares the peak at V ≈ 8k with V ≈ 100 (the
     vision tower's activations, the same in both, dominate the absolute peak)."""
-    import ptd_kernels._torch_path
+    import ptd_kernels.config
 
     for budget in ("CHUNK_BYTES", "FUSED_BLOCK_BYTES", "LOSS_BLOCK_BYTES"):
-        monkeypatch.setattr(ptd_kernels._torch_path, budget, 1 << 20)
-    monkeypatch.setattr(ptd_kernels._torch_path, "SUB_BLOCK_BYTES", 1 << 18)
+        monkeypatch.setattr(ptd_kernels.config, budget, 1 << 20)
+    monkeypatch.setattr(ptd_kernels.config, "SUB_BLOCK_BYTES", 1 << 18)
     added_small, _, _, v_small, _ = _student_step_memory(tmp_path / "small", 0)
     added, biggest, rows, V, H = _student_step_memory(tmp_path / "big", 8192)
     rtv_bytes = rows * V * 4

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-DTYPES = {"fp32": "ieee", "bf16": "tf32"}  # operand dtype → the tl.dot input_precision the launchers pass
+DTYPES = {"fp32": "ieee", "bf16": "tf32"}  # operand dtype → the tl.dot input_precision (TF32 off, torch's default)
 CASES = (
     [f"row_stats-k{k}-{d}" for k in (0, 100) for d in DTYPES]
     + [f"head_backward-{s}-{d}" for s in ("dense", "sparse") for d in DTYPES]
@@ -37,9 +37,9 @@ def _compile_case(case: str) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ptd_kernels.triton import _math, jsd
-    from ptd_kernels.triton import head_backward as hb
-    from ptd_kernels.triton import row_stats as rs
+    from ptd_kernels.backends.triton import _launch, _math, jsd
+    from ptd_kernels.backends.triton import head_backward as hb
+    from ptd_kernels.backends.triton import row_stats as rs
 
     def compile_for_h100(kernel, dtype, constexprs, num_warps, int64_ptrs=(), operand_ptrs=()):
         """``operand_ptrs`` point to ``dtype`` data, ``int64_ptrs`` to int64, other pointers to fp32,
@@ -59,7 +59,9 @@ def _compile_case(case: str) -> None:
         assert compiled.asm.get("cubin"), "no cubin produced"
 
     name, *rest, dtype = case.split("-")
-    block_n, block_v, block_h, warps = hb.default_tiles(torch.float32)
+    block_n, block_v, block_h, warps = _launch.default_tiles(torch.float32)
+    precision = _launch.dot_precision({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    assert precision == DTYPES[dtype], (precision, DTYPES[dtype])
     if name == "row_stats":
         k = int(rest[0][1:])
         k_pad = max(2, triton.next_power_of_2(k)) if k else 0
@@ -67,22 +69,22 @@ def _compile_case(case: str) -> None:
         compile_for_h100(
             rs._row_stats_kernel, dtype,
             dict(HAS_BIAS=True, HAS_TARGETS=True, WITH_MEAN=True, TOPK=k > 0, K_PAD=max(k_pad, 2), NUM_SEG=4,
-                 RANK_MERGE=False, ACC_DTYPE=tl.float32, UPCAST=False,
+                 RANK_MERGE=False, ACC_DTYPE=tl.float32, DOT_UPCAST=False, PRECISION=precision,
                  BLOCK_N=block_n, BLOCK_V=max(block_v, k_pad), BLOCK_H=block_h), warps,
             int64_ptrs=("y_ptr", "part_keys_ptr"), operand_ptrs=("h_ptr", "w_ptr", "b_ptr"))
     elif name == "head_backward":
         compile_for_h100(
             hb._head_backward_kernel, dtype,
             dict(HAS_BIAS=True, HAS_LOGIT_COEF=True, HAS_TARGETS=True, HAS_SPARSE=rest[0] == "sparse",
-                 NEED_X_GRAD=True, NEED_W_GRAD=True, NEED_B_GRAD=True, DOT_UPCAST=False, PRECISION=DTYPES[dtype],
-                 BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, GROUP_N=hb.GROUP_N), warps,
+                 NEED_X_GRAD=True, NEED_W_GRAD=True, NEED_B_GRAD=True, DOT_UPCAST=False, PRECISION=precision,
+                 BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, GROUP_N=_launch.GROUP_N), warps,
             int64_ptrs=("targets_ptr", "sparse_ids_ptr"), operand_ptrs=("x_ptr", "w_ptr", "b_ptr"))
     else:
         beta = float(rest[0][len("beta"):])
         constexprs = dict(HAS_BIAS=True, HAS_TEACHER_BIAS=True, SHARED_WEIGHT=beta == 0.5,
-                          BETA_CASE=_math.beta_case(beta), DOT_UPCAST=False, PRECISION=DTYPES[dtype],
-                          T_DOT_UPCAST=False, T_PRECISION=DTYPES[dtype],
-                          BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, GROUP_N=hb.GROUP_N)
+                          BETA_CASE=_math.beta_case(beta), DOT_UPCAST=False, PRECISION=precision,
+                          T_DOT_UPCAST=False, T_PRECISION=precision,
+                          BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, GROUP_N=_launch.GROUP_N)
         kernel = jsd._jsd_forward_kernel
         if name == "jsd_backward":
             kernel = jsd._jsd_backward_kernel

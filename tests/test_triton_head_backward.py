@@ -10,7 +10,8 @@ import pytest
 import torch
 from _checks import acc_dtype, assert_rel_close
 
-from ptd_kernels.triton.head_backward import head_backward
+from ptd_kernels.backends.base import GradNeeds, Head, HeadGradCoefs, SparseTerms
+from ptd_kernels.backends.triton.head_backward import head_backward as kernel_head_backward
 
 N, V, H = 7, 200, 40
 TAU = 0.7
@@ -20,6 +21,16 @@ DEFAULT_TILES: dict = {}
 # max |kernel − exact| / max |exact| allowed per input dtype. bf16/fp16 round dz to the operand
 # dtype before the gradient dots (as torch's own bf16 backward does).
 GRAD_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def head_backward(hidden, weight, bias, tau, lse, row_coef, logit_coef=None, targets=None, target_coef=None,
+                  logit_shift=None, sparse_ids=None, sparse_coef=None, *, need_hidden_grad=True,
+                  need_weight_grad=True, need_bias_grad=True, **tiles):
+    """The launcher on these tests' flat arguments: sparse_ids/sparse_coef [N, M] name every row."""
+    sparse = () if sparse_ids is None else (SparseTerms.every_row(sparse_ids, sparse_coef),)
+    coefs = HeadGradCoefs(row_coef, logit_coef, logit_shift, targets, target_coef, sparse)
+    needs = GradNeeds(need_hidden_grad, need_weight_grad, need_bias_grad)
+    return tuple(kernel_head_backward(Head(hidden, weight, bias, tau), lse, coefs, needs, **tiles))
 
 
 def make_inputs(dtype, with_bias, n=N, v=V, h=H):
@@ -77,13 +88,13 @@ def run_and_compare(hidden, weight, bias, coefs, tiles, tol, tau=TAU, sparse=Non
     gx, gw, gb = head_backward(hidden, weight, bias, tau, cast(lse), cast(row_coef), cast(logit_coef),
                                targets, cast(target_coef), sparse_ids=sparse_ids, sparse_coef=cast(sparse_coef),
                                **tiles)
-    assert gx.dtype == hidden.dtype and gw.dtype == weight.dtype
+    assert gx.dtype == acc and gw.dtype == acc
     assert_rel_close(gx, dz @ w.detach() / tau, tol, "grad_hidden")
     assert_rel_close(gw, dz.T @ x.detach() / tau, tol, "grad_weight")
     if bias is None:
         assert gb is None
     else:
-        assert gb.dtype == bias.dtype
+        assert gb.dtype == acc
         assert_rel_close(gb, dz.sum(0) / tau, tol, "grad_bias")
     return gx, gw, gb
 
@@ -212,14 +223,17 @@ def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match="targets"):
         head_backward(hidden, weight, bias, TAU, lse, coef, targets=torch.zeros(N, dtype=torch.int64))
     ids, sparse_coef = torch.zeros((N, 3), dtype=torch.int64), torch.zeros((N, 3))
-    with pytest.raises(ValueError, match="sparse_ids and sparse_coef"):
-        head_backward(hidden, weight, bias, TAU, lse, coef, sparse_ids=ids)
-    with pytest.raises(ValueError, match="sparse_coef"):
-        head_backward(hidden, weight, bias, TAU, lse, coef, sparse_ids=ids, sparse_coef=sparse_coef[:, :2])
-    with pytest.raises(ValueError, match="sparse_ids"):
-        head_backward(hidden, weight, bias, TAU, lse, coef, sparse_ids=ids[:-1], sparse_coef=sparse_coef[:-1])
-    with pytest.raises(TypeError, match="sparse_ids"):
-        head_backward(hidden, weight, bias, TAU, lse, coef, sparse_ids=ids.float(), sparse_coef=sparse_coef)
+    with pytest.raises(ValueError, match="targets and target_coef"):
+        HeadGradCoefs(coef, targets=torch.zeros(N, dtype=torch.int64))
+    with pytest.raises(ValueError, match="coef"):
+        SparseTerms.every_row(ids, sparse_coef[:, :2])
+    with pytest.raises(ValueError, match="row_index"):
+        SparseTerms(torch.arange(N), ids[:-1], sparse_coef[:-1])
+    with pytest.raises(TypeError, match="ids"):
+        SparseTerms.every_row(ids.float(), sparse_coef)
+    with pytest.raises(ValueError, match="row_index"):
+        head_backward(hidden, weight, bias, TAU, lse, coef, sparse_ids=torch.zeros((N + 1, 1), dtype=torch.int64),
+                      sparse_coef=torch.ones(N + 1, 1))
 
 
 def test_many_row_tiles():
@@ -319,22 +333,24 @@ def test_sparse_terms_cancel_inside_the_tile():
 def test_pad_sparse_merges_triples_per_row():
     """Several (row_index, ids, coef) triples, rows named twice or not at all, become one padded
     array per row: ids ascending, padding id V with coefficient 0, zero coefficients dropped."""
-    from ptd_kernels._sparse import pad_sparse
+    from ptd_kernels.backends.triton.sparse_layout import pad_sparse
 
-    first = (torch.tensor([0, 2]), torch.tensor([[9, 4], [1, 1]]), torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
-    second = (torch.tensor([2, 0, 2]), torch.tensor([[0], [5], [7]]), torch.tensor([[4.0], [5.0], [6.0]]))
+    first = SparseTerms(torch.tensor([0, 2]), torch.tensor([[9, 4], [1, 1]]), torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
+    second = SparseTerms(torch.tensor([2, 0, 2]), torch.tensor([[0], [5], [7]]), torch.tensor([[4.0], [5.0], [6.0]]))
     ids, coef = pad_sparse(4, 10, [first, second], torch.float64)
     assert ids.tolist() == [[4, 5, 9], [10, 10, 10], [0, 1, 7], [10, 10, 10]]
     assert coef.tolist() == [[2.0, 5.0, 1.0], [0.0, 0.0, 0.0], [4.0, 3.0, 6.0], [0.0, 0.0, 0.0]]
     assert pad_sparse(4, 10, [], torch.float32) is None
-    assert pad_sparse(4, 10, [(torch.tensor([1]), torch.tensor([[3]]), torch.zeros(1, 1))], torch.float32) is None
+    assert pad_sparse(4, 10, [SparseTerms(torch.tensor([1]), torch.tensor([[3]]), torch.zeros(1, 1))],
+                      torch.float32) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_engine_sparse_triples_match_the_torch_engine(dtype):
-    """TritonEngine.head_backward with target one-hots and two sparse triples (one on a subset of
-    rows, with repeated ids) against the chunked torch engine, which adds them into its blocks."""
-    from ptd_kernels._engines import TorchEngine, TritonEngine
+def test_backend_sparse_triples_match_the_torch_backend(dtype):
+    """TritonBackend.head_backward with target one-hots and two sparse triples (one on a subset of
+    rows, with repeated ids) against the chunked torch backend, which adds them into its blocks."""
+    from ptd_kernels.backends.torch import TorchBackend
+    from ptd_kernels.backends.triton import TritonBackend
 
     n = 9
     hidden, weight, bias = make_inputs(dtype, True, n=n)
@@ -344,11 +360,12 @@ def test_engine_sparse_triples_match_the_torch_engine(dtype):
     row_coef, logit_coef, targets, target_coef = (None if t is None else (t.to(acc) if t.is_floating_point() else t)
                                                   for t in random_coefs(n=n))
     subset = torch.tensor([1, 4, 8])
-    sparse = [(subset, torch.tensor([[3, 3, 199], [0, 64, 100], [192, 5, 6]]), torch.randn(3, 3, dtype=acc)),
-              (torch.arange(n), torch.randint(0, V, (n, 5)), torch.randn(n, 5, dtype=acc))]
-    args = (hidden, weight, bias, TAU, lse, row_coef, logit_coef, lse.new_zeros(n), targets, target_coef, sparse)
-    want = TorchEngine.head_backward(*args)
-    got = TritonEngine.head_backward(*args)
+    sparse = (SparseTerms(subset, torch.tensor([[3, 3, 199], [0, 64, 100], [192, 5, 6]]), torch.randn(3, 3, dtype=acc)),
+              SparseTerms(torch.arange(n), torch.randint(0, V, (n, 5)), torch.randn(n, 5, dtype=acc)))
+    args = (Head(hidden, weight, bias, TAU), lse,
+            HeadGradCoefs(row_coef, logit_coef, lse.new_zeros(n), targets, target_coef, sparse), GradNeeds())
+    want = TorchBackend().head_backward(*args)
+    got = TritonBackend().head_backward(*args)
     for g, w_, what in zip(got, want, ("grad_hidden", "grad_weight", "grad_bias")):
         assert g.dtype == acc, what
         assert_rel_close(g, w_.to(torch.float64), GRAD_TOL[dtype], what)

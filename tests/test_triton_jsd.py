@@ -14,7 +14,8 @@ import torch
 from _checks import acc_dtype, assert_rel_close
 
 from ptd_kernels import _rowmath
-from ptd_kernels.triton.jsd import jsd_backward, jsd_forward
+from ptd_kernels.backends.base import GradNeeds, Head, JSDStats
+from ptd_kernels.backends.triton.jsd import jsd_backward, jsd_forward
 
 N, V, H, TH = 7, 200, 40, 24
 TAU = 0.7
@@ -68,6 +69,9 @@ class Case:
     def teacher(self):
         return self.teacher_hidden, self.teacher_weight, self.teacher_bias
 
+    def heads(self, tau=TAU):
+        return Head(self.hidden, self.weight, self.bias, tau), Head(*self.teacher(), tau)
+
     def check(self, beta, tiles=DEFAULT_TILES, value_tol=None, grad_tol=None, tau=TAU):
         dtype = self.hidden.dtype
         # The less precise side sets the tolerance (teacher logits are computed in its dtype).
@@ -84,19 +88,19 @@ class Case:
 
         acc = acc_dtype(dtype)
         lse, t_lse = z.detach().logsumexp(-1).to(acc), zt.logsumexp(-1).to(acc)
-        args = (self.hidden, self.weight, self.bias, *self.teacher(), tau, lse, t_lse, beta)
-        k_value, w_sum = jsd_forward(*args, **tiles)
+        stats = jsd_forward(*self.heads(tau), beta, lse=lse, teacher_lse=t_lse, **tiles)
+        k_value, w_sum = stats.value, stats.w_sum
         assert k_value.dtype == acc and w_sum.dtype == acc
         assert_rel_close(k_value, value.detach(), value_tol, "value")
         assert_rel_close(w_sum, w_parts.sum(-1), value_tol, "w_sum")
-        gx, gw, gb = jsd_backward(*args, w_sum, self.grad.to(acc), **tiles)
-        assert gx.dtype == dtype and gw.dtype == dtype
+        gx, gw, gb = jsd_backward(*self.heads(tau), beta, stats, self.grad.to(acc), **tiles)
+        assert gx.dtype == acc and gw.dtype == acc
         assert_rel_close(gx, x.grad, grad_tol, "grad_hidden")
         assert_rel_close(gw, w.grad, grad_tol, "grad_weight")
         if self.bias is None:
             assert gb is None
         else:
-            assert gb.dtype == dtype
+            assert gb.dtype == acc
             assert_rel_close(gb, b.grad, grad_tol, "grad_bias")
         return k_value, (gx, gw, gb)
 
@@ -196,37 +200,36 @@ def test_zero_grad_rows_and_need_flags():
     assert torch.all(gx[2] == 0)
     z = logits64(case.hidden, case.weight, case.bias)
     zt = logits64(*case.teacher())
-    args = (case.hidden, case.weight, case.bias, *case.teacher(), TAU, z.logsumexp(-1).float(),
-            zt.logsumexp(-1).float(), 0.5)
-    _, w_sum = jsd_forward(*args, **SMALL_TILES)
-    only_x = jsd_backward(*args, w_sum, case.grad.float(), need_weight_grad=False, need_bias_grad=False,
+    stats = jsd_forward(*case.heads(), 0.5, lse=z.logsumexp(-1).float(), teacher_lse=zt.logsumexp(-1).float(),
+                        **SMALL_TILES)
+    only_x = jsd_backward(*case.heads(), 0.5, stats, case.grad.float(), GradNeeds(weight=False, bias=False),
                           **SMALL_TILES)
-    assert only_x[1] is None and only_x[2] is None
-    torch.testing.assert_close(only_x[0], gx, rtol=0, atol=1e-6)
-    no_x = jsd_backward(*args, w_sum, case.grad.float(), need_hidden_grad=False, **SMALL_TILES)
-    assert no_x[0] is None
-    torch.testing.assert_close(no_x[1], gw, rtol=0, atol=1e-6)
-    torch.testing.assert_close(no_x[2], gb, rtol=0, atol=1e-6)
+    assert only_x.weight is None and only_x.bias is None
+    torch.testing.assert_close(only_x.hidden, gx, rtol=0, atol=1e-6)
+    no_x = jsd_backward(*case.heads(), 0.5, stats, case.grad.float(), GradNeeds(hidden=False), **SMALL_TILES)
+    assert no_x.hidden is None
+    torch.testing.assert_close(no_x.weight, gw, rtol=0, atol=1e-6)
+    torch.testing.assert_close(no_x.bias, gb, rtol=0, atol=1e-6)
 
 
 def test_bad_inputs_are_rejected():
     case = Case(torch.float32, with_bias=True)
     lse = torch.zeros(N)
-    args = (case.hidden, case.weight, case.bias, *case.teacher(), TAU, lse, lse)
+    student, teacher = case.heads()
     with pytest.raises(ValueError, match="beta"):
-        jsd_forward(*args, 1.5)
+        jsd_forward(student, teacher, 1.5, lse=lse, teacher_lse=lse)
     with pytest.raises(ValueError, match="vocabulary"):
-        jsd_forward(case.hidden, case.weight, case.bias, case.teacher_hidden, case.teacher_weight[:-1], None,
-                    TAU, lse, lse, 0.5)
+        jsd_forward(student, Head(case.teacher_hidden, case.teacher_weight[:-1], None, TAU), 0.5, lse=lse,
+                    teacher_lse=lse)
     with pytest.raises(ValueError, match="teacher_hidden"):
-        jsd_forward(case.hidden, case.weight, case.bias, case.teacher_hidden[:-1], case.teacher_weight, None,
-                    TAU, lse, lse, 0.5)
+        jsd_forward(student, Head(case.teacher_hidden[:-1], case.teacher_weight, None, TAU), 0.5, lse=lse,
+                    teacher_lse=lse)
     with pytest.raises(ValueError, match="teacher_lse"):
-        jsd_forward(*args[:-1], lse[:-1], 0.5)
+        jsd_forward(student, teacher, 0.5, lse=lse, teacher_lse=lse[:-1])
     with pytest.raises(ValueError, match="temperature"):
-        jsd_forward(*args[:6], -1.0, lse, lse, 0.5)
+        jsd_forward(*case.heads(-1.0), 0.5, lse=lse, teacher_lse=lse)
     with pytest.raises(ValueError, match="grad"):
-        jsd_backward(*args, 0.5, lse, lse[:-1])
+        jsd_backward(student, teacher, 0.5, JSDStats(lse, lse, lse, lse), lse[:-1])
 
 
 def test_many_row_tiles():

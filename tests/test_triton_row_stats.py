@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from ptd_kernels._rowmath import pack_topk_keys
-from ptd_kernels.triton.row_stats import MAX_K, _pack_keys, row_stats
+from ptd_kernels.backends.base import Head
+from ptd_kernels.backends.triton.row_stats import MAX_K, _pack_keys, row_stats
 
 TAU = 0.7
 SMALL_TILES = dict(block_n=4, block_v=32, block_h=32)  # 300 % 32 ≠ 0, 48 % 32 ≠ 0
@@ -71,7 +72,7 @@ def check_topk(r, z, k, *, exact=True, atol=1e-5):
 @pytest.mark.parametrize("k,num_segments", [(0, 3), (7, 3), (32, 1), (60, None)])
 def test_float32_matches_dense(bias, k, num_segments):
     hidden, weight, b, targets = make_inputs(12, 48, 300, bias=bias)
-    r = row_stats(hidden, weight, b, TAU, targets, k, num_segments=num_segments, **SMALL_TILES)
+    r = row_stats(Head(hidden, weight, b, TAU), targets=targets, k=k, num_segments=num_segments, **SMALL_TILES)
     z = dense_logits(hidden, weight, b)
     check_stats(r, z, targets, rtol=1e-5, atol=1e-5)
     assert r.lse.dtype == torch.float32 and r.lse.shape == (12,)
@@ -83,7 +84,7 @@ def test_float32_matches_dense(bias, k, num_segments):
 
 def test_default_tiles_and_segments():
     hidden, weight, b, targets = make_inputs(12, 48, 300)
-    r = row_stats(hidden, weight, b, TAU, targets, 100)
+    r = row_stats(Head(hidden, weight, b, TAU), targets=targets, k=100)
     z = dense_logits(hidden, weight, b)
     check_stats(r, z, targets, rtol=1e-5, atol=1e-5)
     check_topk(r, z, 100)
@@ -92,7 +93,7 @@ def test_default_tiles_and_segments():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_matches_float64_on_rounded_inputs(dtype):
     hidden, weight, b, targets = make_inputs(12, 48, 300, dtype=dtype)
-    r = row_stats(hidden, weight, b, TAU, targets, 20, num_segments=4, **SMALL_TILES)
+    r = row_stats(Head(hidden, weight, b, TAU), targets=targets, k=20, num_segments=4, **SMALL_TILES)
     z = dense_logits(hidden, weight, b)
     assert r.lse.dtype == torch.float32
     check_stats(r, z, targets, rtol=1e-4, atol=1e-4)
@@ -101,7 +102,7 @@ def test_half_precision_matches_float64_on_rounded_inputs(dtype):
 
 def test_float64_accumulates_in_float64():
     hidden, weight, b, targets = make_inputs(12, 48, 300, dtype=torch.float64)
-    r = row_stats(hidden, weight, b, TAU, targets, 9, num_segments=3, **SMALL_TILES)
+    r = row_stats(Head(hidden, weight, b, TAU), targets=targets, k=9, num_segments=3, **SMALL_TILES)
     z = dense_logits(hidden, weight, b)
     assert r.lse.dtype == torch.float64 and r.mean_logit.dtype == torch.float64
     assert r.target_logit.dtype == torch.float64
@@ -120,7 +121,8 @@ def test_k_edge_cases(n, v, k):
     # 64-wide tiles and one segment per tile leaves the last segment 300 − 256 = 44 real keys,
     # fewer than k: its partial is padded with sentinels that must lose the merge.
     hidden, weight, b, targets = make_inputs(n, 40, v)
-    r = row_stats(hidden, weight, b, TAU, targets, k, block_n=4, block_v=64, block_h=16, num_segments=5)
+    r = row_stats(Head(hidden, weight, b, TAU), targets=targets, k=k, block_n=4, block_v=64, block_h=16,
+                  num_segments=5)
     z = dense_logits(hidden, weight, b)
     check_stats(r, z, targets, rtol=1e-5, atol=1e-5)
     check_topk(r, z, k)
@@ -157,7 +159,7 @@ def test_exact_ties_go_to_the_smaller_id(bias, merge):
     above_sorted = above[z[:, above].sort(dim=1, descending=True).indices]
     smallest_tied = tied.sort().values[: k - 5].expand(n, k - 5)
     expected = torch.cat([above_sorted, smallest_tied], dim=1)
-    r = row_stats(hidden, weight, b, TAU, targets, k, num_segments=4, topk_merge=merge, **tiles)
+    r = row_stats(Head(hidden, weight, b, TAU), targets=targets, k=k, num_segments=4, topk_merge=merge, **tiles)
     check_stats(r, z, targets, rtol=1e-5, atol=1e-5)
     check_topk(r, z, k)
     assert torch.equal(r.topk_indices, expected)
@@ -175,8 +177,8 @@ def test_whole_row_tied_and_monotone_rows(merge):
     hidden[1, 0] = 1.0
     hidden[2, 0] = -1.0
     b = torch.full((v,), 0.5)
-    r = row_stats(hidden, weight, b, TAU, None, k, block_n=2, block_v=16, block_h=16,
-                  num_segments=2, topk_merge=merge)
+    r = row_stats(Head(hidden, weight, b, TAU), targets=None, k=k, block_n=2, block_v=16, block_h=16, num_segments=2,
+                  topk_merge=merge)
     z = dense_logits(hidden, weight, b)
     check_topk(r, z, k)
     assert torch.equal(r.topk_indices[0], torch.arange(k))
@@ -189,8 +191,8 @@ def test_bitonic_and_rank_merges_agree():
     hidden, weight, b, targets = make_inputs(3, 20, 70)
     tiles = dict(block_n=2, block_v=16, block_h=16, num_segments=3)
     for k in (3, 16):  # K_PAD < BLOCK_V and K_PAD == BLOCK_V
-        a = row_stats(hidden, weight, b, TAU, targets, k, topk_merge="bitonic", **tiles)
-        c = row_stats(hidden, weight, b, TAU, targets, k, topk_merge="rank", **tiles)
+        a = row_stats(Head(hidden, weight, b, TAU), targets=targets, k=k, topk_merge="bitonic", **tiles)
+        c = row_stats(Head(hidden, weight, b, TAU), targets=targets, k=k, topk_merge="rank", **tiles)
         assert torch.equal(a.topk_indices, c.topk_indices)
         assert torch.equal(a.topk_logits, c.topk_logits)
         check_topk(a, dense_logits(hidden, weight, b), k)
@@ -202,7 +204,7 @@ def test_huge_logits_do_not_overflow():
     hidden, weight, b, targets = make_inputs(4, 32, 300)
     hidden[2] *= 3e3
     b[290] = 2e4
-    r = row_stats(hidden, weight, b, TAU, targets, 10, num_segments=3, **SMALL_TILES)
+    r = row_stats(Head(hidden, weight, b, TAU), targets=targets, k=10, num_segments=3, **SMALL_TILES)
     z = dense_logits(hidden, weight, b)
     assert z[2].abs().max() > 1e4
     assert torch.isfinite(r.lse).all() and torch.isfinite(r.mean_logit).all()
@@ -215,24 +217,21 @@ def test_huge_logits_do_not_overflow():
 def test_nan_or_inf_in_one_row_stays_in_that_row(bad):
     hidden, weight, b, targets = make_inputs(6, 24, 100)
     hidden[3, 5] = bad
-    r = row_stats(hidden, weight, b, TAU, targets, 4, num_segments=2, **SMALL_TILES)
+    r = row_stats(Head(hidden, weight, b, TAU), targets=targets, k=4, num_segments=2, **SMALL_TILES)
     assert torch.isnan(r.lse[3]) and torch.isnan(r.mean_logit[3])
     good = torch.tensor([0, 1, 2, 4, 5])
     z = dense_logits(hidden[good], weight, b)
-    sub = r._replace(
-        lse=r.lse[good], mean_logit=r.mean_logit[good], target_logit=r.target_logit[good],
-        topk_indices=r.topk_indices[good], topk_logits=r.topk_logits[good],
-    )
+    sub = r.take_rows(good)
     check_stats(sub, z, targets[good], rtol=1e-5, atol=1e-5)
     check_topk(sub, z, 4)
 
 
 def test_optional_outputs_and_empty_input():
     hidden, weight, b, _ = make_inputs(5, 24, 100)
-    r = row_stats(hidden, weight, b, TAU, None, 0, with_mean_logit=False, **SMALL_TILES)
+    r = row_stats(Head(hidden, weight, b, TAU), targets=None, k=0, with_mean_logit=False, **SMALL_TILES)
     assert r.mean_logit is None and r.target_logit is None and r.topk_indices is None
     torch.testing.assert_close(r.lse.double(), torch.logsumexp(dense_logits(hidden, weight, b), 1))
-    e = row_stats(hidden[:0], weight, b, TAU, torch.zeros(0, dtype=torch.int64), 3)
+    e = row_stats(Head(hidden[:0], weight, b, TAU), targets=torch.zeros(0, dtype=torch.int64), k=3)
     assert e.lse.shape == (0,) and e.topk_indices.shape == (0, 3) and e.target_logit.shape == (0,)
 
 
@@ -243,7 +242,7 @@ def test_strided_inputs():
     weight = (torch.randn(32, 150) * 0.3).T  # [150, 32], strides (1, 150)
     b = torch.randn(300)[::2]
     targets = torch.randint(0, 150, (7,))
-    r = row_stats(hidden, weight, b, TAU, targets, 6, num_segments=2, **SMALL_TILES)
+    r = row_stats(Head(hidden, weight, b, TAU), targets=targets, k=6, num_segments=2, **SMALL_TILES)
     z = dense_logits(hidden, weight, b)
     check_stats(r, z, targets, rtol=1e-5, atol=1e-5)
     check_topk(r, z, 6)
@@ -252,19 +251,19 @@ def test_strided_inputs():
 def test_bad_arguments():
     hidden, weight, b, targets = make_inputs(3, 8, 20)
     with pytest.raises(ValueError, match="k"):
-        row_stats(hidden, weight, b, TAU, targets, 21)
+        row_stats(Head(hidden, weight, b, TAU), targets=targets, k=21)
     with pytest.raises(ValueError, match="k"):
-        row_stats(torch.randn(3, 8), torch.randn(MAX_K + 10, 8), None, TAU, None, MAX_K + 1)
+        row_stats(Head(torch.randn(3, 8), torch.randn(MAX_K + 10, 8), None, TAU), targets=None, k=MAX_K + 1)
     with pytest.raises(ValueError, match="temperature"):
-        row_stats(hidden, weight, b, 0.0, targets, 2)
+        row_stats(Head(hidden, weight, b, 0.0), targets=targets, k=2)
     with pytest.raises(TypeError, match="dtype"):
-        row_stats(hidden.double(), weight, b, TAU, targets, 2)
+        row_stats(Head(hidden.double(), weight, b, TAU), targets=targets, k=2)
     with pytest.raises(TypeError, match="hidden"):
-        row_stats(hidden.int(), weight.int(), None, TAU, targets, 2)
+        row_stats(Head(hidden.int(), weight.int(), None, TAU), targets=targets, k=2)
     with pytest.raises(TypeError, match="targets"):
-        row_stats(hidden, weight, b, TAU, targets.int(), 2)
+        row_stats(Head(hidden, weight, b, TAU), targets=targets.int(), k=2)
     with pytest.raises(ValueError, match="bias"):
-        row_stats(hidden, weight, b[:5], TAU, targets, 2)
+        row_stats(Head(hidden, weight, b[:5], TAU), targets=targets, k=2)
 
 
 @triton.jit

@@ -28,34 +28,18 @@ Extra memory is O(N · segments · K_PAD + tiles), never O(N · V).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ptd_kernels.triton._launch import accumulator_dtype, dot_upcast, interpreting
+from ..base import Head, RowStats
+from . import _launch
+from .tiles import logits_tile
 
-MAX_K = 256  # largest k this kernel keeps in registers; callers use the torch path above it
+MAX_K = 256  # largest k this kernel keeps in registers; the backend uses the torch path above it
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KEY_SENTINEL = tl.constexpr(-(2**63))  # below every real key: masked vocabulary entries and empty top-K slots
-
-
-class RowStats(NamedTuple):
-    """Per-row statistics of z = (hidden @ weight.T + bias) / τ (see the module docstring).
-
-    lse, mean_logit, target_logit: [N] float32 (float64 for float64 inputs).
-    mean_logit is None when ``with_mean_logit=False``; target_logit is None without targets.
-    topk_indices: int64 [N, k] by descending logit, ties → smaller id; None when k == 0.
-    topk_logits: float32 [N, k], the logits at topk_indices (z rounded to float32).
-    """
-
-    lse: torch.Tensor
-    mean_logit: torch.Tensor | None
-    target_logit: torch.Tensor | None
-    topk_indices: torch.Tensor | None
-    topk_logits: torch.Tensor | None
 
 
 @triton.jit
@@ -104,10 +88,10 @@ def _merge_topk_rank(top, keys, K_PAD: tl.constexpr):
 
 @triton.jit
 def _row_stats_kernel(
-    h_ptr, w_ptr, b_ptr, temp_ptr, y_ptr,
+    h_ptr, w_ptr, b_ptr, scalars_ptr, y_ptr,
     part_m_ptr, part_s_ptr, part_t_ptr, part_keys_ptr, target_out_ptr,
     N, V, H, TILES_PER_SEG,
-    stride_hn, stride_hh, stride_wv, stride_wh, stride_b,
+    stride_hn, stride_hh, stride_wv, stride_wh,
     HAS_BIAS: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
     WITH_MEAN: tl.constexpr,
@@ -116,7 +100,8 @@ def _row_stats_kernel(
     NUM_SEG: tl.constexpr,
     RANK_MERGE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -127,9 +112,8 @@ def _row_stats_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)  # int64 offsets: N·H and V·H may exceed 2^31
-    offs_h = tl.arange(0, BLOCK_H)
     offs_v = tl.arange(0, BLOCK_V)
-    tau = tl.load(temp_ptr)  # τ in the accumulator dtype (a float arg would be float32)
+    inv_tau = tl.load(scalars_ptr)  # 1/τ in the accumulator dtype (a float arg would be float32)
 
     num_tiles = tl.cdiv(V, BLOCK_V)
     tile_lo = seg * TILES_PER_SEG
@@ -150,28 +134,9 @@ def _row_stats_kernel(
         cols = tile * BLOCK_V + offs_v
         col_mask = cols < V
         cols64 = cols.to(tl.int64)
-
-        # acc[n, v] = Σ_h hidden[n, h] · weight[v, h], in float32 (float64 for float64 inputs).
-        acc = tl.zeros((BLOCK_N, BLOCK_V), ACC_DTYPE)
-        for h0 in range(0, H, BLOCK_H):
-            hs = h0 + offs_h
-            h_mask = hs < H
-            h_tile = tl.load(
-                h_ptr + rows64[:, None] * stride_hn + hs[None, :].to(tl.int64) * stride_hh,
-                mask=row_mask[:, None] & h_mask[None, :], other=0.0,
-            )
-            w_tile = tl.load(
-                w_ptr + cols64[:, None] * stride_wv + hs[None, :].to(tl.int64) * stride_wh,
-                mask=col_mask[:, None] & h_mask[None, :], other=0.0,
-            )
-            if UPCAST:  # the interpreter's bf16 tl.dot is wrong; upcast there only
-                h_tile = h_tile.to(tl.float32)
-                w_tile = w_tile.to(tl.float32)
-            acc = tl.dot(h_tile, tl.trans(w_tile), acc, input_precision="ieee", out_dtype=ACC_DTYPE)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + cols64 * stride_b, mask=col_mask, other=0.0).to(ACC_DTYPE)
-            acc = acc + bias[None, :]
-        z = acc / tau
+        z, _ = logits_tile(h_ptr, w_ptr, b_ptr, inv_tau, rows64, cols64, row_mask, col_mask, H,
+                           stride_hn, stride_hh, stride_wv, stride_wh, h_ptr, b_ptr, 0, 0,
+                           HAS_BIAS, False, False, DOT_UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
 
         # Online logsumexp. Masked columns are −inf so they add exp(−inf) = 0; NaN propagates to s.
         z_lse = tl.where(col_mask[None, :], z, float("-inf"))
@@ -228,7 +193,7 @@ def _default_tiles(k_pad: int) -> tuple[int, int, int, int]:
 
     The running top-K costs BLOCK_N·K_PAD int64 registers next to the BLOCK_N×BLOCK_V logit
     tile, and the tile must hold K_PAD candidates (BLOCK_V ≥ K_PAD). Chosen from sm_90
-    cross-compiles (ptxas register/spill reports), not from timings: no GPU was at hand.
+    cross-compiles (ptxas register/spill reports).
     """
     if k_pad <= 32:
         return 64, 128, 64, 8
@@ -248,52 +213,38 @@ def _num_segments(device: torch.device, row_blocks: int, num_tiles: int) -> int:
 
 
 def row_stats(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    temperature: float,
+    head: Head,
+    *,
     targets: torch.Tensor | None = None,
     k: int = 0,
-    *,
     with_mean_logit: bool = True,
+    lse_dtype: torch.dtype | None = None,
     block_n: int | None = None,
     block_v: int | None = None,
     block_h: int | None = None,
     num_segments: int | None = None,
     topk_merge: str | None = None,
-    lse_dtype: torch.dtype | None = None,
 ) -> RowStats:
-    """One sweep over the vocabulary per row block: lse, mean logit, target logit, top-k.
+    """One sweep over the vocabulary per row block: lse, mean logit, target logit, top-k (``Backend.row_stats``).
 
     Args:
-        hidden: [N, H] float16/bfloat16/float32/float64.
-        weight: [V, H], same dtype. bias: [V] or None, same dtype.
-        temperature: τ > 0; z = (hidden @ weight.T + bias) / τ.
+        head: hidden [N, H] and weight [V, H] of one dtype (float16/bfloat16/float32/float64),
+            bias [V] or None, temperature τ > 0.
         targets: int64 [N] ids in [0, V) (the caller strips ignored rows), or None.
         k: top-k size, 0 ≤ k ≤ min(V, MAX_K).
         with_mean_logit: also return Σ_v p_v z_v (needed for the entropy).
-        block_n, block_v, block_h, num_segments: tuning overrides (tests use small tiles).
         lse_dtype: dtype of the returned lse (default: the accumulator's); float64 makes z − lse
             exact for callers that normalize logits by it (the JSD kernels).
+        block_n, block_v, block_h, num_segments: tuning overrides (tests use small tiles).
         topk_merge: "bitonic" (sorting network, the GPU path) or "rank" (whole-array ranking,
             the default under the interpreter, where the sorting network is very slow).
+
+    Returns RowStats with float32 statistics (float64 for float64 inputs) and float32 top-k logits.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden [N, H] and weight [V, H] must agree, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
-        )
+    n, v, hdim = _launch.check_head(head)
+    hidden, weight = head.hidden, head.weight
+    bias = head.bias.contiguous() if head.bias is not None else None
     dtype = hidden.dtype
-    if dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"hidden: unsupported dtype {dtype} (supported: {_SUPPORTED_DTYPES})")
-    if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
-        raise TypeError(f"hidden, weight and bias must share one dtype, got {dtype}, {weight.dtype}"
-                        f"{'' if bias is None else ', ' + str(bias.dtype)}")
-    n, hdim = hidden.shape
-    v = weight.shape[0]
-    if bias is not None and bias.shape != (v,):
-        raise ValueError(f"bias must have shape ({v},), got {tuple(bias.shape)}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if not 0 <= k <= min(v, MAX_K):
         raise ValueError(f"k must be in [0, min(V={v}, MAX_K={MAX_K})], got {k}")
     if targets is not None:
@@ -304,17 +255,17 @@ def row_stats(
         targets = targets.contiguous()
 
     if topk_merge is None:
-        topk_merge = "rank" if interpreting() else "bitonic"
+        topk_merge = "rank" if _launch.interpreting() else "bitonic"
     if topk_merge not in ("bitonic", "rank"):
         raise ValueError(f"topk_merge must be 'bitonic' or 'rank', got {topk_merge!r}")
 
     device = hidden.device
-    acc_dtype = accumulator_dtype(dtype)
+    acc_dtype = _launch.accumulator_dtype(dtype)
     out_lse = torch.empty(n, dtype=acc_dtype, device=device)
     out_target = None if targets is None else torch.full((n,), math.nan, dtype=acc_dtype, device=device)
     if n == 0:
         return RowStats(
-            out_lse,
+            out_lse.to(lse_dtype or acc_dtype),
             out_lse.clone() if with_mean_logit else None,
             out_target,
             torch.empty(0, k, dtype=torch.int64, device=device) if k else None,
@@ -327,7 +278,7 @@ def row_stats(
     block_n = block_n or min(d_n, max(16, triton.next_power_of_2(n)))
     block_v = max(block_v or d_v, k_pad)  # a tile must hold K_PAD candidates
     block_h = block_h or d_h
-    if not interpreting() and min(block_n, block_h) < 16:
+    if not _launch.interpreting() and min(block_n, block_h) < 16:
         raise ValueError("block_n and block_h must be ≥ 16 on a GPU (tl.dot)")
     row_blocks = triton.cdiv(n, block_n)
     num_tiles = triton.cdiv(v, block_v)
@@ -340,15 +291,14 @@ def row_stats(
     part_s = torch.empty_like(part_m)
     part_t = torch.empty_like(part_m) if with_mean_logit else part_m
     part_keys = torch.empty(n, num_seg, k_pad, dtype=torch.int64, device=device) if k else part_m
-    temp = torch.full((1,), float(temperature), dtype=acc_dtype, device=device)
+    scalars = torch.full((1,), 1.0 / float(head.temperature), dtype=acc_dtype, device=device)
 
     _row_stats_kernel[(row_blocks, num_seg)](
-        hidden, weight, bias if bias is not None else hidden, temp,
+        hidden, weight, bias if bias is not None else hidden, scalars,
         targets if targets is not None else part_m,
         part_m, part_s, part_t, part_keys, out_target if out_target is not None else part_m,
         n, v, hdim, tiles_per_seg,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        bias.stride(0) if bias is not None else 0,
         HAS_BIAS=bias is not None,
         HAS_TARGETS=targets is not None,
         WITH_MEAN=with_mean_logit,
@@ -356,8 +306,8 @@ def row_stats(
         K_PAD=max(k_pad, 2),
         NUM_SEG=num_seg,
         RANK_MERGE=topk_merge == "rank",
-        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-        UPCAST=dot_upcast(dtype),
+        ACC_DTYPE=_launch.tl_dtype(acc_dtype),
+        **_launch.dot_meta(dtype),
         BLOCK_N=block_n,
         BLOCK_V=block_v,
         BLOCK_H=block_h,

@@ -1,0 +1,42 @@
+"""The Triton backend: the vocabulary sweeps as GPU kernels (or under ``TRITON_INTERPRET=1`` on a CPU).
+
+One kernel per file with its launcher beside it (``row_stats``, ``head_backward``, ``jsd`` — the
+same file names as the torch backend's), shared ``@triton.jit`` helpers in ``tiles``, per-element
+math in ``_math``, launch facts in ``_launch``. The kernel modules are imported on first use, so
+that selecting a backend never compiles or imports Triton code it does not run.
+"""
+
+from __future__ import annotations
+
+from ..base import Backend
+
+
+class TritonBackend(Backend):
+    """Every primitive of ``Backend`` by Triton kernels; gathers at a few ids per row stay in PyTorch.
+    No one-sweep loss: the loss functions take the per-row path."""
+
+    name = "triton"
+
+    def row_stats(self, head, *, targets=None, k=0, with_mean_logit=True):
+        from . import row_stats
+
+        if k > row_stats.MAX_K:  # beyond the register top-k: the chunked path does the same sweep
+            from ..torch.row_stats import row_stats as torch_row_stats
+
+            return torch_row_stats(head, targets=targets, k=k, with_mean_logit=with_mean_logit)
+        return row_stats.row_stats(head, targets=targets, k=k, with_mean_logit=with_mean_logit)
+
+    def head_backward(self, head, lse, coefs, needs):
+        from . import head_backward
+
+        return head_backward.head_backward(head, lse, coefs, needs)
+
+    def jsd_forward(self, student, teacher, beta, *, lse=None, teacher_lse=None):
+        from . import jsd
+
+        return jsd.jsd_forward(student, teacher, beta, lse=lse, teacher_lse=teacher_lse)
+
+    def jsd_backward(self, student, teacher, beta, stats, grad, needs):
+        from . import jsd
+
+        return jsd.jsd_backward(student, teacher, beta, stats, grad, needs)

@@ -1,0 +1,170 @@
+"""``@triton.jit`` helpers shared by the output-layer kernels (``row_stats``, ``head_backward``, ``jsd``).
+
+- ``tile_ids``: the (row tile, vocabulary tile) of a program, grouped for weight-tile reuse in L2;
+- ``logits_tile``: the one logits tile z = (x @ wᵀ + b)·(1/τ) of every kernel — and, for a shared
+  output layer, a second side's tile from the same weight loads;
+- ``accumulate_head_grads``: dz @ w, dzᵀ @ x and Σ dz, atomically added into the gradients;
+- ``add_sparse_terms``: the few per-row sparse terms of ∂L/∂z added into a dz tile.
+
+Every ``tl.dot`` takes its ``input_precision`` from ``_launch.dot_precision`` (the launchers pass
+it as the ``PRECISION`` constexpr), so all kernels see the same logits.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_ids(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
+    """(row-tile, vocab-tile) of this program, grouped so GROUP_N row tiles reuse each weight tile."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * num_v
+    first_n = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_rows
+    pid_v = (pid % per_group) // group_rows
+    return pid_n, pid_v
+
+
+@triton.jit
+def logits_tile(
+    x_ptr, w_ptr, b_ptr, inv_tau,
+    offs_n, offs_v, mask_n, mask_v, K,
+    stride_xn, stride_xk, stride_wv, stride_wk,
+    tx_ptr, tb_ptr, stride_txn, stride_txk,
+    HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr, PAIR: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """z = (x[offs_n] @ w[offs_v]ᵀ + b[offs_v])·inv_tau as a [BLOCK_N, BLOCK_V] tile in inv_tau's dtype.
+
+    With ``PAIR`` also zt = (tx[offs_n] @ w[offs_v]ᵀ + tb[offs_v])·inv_tau from the same weight
+    loads (a shared output layer: tx has x's dtype and K); without it, zt is z and the ``t*``
+    arguments are not read. Returns (z, zt). Out-of-range rows/columns come out finite (their
+    operands load as 0); callers mask them.
+    """
+    # tl.dot accumulates float64 operands in float64 and everything else in float32.
+    if x_ptr.dtype.element_ty == tl.float64:
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float64)
+        t_acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        t_acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        mask_nk = mask_n[:, None] & mask_k[None, :]
+        x = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk, mask=mask_nk, other=0.0)
+        # The weight tile is loaded transposed ([BLOCK_K, BLOCK_V]) so the dot needs no tl.trans.
+        wt = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_v[None, :] * stride_wv,
+                     mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+        if DOT_UPCAST:  # the interpreter's bf16 tl.dot is wrong; upcast there only
+            x = x.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(x, wt, acc, input_precision=PRECISION)
+        if PAIR:
+            tx = tl.load(tx_ptr + offs_n[:, None] * stride_txn + offs_k[None, :] * stride_txk, mask=mask_nk,
+                         other=0.0)
+            if DOT_UPCAST:
+                tx = tx.to(tl.float32)
+            t_acc = tl.dot(tx, wt, t_acc, input_precision=PRECISION)
+    z = acc.to(inv_tau.dtype)
+    if HAS_BIAS:
+        z = z + tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(inv_tau.dtype)[None, :]
+    z = z * inv_tau
+    zt = z
+    if PAIR:
+        zt = t_acc.to(inv_tau.dtype)
+        if HAS_TEACHER_BIAS:
+            zt = zt + tl.load(tb_ptr + offs_v, mask=mask_v, other=0.0).to(inv_tau.dtype)[None, :]
+        zt = zt * inv_tau
+    return z, zt
+
+
+@triton.jit
+def accumulate_head_grads(
+    dz, x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr,
+    offs_n, offs_v, mask_n, mask_v, K,
+    stride_xn, stride_xk, stride_wv, stride_wk,
+    NEED_X_GRAD: tl.constexpr, NEED_W_GRAD: tl.constexpr, NEED_B_GRAD: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Atomically add dz @ w → gx[offs_n], dzᵀ @ x → gw[offs_v] and Σ_n dz → gb[offs_v].
+
+    ``dz`` is the [BLOCK_N, BLOCK_V] tile of ∂L/∂(hidden·weightᵀ + bias) (already divided by τ
+    and zero outside the valid rows/columns). gx, gw are contiguous [·, K] accumulators.
+    """
+    if NEED_B_GRAD:
+        tl.atomic_add(gb_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
+    # The gradient dots run in the operands' dtype (bf16 tensor cores on a GPU), like torch's
+    # backward of a bf16 linear layer, with fp32 accumulation.
+    dz_op = dz.to(w_ptr.dtype.element_ty)
+    if DOT_UPCAST:
+        dz_op = dz_op.to(tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        if NEED_X_GRAD:
+            w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_k[None, :] * stride_wk,
+                        mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+            if DOT_UPCAST:
+                w = w.to(tl.float32)
+            gx = tl.dot(dz_op, w, input_precision=PRECISION)
+            tl.atomic_add(gx_ptr + offs_n[:, None] * K + offs_k[None, :], gx,
+                          mask=mask_n[:, None] & mask_k[None, :], sem="relaxed")
+        if NEED_W_GRAD:
+            x = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk,
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            if DOT_UPCAST:
+                x = x.to(tl.float32)
+            gw = tl.dot(tl.trans(dz_op), x, input_precision=PRECISION)
+            tl.atomic_add(gw_ptr + offs_v[:, None] * K + offs_k[None, :], gw,
+                          mask=mask_v[:, None] & mask_k[None, :], sem="relaxed")
+
+
+@triton.jit
+def lower_bound_step(lo, hi, ids_ptr, row_base, target, mask_n):
+    """One bisection step, per row, of lower_bound(ids[n, :], target) within [lo, hi)."""
+    open_rows = mask_n & (lo < hi)
+    mid = (lo + hi) // 2
+    mid_id = tl.load(ids_ptr + row_base + mid, mask=open_rows, other=0)
+    below = open_rows & (mid_id < target)
+    return tl.where(below, mid + 1, lo), tl.where(open_rows & (mid_id >= target), mid, hi)
+
+
+@triton.jit
+def add_sparse_terms(
+    dz, ids_ptr, coef_ptr, offs_n, offs_v, mask_n, v_start, M, search_steps,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """dz + Σ_m coef[n, m]·[ids[n, m] = v] over the [BLOCK_N, BLOCK_V] tile (rows offs_n, columns offs_v).
+
+    ``ids``/``coef`` are contiguous [N, M] arrays whose ids are sorted ascending per row (ids
+    outside [0, V) match no column; a repeated id adds each of its coefficients). The columns
+    of the tile are [v_start, v_start + BLOCK_V). ``search_steps`` ≥ ⌈log2(M + 1)⌉. With the ids
+    sorted, each row binary-searches the slots that fall in the tile and the loop runs over at
+    most the largest such count in the tile (not over all M slots).
+    """
+    row_base = offs_n * M  # int64 (offs_n is int64): N·M may exceed 2^31
+    v_end = v_start + BLOCK_V
+    # Per row: first = #slots with id < v_start, last = #slots with id < v_end (two lower bounds).
+    first = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    first_hi = tl.zeros((BLOCK_N,), dtype=tl.int32) + M
+    last = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    last_hi = tl.zeros((BLOCK_N,), dtype=tl.int32) + M
+    for _ in range(search_steps):
+        first, first_hi = lower_bound_step(first, first_hi, ids_ptr, row_base, v_start, mask_n)
+        last, last_hi = lower_bound_step(last, last_hi, ids_ptr, row_base, v_end, mask_n)
+    count = tl.where(mask_n, last - first, 0)
+    for j in range(0, tl.max(count, axis=0)):
+        slot = first + j
+        mask_slot = mask_n & (slot < last)
+        ids = tl.load(ids_ptr + row_base + slot, mask=mask_slot, other=-1)
+        coef = tl.load(coef_ptr + row_base + slot, mask=mask_slot, other=0.0)
+        hit = mask_slot[:, None] & (offs_v[None, :] == ids[:, None])
+        dz += tl.where(hit, coef[:, None], 0.0)
+    return dz

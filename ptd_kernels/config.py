@@ -1,0 +1,32 @@
+"""Public knobs: the memory budgets of the chunked PyTorch backend.
+
+Logits exist only as blocks of these sizes; they are constants (nothing grows with N·V). Each is
+read when a function is called, so setting one takes effect on the next call::
+
+    import ptd_kernels
+    ptd_kernels.config.LOSS_BLOCK_BYTES = 32 << 20   # trade CPU speed for memory in the loss functions
+
+Two block levels, because a CPU has two speeds: a block is as large as its budget allows, so that
+its GEMMs run at full speed (a thin block re-streams the whole weight per call); the elementwise
+math then walks it in sub-blocks of ``SUB_BLOCK_BYTES`` per buffer, which stay in the core's cache.
+The Triton backend tiles in registers and ignores these budgets.
+"""
+
+#: One-sided logits block: the per-row forward and backward sweeps, and the logits-level functions.
+CHUNK_BYTES = 32 << 20
+#: Both sides' full-row logits blocks of the per-row full-JSD forward.
+FUSED_BLOCK_BYTES = 48 << 20
+#: Both sides' full-row blocks of the one-sweep loss (``linear_jsd_loss``, ``linear_topk_jsd_loss``).
+#: A GEMM with few rows re-streams the whole weight: on 2 threads at V = 32000, H = 1024 the loss's
+#: four GEMMs took 3.63 s in 196-row blocks, 3.25 s in 256-row and 3.03 s in 342-row (88 MiB) blocks,
+#: against 3.00 s unblocked.
+LOSS_BLOCK_BYTES = 88 << 20
+#: Elementwise sub-blocks, per buffer (a few of them stay in a 1–2 MiB L2).
+SUB_BLOCK_BYTES = 1 << 20
+#: All live [rows, M, H] temporaries of one chunk of a gather at M ids per row (support logits).
+GATHER_BYTES = 16 << 20
+#: Rows per forward block of the row statistics: each weight block is read once per row block.
+ROW_BLOCK = 1024
+#: Below this many rows per two-sided block, the one-sweep loss re-reads the weights more often
+#: than recomputing in backward costs, and the loss functions take the per-row path instead.
+FUSED_LOSS_MIN_ROWS = 128

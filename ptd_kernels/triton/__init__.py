@@ -1,1 +1,0 @@
-"""Triton kernels (one kernel per file, launcher beside it). See the launchers' docstrings."""
