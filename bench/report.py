@@ -10,7 +10,7 @@ Rows the session's time budget cut are kept as "not run"; to measure them in a s
     python bench/report.py bench/results/cpu.json bench/results/cpu-2.json
 
 Writes ``<out-dir>/<label>.md`` (op, shape, method, median time, ratio to ours, ratio to the GEMM
-floor, peak memory; then the targets of issue 5 with the measured ratios, and the scaling sweep)
+floor, peak memory; then the performance targets with the measured ratios, and the scaling sweep)
 and ``<out-dir>/<label>.png`` (time and peak memory vs N, ours vs peers, log scale). The label is
 the device label recorded by bench/conftest.py ("cpu", or the CUDA device's name).
 """
@@ -18,146 +18,29 @@ the device label recorded by bench/conftest.py ("cpu", or the CUDA device's name
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import sys
-from collections import defaultdict
+
+from report_data import (
+    Results,
+    fmt_bytes,
+    fmt_ratio,
+    fmt_time,
+    is_cuda,
+    load,
+    mem_cell,
+    ok,
+    peak,
+    ratio,
+    ratio_cell,
+    series,
+    time_ratios,
+    working,
+)
+from report_plot import plot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 TARGETS_CPU = "full JSD ≤ 1.0× Liger chunked time at ≤ 1/10 its peak memory; log-prob + entropy ≤ 1.5× the 3-GEMM floor"
-
-
-def load(paths):
-    """Rows of one or more pytest-benchmark JSON files. With several (a run, then a run of the rows
-    its time budget cut), a measured row replaces an unmeasured one of the same op, method and
-    shape; each file's session (load, wall time) is kept in meta["sessions"]."""
-    rows, meta, index = [], {}, {}
-    for path in paths:
-        with open(path) as f:
-            data = json.load(f)
-        session = dict(data.get("ptd", {}))
-        if not meta:
-            meta = dict(session)
-            meta.setdefault("datetime", data.get("datetime"))
-        meta.setdefault("sessions", []).append(
-            {"file": os.path.basename(path), "datetime": data.get("datetime"), "load_start": session.get("load_start"),
-             "load_end": session.get("load_end"), "wall_s": session.get("wall_s"), "rows": 0})
-        for b in data["benchmarks"]:
-            e = dict(b.get("extra_info", {}))
-            if "op" not in e:
-                continue
-            e["median"] = b["stats"]["median"]
-            e["test"] = b.get("fullname", b.get("name"))
-            e["session"] = len(meta["sessions"])
-            key = (e.get("suite"), e["op"], e["method"], e["shape"])
-            if key in index:
-                if ok(rows[index[key]]) or not ok(e):
-                    continue
-                rows[index[key]] = e
-            else:
-                index[key] = len(rows)
-                rows.append(e)
-    for r in rows:
-        meta["sessions"][r["session"] - 1]["rows"] += 1
-    return rows, meta
-
-
-# ----------------------------------------------------------------------------- formatting
-
-
-def fmt_time(s):
-    if s is None:
-        return "—"
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s * 1e6:.0f} µs"
-
-
-def fmt_bytes(b):
-    if b is None:
-        return "—"
-    if b >= 2**30:
-        return f"{b / 2**30:.2f} GiB"
-    return f"{b / 2**20:.1f} MiB"
-
-
-def fmt_ratio(x):
-    if x is None or not math.isfinite(x):
-        return "—"
-    return f"{x:.2f}×" if x < 100 else f"{x:.0f}×"
-
-
-def ok(row):
-    return row.get("status", "ok") == "ok"
-
-
-def peak(row):
-    return row.get("peak_bytes") if ok(row) else None
-
-
-def working(row):
-    p = peak(row)
-    return None if p is None else max(0, p - row.get("grad_bytes", 0))
-
-
-def mem_cell(row, value):
-    if value is None:
-        return "—"
-    mark = " †" if row.get("mem_method") == "peak RSS" else ""
-    return fmt_bytes(value) + mark
-
-
-# ----------------------------------------------------------------------------- analysis
-
-
-class Results:
-    def __init__(self, rows):
-        self.rows = rows
-        self.main = [r for r in rows if r.get("suite", "main") == "main"]
-        self.scaling = [r for r in rows if r.get("suite") == "scaling"]
-
-    def find(self, rows, **kw):
-        return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
-
-    def best_ours(self, rows, op, shape):
-        cands = [r for r in self.find(rows, op=op, shape=shape, ours=True) if ok(r)]
-        return min(cands, key=lambda r: r["median"]) if cands else None
-
-    def floor(self, shape, kind):
-        if not kind:
-            return None
-        cands = [r for r in self.find(self.main, op="floor", shape=shape, method=kind) if ok(r)]
-        return cands[0] if cands else None
-
-    def shapes(self, rows):
-        seen = []
-        for r in rows:
-            if r["shape"] not in seen:
-                seen.append(r["shape"])
-        return seen
-
-
-def is_cuda(meta) -> bool:
-    return meta.get("kind", "cuda" if not str(meta.get("label", "cpu")).startswith("cpu") else "cpu") == "cuda"
-
-
-def _ratio(a, b):
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def time_ratios(a, b):
-    """(wall-time ratio, CPU-time ratio) of rows a over b (CPU time only where both have it)."""
-    if a is None or b is None:
-        return None, None
-    return _ratio(a["median"], b["median"]), _ratio(a.get("cpu_s"), b.get("cpu_s"))
-
-
-def ratio_cell(wall, cpu, show_cpu):
-    return fmt_ratio(wall) + (f" ({fmt_ratio(cpu)})" if show_cpu and cpu is not None else "")
 
 
 def main_table(res: Results, show_cpu: bool) -> list[str]:
@@ -211,7 +94,7 @@ def _verdict(value, target, lower_is_better=True, cpu=None):
 
 
 def targets(res: Results, meta, show_cpu: bool = False) -> list[str]:
-    """The measured ratios behind issue 5's targets, with a plain verdict for each."""
+    """The measured ratios behind the performance targets, with a plain verdict for each."""
     cuda = is_cuda(meta)
     show_cpu = show_cpu and not cuda
     out = ["| target | measured" + (" (wall time; CPU time in parentheses)" if show_cpu else "") + " | verdict |",
@@ -252,7 +135,7 @@ def targets(res: Results, meta, show_cpu: bool = False) -> list[str]:
                 m_ours, m_lig, how = jsd.get("rss_peak_bytes"), liger.get("rss_peak_bytes"), "peak RSS"
             else:
                 m_ours, m_lig, how = peak(jsd), peak(liger), liger.get("mem_method", "")
-            m = _ratio(m_ours, m_lig) if m_ours and m_lig else None
+            m = ratio(m_ours, m_lig) if m_ours and m_lig else None
             verdict = "(see working memory)" if m is not None else "not measurable (a peak RSS did not grow)"
             out.append(f"| full JSD peak memory, input gradients included ({how}) vs {what} | {fmt_bytes(m_ours)} vs "
                        f"{fmt_bytes(m_lig)} = {fmt_ratio(m)} | {verdict} |")
@@ -260,7 +143,7 @@ def targets(res: Results, meta, show_cpu: bool = False) -> list[str]:
             # (d weight alone is V·H·4 bytes), so a total peak can never fall to 1/10 of a peer
             # whose own working memory is smaller than d weight. Ours: MemTracker, exact.
             w_ours, w_lig = working(jsd), working(liger)
-            w = _ratio(w_ours, w_lig) if w_ours and w_lig else None
+            w = ratio(w_ours, w_lig) if w_ours and w_lig else None
             verdict = _verdict(w, 0.1) if w is not None else "not measurable"
             if liger.get("mem_method") == "peak RSS" and w is not None:
                 verdict += " (Liger's side from peak RSS: approximate)"
@@ -301,29 +184,15 @@ def targets(res: Results, meta, show_cpu: bool = False) -> list[str]:
     return out
 
 
-def _series(rows, vary):
-    """{(op, method, fixed dims): [(value of `vary`, row)]} with ≥ 2 points."""
-    fixed = {"n": ("h", "v"), "v": ("n", "h")}[vary]
-    groups = defaultdict(list)
-    for r in rows:
-        groups[(r["op"], r["method"], tuple(r[k] for k in fixed), bool(r.get("ours")))].append(r)
-    out = {}
-    for key, rs in groups.items():
-        pts = sorted({r[vary]: r for r in rs}.items())
-        if len(pts) >= 2:
-            out[key] = pts
-    return out
-
-
 def scaling_claims(res: Results) -> list[str]:
     out = []
     for vary, what in (("n", "N"), ("v", "V")):
-        for (op, method, fixed, ours), pts in _series(res.scaling, vary).items():
+        for (op, method, fixed, ours), pts in series(res.scaling, vary).items():
             good = [(x, r) for x, r in pts if ok(r) and working(r) is not None]
             if len(good) < 2:
                 continue
             (x0, r0), (x1, r1) = good[0], good[-1]
-            growth = _ratio(working(r1), working(r0))
+            growth = ratio(working(r1), working(r0))
             dims = ",".join(f"{k}={v}" for k, v in zip(("H", "V") if vary == "n" else ("N", "H"), fixed))
             if not ours and vary == "v":
                 continue
@@ -341,16 +210,16 @@ def scaling_table(res: Results) -> list[str]:
         return []
     out = []
     for vary, title in (("n", "N"), ("v", "V")):
-        series = _series(res.scaling, vary)
-        if not series:
+        by_value = series(res.scaling, vary)
+        if not by_value:
             continue
-        xs = sorted({x for pts in series.values() for x, _ in pts})
+        xs = sorted({x for pts in by_value.values() for x, _ in pts})
         fixed_names = ("H", "V") if vary == "n" else ("N", "H")
         out += ["", f"Scaling in {title} (one timed call per point; cells: time / peak memory / peak − input grads):",
                 "",
                 "| op | method | fixed | " + " | ".join(f"{title}={x}" for x in xs) + " |",
                 "| --- | --- | --- | " + " | ".join("---:" for _ in xs) + " |"]
-        for (op, method, fixed, ours), pts in sorted(series.items(), key=lambda kv: (kv[0][0], not kv[0][3])):
+        for (op, method, fixed, ours), pts in sorted(by_value.items(), key=lambda kv: (kv[0][0], not kv[0][3])):
             by_x = dict(pts)
             cells = []
             for x in xs:
@@ -433,7 +302,7 @@ def markdown(rows, meta, png_name, show_cpu=False) -> str:
     res = Results(rows)
     show_cpu = show_cpu and not is_cuda(meta)
     lines = header(meta, rows, show_cpu)
-    lines += ["", "## Targets (issue 5)", ""] + targets(res, meta, show_cpu)
+    lines += ["", "## Targets", ""] + targets(res, meta, show_cpu)
     lines += ["", "## All rows", ""] + main_table(res, show_cpu)
     lines += scaling_table(res)
     skipped = meta.get("skipped") or []
@@ -443,98 +312,6 @@ def markdown(rows, meta, png_name, show_cpu=False) -> str:
             lines.append(f"- `{s['test'].split('::')[-1]}`: {s['reason']}")
     lines += ["", f"Plot: [{png_name}]({png_name})", ""]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- plot
-
-
-def _decade_at_least(ax):
-    """Log axes over a narrow range zoom into noise: show at least one decade around the data."""
-    lo, hi = ax.get_ylim()
-    if lo > 0 and hi / lo < 10:
-        mid = math.sqrt(lo * hi)
-        ax.set_ylim(mid / math.sqrt(10), mid * math.sqrt(10))
-
-
-def plot(rows, meta, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = Results(rows)
-    # Scaling suite on CPU; on CUDA the main shapes themselves span N (one line style per V).
-    series_rows = res.scaling or [r for r in res.main if r["op"] != "floor"]
-    by_n = _series(series_rows, "n")
-    by_v = _series(res.scaling, "v")
-    ops = []
-    for (op, *_rest) in list(by_n) + list(by_v):
-        if op not in ops:
-            ops.append(op)
-    if not ops:
-        print("report: no series with ≥ 2 points, no plot", file=sys.stderr)
-        return False
-    methods = []
-    for (_op, method, *_rest) in list(by_n) + list(by_v):
-        if method not in methods:
-            methods.append(method)
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    color = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
-    ncols = 3 if by_v else 2
-    fig, axes = plt.subplots(len(ops), ncols, figsize=(6 * ncols, 3.6 * len(ops)), squeeze=False)
-    styles = ["-", "--", ":", "-."]
-    for i, op in enumerate(ops):
-        ax_t, ax_m = axes[i][0], axes[i][1]
-        fixed_seen = []
-        for (sop, method, fixed, ours), pts in by_n.items():
-            if sop != op:
-                continue
-            if fixed not in fixed_seen:
-                fixed_seen.append(fixed)
-            ls = styles[fixed_seen.index(fixed) % len(styles)]
-            label = f"{method} (H={fixed[0]},V={fixed[1]})" if len(fixed_seen) > 1 or not res.scaling else method
-            good = [(x, r) for x, r in pts if ok(r)]
-            oom = [x for x, r in pts if not ok(r)]
-            if oom:
-                label += f" — {pts[[x for x, _ in pts].index(oom[0])][1].get('status')} at N≥{oom[0]}"
-            kw = dict(marker="o", lw=2.4 if ours else 1.2, color=color[method], label=label)
-            if good:
-                ax_t.plot([x for x, _ in good], [r["median"] for _, r in good], ls, **kw)
-                mem = [(x, peak(r)) for x, r in good if peak(r)]
-                if mem:
-                    ax_m.plot([x for x, _ in mem], [b / 2**20 for _, b in mem], ls, **kw)
-        for ax, ylabel in ((ax_t, "median time (s)"), (ax_m, "peak memory (MiB)")):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("N (rows)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{op}: {ylabel.split(' (')[0]} vs N")
-            ax.grid(True, which="both", alpha=0.3)
-            _decade_at_least(ax)
-        if ax_m.lines:
-            ax_m.legend(fontsize=7)
-        if by_v:
-            ax_v = axes[i][2]
-            for (sop, method, fixed, ours), pts in by_v.items():
-                good = [(x, working(r)) for x, r in pts if sop == op and ok(r) and working(r)]
-                if good:
-                    ax_v.plot([x for x, _ in good], [b / 2**20 for _, b in good], marker="o", color=color[method],
-                              lw=2.4 if ours else 1.2, label=f"{method} (N={fixed[0]},H={fixed[1]})")
-            ax_v.set_xscale("log", base=2)
-            ax_v.set_yscale("log")
-            ax_v.set_xlabel("V (vocabulary)")
-            ax_v.set_ylabel("peak − input grads (MiB)")
-            ax_v.set_title(f"{op}: working memory vs V")
-            ax_v.grid(True, which="both", alpha=0.3)
-            _decade_at_least(ax_v)
-            if ax_v.lines:
-                ax_v.legend(fontsize=7)
-    fig.suptitle(f"ptd benchmarks — {meta.get('label', '?')} ({meta.get('device', '')}); ours in bold lines",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def main(argv=None):

@@ -1,5 +1,5 @@
 """The fused functions of SPEC §4: each validates its arguments, builds its typed config and
-dispatches to the autograd layer (``ptd_kernels._autograd``) with the selected backend.
+dispatches to the autograd layer (``ptd_kernels.autograd``) with the selected backend.
 
 None of them allocates a tokens×vocabulary tensor: the logits exist only as bounded tiles or
 blocks, recomputed in the backward pass.
@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from . import _validate as V
-from ._autograd import linear as A
-from ._autograd.common import JSDConfig, PTDHeadConfig, SparseJSDConfig
 from ._types import PTDTerms
+from .autograd import linear as A
+from .autograd.common import JSDConfig, PTDHeadConfig, SparseJSDConfig
 from .backends import select_backend
 from .backends.base import DivergenceSpec
 

@@ -2,7 +2,7 @@
 
 The logits exist already, so there is no GEMM to fuse: these run row block by row block in
 float32 (float64 for float64 inputs) and allocate nothing N×V beyond the gradient itself. The
-per-row math is the fused functions' own (``_rowmath``), so on the same logits the two agree to
+per-row math is the fused functions' own (``rowmath``), so on the same logits the two agree to
 float rounding. Both backends share this path (a Triton kernel would only save the float32 upcast
 of each block).
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _rowmath
 from . import _validate as V
-from ._autograd import logits as A
-from ._autograd.common import LogitsDivergenceConfig, live_index, put, take
+from . import rowmath
+from .autograd import logits as A
+from .autograd.common import LogitsDivergenceConfig, live_index, put, take
 from .backends.base import DivergenceSpec
 
 __all__ = ["logprobs", "jsd", "topk_jsd", "topk_overlap"]
@@ -72,4 +72,4 @@ def topk_overlap(indices_a, indices_b, *, backend="auto"):
                          "[N, k] tensors of the same shape")
     if indices_a.device != indices_b.device:
         raise ValueError(f"indices_b is on {indices_b.device} but indices_a is on {indices_a.device}")
-    return _rowmath.overlap_fraction(indices_a.long(), indices_b.long())
+    return rowmath.overlap_fraction(indices_a.long(), indices_b.long())

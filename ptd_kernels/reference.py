@@ -4,7 +4,7 @@ Logits are materialized in full ([N, V]), probabilities come from ``log_softmax`
 from a stable descending sort (ties to the smaller id), and gradients come from autograd.
 Slow and memory-hungry on purpose; float64-capable (float64 inputs compute in float64, all
 other dtypes in float32). The divergence formulas here are written independently of
-``ptd_kernels._rowmath`` so that the tests that tie every backend to this module compare two
+``ptd_kernels.rowmath`` so that the tests that tie every backend to this module compare two
 separate derivations.
 
 Outputs are float32 per-row tensors (float64 for float64 inputs). ``backend`` is accepted for

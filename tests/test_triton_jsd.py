@@ -1,7 +1,7 @@
 """Full-vocabulary JSD kernels (Triton, interpreter on CPU) against dense float64 torch.
 
 The oracle here is the textbook formula (mixture M, two KLs), written independently of
-``_rowmath``; gradients come from torch.autograd of Σ_n grad[n]·JSD_n. V = 200, H = 40 and the
+``rowmath``; gradients come from torch.autograd of Σ_n grad[n]·JSD_n. V = 200, H = 40 and the
 teacher's H' = 24 are not multiples of any tile used.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from _checks import acc_dtype, assert_rel_close
 
-from ptd_kernels import _rowmath
+from ptd_kernels import rowmath
 from ptd_kernels.backends.base import GradNeeds, Head, JSDStats
 from ptd_kernels.backends.triton.jsd import jsd_backward, jsd_forward
 
@@ -84,7 +84,7 @@ class Case:
         logp, logq = z.log_softmax(-1), zt.log_softmax(-1)
         value = dense_jsd(logp, logq, beta)
         (self.grad * value).sum().backward()
-        _, w_parts = _rowmath.jsd_pointwise(logp.detach(), logq, beta)
+        _, w_parts = rowmath.jsd_pointwise(logp.detach(), logq, beta)
 
         acc = acc_dtype(dtype)
         lse, t_lse = z.detach().logsumexp(-1).to(acc), zt.logsumexp(-1).to(acc)

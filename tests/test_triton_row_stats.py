@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ptd_kernels._rowmath import pack_topk_keys
 from ptd_kernels.backends.base import Head
 from ptd_kernels.backends.triton.row_stats import MAX_K, _pack_keys, row_stats
+from ptd_kernels.rowmath import pack_topk_keys
 
 TAU = 0.7
 SMALL_TILES = dict(block_n=4, block_v=32, block_h=32)  # 300 % 32 ≠ 0, 48 % 32 ≠ 0
@@ -274,7 +274,7 @@ def _pack_keys_probe(z_ptr, out_ptr, BLOCK: tl.constexpr):
 
 
 def test_in_kernel_keys_match_rowmath():
-    # The tie rule lives in the keys: they must be bit-identical to _rowmath.pack_topk_keys,
+    # The tie rule lives in the keys: they must be bit-identical to rowmath.pack_topk_keys,
     # including −0.0 (ties +0.0), ±inf, subnormals and the extreme finite floats.
     f32 = torch.finfo(torch.float32)
     z = torch.tensor(

@@ -1,7 +1,7 @@
 """The backend interface: the few vocabulary sweeps every public function is built from.
 
 Each backend (``backends/torch``, ``backends/triton``) implements exactly :class:`Backend`; the
-autograd layer (``ptd_kernels._autograd``) composes these primitives and never looks inside
+autograd layer (``ptd_kernels.autograd``) composes these primitives and never looks inside
 them. Another backend — a vocabulary-parallel one, say — is one more subclass.
 
 Notation (SPEC §2): a :class:`Head` is one side's output layer on the rows of a call,

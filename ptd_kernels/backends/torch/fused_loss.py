@@ -2,7 +2,7 @@
 during the forward (four GEMMs per row block, no recomputation).
 
 Per block of full rows: both sides' logits (one GEMM, or two), the divergence and
-∂D/∂z (``_rowmath.full_jsd_rows_`` or ``topk_jsd_rows_``), dz = weights_n/τ·∂D_n/∂z written over
+∂D/∂z (``rowmath.full_jsd_rows_`` or ``topk_jsd_rows_``), dz = weights_n/τ·∂D_n/∂z written over
 the student logits sub-block by sub-block, then the two gradient GEMMs.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ... import _rowmath, config
+from ... import config, rowmath
 from ..base import DivergenceSpec, GradNeeds, Head, HeadGrads
 from . import _blocks
 from ._blocks import itemsize, prepare, shift, sub_blocks
@@ -30,11 +30,11 @@ def fused_loss_pays(student: Head) -> bool:
 def _loss_rows(z, teacher_z, divergence: DivergenceSpec):
     """Per-row values and ∂D/∂z of full rows of logits (one sub-block); ∂D/∂z is written over z."""
     if divergence.k is None:
-        rows = _rowmath.full_jsd_rows_(z, teacher_z, divergence.beta)
+        rows = rowmath.full_jsd_rows_(z, teacher_z, divergence.beta)
         return rows.value, rows.grad_logits
-    rows = _rowmath.topk_jsd_rows_(z, teacher_z, divergence.k, divergence.beta, divergence.support, divergence.tail)
+    rows = rowmath.topk_jsd_rows_(z, teacher_z, divergence.k, divergence.beta, divergence.support, divergence.tail)
     terms = rows.terms
-    grad_logits = _rowmath.topk_grad_logits_(rows.shifted_exp, terms.row_coef / rows.shifted_sum, rows.ids,
+    grad_logits = rowmath.topk_grad_logits_(rows.shifted_exp, terms.row_coef / rows.shifted_sum, rows.ids,
                                              terms.support_coef)
     return terms.value, grad_logits
 

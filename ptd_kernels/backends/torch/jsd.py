@@ -1,12 +1,12 @@
 """The full-vocabulary JSD by the chunked PyTorch path: forward in two-sided full-row blocks,
 backward in the recomputing sweep of ``head_backward.dense_backward``. The math is
-``_rowmath.full_jsd_rows_`` / ``jsd_backward_rows_``, shared with the logits-level functions."""
+``rowmath.full_jsd_rows_`` / ``jsd_backward_rows_``, shared with the logits-level functions."""
 
 from __future__ import annotations
 
 import torch
 
-from ... import _rowmath, config
+from ... import config, rowmath
 from ..base import GradNeeds, Head, HeadGrads, JSDStats
 from . import _blocks
 from ._blocks import itemsize, shift, sub_blocks
@@ -31,7 +31,7 @@ def jsd_forward(student: Head, teacher: Head, beta: float, *, lse: torch.Tensor 
                 z_sub /= temperature
                 teacher_sub /= temperature
             rows = shift(sub, r0)
-            terms = _rowmath.full_jsd_rows_(
+            terms = rowmath.full_jsd_rows_(
                 z_sub, teacher_sub, beta, grad=False, lse=None if lse is None else out_lse[rows],
                 teacher_lse=None if teacher_lse is None else out_teacher_lse[rows])
             value[rows], w_sum[rows], out_lse[rows], out_teacher_lse[rows] = (
@@ -45,7 +45,7 @@ def jsd_backward(student: Head, teacher: Head, beta: float, stats: JSDStats, gra
     lse, teacher_lse, w_sum = stats.lse, stats.teacher_lse, stats.w_sum
 
     def dz_rows(z, teacher_z, rows, _cols):
-        dz = _rowmath.jsd_backward_rows_(z, teacher_z, beta, lse[rows], teacher_lse[rows], w_sum[rows])
+        dz = rowmath.jsd_backward_rows_(z, teacher_z, beta, lse[rows], teacher_lse[rows], w_sum[rows])
         dz.mul_(grad[rows, None])
 
     return dense_backward(student, dz_rows, needs, teacher=teacher)

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ... import _rowmath, config
+from ... import config, rowmath
 from ..base import Head, RowStats
 from ._blocks import block_length, itemsize, logits_into, prepare, sub_blocks, view
 
@@ -63,7 +63,7 @@ def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, wi
                 picked = z.gather(1, local.clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
                 target_logit[rows] = torch.where(inside, picked, target_logit[rows])
             if k:
-                block_ids = _rowmath.topk_ids(z, min(k, c1 - c0))
+                block_ids = rowmath.topk_ids(z, min(k, c1 - c0))
                 block_values = z.gather(1, block_ids)
                 block_ids += c0
                 if run_ids is not None:

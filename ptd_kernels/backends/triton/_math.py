@@ -1,6 +1,6 @@
-"""Per-element math shared by the Triton kernels, mirroring ``ptd_kernels._rowmath``.
+"""Per-element math shared by the Triton kernels, mirroring ``ptd_kernels.rowmath``.
 
-Each helper here is the Triton twin of a function in ``_rowmath`` and keeps its statements in the
+Each helper here is the Triton twin of a function in ``rowmath`` and keeps its statements in the
 same order, so a change to one is visibly a change to the other. Tests compare both against
 dense float64 formulas.
 """
@@ -17,7 +17,7 @@ BETA_MIXTURE = 2  # 0 < β < 1
 
 
 def beta_case(beta: float) -> int:
-    """The ``BETA_CASE`` constexpr for a β in [0, 1] (the same branches as ``_rowmath``)."""
+    """The ``BETA_CASE`` constexpr for a β in [0, 1] (the same branches as ``rowmath``)."""
     if beta == 0.0:
         return BETA_FORWARD_KL
     if beta == 1.0:
@@ -37,7 +37,7 @@ def logaddexp(a, b):
 def jsd_pointwise(logp, logq, beta, log_beta, log1m_beta, BETA_CASE: tl.constexpr):
     """Per-atom JSD_β contribution ``d`` and weighted score ``w = p·∂D/∂p``.
 
-    Twin of ``_rowmath.jsd_pointwise``. ``beta``, ``log_beta`` = log β and ``log1m_beta`` =
+    Twin of ``rowmath.jsd_pointwise``. ``beta``, ``log_beta`` = log β and ``log1m_beta`` =
     log(1 − β) come from the host in the accumulator dtype (they are only read when
     ``BETA_CASE == BETA_MIXTURE``).
     """

@@ -4,7 +4,7 @@ Math (SPEC §2). Student z = (hidden @ weightᵀ + bias)/τ, teacher z' = (teach
 teacher_weightᵀ + teacher_bias)/τ (H' may differ from H; the teacher gets no gradient). With
 logp = z − lse and logq = z' − teacher_lse (both lse from ``row_stats`` first, in float64 so that
 z − lse is exact before it is rounded), each vocabulary entry gives
-``(d, w) = jsd_pointwise(logp, logq, β)`` (``_math.py``, the twin of ``_rowmath.jsd_pointwise``), and
+``(d, w) = jsd_pointwise(logp, logq, β)`` (``_math.py``, the twin of ``rowmath.jsd_pointwise``), and
 
     forward:   value[n] = Σ_v d[n, v],   w_sum[n] = Σ_v w[n, v]
     backward:  dz[n, v] = grad[n] · (w[n, v] − p[n, v] · w_sum[n]),   p = exp(logp)

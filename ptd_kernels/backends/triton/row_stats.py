@@ -44,7 +44,7 @@ _KEY_SENTINEL = tl.constexpr(-(2**63))  # below every real key: masked vocabular
 
 @triton.jit
 def _pack_keys(z, cols):
-    """int64 keys ordered by (float32 z descending, id ascending), as ``_rowmath.pack_topk_keys``.
+    """int64 keys ordered by (float32 z descending, id ascending), as ``rowmath.pack_topk_keys``.
 
     key = (order-preserving int32 bits of z) << 32 | (2^32 − 1 − id). NaN (positive) sorts above +inf.
     """

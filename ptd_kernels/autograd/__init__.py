@@ -3,7 +3,7 @@
 Layering: public functions (``functional``, ``logits_level``) validate and dispatch → this
 package (``linear`` for the fused functions, ``logits`` for the functions on given logits,
 ``common`` for configs and row handling) → a backend (``backends``) → shared per-row math
-(``_rowmath``).
+(``rowmath``).
 
 Masked rows (target == ignore_index, mask False) are removed before any sweep, so they cost
 nothing, give exactly 0 and get no gradient, and a NaN in one of them cannot leak into the

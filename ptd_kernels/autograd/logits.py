@@ -2,7 +2,7 @@
 
 The logits exist already, so there is no GEMM to fuse: these run row block by row block in the
 compute dtype and allocate nothing N×V beyond the gradient itself, which the backward writes
-block by block. The per-row math is ``_rowmath``'s, the same spelling as the fused functions',
+block by block. The per-row math is ``rowmath``'s, the same spelling as the fused functions',
 so ``jsd(hidden @ weightᵀ, …)`` equals ``linear_jsd(hidden, weight, …)`` to float rounding.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _rowmath, config
+from .. import config, rowmath
 from .._dtypes import compute_dtype
 from .common import LogitsDivergenceConfig
 
@@ -82,7 +82,7 @@ class LogProbs(torch.autograd.Function):
 
 
 class JSD(torch.autograd.Function):
-    """Full-vocabulary JSD_β of live rows of given logits (``_rowmath.full_jsd_rows_``)."""
+    """Full-vocabulary JSD_β of live rows of given logits (``rowmath.full_jsd_rows_``)."""
 
     @staticmethod
     def forward(ctx, logits, teacher_logits, cfg: LogitsDivergenceConfig, index):
@@ -93,7 +93,7 @@ class JSD(torch.autograd.Function):
         for out, rows in _row_blocks(index, n, vocab, 10):
             z = _scaled(logits, rows, cfg.temperature, dtype)
             teacher_z = _scaled(teacher_logits, rows, cfg.temperature, dtype)
-            terms = _rowmath.full_jsd_rows_(z, teacher_z, cfg.divergence.beta, grad=False)
+            terms = rowmath.full_jsd_rows_(z, teacher_z, cfg.divergence.beta, grad=False)
             value[out], w_sum[out], lse[out], teacher_lse[out] = terms.value, terms.w_sum, terms.lse, terms.teacher_lse
         ctx.cfg = cfg
         ctx.save_for_backward(logits, teacher_logits, lse, teacher_lse, w_sum, index)
@@ -108,14 +108,14 @@ class JSD(torch.autograd.Function):
         for out, rows in _row_blocks(index, *logits.shape, 10):
             z = _scaled(logits, rows, cfg.temperature, lse.dtype)
             teacher_z = _scaled(teacher_logits, rows, cfg.temperature, lse.dtype)
-            dz = _rowmath.jsd_backward_rows_(z, teacher_z, cfg.divergence.beta, lse[out], teacher_lse[out],
+            dz = rowmath.jsd_backward_rows_(z, teacher_z, cfg.divergence.beta, lse[out], teacher_lse[out],
                                              w_sum[out])
             _write(grad_logits, rows, dz.mul_(grad[out, None] / cfg.temperature))
         return grad_logits, None, None, None
 
 
 class TopKJSD(torch.autograd.Function):
-    """Top-K JSD of live rows of given logits (``_rowmath.topk_jsd_rows_``); k < V."""
+    """Top-K JSD of live rows of given logits (``rowmath.topk_jsd_rows_``); k < V."""
 
     @staticmethod
     def forward(ctx, logits, teacher_logits, cfg: LogitsDivergenceConfig, index):
@@ -130,7 +130,7 @@ class TopKJSD(torch.autograd.Function):
         for out, rows in _row_blocks(index, n, vocab, 10):
             z = _scaled(logits, rows, cfg.temperature, dtype)
             teacher_z = _scaled(teacher_logits, rows, cfg.temperature, dtype)
-            block = _rowmath.topk_jsd_rows_(z, teacher_z, div.k, div.beta, div.support, div.tail)
+            block = rowmath.topk_jsd_rows_(z, teacher_z, div.k, div.beta, div.support, div.tail)
             value[out], row_coef[out], lse[out] = block.terms.value, block.terms.row_coef, block.lse
             ids[out], support_coef[out] = block.ids, block.terms.support_coef
         ctx.cfg = cfg
@@ -145,6 +145,6 @@ class TopKJSD(torch.autograd.Function):
         grad = grad.to(lse.dtype) / temperature
         for out, rows in _row_blocks(index, *logits.shape, 6):
             p = torch.exp(_scaled(logits, rows, temperature, lse.dtype) - lse[out, None])
-            dz = _rowmath.topk_grad_logits_(p, row_coef[out], ids[out], support_coef[out])
+            dz = rowmath.topk_grad_logits_(p, row_coef[out], ids[out], support_coef[out])
             _write(grad_logits, rows, dz.mul_(grad[out, None]))
         return grad_logits, None, None, None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _rowmath
+from .. import rowmath
 from .._dtypes import compute_dtype
 from .._types import TopK
 from ..backends.base import Backend, DivergenceSpec, GradNeeds, Head, HeadGradCoefs, JSDStats, RowStats, SparseTerms
@@ -38,7 +38,7 @@ def _support_logits(backend: Backend, student: Head, teacher: Head, student_top:
         return backend.gather_logits(head, top.topk_indices, dtype)
 
     if support == "union":
-        ids, valid, order = _rowmath.union_support(student_top.topk_indices, teacher_top.topk_indices,
+        ids, valid, order = rowmath.union_support(student_top.topk_indices, teacher_top.topk_indices,
                                                    return_order=True)
         student_cat = torch.cat([own_or_gather(student, student_top),
                                  backend.gather_logits(student, teacher_top.topk_indices, dtype)], -1)
@@ -95,13 +95,13 @@ class _PTDHead(torch.autograd.Function):
                 ids, valid, student_z, teacher_z = _support_logits(backend, student_j, teacher, student_top,
                                                                    teacher_top, div.support, dtype)
                 lse_j = stats.lse[jsd_rows]
-                terms = _rowmath.topk_jsd_terms(student_z.to(dtype) - lse_j[:, None],
+                terms = rowmath.topk_jsd_terms(student_z.to(dtype) - lse_j[:, None],
                                                 teacher_z.to(dtype) - teacher_top.lse[:, None].to(dtype), valid,
                                                 div.beta, div.tail)
                 jsd[jsd_rows] = terms.value
                 teacher_mass[jsd_rows] = terms.teacher_mass
                 if cfg.want_overlap:
-                    overlap[jsd_rows] = _rowmath.overlap_fraction(student_top.topk_indices, teacher_top.topk_indices,
+                    overlap[jsd_rows] = rowmath.overlap_fraction(student_top.topk_indices, teacher_top.topk_indices,
                                                                   dtype)
                 jsd_saved = [ids, terms.row_coef, terms.support_coef]
         ctx.cfg, ctx.backend, ctx.full, ctx.n_jsd, ctx.want_logp = cfg, backend, full, n_jsd, want_logp
@@ -189,7 +189,7 @@ class _SparseJSD(torch.autograd.Function):
         student_logp = backend.gather_logits(student, teacher_indices, dtype) - stats.lse[:, None]
         given = teacher_logprobs.to(dtype)
         valid = torch.ones_like(teacher_indices, dtype=torch.bool)
-        terms = _rowmath.topk_jsd_terms(student_logp, given, valid, cfg.beta, cfg.tail,
+        terms = rowmath.topk_jsd_terms(student_logp, given, valid, cfg.beta, cfg.tail,
                                         teacher_log_mass=torch.logsumexp(given, dim=-1))
         ctx.cfg, ctx.backend = cfg, backend
         ctx.save_for_backward(hidden, weight, bias, teacher_indices, stats.lse, terms.row_coef, terms.support_coef)

@@ -1,0 +1,154 @@
+"""Rows of pytest-benchmark JSON and the small helpers every part of the report uses (loading,
+formatting, row accessors, the series of the scaling sweep)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+
+
+def load(paths):
+    """Rows of one or more pytest-benchmark JSON files. With several (a run, then a run of the rows
+    its time budget cut), a measured row replaces an unmeasured one of the same op, method and
+    shape; each file's session (load, wall time) is kept in meta["sessions"]."""
+    rows, meta, index = [], {}, {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        session = dict(data.get("ptd", {}))
+        if not meta:
+            meta = dict(session)
+            meta.setdefault("datetime", data.get("datetime"))
+        meta.setdefault("sessions", []).append(
+            {"file": os.path.basename(path), "datetime": data.get("datetime"), "load_start": session.get("load_start"),
+             "load_end": session.get("load_end"), "wall_s": session.get("wall_s"), "rows": 0})
+        for b in data["benchmarks"]:
+            e = dict(b.get("extra_info", {}))
+            if "op" not in e:
+                continue
+            e["median"] = b["stats"]["median"]
+            e["test"] = b.get("fullname", b.get("name"))
+            e["session"] = len(meta["sessions"])
+            key = (e.get("suite"), e["op"], e["method"], e["shape"])
+            if key in index:
+                if ok(rows[index[key]]) or not ok(e):
+                    continue
+                rows[index[key]] = e
+            else:
+                index[key] = len(rows)
+                rows.append(e)
+    for r in rows:
+        meta["sessions"][r["session"] - 1]["rows"] += 1
+    return rows, meta
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def fmt_time(s):
+    if s is None:
+        return "—"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.0f} µs"
+
+
+def fmt_bytes(b):
+    if b is None:
+        return "—"
+    if b >= 2**30:
+        return f"{b / 2**30:.2f} GiB"
+    return f"{b / 2**20:.1f} MiB"
+
+
+def fmt_ratio(x):
+    if x is None or not math.isfinite(x):
+        return "—"
+    return f"{x:.2f}×" if x < 100 else f"{x:.0f}×"
+
+
+def ok(row):
+    return row.get("status", "ok") == "ok"
+
+
+def peak(row):
+    return row.get("peak_bytes") if ok(row) else None
+
+
+def working(row):
+    p = peak(row)
+    return None if p is None else max(0, p - row.get("grad_bytes", 0))
+
+
+def mem_cell(row, value):
+    if value is None:
+        return "—"
+    mark = " †" if row.get("mem_method") == "peak RSS" else ""
+    return fmt_bytes(value) + mark
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+class Results:
+    def __init__(self, rows):
+        self.rows = rows
+        self.main = [r for r in rows if r.get("suite", "main") == "main"]
+        self.scaling = [r for r in rows if r.get("suite") == "scaling"]
+
+    def find(self, rows, **kw):
+        return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+
+    def best_ours(self, rows, op, shape):
+        cands = [r for r in self.find(rows, op=op, shape=shape, ours=True) if ok(r)]
+        return min(cands, key=lambda r: r["median"]) if cands else None
+
+    def floor(self, shape, kind):
+        if not kind:
+            return None
+        cands = [r for r in self.find(self.main, op="floor", shape=shape, method=kind) if ok(r)]
+        return cands[0] if cands else None
+
+    def shapes(self, rows):
+        seen = []
+        for r in rows:
+            if r["shape"] not in seen:
+                seen.append(r["shape"])
+        return seen
+
+
+def is_cuda(meta) -> bool:
+    return meta.get("kind", "cuda" if not str(meta.get("label", "cpu")).startswith("cpu") else "cpu") == "cuda"
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def time_ratios(a, b):
+    """(wall-time ratio, CPU-time ratio) of rows a over b (CPU time only where both have it)."""
+    if a is None or b is None:
+        return None, None
+    return ratio(a["median"], b["median"]), ratio(a.get("cpu_s"), b.get("cpu_s"))
+
+
+def ratio_cell(wall, cpu, show_cpu):
+    return fmt_ratio(wall) + (f" ({fmt_ratio(cpu)})" if show_cpu and cpu is not None else "")
+
+
+def series(rows, vary):
+    """{(op, method, fixed dims): [(value of `vary`, row)]} with ≥ 2 points."""
+    fixed = {"n": ("h", "v"), "v": ("n", "h")}[vary]
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["op"], r["method"], tuple(r[k] for k in fixed), bool(r.get("ours")))].append(r)
+    out = {}
+    for key, rs in groups.items():
+        pts = sorted({r[vary]: r for r in rs}.items())
+        if len(pts) >= 2:
+            out[key] = pts
+    return out

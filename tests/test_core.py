@@ -1,0 +1,198 @@
+"""The core's contracts that no single-function test sees: one precision rule across the Triton
+kernels, one JSD spelling for fused and logits-level functions, one gradient cast, the backend
+interface, and module wrappers that check their configuration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ptd_kernels as ptd
+from ptd_kernels.backends import Backend, select_backend
+from ptd_kernels.backends.base import DivergenceSpec, GradNeeds, Head, HeadGradCoefs
+from ptd_kernels.backends.torch import TorchBackend
+from ptd_kernels.backends.triton import TritonBackend, _launch
+from ptd_kernels.backends.triton import head_backward as triton_head_backward
+from ptd_kernels.backends.triton import jsd as triton_jsd
+from ptd_kernels.backends.triton import row_stats as triton_row_stats
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----------------------------------------------------------------------------- one precision rule
+
+
+class _Stop(Exception):
+    pass
+
+
+class _LaunchRecorder:
+    """Stands in for a ``@triton.jit`` kernel: records the constexprs of a launch, runs nothing."""
+
+    def __init__(self, name, seen):
+        self.name, self.seen = name, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.seen.append((self.name, meta["PRECISION"], meta.get("T_PRECISION", meta["PRECISION"])))
+            raise _Stop
+
+        return launch
+
+
+@pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
+                                        (torch.float64, False)])
+def test_every_triton_kernel_gets_the_same_dot_precision(monkeypatch, dtype, tf32):
+    """row_stats, head_backward and both JSD sweeps pass one ``input_precision`` for one operand dtype
+    (a forward lse and a backward p = exp(z − lse) must come from the same logits)."""
+    seen = []
+    for module, name in ((triton_row_stats, "_row_stats_kernel"), (triton_head_backward, "_head_backward_kernel"),
+                         (triton_jsd, "_jsd_forward_kernel"), (triton_jsd, "_jsd_backward_kernel")):
+        monkeypatch.setattr(module, name, _LaunchRecorder(name, seen))
+    n, h, v = 4, 16, 40
+    head = Head(torch.randn(n, h).to(dtype), torch.randn(v, h).to(dtype), None, 0.7)
+    lse = torch.zeros(n, dtype=torch.float64)
+    stats = ptd.backends.base.JSDStats(lse, lse, lse, lse)
+    calls = (lambda: triton_row_stats.row_stats(head, k=3),
+             lambda: triton_head_backward.head_backward(head, lse, HeadGradCoefs(torch.ones(n))),
+             lambda: triton_jsd.jsd_forward(head, head, 0.5, lse=lse, teacher_lse=lse),
+             lambda: triton_jsd.jsd_backward(head, head, 0.5, stats, torch.ones(n)))
+    saved = torch.backends.cuda.matmul.allow_tf32  # a property module: monkeypatch cannot restore it
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        for call in calls:
+            with pytest.raises(_Stop):
+                call()
+        assert _launch.dot_precision(dtype) == ("tf32" if (tf32 and dtype == torch.float32) or
+                                                dtype == torch.bfloat16 else "ieee")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert [name for name, *_ in seen] == ["_row_stats_kernel", "_head_backward_kernel", "_jsd_forward_kernel",
+                                           "_jsd_backward_kernel"]
+    want = "tf32" if (tf32 and dtype == torch.float32) or dtype == torch.bfloat16 else "ieee"
+    assert {p for _, *ps in seen for p in ps} == {want}, seen
+
+
+# ----------------------------------------------------------------------------- one JSD spelling
+
+
+def _exact_logits(n, h, v, seed):
+    """Inputs on a 1/16 grid whose products and sums are exact in float32: any GEMM order gives
+    the same logits, so two functions on them differ only by their JSD arithmetic."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randint(-8, 9, (n, h), generator=g).float() / 4
+    weight = torch.randint(-8, 9, (v, h), generator=g).float() / 4
+    return hidden, weight
+
+
+@pytest.mark.parametrize("beta", [0.0, 1e-4, 0.002, 0.3, 0.5, 0.999, 1.0])
+def test_logits_level_jsd_equals_linear_jsd_on_the_same_logits(beta):
+    """``jsd(logits)`` and ``linear_jsd`` (torch path) share ``rowmath``'s spelling: on the same
+    logits the values are equal bit for bit (a log-add-exp spelling differs in the last bits at
+    0 < β < 1), and the gradients agree to the rounding of their GEMMs; peaked rows (|z| ~ 60) included."""
+    hidden, weight = _exact_logits(9, 16, 70, 1)
+    teacher_hidden, teacher_weight = _exact_logits(9, 16, 70, 2)
+    hidden[0] *= 4  # a near-one-hot student row
+    teacher_hidden[1] *= 4
+    hidden.requires_grad_()
+    logits = (hidden @ weight.T).detach().requires_grad_()
+    teacher_logits = teacher_hidden @ teacher_weight.T
+    assert torch.equal(logits, hidden.detach().double().matmul(weight.double().T).float())
+    fused = ptd.linear_jsd(hidden, weight, teacher_hidden, teacher_weight, beta=beta, temperature=0.8,
+                           backend="torch")
+    given = ptd.jsd(logits, teacher_logits, beta=beta, temperature=0.8)
+    assert torch.equal(given, fused), (given - fused).abs().max()
+    grad = torch.randn(9)
+    (fused * grad).sum().backward()
+    (given * grad).sum().backward()
+    # d hidden = d logits @ weight, exactly representable weights: compare through the same GEMM
+    torch.testing.assert_close(logits.grad @ weight, hidden.grad, rtol=1e-5, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------- one gradient cast
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_bf16_gradients_are_the_fp32_sum_rounded_once(monkeypatch, backend_name):
+    """PTD terms with K ≥ V have two gradient parts (log-prob/entropy sweep and full-JSD sweep):
+    the backends return them unrounded (float32), and the bf16 gradient is their float32 sum
+    rounded to bf16 once."""
+    backend_cls = TorchBackend if backend_name == "torch" else TritonBackend
+    parts = []  # copies: the autograd layer accumulates into the first part in place
+
+    def recording(real):
+        def method(self, *args):
+            grads = real(self, *args)
+            parts.append(type(grads)(*(None if g is None else g.clone() for g in grads)))
+            return grads
+        return method
+
+    for name in ("head_backward", "jsd_backward"):
+        monkeypatch.setattr(backend_cls, name, recording(getattr(backend_cls, name)))
+    n, h, v = 5, 16, 48
+    hidden = torch.randn(n, h).bfloat16().requires_grad_()
+    weight = (0.5 * torch.randn(v, h)).bfloat16().requires_grad_()
+    teacher_hidden, teacher_weight = torch.randn(n, h).bfloat16(), torch.randn(v, h).bfloat16()
+    targets = torch.randint(0, v, (n,))
+    terms = ptd.linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, v, backend=backend_name)
+    (terms.logp.sum() + terms.entropy.sum() + terms.jsd.sum()).backward()
+    assert len(parts) == 2
+    assert all(p.weight.dtype == torch.float32 and p.hidden.dtype == torch.float32 for p in parts)
+    assert any(not torch.equal(p.weight.bfloat16().float(), p.weight) for p in parts)  # not pre-rounded
+    assert torch.equal(weight.grad, (parts[0].weight + parts[1].weight).bfloat16())
+    assert torch.equal(hidden.grad, (parts[0].hidden + parts[1].hidden).bfloat16())
+
+
+# ----------------------------------------------------------------------------- the backend interface
+
+
+def test_backends_implement_the_interface():
+    for backend in (select_backend("torch"), TritonBackend()):
+        assert isinstance(backend, Backend) and not getattr(type(backend), "__abstractmethods__", None)
+    assert select_backend("torch").fused_loss_pays(Head(torch.zeros(1, 4), torch.zeros(1000, 4), None))
+    assert not TritonBackend().fused_loss_pays(Head(torch.zeros(1, 4), torch.zeros(1000, 4), None))
+    with pytest.raises(NotImplementedError, match="triton"):
+        TritonBackend().fused_loss(None, None, DivergenceSpec(0.5), None, GradNeeds())
+
+
+def test_public_block_budgets_take_effect(monkeypatch):
+    """``ptd_kernels.config`` is read at call time: a smaller loss block splits the one-sweep loss
+    into more row blocks (same value)."""
+    from ptd_kernels.backends.torch import _blocks
+
+    blocks = []
+    real = _blocks.two_sided_row_blocks
+    monkeypatch.setattr(_blocks, "two_sided_row_blocks", lambda *a: (blocks.append(a[2]), real(*a))[1])
+    h, w, th, tw = torch.randn(8, 6), torch.randn(50, 6), torch.randn(8, 6), torch.randn(50, 6)
+    monkeypatch.setattr(ptd.config, "FUSED_LOSS_MIN_ROWS", 1)
+    first = ptd.linear_jsd_loss(h, w, th, tw, backend="torch")
+    monkeypatch.setattr(ptd.config, "LOSS_BLOCK_BYTES", 2 * 50 * 2 * 4)
+    second = ptd.linear_jsd_loss(h, w, th, tw, backend="torch")
+    assert blocks == [88 << 20, 800]
+    torch.testing.assert_close(first, second)
+
+
+# ----------------------------------------------------------------------------- module wrappers
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: ptd.LinearTopKJSDLoss(k=0), "k"),
+    (lambda: ptd.LinearTopKJSDLoss(k=4, beta=2.0), "beta"),
+    (lambda: ptd.LinearTopKJSDLoss(k=4, support="both"), "support"),
+    (lambda: ptd.LinearJSDLoss(backend="cuda"), "backend"),
+    (lambda: ptd.LinearJSDLoss(temperature=0.0), "temperature"),
+    (lambda: ptd.LinearPTDTerms(k=2.5), "k"),
+    (lambda: ptd.LinearLogprobs(ignore_index=1.5), "ignore_index"),
+])
+def test_modules_check_their_configuration_when_built(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_module_repr_shows_the_configuration():
+    text = repr(ptd.LinearTopKJSDLoss(k=64, beta=0.3, support="teacher", tail=False))
+    assert text == ("LinearTopKJSDLoss(k=64, beta=0.3, support='teacher', tail=False, temperature=1.0, "
+                    "backend='auto')")
+    assert "with_entropy=True" in repr(ptd.LinearLogprobs(with_entropy=True))
+    with pytest.warns(DeprecationWarning, match="LinearTopKJSDLoss"):
+        assert isinstance(ptd.PTDTopKJSDLoss(k=3), ptd.LinearTopKJSDLoss)
