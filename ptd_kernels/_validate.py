@@ -7,6 +7,7 @@ TypeError for bad types and dtypes.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -44,7 +45,8 @@ def check_linear(hidden, weight, bias, *, prefix: str = "") -> tuple[int, int, i
             f"({h_name} {tuple(hidden.shape)}, {w_name} {tuple(weight.shape)})"
         )
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"{h_name} ({hidden.dtype}) and {w_name} ({weight.dtype}) must have the same dtype")
+        raise TypeError(f"{h_name} ({hidden.dtype}) and {w_name} ({weight.dtype}) must have the same dtype "
+                        "(under torch.autocast both are cast to its dtype, as nn.Linear's are)")
     if hidden.device != weight.device:
         raise ValueError(f"{h_name} is on {hidden.device} but {w_name} is on {weight.device}")
     if bias is not None:
@@ -84,34 +86,66 @@ def check_teacher_vocab(vocab: int, teacher_vocab: int, name: str = "teacher_wei
         raise ValueError(f"{name} has vocabulary {teacher_vocab} but the student has {vocab}")
 
 
+def _real(name: str, x) -> float:
+    """A real number (Python, NumPy or a one-element tensor; not a bool) as a float."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and (x.is_floating_point() or not x.dtype.is_complex):
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
+    return float(x)
+
+
 def check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    temperature = _real("temperature", temperature)
     if not (temperature > 0) or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    return float(temperature)
+    return temperature
 
 
 def check_beta(beta) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
+    beta = _real("beta", beta)
     if not (0.0 <= beta <= 1.0):
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    return float(beta)
+    return beta
+
+
+def check_logit_scale(name: str, scale) -> float:
+    scale = _real(name, scale)
+    if not (scale > 0) or not math.isfinite(scale):
+        raise ValueError(f"{name} must be a finite number > 0, got {scale}")
+    return scale
+
+
+def check_softcap(name: str, softcap) -> float | None:
+    if softcap is None:
+        return None
+    softcap = _real(name, softcap)
+    if not (softcap > 0) or not math.isfinite(softcap):
+        raise ValueError(f"{name} must be None or a finite number > 0, got {softcap}")
+    return softcap
+
+
+def check_bool(name: str, flag) -> bool:
+    """True/False (Python or NumPy); a string or a number is a mistake, not a truth value."""
+    if isinstance(flag, bool) or type(flag).__name__ == "bool_":
+        return bool(flag)
+    raise TypeError(f"{name} must be True or False, got {flag!r}")
 
 
 def check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, torch.Tensor) and k.numel() == 1 and not k.is_floating_point():
+        k = k.item()
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k < 1:
         raise ValueError(f"k must be ≥ 1, got {k}")
-    return k
+    return int(k)
 
 
 def check_ignore_index(ignore_index) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    return ignore_index
+    return int(ignore_index)
 
 
 def check_support(support) -> str:
@@ -120,19 +154,24 @@ def check_support(support) -> str:
     return support
 
 
-def check_targets(targets, n: int, vocab: int, ignore_index: int, device: torch.device) -> None:
+def check_targets(targets, n: int, vocab: int, ignore_index: int, device: torch.device) -> torch.Tensor:
+    """Integer targets of the rows, each in [0, V) or ``ignore_index``. Returns them as int64: compared
+    in a narrow dtype, ``ignore_index`` and V would wrap (−100 is 156 in uint8, 200 is −56 in int8)."""
     _check_tensor("targets", targets, 1)
     if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
     check_same_rows("targets", targets, n)
     if targets.device != device:
         raise ValueError(f"targets is on {targets.device} but the student inputs are on {device}")
+    ignore_index = check_ignore_index(ignore_index)
+    targets = targets.long()
     live = targets[targets != ignore_index]
     if live.numel() and (bool((live < 0).any()) or bool((live >= vocab).any())):
         bad = live[(live < 0) | (live >= vocab)][0].item()
         raise ValueError(
             f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}"
         )
+    return targets
 
 
 def check_mask(name: str, mask, n: int, device: torch.device) -> None:
@@ -171,6 +210,7 @@ def check_sparse_teacher(teacher_indices, teacher_logprobs, n: int, vocab: int, 
     for name, t in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but the student inputs are on {device}")
+    teacher_indices = teacher_indices.long()  # compared in a narrow dtype, V would wrap
     k = teacher_indices.shape[1]
     if k < 1:
         raise ValueError("teacher_indices must hold at least one id per row")
@@ -211,7 +251,7 @@ def row_mask(n: int, device, targets=None, ignore_index: int = -100, mask=None) 
     """The rows that produce output: target ≠ ignore_index and mask True."""
     live = torch.ones(n, dtype=torch.bool, device=device)
     if targets is not None:
-        live &= targets != ignore_index
+        live &= targets.long() != ignore_index
     if mask is not None:
         live &= mask
     return live

@@ -287,9 +287,10 @@ def union_support(student_ids: torch.Tensor, teacher_ids: torch.Tensor, *, retur
     Returns (ids [n, Ks + Kt] sorted ascending, valid [n, Ks + Kt]) where duplicates are
     marked invalid (their slot still holds a real id, so gathers stay in range); with
     ``return_order``, also the permutation of ``cat([student_ids, teacher_ids])`` that sorts it
-    (to carry values known for the inputs over to the union).
+    (to carry values known for the inputs over to the union). The sort is stable: of an id in both
+    sets (each set distinct), the student's copy comes first and is the valid one.
     """
-    ids, order = torch.cat([student_ids, teacher_ids], dim=-1).sort(dim=-1)
+    ids, order = torch.cat([student_ids, teacher_ids], dim=-1).sort(dim=-1, stable=True)
     valid = torch.ones_like(ids, dtype=torch.bool)
     valid[:, 1:] = ids[:, 1:] != ids[:, :-1]
     return (ids, valid, order) if return_order else (ids, valid)

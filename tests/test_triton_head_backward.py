@@ -333,7 +333,7 @@ def test_sparse_terms_cancel_inside_the_tile():
 def test_pad_sparse_merges_triples_per_row():
     """Several (row_index, ids, coef) triples, rows named twice or not at all, become one padded
     array per row: ids ascending, padding id V with coefficient 0, zero coefficients dropped."""
-    from ptd_kernels.backends.triton.sparse_layout import pad_sparse
+    from ptd_kernels.backends.sparse_layout import pad_sparse
 
     first = SparseTerms(torch.tensor([0, 2]), torch.tensor([[9, 4], [1, 1]]), torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
     second = SparseTerms(torch.tensor([2, 0, 2]), torch.tensor([[0], [5], [7]]), torch.tensor([[4.0], [5.0], [6.0]]))

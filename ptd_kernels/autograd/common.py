@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from ..backends.base import DivergenceSpec, GradNeeds, HeadGrads
+from ..backends.base import DivergenceSpec, GradNeeds, HeadGrads, LogitSpec
 
 # ----------------------------------------------------------------------------- configs
 
@@ -15,7 +16,8 @@ from ..backends.base import DivergenceSpec, GradNeeds, HeadGrads
 class PTDHeadConfig:
     """log-prob, entropy and (optionally) a divergence against a teacher, from one sweep per side."""
 
-    temperature: float
+    student: LogitSpec
+    teacher: LogitSpec = LogitSpec()
     divergence: DivergenceSpec | None = None  # None: log-probs and entropy only; k ≥ V: the full JSD
     want_overlap: bool = False
 
@@ -24,16 +26,17 @@ class PTDHeadConfig:
 class SparseJSDConfig:
     """Top-K JSD against a teacher given as ids and log-probs (the support is the ids)."""
 
-    temperature: float
+    student: LogitSpec
     beta: float
     tail: bool
 
 
 @dataclass(frozen=True)
 class JSDConfig:
-    """Full-vocabulary JSD_β between two output layers (or two given logits)."""
+    """Full-vocabulary JSD_β between two output layers."""
 
-    temperature: float
+    student: LogitSpec
+    teacher: LogitSpec
     beta: float
 
 
@@ -41,7 +44,8 @@ class JSDConfig:
 class LossConfig:
     """Σ_n weights_n·D_n with the gradients formed in the forward sweep."""
 
-    temperature: float
+    student: LogitSpec
+    teacher: LogitSpec
     divergence: DivergenceSpec  # k None: the full JSD (k ≥ V arrives as None)
     grad: bool  # whether the caller records a graph (the forward runs under no_grad inside apply)
 
@@ -91,3 +95,33 @@ def detached(t):
     return None if t is None else t.detach()
 
 
+_DOUBLE_BACKWARD = (
+    b"ptd_kernels does not support second-order gradients: its backward forms the gradients in fused "
+    b"sweeps that are not themselves differentiable. A gradient from torch.autograd.grad(..., "
+    b"create_graph=True) that passed through a ptd_kernels function cannot be differentiated again "
+    b"(for a gradient penalty, compute that part with ptd_kernels.reference)")
+
+
+def once_differentiable(backward):
+    """Wrap an autograd Function's ``backward``: it runs without a graph, and when the caller asked for
+    one (``create_graph=True``) its gradients come back attached to a node that raises a clear error if
+    they are differentiated again, instead of silently contributing nothing to a second derivative."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():
+            return grads
+        slots = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor) and g.is_floating_point()]
+        if not slots:
+            return grads
+        guarded = torch._C._functions.DelayedError(_DOUBLE_BACKWARD, len(slots))(
+            *[grads[i].detach().requires_grad_() for i in slots])
+        guarded = guarded if isinstance(guarded, tuple) else (guarded,)
+        out = list(grads)
+        for i, g in zip(slots, guarded):
+            out[i] = g
+        return tuple(out)
+
+    return wrapper

@@ -8,7 +8,17 @@ import torch
 from .. import rowmath
 from .._dtypes import compute_dtype
 from .._types import TopK
-from ..backends.base import Backend, DivergenceSpec, GradNeeds, Head, HeadGradCoefs, JSDStats, RowStats, SparseTerms
+from ..backends.base import (
+    Backend,
+    DivergenceSpec,
+    GradNeeds,
+    Head,
+    HeadGradCoefs,
+    JSDStats,
+    LogitSpec,
+    RowStats,
+    SparseTerms,
+)
 from .common import (
     JSDConfig,
     LossConfig,
@@ -18,6 +28,7 @@ from .common import (
     detached,
     grad_needs,
     live_index,
+    once_differentiable,
     put,
     take,
 )
@@ -25,33 +36,43 @@ from .common import (
 # ----------------------------------------------------------------------------- the PTD head
 
 
-def _support_logits(backend: Backend, student: Head, teacher: Head, student_top: RowStats | None,
-                    teacher_top: RowStats, support: str, dtype):
-    """Support ids and both sides' logits on them.
+def _own_where_known(values, ids, top: RowStats | None, dtype):
+    """``values`` (a side's gathered logits at ``ids``) with the side's own sweep value wherever an id is
+    in its top-k: the same rounding as its lse, so that Σ_S p ≤ 1 holds to rounding at large logits."""
+    if top is None or top.topk_logits is None or top.topk_logits.dtype != dtype or not top.topk_indices.shape[1]:
+        return values
+    own_ids, order = top.topk_indices.sort(dim=-1)
+    pos = torch.searchsorted(own_ids, ids).clamp_max_(own_ids.shape[1] - 1)
+    hit = own_ids.gather(1, pos) == ids
+    return torch.where(hit, top.topk_logits.gather(1, order.gather(1, pos)), values)
 
-    Each side's logits at its own top-k come from its sweep (the same tiles as its lse, so that
-    Σ_S p and the tail stay consistent); only the other side's ids are gathered.
+
+def _support_logits(backend: Backend, student: Head, teacher: Head, student_top: RowStats, teacher_top: RowStats,
+                    support: str, dtype):
+    """Support ids, their validity and both sides' logits on them.
+
+    Each side's logits at its own top-k come from its sweep; only ids outside it are gathered.
     """
-    def own_or_gather(head, top):
-        if top.topk_logits is not None and top.topk_logits.dtype == dtype:
-            return top.topk_logits
-        return backend.gather_logits(head, top.topk_indices, dtype)
-
     if support == "union":
         ids, valid, order = rowmath.union_support(student_top.topk_indices, teacher_top.topk_indices,
-                                                   return_order=True)
-        student_cat = torch.cat([own_or_gather(student, student_top),
+                                                  return_order=True)
+        student_cat = torch.cat([student_top.topk_logits.to(dtype),
                                  backend.gather_logits(student, teacher_top.topk_indices, dtype)], -1)
         teacher_cat = torch.cat([backend.gather_logits(teacher, student_top.topk_indices, dtype),
-                                 own_or_gather(teacher, teacher_top)], -1)
-        return ids, valid, student_cat.gather(1, order), teacher_cat.gather(1, order)
-    if support == "teacher":
-        ids = teacher_top.topk_indices
-        return (ids, torch.ones_like(ids, dtype=torch.bool), backend.gather_logits(student, ids, dtype),
-                own_or_gather(teacher, teacher_top))
-    ids = student_top.topk_indices
-    return (ids, torch.ones_like(ids, dtype=torch.bool), own_or_gather(student, student_top),
-            backend.gather_logits(teacher, ids, dtype))
+                                 teacher_top.topk_logits.to(dtype)], -1)
+        student_z, teacher_z = student_cat.gather(1, order), teacher_cat.gather(1, order)
+        # An id in both top-k sits twice, student copy first (a stable sort), and the first copy is
+        # the valid one: give it the teacher's own value from the second copy.
+        both = ids[:, :-1] == ids[:, 1:]
+        teacher_z[:, :-1] = torch.where(both, teacher_z[:, 1:], teacher_z[:, :-1])
+        if student_top.topk_logits.dtype != dtype:  # own values of another dtype: gather all of them
+            student_z = backend.gather_logits(student, ids, dtype)
+            teacher_z = backend.gather_logits(teacher, ids, dtype)
+        return ids, valid, student_z, teacher_z
+    ids = teacher_top.topk_indices if support == "teacher" else student_top.topk_indices
+    student_z = _own_where_known(backend.gather_logits(student, ids, dtype), ids, student_top, dtype)
+    teacher_z = _own_where_known(backend.gather_logits(teacher, ids, dtype), ids, teacher_top, dtype)
+    return ids, torch.ones_like(ids, dtype=torch.bool), student_z, teacher_z
 
 
 class _PTDHead(torch.autograd.Function):
@@ -65,57 +86,62 @@ class _PTDHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias, jsd_rows,
                 cfg: PTDHeadConfig, backend: Backend):
-        student = Head(hidden, weight, bias, cfg.temperature)
+        student = Head.of(hidden, weight, bias, cfg.student)
         n, vocab = student.rows, student.vocab
         want_logp = targets is not None
         div = cfg.divergence
         n_jsd = 0 if div is None else jsd_rows.numel()
         full = div is not None and (div.k is None or div.k >= vocab)  # S is the whole vocabulary (SPEC §2)
         k = 0 if div is None or full else div.k
-        student_topk = n_jsd > 0 and not full and (div.support != "teacher" or cfg.want_overlap)
-        stats = backend.row_stats(student, targets=targets, k=k if student_topk else 0, with_mean_logit=want_logp)
-        dtype = stats.lse.dtype
-        zeros = stats.lse.new_zeros(n)
-        logp = stats.target_logit - stats.lse if want_logp else zeros
-        entropy = stats.lse - stats.mean_logit if want_logp else zeros
+        # float64 logsumexps: log-probs z − lse of each side's own logits are then exact whatever the
+        # logits' magnitude, so Σ_S p ≤ 1 holds to rounding on near-one-hot rows (a rounded lse shifts
+        # a whole row). Outputs and the backward's coefficients stay in the compute dtype.
+        wide = torch.float64
+        stats = backend.row_stats(student, targets=targets, k=k if n_jsd and not full else 0,
+                                  with_mean_logit=want_logp, lse_dtype=wide)
+        dtype = student.dtype
+        lse = stats.lse.to(dtype)
+        zeros = lse.new_zeros(n)
+        logp = (stats.target_logit.to(wide) - stats.lse).to(dtype) if want_logp else zeros
+        entropy = (stats.lse - stats.mean_logit.to(wide)).to(dtype) if want_logp else zeros
         jsd, overlap, teacher_mass = zeros.clone(), zeros.clone(), zeros.clone()
         jsd_saved = []
         if n_jsd:
-            teacher = Head(teacher_hidden, teacher_weight, teacher_bias, cfg.temperature)
+            teacher = Head.of(teacher_hidden, teacher_weight, teacher_bias, cfg.teacher)
             student_j = student.take_rows(jsd_rows)
             if full:
                 jsd_stats = backend.jsd_forward(student_j, teacher, div.beta)
-                jsd[jsd_rows] = jsd_stats.value
+                jsd[jsd_rows] = jsd_stats.value.to(dtype)
                 overlap[jsd_rows] = 1.0
                 teacher_mass[jsd_rows] = 1.0
                 jsd_saved = [jsd_stats.value, jsd_stats.w_sum, jsd_stats.lse, jsd_stats.teacher_lse]
             else:
-                teacher_top = backend.row_stats(teacher, k=k, with_mean_logit=False)
-                student_top = stats.take_rows(jsd_rows) if student_topk else None
+                teacher_top = backend.row_stats(teacher, k=k, with_mean_logit=False, lse_dtype=wide)
+                student_top = stats.take_rows(jsd_rows)
                 ids, valid, student_z, teacher_z = _support_logits(backend, student_j, teacher, student_top,
                                                                    teacher_top, div.support, dtype)
-                lse_j = stats.lse[jsd_rows]
-                terms = rowmath.topk_jsd_terms(student_z.to(dtype) - lse_j[:, None],
-                                                teacher_z.to(dtype) - teacher_top.lse[:, None].to(dtype), valid,
-                                                div.beta, div.tail)
+                student_logp = (student_z.to(wide) - student_top.lse[:, None]).to(dtype)
+                teacher_logq = (teacher_z.to(wide) - teacher_top.lse[:, None]).to(dtype)
+                terms = rowmath.topk_jsd_terms(student_logp, teacher_logq, valid, div.beta, div.tail)
                 jsd[jsd_rows] = terms.value
                 teacher_mass[jsd_rows] = terms.teacher_mass
                 if cfg.want_overlap:
                     overlap[jsd_rows] = rowmath.overlap_fraction(student_top.topk_indices, teacher_top.topk_indices,
-                                                                  dtype)
+                                                                 dtype)
                 jsd_saved = [ids, terms.row_coef, terms.support_coef]
         ctx.cfg, ctx.backend, ctx.full, ctx.n_jsd, ctx.want_logp = cfg, backend, full, n_jsd, want_logp
         ctx.save_for_backward(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias, jsd_rows,
-                              stats.lse, stats.mean_logit if want_logp else None, *jsd_saved)
+                              lse, stats.mean_logit.to(dtype) if want_logp else None, *jsd_saved)
         ctx.mark_non_differentiable(overlap, teacher_mass)
         return logp, entropy, jsd, overlap, teacher_mass
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_entropy, grad_jsd, _grad_overlap, _grad_mass):
         (hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias, jsd_rows, lse, mean_logit,
          *jsd_saved) = ctx.saved_tensors
         cfg, backend = ctx.cfg, ctx.backend
-        student = Head(hidden, weight, bias, cfg.temperature)
+        student = Head.of(hidden, weight, bias, cfg.student)
         needs = grad_needs(ctx, bias)
         row_coef = torch.zeros_like(lse)
         logit_coef = logit_shift = target_coef = None
@@ -138,7 +164,7 @@ class _PTDHead(torch.autograd.Function):
                               target_coef, sparse)
         grads = backend.head_backward(student, lse, coefs, needs)
         if with_jsd and ctx.full:
-            teacher = Head(teacher_hidden, teacher_weight, teacher_bias, cfg.temperature)
+            teacher = Head.of(teacher_hidden, teacher_weight, teacher_bias, cfg.teacher)
             part = backend.jsd_backward(student.take_rows(jsd_rows), teacher, cfg.divergence.beta,
                                         JSDStats(*jsd_saved), grad_jsd.to(lse.dtype)[jsd_rows], needs)
             grads.add_(part, hidden_rows=jsd_rows)
@@ -160,19 +186,21 @@ def ptd_head(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teac
 
 
 @torch.no_grad()
-def topk(hidden, weight, bias, k: int, temperature: float, targets, live, backend: Backend) -> TopK:
+def topk(hidden, weight, bias, k: int, spec: LogitSpec, targets, live, backend: Backend) -> TopK:
     """``linear_topk`` once validated: targets with ignored rows already replaced by a valid id."""
-    head = Head(hidden, weight, bias, temperature)
-    stats = backend.row_stats(head, targets=targets, k=k, with_mean_logit=False)
+    head = Head.of(hidden, weight, bias, spec)
+    wide = torch.float64
+    stats = backend.row_stats(head, targets=targets, k=k, with_mean_logit=False, lse_dtype=wide)
     out_dtype = compute_dtype(hidden)
-    lse = stats.lse.to(out_dtype)
     top_logits = stats.topk_logits
     if out_dtype == torch.float64:  # kernels rank on float32 keys; recompute float64 logits at the ids
         top_logits = backend.gather_logits(head, stats.topk_indices, out_dtype)
     target_logprobs = None
     if targets is not None:
-        target_logprobs = torch.where(live, stats.target_logit.to(out_dtype) - lse, torch.zeros_like(lse))
-    return TopK(stats.topk_indices, top_logits.to(out_dtype) - lse[:, None], lse, target_logprobs)
+        target_logprobs = torch.where(live, (stats.target_logit.to(wide) - stats.lse).to(out_dtype),
+                                      torch.zeros((), dtype=out_dtype, device=hidden.device))
+    logprobs = (top_logits.to(wide) - stats.lse[:, None]).to(out_dtype)
+    return TopK(stats.topk_indices, logprobs, stats.lse.to(out_dtype), target_logprobs)
 
 
 # ----------------------------------------------------------------------------- divergences
@@ -183,24 +211,26 @@ class _SparseJSD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_indices, teacher_logprobs, cfg: SparseJSDConfig, backend: Backend):
-        student = Head(hidden, weight, bias, cfg.temperature)
-        stats = backend.row_stats(student, with_mean_logit=False)
-        dtype = stats.lse.dtype
-        student_logp = backend.gather_logits(student, teacher_indices, dtype) - stats.lse[:, None]
+        student = Head.of(hidden, weight, bias, cfg.student)
+        stats = backend.row_stats(student, with_mean_logit=False, lse_dtype=torch.float64)
+        dtype = student.dtype
+        lse = stats.lse.to(dtype)
+        student_logp = (backend.gather_logits(student, teacher_indices, torch.float64) - stats.lse[:, None]).to(dtype)
         given = teacher_logprobs.to(dtype)
         valid = torch.ones_like(teacher_indices, dtype=torch.bool)
         terms = rowmath.topk_jsd_terms(student_logp, given, valid, cfg.beta, cfg.tail,
                                         teacher_log_mass=torch.logsumexp(given, dim=-1))
         ctx.cfg, ctx.backend = cfg, backend
-        ctx.save_for_backward(hidden, weight, bias, teacher_indices, stats.lse, terms.row_coef, terms.support_coef)
+        ctx.save_for_backward(hidden, weight, bias, teacher_indices, lse, terms.row_coef, terms.support_coef)
         return terms.value
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         hidden, weight, bias, ids, lse, row_coef, support_coef = ctx.saved_tensors
         grad = grad.to(lse.dtype)
         coefs = HeadGradCoefs(grad * row_coef, sparse=(SparseTerms.every_row(ids, grad[:, None] * support_coef),))
-        grads = ctx.backend.head_backward(Head(hidden, weight, bias, ctx.cfg.temperature), lse, coefs,
+        grads = ctx.backend.head_backward(Head.of(hidden, weight, bias, ctx.cfg.student), lse, coefs,
                                           grad_needs(ctx, bias))
         return (*cast_grads(grads, hidden, weight, bias), None, None, None, None)
 
@@ -218,20 +248,21 @@ class _LinearJSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, cfg: JSDConfig,
                 backend: Backend):
-        stats = backend.jsd_forward(Head(hidden, weight, bias, cfg.temperature),
-                                    Head(teacher_hidden, teacher_weight, teacher_bias, cfg.temperature), cfg.beta)
+        stats = backend.jsd_forward(Head.of(hidden, weight, bias, cfg.student),
+                                    Head.of(teacher_hidden, teacher_weight, teacher_bias, cfg.teacher), cfg.beta)
         ctx.cfg, ctx.backend = cfg, backend
         ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, stats.value,
                               stats.w_sum, stats.lse, stats.teacher_lse)
         return stats.value
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, *stats = ctx.saved_tensors
         cfg = ctx.cfg
         stats = JSDStats(*stats)
-        grads = ctx.backend.jsd_backward(Head(hidden, weight, bias, cfg.temperature),
-                                         Head(teacher_hidden, teacher_weight, teacher_bias, cfg.temperature),
+        grads = ctx.backend.jsd_backward(Head.of(hidden, weight, bias, cfg.student),
+                                         Head.of(teacher_hidden, teacher_weight, teacher_bias, cfg.teacher),
                                          cfg.beta, stats, grad.to(stats.lse.dtype), grad_needs(ctx, bias))
         return (*cast_grads(grads, hidden, weight, bias), None, None, None, None, None)
 
@@ -253,7 +284,8 @@ class _FusedLoss(torch.autograd.Function):
     The one backward hands the stored gradients over (scaled in place when the incoming gradient
     is not 1) instead of copying them: a copy, and autograd's own clone of a gradient still held
     here, would each cost another V×H d weight at the peak. A second backward through the same
-    graph (``retain_graph=True``) therefore raises; call the loss again instead.
+    graph (``retain_graph=True``) therefore raises; call the loss again instead. Row weights that
+    require grad get ∂/∂w_n = D_n.
     """
 
     @staticmethod
@@ -262,13 +294,15 @@ class _FusedLoss(torch.autograd.Function):
         # (forward runs under no_grad: whether the caller wants gradients was read before apply)
         needs = GradNeeds(cfg.grad and hidden.requires_grad, cfg.grad and weight.requires_grad,
                           cfg.grad and bias is not None and bias.requires_grad)
-        value, grads = backend.fused_loss(Head(hidden, weight, bias, cfg.temperature),
-                                          Head(teacher_hidden, teacher_weight, teacher_bias, cfg.temperature),
-                                          cfg.divergence, row_weights, needs)
+        value, grads = backend.fused_loss(Head.of(hidden, weight, bias, cfg.student),
+                                          Head.of(teacher_hidden, teacher_weight, teacher_bias, cfg.teacher),
+                                          cfg.divergence, row_weights.detach(), needs)
         ctx.grads = cast_grads(grads, hidden, weight, bias)
+        ctx.save_for_backward(value if cfg.grad and row_weights.requires_grad else None)
         return (value * row_weights.to(value.dtype)).sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
@@ -278,23 +312,26 @@ class _FusedLoss(torch.autograd.Function):
                 "is not supported: call the loss again")
         if not bool(grad == 1):
             grads = [None if g is None else g.mul_(grad.to(g.dtype)) for g in grads]
-        return (*grads, None, None, None, None, None, None)
+        (value,) = ctx.saved_tensors
+        grad_row_weights = None if value is None else grad * value
+        return (*grads, None, None, None, grad_row_weights, None, None)
 
 
 def weighted_loss(per_row_fn, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, weights, live,
-                  divergence: DivergenceSpec, temperature: float, backend: Backend):
-    """Σ_n weights_n·D_n: the backend's one-sweep loss where it pays, else the per-row function."""
+                  divergence: DivergenceSpec, student: LogitSpec, teacher: LogitSpec, backend: Backend):
+    """Σ_n weights_n·D_n: the backend's one-sweep loss where it pays, else the per-row function.
+    ``weights`` may require grad (∂/∂weights_n = D_n); masked rows weigh 0."""
     dtype = compute_dtype(hidden)
     if weights is None:
         weights = live.to(dtype) / max(int(live.sum()), 1)
     else:
-        weights = torch.where(live, weights.detach().to(dtype), torch.zeros((), dtype=dtype, device=hidden.device))
-    if not backend.fused_loss_pays(Head(hidden, weight, bias, temperature)):
+        weights = torch.where(live, weights.to(dtype), torch.zeros((), dtype=dtype, device=hidden.device))
+    if not backend.fused_loss_pays(Head.of(hidden, weight, bias, student)):
         # per-row function, then the weighted sum (backward recomputes, in efficient vocabulary blocks)
         return (per_row_fn() * weights).sum()
     index = live_index(live)
     if divergence.k is not None and divergence.k >= weight.shape[0]:
         divergence = DivergenceSpec(divergence.beta)  # K ≥ V: the full JSD (SPEC §2)
-    cfg = LossConfig(temperature, divergence, torch.is_grad_enabled())
+    cfg = LossConfig(student, teacher, divergence, torch.is_grad_enabled())
     return _FusedLoss.apply(take(hidden, index), weight, bias, take(teacher_hidden.detach(), index),
                             teacher_weight.detach(), detached(teacher_bias), take(weights, index), cfg, backend)

@@ -12,7 +12,7 @@ import torch
 
 from .. import config, rowmath
 from .._dtypes import compute_dtype
-from .common import LogitsDivergenceConfig
+from .common import LogitsDivergenceConfig, once_differentiable
 
 
 def _row_blocks(index, n: int, vocab: int, buffers: int):  # buffers: live [rows, V] temporaries
@@ -65,6 +65,7 @@ class LogProbs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
         logits, targets, lse, mean_logit, index = ctx.saved_tensors
         grad_logits = _grad_buffer(logits, index)
@@ -100,6 +101,7 @@ class JSD(torch.autograd.Function):
         return value
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         logits, teacher_logits, lse, teacher_lse, w_sum, index = ctx.saved_tensors
         cfg = ctx.cfg
@@ -138,6 +140,7 @@ class TopKJSD(torch.autograd.Function):
         return value
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         logits, lse, row_coef, ids, support_coef, index = ctx.saved_tensors
         temperature = ctx.cfg.temperature

@@ -31,13 +31,42 @@ from .._dtypes import compute_dtype
 
 
 @dataclass(frozen=True)
+class LogitSpec:
+    """How one side's logits come from its output layer (SPEC §2):
+
+        z = cap_c(s · (hidden @ weightᵀ + bias)) / τ,   cap_c(x) = c · tanh(x / c)  (identity when c is None)
+
+    with s the logit scale (Cohere ``logit_scale``, Granite 1/``logits_scaling``) and c the soft-cap
+    (Gemma-2/3 ``final_logit_softcapping``).
+    """
+
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
+@dataclass(frozen=True)
 class Head:
-    """One side's output layer on the rows of a call: z = (hidden @ weightᵀ + bias) / temperature."""
+    """One side's output layer on the rows of a call: z = cap_c(s · (hidden @ weightᵀ + bias)) / τ."""
 
     hidden: torch.Tensor  # [n, H]
     weight: torch.Tensor  # [V, H]
     bias: torch.Tensor | None  # [V] or None
     temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, hidden, weight, bias, spec: LogitSpec) -> Head:
+        return cls(hidden, weight, bias, spec.temperature, spec.logit_scale, spec.softcap)
+
+    def transform_scalars(self) -> tuple[float, float, float]:
+        """(s/τ, s/c, c/τ): z = a·s/τ without a cap, z = tanh(a·s/c)·c/τ with one (a = hidden·weight + bias).
+        The chain rule multiplies ∂L/∂z by (1 − tanh²) with a cap, and the gradients by s/τ."""
+        s, tau, c = self.logit_scale, self.temperature, self.softcap
+        if c is None:
+            return s / tau, 0.0, 0.0
+        return s / tau, s / c, c / tau
 
     @property
     def rows(self) -> int:
@@ -225,9 +254,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def row_stats(self, head: Head, *, targets: torch.Tensor | None = None, k: int = 0,
-                  with_mean_logit: bool = True) -> RowStats:
+                  with_mean_logit: bool = True, lse_dtype: torch.dtype | None = None) -> RowStats:
         """lse, Σ p·z (``with_mean_logit``), the logit at ``targets`` (int64 ids in [0, V)) and the
-        top-``k`` ids/logits (0 ≤ k ≤ V) of every row, from one sweep."""
+        top-``k`` ids/logits (0 ≤ k ≤ V) of every row, from one sweep. ``lse_dtype`` (default: the
+        compute dtype): float64 keeps lse unrounded, so that z − lse of the sweep's own logits is exact."""
 
     def gather_logits(self, head: Head, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """z at ``ids`` [n, M] (ids in [0, V)), in ``dtype``: O(n·M·H) work, no sweep."""

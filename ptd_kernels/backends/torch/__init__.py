@@ -12,8 +12,8 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def row_stats(self, head, *, targets=None, k=0, with_mean_logit=True):
-        return row_stats.row_stats(head, targets=targets, k=k, with_mean_logit=with_mean_logit)
+    def row_stats(self, head, *, targets=None, k=0, with_mean_logit=True, lse_dtype=None):
+        return row_stats.row_stats(head, targets=targets, k=k, with_mean_logit=with_mean_logit, lse_dtype=lse_dtype)
 
     def head_backward(self, head, lse, coefs, needs):
         return head_backward.head_backward(head, lse, coefs, needs)

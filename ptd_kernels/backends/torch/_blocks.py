@@ -45,15 +45,48 @@ def shift(rows: slice, offset: int) -> slice:
 
 
 def logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """hidden @ weightᵀ (+ bias) written into ``out``; no 1/τ (callers scale sub-blocks in cache)."""
+    """a = hidden @ weightᵀ (+ bias) written into ``out``; ``to_logits_`` makes it z (sub-block by sub-block,
+    in cache)."""
     if bias is None:
         return torch.mm(hidden, weight.T, out=out)
     return torch.addmm(bias, hidden, weight.T, out=out)
 
 
+def to_logits_(a: torch.Tensor, head: Head, *, want_derivative: bool = False) -> torch.Tensor | None:
+    """In place: a = hidden·weight + bias becomes z = cap_c(s·a)/τ (a cache-sized sub-block).
+
+    With a soft-cap and ``want_derivative``, returns the cap's derivative factor 1 − tanh²(s·a/c)
+    (a new tensor; the rest of ∂z/∂a, s/τ, is applied to the gradients by ``scale_grads_``);
+    else None.
+    """
+    s, tau, c = head.logit_scale, head.temperature, head.softcap
+    if c is None:
+        if s != 1.0:
+            a.mul_(s / tau)
+        elif tau != 1.0:
+            a.div_(tau)
+        return None
+    t = a.mul_(s / c).tanh_()
+    derivative = torch.addcmul(torch.ones_like(t), t, t, value=-1.0) if want_derivative else None
+    t.mul_(c / tau)
+    return derivative
+
+
+def scale_grads_(head: Head, *grads: torch.Tensor | None) -> None:
+    """Multiply gradients w.r.t. a = hidden·weight + bias (already × the cap's derivative) by s/τ."""
+    s, tau = head.logit_scale, head.temperature
+    for g in grads:
+        if g is None:
+            continue
+        if s != 1.0:
+            g.mul_(s / tau)
+        elif tau != 1.0:
+            g.div_(tau)
+
+
 def two_sided_row_blocks(student: Head, teacher: Head, budget: int):
-    """Yield (r0, r1, z, teacher_z): both sides' full-row logits (no 1/τ, compute dtype) for blocks
-    of rows, in one reused buffer of ``budget`` bytes.
+    """Yield (r0, r1, a, teacher_a): both sides' full rows of a = hidden·weight + bias (compute dtype;
+    ``to_logits_`` makes them logits) for blocks of rows, in one reused buffer of ``budget`` bytes.
 
     With a shared output layer (``Head.shares_layer_with``), one GEMM over the stacked rows reads
     each weight block once for both sides. Blocks are of equal size (a thin last block is a slow GEMM).

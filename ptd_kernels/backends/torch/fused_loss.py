@@ -13,7 +13,7 @@ import torch
 from ... import config, rowmath
 from ..base import DivergenceSpec, GradNeeds, Head, HeadGrads
 from . import _blocks
-from ._blocks import itemsize, prepare, shift, sub_blocks
+from ._blocks import itemsize, prepare, shift, sub_blocks, to_logits_
 
 
 def fused_loss_pays(student: Head) -> bool:
@@ -45,11 +45,13 @@ def fused_loss(student: Head, teacher: Head, divergence: DivergenceSpec, row_wei
     ``divergence.k`` is None (full JSD) or < V."""
     needs = needs.of(student)
     dtype, hidden, weight, _ = prepare(student)
-    temperature = student.temperature
     n, h = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    row_scale = row_weights.to(dtype) / temperature
+    # dz = weights_n · (s/τ) · (the cap's derivative) · ∂D_n/∂z: the chain rule of z = cap(s·a)/τ
+    s_over_tau = student.logit_scale / student.temperature
+    row_scale = row_weights.to(dtype) * s_over_tau if student.logit_scale != 1.0 else (
+        row_weights.to(dtype) / student.temperature)
     value = torch.empty(n, dtype=dtype, device=device)
     # d weight: written by the first block's GEMM, accumulated by the others (no zero fill of V×H)
     grads = HeadGrads(torch.empty((n, h), dtype=dtype, device=device) if needs.hidden else None,
@@ -64,12 +66,13 @@ def fused_loss(student: Head, teacher: Head, divergence: DivergenceSpec, row_wei
         for r0, r1, z, teacher_z in _blocks.two_sided_row_blocks(student, teacher, config.LOSS_BLOCK_BYTES):
             for sub in sub_blocks(r1 - r0, vocab, itemsize(dtype), scale):
                 z_sub, teacher_sub = z[sub], teacher_z[sub]
-                if temperature != 1.0:
-                    z_sub /= temperature
-                    teacher_sub /= temperature
+                derivative = to_logits_(z_sub, student, want_derivative=needs.any)
+                to_logits_(teacher_sub, teacher)
                 rows = shift(sub, r0)
                 value[rows], grad_logits = _loss_rows(z_sub, teacher_sub, divergence)
                 torch.mul(grad_logits, row_scale[rows, None], out=z_sub)  # dz, over the logits
+                if derivative is not None:
+                    z_sub.mul_(derivative)
             if needs.hidden:
                 torch.mm(z, weight, out=grads.hidden[r0:r1])
             if needs.weight:

@@ -11,12 +11,13 @@ import torch
 
 from ... import config
 from ..base import Head
+from ._blocks import to_logits_
 
 _LIVE_BUFFERS = 4  # gathered weight rows, their compute-dtype copy, the product, its reshape/cast
 
 
 def gather_logits(head: Head, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """z[n, m] = (hidden[n] · weight[ids[n, m]] + bias[ids[n, m]]) / τ, computed in ``dtype``."""
+    """z[n, m] = the logit of row n at id ids[n, m] (``Head``'s transform included), computed in ``dtype``."""
     hidden, weight, bias = head.hidden, head.weight, head.bias
     n, m = ids.shape
     out = torch.empty((n, m), dtype=dtype, device=hidden.device)
@@ -31,5 +32,6 @@ def gather_logits(head: Head, ids: torch.Tensor, dtype: torch.dtype) -> torch.Te
         z = torch.bmm(w_rows, hidden[r0:r1].to(dtype)[:, :, None]).squeeze(-1)
         if bias is not None:
             z += bias[rows].to(dtype)
-        out[r0:r1] = z / head.temperature
+        to_logits_(z, head)
+        out[r0:r1] = z
     return out

@@ -12,32 +12,32 @@ from __future__ import annotations
 import torch
 
 from ..base import GradNeeds, Head, HeadGradCoefs, HeadGrads, SparseTerms
-from ._blocks import block_length, itemsize, logits_into, prepare, shift, sub_blocks, view
+from ..sparse_layout import pad_sparse
+from ._blocks import block_length, itemsize, logits_into, prepare, scale_grads_, shift, sub_blocks, to_logits_, view
 
 
-def _add_sparse(dz, r0, r1, c0, c1, sparse: tuple[SparseTerms, ...]):
-    """Add the sparse terms that fall in the block rows [r0, r1) × columns [c0, c1) into dz, before
-    the block's GEMMs (so that dense and sparse parts cancel before they multiply hidden)."""
-    for terms in sparse:
-        row_index, ids, coef = terms.row_index, terms.ids, terms.coef
-        inside = (ids >= c0) & (ids < c1) & ((row_index >= r0) & (row_index < r1))[:, None]
-        if bool(inside.any()):
-            block_rows = row_index[:, None].expand_as(ids)[inside] - r0
-            dz.index_put_((block_rows, ids[inside] - c0), coef[inside].to(dz.dtype), accumulate=True)
+def _add_sparse(dz, rows: slice, cols: slice, merged):
+    """Add the sparse terms (``pad_sparse``'s layout) of rows × cols into dz, the ∂L/∂z of those rows
+    and columns, before the cap's derivative and the GEMMs (so that dense and sparse parts of a logit
+    cancel before they multiply hidden)."""
+    ids, coef = merged[0][rows], merged[1][rows]
+    inside = (ids >= cols.start) & (ids < cols.stop) & (coef != 0)
+    if bool(inside.any()):
+        block_rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)[inside]
+        dz.index_put_((block_rows, ids[inside] - cols.start), coef[inside].to(dz.dtype), accumulate=True)
 
 
 def dense_backward(head: Head, dz_rows, needs: GradNeeds, sparse: tuple[SparseTerms, ...] = (),
                    teacher: Head | None = None) -> HeadGrads:
     """Sweep bounded logits blocks, write ∂L/∂z over each (``dz_rows`` per cache sub-block), add the
-    sparse terms, and contract into gradients.
+    sparse terms, apply the chain rule of the logit transform, and contract into gradients.
 
-    ``dz_rows(z, teacher_z, rows, cols)`` gets a sub-block of logits (1/τ applied; ``teacher_z`` the
-    teacher's same sub-block when ``teacher`` is given, else None) and must write ∂L/∂z over ``z``.
-    Returns compute-dtype gradients, the 1/τ applied.
+    ``dz_rows(z, teacher_z, rows, cols)`` gets a sub-block of logits (``teacher_z`` the teacher's same
+    sub-block when ``teacher`` is given, else None) and must write ∂L/∂z over ``z``. Returns
+    compute-dtype gradients.
     """
     needs = needs.of(head)
     dtype, hidden, weight, bias = prepare(head)
-    temperature = head.temperature
     if teacher is not None:
         teacher_hidden = teacher.hidden.to(dtype)
         teacher_weight = teacher.weight.to(dtype)
@@ -45,6 +45,8 @@ def dense_backward(head: Head, dz_rows, needs: GradNeeds, sparse: tuple[SparseTe
     n, h = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
+    merged = pad_sparse(n, vocab, sparse, dtype)
+    capped = head.softcap is not None
     grads = HeadGrads(
         torch.zeros((n, h), dtype=dtype, device=device) if needs.hidden else None,
         torch.zeros((vocab, h), dtype=dtype, device=device) if needs.weight else None,
@@ -69,12 +71,17 @@ def dense_backward(head: Head, dz_rows, needs: GradNeeds, sparse: tuple[SparseTe
         for sub in sub_blocks(z.shape[0], z.shape[1], size):
             z_sub = z[sub]
             teacher_sub = None if teacher_z is None else teacher_z[sub]
-            if temperature != 1.0:
-                z_sub /= temperature
-                if teacher_sub is not None:
-                    teacher_sub /= temperature
-            dz_rows(z_sub, teacher_sub, shift(sub, rows.start), cols)
-        _add_sparse(z, rows.start, rows.stop, cols.start, cols.stop, sparse)
+            derivative = to_logits_(z_sub, head, want_derivative=True)
+            if teacher_sub is not None:
+                to_logits_(teacher_sub, teacher)
+            sub_rows = shift(sub, rows.start)
+            dz_rows(z_sub, teacher_sub, sub_rows, cols)
+            if capped:  # the sparse terms go in before the cap's derivative: per sub-block
+                if merged is not None:
+                    _add_sparse(z_sub, sub_rows, cols, merged)
+                z_sub.mul_(derivative)
+        if merged is not None and not capped:  # one pass per block
+            _add_sparse(z, rows, cols, merged)
         if needs.hidden:
             if by_vocab:
                 grads.hidden.addmm_(z, weight[cols])
@@ -87,10 +94,7 @@ def dense_backward(head: Head, dz_rows, needs: GradNeeds, sparse: tuple[SparseTe
                 grads.weight.addmm_(z.T, hidden[rows])
         if needs.bias:
             grads.bias[cols] += z.sum(0)
-    if temperature != 1.0:
-        for g in (grads.hidden, grads.weight, grads.bias):
-            if g is not None:
-                g /= temperature
+    scale_grads_(head, *grads)
     return grads
 
 
@@ -98,6 +102,7 @@ def head_backward(head: Head, lse: torch.Tensor, coefs: HeadGradCoefs, needs: Gr
     """Gradients of a loss with ∂L/∂z = p·(row_coef + logit_coef·(z − logit_shift)) + one-hots + sparse
     terms (``HeadGradCoefs``), p = exp(z − lse)."""
     row_coef, logit_coef, logit_shift = coefs.row_coef, coefs.logit_coef, coefs.logit_shift
+    lse = lse.to(head.dtype)
 
     def dz_rows(z, _teacher_z, rows, _cols):
         coef = row_coef[rows, None]

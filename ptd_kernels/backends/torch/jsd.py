@@ -9,7 +9,7 @@ import torch
 from ... import config, rowmath
 from ..base import GradNeeds, Head, HeadGrads, JSDStats
 from . import _blocks
-from ._blocks import itemsize, shift, sub_blocks
+from ._blocks import itemsize, shift, sub_blocks, to_logits_
 from .head_backward import dense_backward
 
 
@@ -23,13 +23,11 @@ def jsd_forward(student: Head, teacher: Head, beta: float, *, lse: torch.Tensor 
     value, w_sum = (torch.empty(n, dtype=dtype, device=device) for _ in range(2))
     out_lse = torch.empty(n, dtype=dtype, device=device) if lse is None else lse.to(dtype)
     out_teacher_lse = torch.empty(n, dtype=dtype, device=device) if teacher_lse is None else teacher_lse.to(dtype)
-    temperature = student.temperature
     for r0, r1, z, teacher_z in _blocks.two_sided_row_blocks(student, teacher, config.FUSED_BLOCK_BYTES):
         for sub in sub_blocks(r1 - r0, vocab, itemsize(dtype)):
             z_sub, teacher_sub = z[sub], teacher_z[sub]
-            if temperature != 1.0:
-                z_sub /= temperature
-                teacher_sub /= temperature
+            to_logits_(z_sub, student)
+            to_logits_(teacher_sub, teacher)
             rows = shift(sub, r0)
             terms = rowmath.full_jsd_rows_(
                 z_sub, teacher_sub, beta, grad=False, lse=None if lse is None else out_lse[rows],

@@ -17,7 +17,7 @@ import torch
 
 from ... import config, rowmath
 from ..base import Head, RowStats
-from ._blocks import block_length, itemsize, logits_into, prepare, sub_blocks, view
+from ._blocks import block_length, itemsize, logits_into, prepare, sub_blocks, to_logits_, view
 
 
 def _merge_topk(values, ids, k):
@@ -29,16 +29,22 @@ def _merge_topk(values, ids, k):
 
 
 @torch.no_grad()
-def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, with_mean_logit: bool = True) -> RowStats:
-    """Per-row logsumexp, Σ p·z, target logit and top-k (ids, logits) in one sweep (see module doc)."""
+def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, with_mean_logit: bool = True,
+              lse_dtype: torch.dtype | None = None) -> RowStats:
+    """Per-row logsumexp, Σ p·z, target logit and top-k (ids, logits) in one sweep (see module doc).
+
+    ``lse_dtype`` (default: the compute dtype) is the dtype of lse and Σ p·z: float64 keeps m + log S
+    unrounded, so that z − lse of this sweep's own logits is exact (a rounded lse shifts every
+    log-prob of a row with large logits alike).
+    """
     dtype, hidden, weight, bias = prepare(head)
-    temperature = head.temperature
     n, vocab = hidden.shape[0], weight.shape[0]
+    lse_dtype = lse_dtype or dtype
     device = hidden.device
     size = itemsize(dtype)
-    lse = torch.empty(n, dtype=dtype, device=device)
+    lse = torch.empty(n, dtype=lse_dtype, device=device)
     mean_logit = torch.empty_like(lse) if with_mean_logit else None
-    target_logit = torch.empty_like(lse) if targets is not None else None
+    target_logit = torch.empty(n, dtype=dtype, device=device) if targets is not None else None
     top_ids = torch.empty((n, k), dtype=torch.int64, device=device) if k else None
     top_logits = torch.empty((n, k), dtype=dtype, device=device) if k else None
     rows_step = min(n, config.ROW_BLOCK) if n else 1
@@ -55,8 +61,8 @@ def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, wi
             c1 = min(vocab, c0 + cols_step)
             block_bias = bias[c0:c1] if bias is not None else None
             z = logits_into(view(flat, h.shape[0], c1 - c0), h, weight[c0:c1], block_bias)
-            if temperature != 1.0:  # before the top-k: its ties are those of the scaled logits
-                z /= temperature
+            for sub in sub_blocks(z.shape[0], c1 - c0, size):  # before the top-k: its ties are the logits'
+                to_logits_(z[sub], head)
             if targets is not None:
                 local = targets[rows] - c0
                 inside = (local >= 0) & (local < c1 - c0)
@@ -84,9 +90,9 @@ def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, wi
                 if with_mean_logit:
                     ez_sum[sub] += torch.linalg.vecdot(e, z_sub)[:, None]
                 m[sub] = m_new
-        lse[rows] = (m + e_sum.log()).squeeze(-1)
+        lse[rows] = (m.to(lse_dtype) + e_sum.log().to(lse_dtype)).squeeze(-1)
         if with_mean_logit:
-            mean_logit[rows] = (m + ez_sum / e_sum).squeeze(-1)
+            mean_logit[rows] = (m.to(lse_dtype) + (ez_sum / e_sum).to(lse_dtype)).squeeze(-1)
         if k:
             top_logits[rows], top_ids[rows] = run_values, run_ids
     return RowStats(lse, mean_logit, target_logit, top_ids, top_logits)

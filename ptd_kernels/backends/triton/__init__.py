@@ -17,14 +17,14 @@ class TritonBackend(Backend):
 
     name = "triton"
 
-    def row_stats(self, head, *, targets=None, k=0, with_mean_logit=True):
+    def row_stats(self, head, *, targets=None, k=0, with_mean_logit=True, lse_dtype=None):
         from . import row_stats
 
         if k > row_stats.MAX_K:  # beyond the register top-k: the chunked path does the same sweep
             from ..torch.row_stats import row_stats as torch_row_stats
 
-            return torch_row_stats(head, targets=targets, k=k, with_mean_logit=with_mean_logit)
-        return row_stats.row_stats(head, targets=targets, k=k, with_mean_logit=with_mean_logit)
+            return torch_row_stats(head, targets=targets, k=k, with_mean_logit=with_mean_logit, lse_dtype=lse_dtype)
+        return row_stats.row_stats(head, targets=targets, k=k, with_mean_logit=with_mean_logit, lse_dtype=lse_dtype)
 
     def head_backward(self, head, lse, coefs, needs):
         from . import head_backward

@@ -2,13 +2,14 @@
 
 Math (SPEC §2; every loss of the library reduces to it). With the student logits
 
-    z[n, v] = (hidden[n] · weight[v] + bias[v]) / τ,        p[n, v] = exp(z[n, v] − lse[n])
+    a[n, v] = hidden[n] · weight[v] + bias[v],   z[n, v] = cap_c(s · a[n, v]) / τ,   p[n, v] = exp(z[n, v] − lse[n])
 
 and the per-row coefficients of ``HeadGradCoefs``,
 
     dz[n, v] = p[n, v] · (row_coef[n] + logit_coef[n] · (z[n, v] − logit_shift[n])) + target_coef[n] · [v = targets[n]]
                + Σ_m sparse_coef[n, m] · [v = sparse_ids[n, m]]
-    grad_hidden = dz @ weight / τ,   grad_weight = dzᵀ @ hidden / τ,   grad_bias = Σ_n dz[n, :] / τ.
+    da = dz · ∂z/∂a = dz · (1 − tanh²(s·a/c)) · s/τ        (dz · s/τ without a cap)
+    grad_hidden = da @ weight,   grad_weight = daᵀ @ hidden,   grad_bias = Σ_n da[n, :].
 
 How: one program per (BLOCK_N rows × BLOCK_V vocabulary) tile. It recomputes the logits tile
 (``tiles.logits_tile``), forms dz in registers, then atomically adds dz @ weight-tile into a
@@ -31,9 +32,9 @@ import triton
 import triton.language as tl
 
 from ..base import ALL_GRADS, GradNeeds, Head, HeadGradCoefs, HeadGrads
+from ..sparse_layout import pad_sparse
 from . import _launch
-from .sparse_layout import pad_sparse
-from .tiles import accumulate_head_grads, add_sparse_terms, logits_tile, tile_ids
+from .tiles import accumulate_head_grads, add_sparse_terms, logits_tile, tile_ids, to_logits
 
 
 @triton.jit
@@ -44,7 +45,8 @@ def _head_backward_kernel(
     gx_ptr, gw_ptr, gb_ptr,
     N, V, H, M, search_steps,
     stride_xn, stride_xh, stride_wv, stride_wh,
-    HAS_BIAS: tl.constexpr, HAS_LOGIT_COEF: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_SPARSE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_LOGIT_COEF: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    HAS_SPARSE: tl.constexpr,
     NEED_X_GRAD: tl.constexpr, NEED_W_GRAD: tl.constexpr, NEED_B_GRAD: tl.constexpr,
     DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
@@ -55,11 +57,11 @@ def _head_backward_kernel(
     offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_v < V
-    inv_tau = tl.load(scalars_ptr)
 
-    z, _ = logits_tile(x_ptr, w_ptr, b_ptr, inv_tau, offs_n, offs_v, mask_n, mask_v, H,
+    a, _ = logits_tile(x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
                        stride_xn, stride_xh, stride_wv, stride_wh, x_ptr, b_ptr, 0, 0,
                        HAS_BIAS, False, False, DOT_UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    z, t = to_logits(a, scalars_ptr, HAS_CAP)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     # Padding rows/columns have finite but meaningless z (exp(bias/τ) may even overflow there):
     # give them log p = 0 here and zero their dz below, before any reduction.
@@ -77,7 +79,9 @@ def _head_backward_kernel(
     if HAS_SPARSE:
         dz = add_sparse_terms(dz, sparse_ids_ptr, sparse_coef_ptr, offs_n, offs_v, mask_n,
                               pid_v.to(tl.int64) * BLOCK_V, M, search_steps, BLOCK_N, BLOCK_V)
-    dz = tl.where(valid, dz * inv_tau, 0.0)
+    if HAS_CAP:  # ∂z/∂a = (1 − t²)·s/τ
+        dz = dz * (1.0 - t * t)
+    dz = tl.where(valid, dz * tl.load(scalars_ptr), 0.0)
 
     accumulate_head_grads(dz, x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr,
                           offs_n, offs_v, mask_n, mask_v, H,
@@ -133,7 +137,7 @@ def head_backward(
     def vec(t):
         return t.to(acc_dtype).contiguous()
 
-    scalars = torch.tensor([1.0 / float(head.temperature)], dtype=acc_dtype, device=device)
+    scalars = torch.tensor(head.transform_scalars(), dtype=acc_dtype, device=device)
     dummy = scalars  # stands in for absent optional pointers (never read: constexpr flags)
     padded = pad_sparse(n, v, coefs.sparse, acc_dtype)
     sparse_ids, sparse_coef = padded if padded is not None else (dummy, dummy)
@@ -154,7 +158,7 @@ def head_backward(
         grads.bias if grads.bias is not None else dummy,
         n, v, h, m, m.bit_length(),
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, HAS_LOGIT_COEF=coefs.logit_coef is not None,
+        HAS_BIAS=bias is not None, HAS_CAP=head.softcap is not None, HAS_LOGIT_COEF=coefs.logit_coef is not None,
         HAS_TARGETS=coefs.targets is not None, HAS_SPARSE=padded is not None,
         NEED_X_GRAD=needs.hidden, NEED_W_GRAD=needs.weight, NEED_B_GRAD=needs.bias,
         **_launch.dot_meta(hidden.dtype),

@@ -1,14 +1,15 @@
 """Full-vocabulary generalized JSD fused with both output layers: a forward and a backward sweep.
 
-Math (SPEC §2). Student z = (hidden @ weightᵀ + bias)/τ, teacher z' = (teacher_hidden @
-teacher_weightᵀ + teacher_bias)/τ (H' may differ from H; the teacher gets no gradient). With
+Math (SPEC §2). Student z = cap_c(s·(hidden @ weightᵀ + bias))/τ, teacher z' = cap_c'(s'·(teacher_hidden @
+teacher_weightᵀ + teacher_bias))/τ (H' may differ from H; the teacher gets no gradient). With
 logp = z − lse and logq = z' − teacher_lse (both lse from ``row_stats`` first, in float64 so that
 z − lse is exact before it is rounded), each vocabulary entry gives
 ``(d, w) = jsd_pointwise(logp, logq, β)`` (``_math.py``, the twin of ``rowmath.jsd_pointwise``), and
 
     forward:   value[n] = Σ_v d[n, v],   w_sum[n] = Σ_v w[n, v]
     backward:  dz[n, v] = grad[n] · (w[n, v] − p[n, v] · w_sum[n]),   p = exp(logp)
-               grad_hidden = dz @ weight / τ,  grad_weight = dzᵀ @ hidden / τ,  grad_bias = Σ_n dz / τ.
+               da = dz · ∂z/∂a (see head_backward),  grad_hidden = da @ weight,  grad_weight = daᵀ @ hidden,
+               grad_bias = Σ_n da.
 
 How: both sweeps launch one program per (BLOCK_N rows × BLOCK_V vocabulary) tile, which
 recomputes the student and teacher logits tiles (``tiles.logits_tile``). The forward atomically
@@ -31,7 +32,7 @@ from ..base import ALL_GRADS, GradNeeds, Head, HeadGrads, JSDStats
 from . import _launch
 from ._math import beta_case, jsd_pointwise
 from .row_stats import row_stats
-from .tiles import accumulate_head_grads, logits_tile, tile_ids
+from .tiles import accumulate_head_grads, logits_tile, tile_ids, to_logits
 
 
 @triton.jit
@@ -41,6 +42,7 @@ def _jsd_tile(
     stride_xn, stride_xh, stride_wv, stride_wh,
     stride_txn, stride_txh, stride_twv, stride_twh,
     HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr, SHARED_WEIGHT: tl.constexpr, BETA_CASE: tl.constexpr,
+    HAS_CAP: tl.constexpr, T_HAS_CAP: tl.constexpr,
     DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr, T_DOT_UPCAST: tl.constexpr, T_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -51,23 +53,25 @@ def _jsd_tile(
     offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_v < V
-    # scalars = [1/τ, β, log β, log(1 − β)] in the accumulator dtype (exact for float64 inputs).
-    inv_tau = tl.load(scalars_ptr)
-    beta = tl.load(scalars_ptr + 1)
-    log_beta = tl.load(scalars_ptr + 2)
-    log1m_beta = tl.load(scalars_ptr + 3)
+    # scalars = [β, log β, log(1 − β), then each side's logit transform (s/τ, s/c, c/τ)] in the
+    # accumulator dtype (exact for float64 inputs).
+    beta = tl.load(scalars_ptr)
+    log_beta = tl.load(scalars_ptr + 1)
+    log1m_beta = tl.load(scalars_ptr + 2)
 
     if SHARED_WEIGHT:
-        z, zt = logits_tile(x_ptr, w_ptr, b_ptr, inv_tau, offs_n, offs_v, mask_n, mask_v, H,
+        a, ta = logits_tile(x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
                             stride_xn, stride_xh, stride_wv, stride_wh, tx_ptr, tb_ptr, stride_txn, stride_txh,
                             HAS_BIAS, HAS_TEACHER_BIAS, True, DOT_UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
     else:
-        z, _ = logits_tile(x_ptr, w_ptr, b_ptr, inv_tau, offs_n, offs_v, mask_n, mask_v, H,
+        a, _ = logits_tile(x_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H,
                            stride_xn, stride_xh, stride_wv, stride_wh, x_ptr, b_ptr, 0, 0,
                            HAS_BIAS, False, False, DOT_UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        zt, _ = logits_tile(tx_ptr, tw_ptr, tb_ptr, inv_tau, offs_n, offs_v, mask_n, mask_v, TH,
+        ta, _ = logits_tile(tx_ptr, tw_ptr, tb_ptr, offs_n, offs_v, mask_n, mask_v, TH,
                             stride_txn, stride_txh, stride_twv, stride_twh, tx_ptr, tb_ptr, 0, 0,
                             HAS_TEACHER_BIAS, False, False, T_DOT_UPCAST, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    z, t = to_logits(a, scalars_ptr + 3, HAS_CAP)
+    zt, _ = to_logits(ta.to(a.dtype), scalars_ptr + 6, T_HAS_CAP)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     t_lse = tl.load(t_lse_ptr + offs_n, mask=mask_n, other=0.0)
     # Padding rows/columns have finite but meaningless logits (exp(bias/τ) may even overflow
@@ -80,7 +84,7 @@ def _jsd_tile(
     d, w = jsd_pointwise(logp, logq, beta, log_beta, log1m_beta, BETA_CASE)
     d = tl.where(valid, d, 0.0)
     w = tl.where(valid, w, 0.0)
-    return offs_n, offs_v, mask_n, mask_v, valid, logp, d, w
+    return offs_n, offs_v, mask_n, mask_v, valid, logp, t, d, w
 
 
 @triton.jit
@@ -91,15 +95,16 @@ def _jsd_forward_kernel(
     stride_xn, stride_xh, stride_wv, stride_wh,
     stride_txn, stride_txh, stride_twv, stride_twh,
     HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr, SHARED_WEIGHT: tl.constexpr, BETA_CASE: tl.constexpr,
+    HAS_CAP: tl.constexpr, T_HAS_CAP: tl.constexpr,
     DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr, T_DOT_UPCAST: tl.constexpr, T_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    offs_n, offs_v, mask_n, mask_v, valid, logp, d, w = _jsd_tile(
+    offs_n, offs_v, mask_n, mask_v, valid, logp, t, d, w = _jsd_tile(
         x_ptr, w_ptr, b_ptr, tx_ptr, tw_ptr, tb_ptr, scalars_ptr, lse_ptr, t_lse_ptr,
         N, V, H, TH,
         stride_xn, stride_xh, stride_wv, stride_wh,
         stride_txn, stride_txh, stride_twv, stride_twh,
-        HAS_BIAS, HAS_TEACHER_BIAS, SHARED_WEIGHT, BETA_CASE,
+        HAS_BIAS, HAS_TEACHER_BIAS, SHARED_WEIGHT, BETA_CASE, HAS_CAP, T_HAS_CAP,
         DOT_UPCAST, PRECISION, T_DOT_UPCAST, T_PRECISION,
         BLOCK_N, BLOCK_V, BLOCK_H, GROUP_N)
     tl.atomic_add(value_ptr + offs_n, tl.sum(d, axis=1), mask=mask_n, sem="relaxed")
@@ -114,24 +119,26 @@ def _jsd_backward_kernel(
     stride_xn, stride_xh, stride_wv, stride_wh,
     stride_txn, stride_txh, stride_twv, stride_twh,
     HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr, SHARED_WEIGHT: tl.constexpr, BETA_CASE: tl.constexpr,
+    HAS_CAP: tl.constexpr, T_HAS_CAP: tl.constexpr,
     NEED_X_GRAD: tl.constexpr, NEED_W_GRAD: tl.constexpr, NEED_B_GRAD: tl.constexpr,
     DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr, T_DOT_UPCAST: tl.constexpr, T_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    offs_n, offs_v, mask_n, mask_v, valid, logp, d, w = _jsd_tile(
+    offs_n, offs_v, mask_n, mask_v, valid, logp, t, d, w = _jsd_tile(
         x_ptr, w_ptr, b_ptr, tx_ptr, tw_ptr, tb_ptr, scalars_ptr, lse_ptr, t_lse_ptr,
         N, V, H, TH,
         stride_xn, stride_xh, stride_wv, stride_wh,
         stride_txn, stride_txh, stride_twv, stride_twh,
-        HAS_BIAS, HAS_TEACHER_BIAS, SHARED_WEIGHT, BETA_CASE,
+        HAS_BIAS, HAS_TEACHER_BIAS, SHARED_WEIGHT, BETA_CASE, HAS_CAP, T_HAS_CAP,
         DOT_UPCAST, PRECISION, T_DOT_UPCAST, T_PRECISION,
         BLOCK_N, BLOCK_V, BLOCK_H, GROUP_N)
-    inv_tau = tl.load(scalars_ptr)
     w_sum = tl.load(w_sum_ptr + offs_n, mask=mask_n, other=0.0)
     grad = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0)
-    # ∂D/∂z_v = w_v − p_v·Σw (softmax chain rule); then the 1/τ of z = (·)/τ.
+    # ∂D/∂z_v = w_v − p_v·Σw (softmax chain rule); then ∂z/∂a = (1 − t²)·s/τ (s/τ without a cap).
     dz = grad[:, None] * (w - tl.exp(logp) * w_sum[:, None])
-    dz = tl.where(valid, dz * inv_tau, 0.0)
+    if HAS_CAP:
+        dz = dz * (1.0 - t * t)
+    dz = tl.where(valid, dz * tl.load(scalars_ptr + 3), 0.0)
     accumulate_head_grads(dz, x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr,
                           offs_n, offs_v, mask_n, mask_v, H,
                           stride_xn, stride_xh, stride_wv, stride_wh,
@@ -165,7 +172,8 @@ def _prepare(student: Head, teacher: Head, beta, lse, teacher_lse, block_n, bloc
     # log β and log(1 − β) in double precision on the host; only the mixture case reads them.
     log_beta = math.log(beta) if beta > 0.0 else 0.0
     log1m_beta = math.log1p(-beta) if beta < 1.0 else 0.0
-    scalars = torch.tensor([1.0 / student.temperature, beta, log_beta, log1m_beta], dtype=acc_dtype, device=device)
+    scalars = torch.tensor([beta, log_beta, log1m_beta, *student.transform_scalars(), *teacher.transform_scalars()],
+                           dtype=acc_dtype, device=device)
     # Tiles fit the larger of the two operand footprints.
     wide = torch.float64 if torch.float64 in (hidden.dtype, teacher_hidden.dtype) else hidden.dtype
     bn, bv, bh, warps = _launch.resolve_tiles(wide, block_n, block_v, block_h)
@@ -180,7 +188,8 @@ def _prepare(student: Head, teacher: Head, beta, lse, teacher_lse, block_n, bloc
     )
     meta = dict(
         HAS_BIAS=student.bias is not None, HAS_TEACHER_BIAS=teacher.bias is not None, SHARED_WEIGHT=shared,
-        BETA_CASE=beta_case(beta), **_launch.dot_meta(hidden.dtype), **_launch.dot_meta(teacher_hidden.dtype, "T_"),
+        BETA_CASE=beta_case(beta), HAS_CAP=student.softcap is not None, T_HAS_CAP=teacher.softcap is not None,
+        **_launch.dot_meta(hidden.dtype), **_launch.dot_meta(teacher_hidden.dtype, "T_"),
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, GROUP_N=_launch.GROUP_N, num_warps=warps,
     )
     grid = (triton.cdiv(n, bn) * triton.cdiv(v, bv),)
@@ -210,10 +219,15 @@ def jsd_forward(
 
     Returns JSDStats with value and w_sum in float32 (float64 when hidden is float64).
     """
+    # The logsumexps come from the JSD kernels' own tiles: at large logits (|z| ~ 1e5 at τ = 1e-4) a
+    # tile of another shape rounds z differently by more than the divergence's own precision.
+    wide = torch.float64 if torch.float64 in (student.hidden.dtype, teacher.hidden.dtype) else student.hidden.dtype
+    bn, bv, bh, warps = _launch.resolve_tiles(wide, block_n, block_v, block_h)
+    tiles = dict(block_n=bn, block_v=bv, block_h=bh, num_warps=warps)
     if lse is None:
-        lse = row_stats(student, with_mean_logit=False, lse_dtype=torch.float64).lse
+        lse = row_stats(student, with_mean_logit=False, lse_dtype=torch.float64, **tiles).lse
     if teacher_lse is None:
-        teacher_lse = row_stats(teacher, with_mean_logit=False, lse_dtype=torch.float64).lse
+        teacher_lse = row_stats(teacher, with_mean_logit=False, lse_dtype=torch.float64, **tiles).lse
     n, v, acc_dtype, args, sizes, meta, grid = _prepare(student, teacher, beta, lse, teacher_lse,
                                                         block_n, block_v, block_h)
     value = torch.zeros(n, dtype=acc_dtype, device=student.hidden.device)

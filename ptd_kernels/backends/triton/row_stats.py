@@ -1,9 +1,9 @@
 """Forward sweep over the vocabulary: per-row log-sum-exp, mean logit, target logit and top-K.
 
-For rows n and vocabulary ids v, with hidden h [N, H], weight W [V, H], optional bias b [V]
-and temperature τ,
+For rows n and vocabulary ids v, with hidden h [N, H], weight W [V, H], optional bias b [V],
+logit scale s, optional soft-cap c and temperature τ,
 
-    z[n, v]        = (h[n] · W[v] + b[v]) / τ
+    z[n, v]        = cap_c(s · (h[n] · W[v] + b[v])) / τ
     lse[n]         = log Σ_v exp(z[n, v])
     mean_logit[n]  = Σ_v p[n, v] z[n, v],      p = softmax(z)     (entropy = lse − mean_logit)
     target_logit[n] = z[n, y[n]]
@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..base import Head, RowStats
 from . import _launch
-from .tiles import logits_tile
+from .tiles import logits_tile, to_logits
 
 MAX_K = 256  # largest k this kernel keeps in registers; the backend uses the torch path above it
 
@@ -93,6 +93,7 @@ def _row_stats_kernel(
     N, V, H, TILES_PER_SEG,
     stride_hn, stride_hh, stride_wv, stride_wh,
     HAS_BIAS: tl.constexpr,
+    HAS_CAP: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
     WITH_MEAN: tl.constexpr,
     TOPK: tl.constexpr,
@@ -113,7 +114,6 @@ def _row_stats_kernel(
     row_mask = rows < N
     rows64 = rows.to(tl.int64)  # int64 offsets: N·H and V·H may exceed 2^31
     offs_v = tl.arange(0, BLOCK_V)
-    inv_tau = tl.load(scalars_ptr)  # 1/τ in the accumulator dtype (a float arg would be float32)
 
     num_tiles = tl.cdiv(V, BLOCK_V)
     tile_lo = seg * TILES_PER_SEG
@@ -134,9 +134,10 @@ def _row_stats_kernel(
         cols = tile * BLOCK_V + offs_v
         col_mask = cols < V
         cols64 = cols.to(tl.int64)
-        z, _ = logits_tile(h_ptr, w_ptr, b_ptr, inv_tau, rows64, cols64, row_mask, col_mask, H,
+        a, _ = logits_tile(h_ptr, w_ptr, b_ptr, rows64, cols64, row_mask, col_mask, H,
                            stride_hn, stride_hh, stride_wv, stride_wh, h_ptr, b_ptr, 0, 0,
                            HAS_BIAS, False, False, DOT_UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        z, _ = to_logits(a, scalars_ptr, HAS_CAP)
 
         # Online logsumexp. Masked columns are −inf so they add exp(−inf) = 0; NaN propagates to s.
         z_lse = tl.where(col_mask[None, :], z, float("-inf"))
@@ -224,6 +225,7 @@ def row_stats(
     block_h: int | None = None,
     num_segments: int | None = None,
     topk_merge: str | None = None,
+    num_warps: int | None = None,
 ) -> RowStats:
     """One sweep over the vocabulary per row block: lse, mean logit, target logit, top-k (``Backend.row_stats``).
 
@@ -235,7 +237,8 @@ def row_stats(
         with_mean_logit: also return Σ_v p_v z_v (needed for the entropy).
         lse_dtype: dtype of the returned lse (default: the accumulator's); float64 makes z − lse
             exact for callers that normalize logits by it (the JSD kernels).
-        block_n, block_v, block_h, num_segments: tuning overrides (tests use small tiles).
+        block_n, block_v, block_h, num_segments, num_warps: tuning overrides (tests use small tiles;
+            the JSD forward passes its own tiles, so that both sweeps round the logits alike).
         topk_merge: "bitonic" (sorting network, the GPU path) or "rank" (whole-array ranking,
             the default under the interpreter, where the sorting network is very slow).
 
@@ -273,7 +276,8 @@ def row_stats(
         )
 
     k_pad = max(2, triton.next_power_of_2(k)) if k else 0
-    d_n, d_v, d_h, num_warps = _default_tiles(k_pad)
+    d_n, d_v, d_h, d_warps = _default_tiles(k_pad)
+    num_warps = num_warps or d_warps
     # Few rows: a smaller row block wastes less of the tile (16 is tl.dot's minimum on a GPU).
     block_n = block_n or min(d_n, max(16, triton.next_power_of_2(n)))
     block_v = max(block_v or d_v, k_pad)  # a tile must hold K_PAD candidates
@@ -291,7 +295,8 @@ def row_stats(
     part_s = torch.empty_like(part_m)
     part_t = torch.empty_like(part_m) if with_mean_logit else part_m
     part_keys = torch.empty(n, num_seg, k_pad, dtype=torch.int64, device=device) if k else part_m
-    scalars = torch.full((1,), 1.0 / float(head.temperature), dtype=acc_dtype, device=device)
+    # the logit transform's scalars in the accumulator dtype (a float argument would be float32)
+    scalars = torch.tensor(head.transform_scalars(), dtype=acc_dtype, device=device)
 
     _row_stats_kernel[(row_blocks, num_seg)](
         hidden, weight, bias if bias is not None else hidden, scalars,
@@ -300,6 +305,7 @@ def row_stats(
         n, v, hdim, tiles_per_seg,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None,
+        HAS_CAP=head.softcap is not None,
         HAS_TARGETS=targets is not None,
         WITH_MEAN=with_mean_logit,
         TOPK=k > 0,

@@ -1,8 +1,8 @@
 """``@triton.jit`` helpers shared by the output-layer kernels (``row_stats``, ``head_backward``, ``jsd``).
 
 - ``tile_ids``: the (row tile, vocabulary tile) of a program, grouped for weight-tile reuse in L2;
-- ``logits_tile``: the one logits tile z = (x @ wᵀ + b)·(1/τ) of every kernel — and, for a shared
-  output layer, a second side's tile from the same weight loads;
+- ``logits_tile``: the one tile a = x @ wᵀ + b of every kernel — and, for a shared output layer, a
+  second side's tile from the same weight loads; ``to_logits`` turns it into z = cap_c(s·a)/τ;
 - ``accumulate_head_grads``: dz @ w, dzᵀ @ x and Σ dz, atomically added into the gradients;
 - ``add_sparse_terms``: the few per-row sparse terms of ∂L/∂z added into a dz tile.
 
@@ -32,7 +32,7 @@ def tile_ids(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.con
 
 @triton.jit
 def logits_tile(
-    x_ptr, w_ptr, b_ptr, inv_tau,
+    x_ptr, w_ptr, b_ptr,
     offs_n, offs_v, mask_n, mask_v, K,
     stride_xn, stride_xk, stride_wv, stride_wk,
     tx_ptr, tb_ptr, stride_txn, stride_txk,
@@ -40,12 +40,13 @@ def logits_tile(
     DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """z = (x[offs_n] @ w[offs_v]ᵀ + b[offs_v])·inv_tau as a [BLOCK_N, BLOCK_V] tile in inv_tau's dtype.
+    """a = x[offs_n] @ w[offs_v]ᵀ + b[offs_v] as a [BLOCK_N, BLOCK_V] tile in the accumulator dtype
+    (float64 for float64 operands, else float32).
 
-    With ``PAIR`` also zt = (tx[offs_n] @ w[offs_v]ᵀ + tb[offs_v])·inv_tau from the same weight
-    loads (a shared output layer: tx has x's dtype and K); without it, zt is z and the ``t*``
-    arguments are not read. Returns (z, zt). Out-of-range rows/columns come out finite (their
-    operands load as 0); callers mask them.
+    With ``PAIR`` also ta = tx[offs_n] @ w[offs_v]ᵀ + tb[offs_v] from the same weight loads (a shared
+    output layer: tx has x's dtype and K); without it, ta is a and the ``t*`` arguments are not read.
+    Returns (a, ta). Out-of-range rows/columns come out finite (their operands load as 0); callers
+    mask them.
     """
     # tl.dot accumulates float64 operands in float64 and everything else in float32.
     if x_ptr.dtype.element_ty == tl.float64:
@@ -72,17 +73,45 @@ def logits_tile(
             if DOT_UPCAST:
                 tx = tx.to(tl.float32)
             t_acc = tl.dot(tx, wt, t_acc, input_precision=PRECISION)
-    z = acc.to(inv_tau.dtype)
     if HAS_BIAS:
-        z = z + tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(inv_tau.dtype)[None, :]
-    z = z * inv_tau
-    zt = z
+        acc = acc + tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(acc.dtype)[None, :]
     if PAIR:
-        zt = t_acc.to(inv_tau.dtype)
         if HAS_TEACHER_BIAS:
-            zt = zt + tl.load(tb_ptr + offs_v, mask=mask_v, other=0.0).to(inv_tau.dtype)[None, :]
-        zt = zt * inv_tau
-    return z, zt
+            t_acc = t_acc + tl.load(tb_ptr + offs_v, mask=mask_v, other=0.0).to(t_acc.dtype)[None, :]
+    else:
+        t_acc = acc
+    return acc, t_acc
+
+
+@triton.jit
+def tanh(x):
+    """tanh(x) to float rounding in x's dtype (the interpreter has no libdevice).
+
+    Away from 0: sign(x)·(1 − e)/(1 + e) with e = exp(−2|x|) (no overflow). Near 0, in float32,
+    the odd series to x⁹ (relative error < 1e-8 below |x| = 1/4), where 1 − e would cancel; float64
+    keeps the quotient (its absolute error, ~1e-16, is all a logit needs).
+    """
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(x < 0, -t, t)
+    if x.dtype != tl.float64:
+        x2 = x * x
+        small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+        t = tl.where(tl.abs(x) < 0.25, small, t)
+    return t
+
+
+@triton.jit
+def to_logits(a, transform_ptr, HAS_CAP: tl.constexpr):
+    """z = cap_c(s·a)/τ from a = x·w + b, with ``transform_ptr`` → [s/τ, s/c, c/τ] (``Head.transform_scalars``)
+    in a's dtype. Returns (z, t): t = tanh(s·a/c) with a cap (∂z/∂a = (1 − t²)·s/τ), else z."""
+    if HAS_CAP:
+        t = tanh(a * tl.load(transform_ptr + 1))
+        z = t * tl.load(transform_ptr + 2)
+    else:
+        z = a * tl.load(transform_ptr)
+        t = z
+    return z, t
 
 
 @triton.jit

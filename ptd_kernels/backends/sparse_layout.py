@@ -1,15 +1,16 @@
-"""The layout of sparse ∂L/∂z terms for the Triton backward: one sorted, padded array per row.
+"""The layout of sparse ∂L/∂z terms for the backward sweeps: one sorted, padded array per row.
 
-The backward kernels add a row's few sparse terms (target one-hots, Top-K support corrections)
-into their dz tiles; each tile binary-searches its column range in the row's sorted ids
-(``tiles.add_sparse_terms``), so the terms of all ``SparseTerms`` triples are merged first.
+Both backends add a row's few sparse terms (target one-hots, Top-K support corrections) into their
+dz tiles or blocks; the terms of all ``SparseTerms`` triples are merged first, so that a tile (or a
+block of rows) finds its terms by row, and a Triton tile binary-searches its column range in the
+row's sorted ids (``triton/tiles.add_sparse_terms``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..base import SparseTerms
+from .base import SparseTerms
 
 
 def pad_sparse(n: int, vocab: int, sparse: tuple[SparseTerms, ...], dtype: torch.dtype):
