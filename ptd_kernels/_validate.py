@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
@@ -127,7 +128,7 @@ def check_softcap(name: str, softcap) -> float | None:
 
 def check_bool(name: str, flag) -> bool:
     """True/False (Python or NumPy); a string or a number is a mistake, not a truth value."""
-    if isinstance(flag, bool) or type(flag).__name__ == "bool_":
+    if isinstance(flag, (bool, np.bool_)):
         return bool(flag)
     raise TypeError(f"{name} must be True or False, got {flag!r}")
 

@@ -25,9 +25,10 @@ def logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, with_entrop
     V.check_backend(backend)
     n, vocab = V.check_logits("logits", logits)
     temperature = V.check_temperature(temperature)
-    V.check_targets(targets, n, vocab, ignore_index, logits.device)
+    targets = V.check_targets(targets, n, vocab, ignore_index, logits.device)
+    with_entropy = V.check_bool("with_entropy", with_entropy)
     index = live_index(targets != ignore_index)
-    logp, entropy = A.LogProbs.apply(logits, take(targets.long(), index), temperature, index)
+    logp, entropy = A.LogProbs.apply(logits, take(targets, index), temperature, index)
     logp, entropy = put(logp, index, n), put(entropy, index, n)
     return (logp, entropy) if with_entropy else logp
 
@@ -51,10 +52,10 @@ def topk_jsd(logits, teacher_logits, k, *, beta=0.5, support="union", tail=True,
              backend="auto"):
     """Top-K JSD_β with tail compensation (SPEC §2) per row [N] on given logits; K ≥ V gives the full JSD."""
     n, vocab, temperature, beta, index = _check_pair(logits, teacher_logits, mask, temperature, beta, backend)
-    k, support = V.check_k(k), V.check_support(support)
+    k, support, tail = V.check_k(k), V.check_support(support), V.check_bool("tail", tail)
     if k >= vocab:
         return jsd(logits, teacher_logits, beta=beta, temperature=temperature, mask=mask, backend=backend)
-    cfg = LogitsDivergenceConfig(temperature, DivergenceSpec(beta, k, support, bool(tail)))
+    cfg = LogitsDivergenceConfig(temperature, DivergenceSpec(beta, k, support, V.check_bool("tail", tail)))
     return put(A.TopKJSD.apply(logits, teacher_logits.detach(), cfg, index), index, n)
 
 
@@ -72,4 +73,8 @@ def topk_overlap(indices_a, indices_b, *, backend="auto"):
                          "[N, k] tensors of the same shape")
     if indices_a.device != indices_b.device:
         raise ValueError(f"indices_b is on {indices_b.device} but indices_a is on {indices_a.device}")
+    for name, t in (("indices_a", indices_a), ("indices_b", indices_b)):
+        ordered = t.long().sort(dim=-1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError(f"{name} repeats an id within a row: the overlap is defined for sets of distinct ids")
     return rowmath.overlap_fraction(indices_a.long(), indices_b.long())

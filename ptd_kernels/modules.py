@@ -3,7 +3,7 @@
 They take the output-layer weight at call time, so they work with any model's ``lm_head``
 (tied or not) without copying it, and they check their configuration when constructed::
 
-    loss_fn = LinearTopKJSDLoss(k=100, beta=0.5)
+    loss_fn = LinearTopKJSDLoss(k=100, beta=0.5, softcap=30.0)   # a Gemma-2 student
     loss = loss_fn(student_hidden, model.lm_head.weight, teacher_hidden, ref_model.lm_head.weight)
 """
 
@@ -24,86 +24,95 @@ class _Wrapper(torch.nn.Module):
 
     _fields: tuple[str, ...] = ()
 
+    def _configure(self, *, temperature, backend, logit_scale, softcap, teacher=None, **fields):
+        """Check and store the configuration; ``teacher`` = (teacher_logit_scale, teacher_softcap) or None."""
+        V.check_backend(backend)
+        self.temperature, self.backend = V.check_temperature(temperature), backend
+        self.logit_scale = V.check_logit_scale("logit_scale", logit_scale)
+        self.softcap = V.check_softcap("softcap", softcap)
+        transforms = ("logit_scale", "softcap")
+        if teacher is not None:
+            self.teacher_logit_scale = V.check_logit_scale("teacher_logit_scale", teacher[0])
+            self.teacher_softcap = V.check_softcap("teacher_softcap", teacher[1])
+            transforms += ("teacher_logit_scale", "teacher_softcap")
+        for name, value in fields.items():
+            setattr(self, name, value)
+        self._fields = (*fields, "temperature", *transforms, "backend")
+
+    def _kwargs(self, *names) -> dict:
+        return {name: getattr(self, name) for name in names}
+
+    def _transforms(self) -> dict:
+        return {name: getattr(self, name) for name in self._fields if "logit_scale" in name or "softcap" in name}
+
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
-
-
-def _check_common(temperature, backend) -> float:
-    V.check_backend(backend)
-    return V.check_temperature(temperature)
 
 
 class LinearLogprobs(_Wrapper):
     """``linear_logprobs`` as a module: (hidden, weight, targets[, bias]) → logp (and entropy)."""
 
-    _fields = ("temperature", "ignore_index", "with_entropy", "backend")
-
-    def __init__(self, *, temperature=1.0, ignore_index=-100, with_entropy=False, backend="auto"):
+    def __init__(self, *, temperature=1.0, ignore_index=-100, with_entropy=False, logit_scale=1.0, softcap=None,
+                 backend="auto"):
         super().__init__()
-        self.temperature = _check_common(temperature, backend)
-        self.ignore_index = V.check_ignore_index(ignore_index)
-        self.with_entropy, self.backend = bool(with_entropy), backend
+        self._configure(temperature=temperature, backend=backend, logit_scale=logit_scale, softcap=softcap,
+                        ignore_index=V.check_ignore_index(ignore_index),
+                        with_entropy=V.check_bool("with_entropy", with_entropy))
 
     def forward(self, hidden, weight, targets, bias=None):
-        return F.linear_logprobs(hidden, weight, targets, bias=bias, temperature=self.temperature,
-                                 ignore_index=self.ignore_index, with_entropy=self.with_entropy,
-                                 backend=self.backend)
+        return F.linear_logprobs(hidden, weight, targets, bias=bias, **self._transforms(),
+                                 **self._kwargs("temperature", "ignore_index", "with_entropy", "backend"))
 
 
 class LinearPTDTerms(_Wrapper):
     """``linear_ptd_terms`` as a module: one sweep per side → PTDTerms(logp, entropy, jsd, overlap)."""
 
-    _fields = ("k", "beta", "support", "tail", "temperature", "ignore_index", "backend")
-
     def __init__(self, k=100, *, beta=0.5, support="union", tail=True, temperature=1.0, ignore_index=-100,
-                 backend="auto"):
+                 logit_scale=1.0, softcap=None, teacher_logit_scale=1.0, teacher_softcap=None, backend="auto"):
         super().__init__()
-        self.temperature = _check_common(temperature, backend)
-        self.k, self.beta, self.support = V.check_k(k), V.check_beta(beta), V.check_support(support)
-        self.tail, self.ignore_index, self.backend = bool(tail), V.check_ignore_index(ignore_index), backend
+        self._configure(temperature=temperature, backend=backend, logit_scale=logit_scale, softcap=softcap,
+                        teacher=(teacher_logit_scale, teacher_softcap), k=V.check_k(k), beta=V.check_beta(beta),
+                        support=V.check_support(support), tail=V.check_bool("tail", tail),
+                        ignore_index=V.check_ignore_index(ignore_index))
 
     def forward(self, hidden, weight, targets, teacher_hidden, teacher_weight, *, bias=None, teacher_bias=None,
                 mask=None, jsd_mask=None):
-        return F.linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, self.k, beta=self.beta,
-                                  support=self.support, tail=self.tail, bias=bias, teacher_bias=teacher_bias,
-                                  temperature=self.temperature, ignore_index=self.ignore_index, mask=mask,
-                                  jsd_mask=jsd_mask, backend=self.backend)
+        return F.linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, self.k, bias=bias,
+                                  teacher_bias=teacher_bias, mask=mask, jsd_mask=jsd_mask, **self._transforms(),
+                                  **self._kwargs("beta", "support", "tail", "temperature", "ignore_index", "backend"))
 
 
 class LinearJSDLoss(_Wrapper):
     """``linear_jsd_loss`` as a module: Σ weights·JSD_β (default: mean over unmasked rows)."""
 
-    _fields = ("beta", "temperature", "backend")
-
-    def __init__(self, *, beta=0.5, temperature=1.0, backend="auto"):
+    def __init__(self, *, beta=0.5, temperature=1.0, logit_scale=1.0, softcap=None, teacher_logit_scale=1.0,
+                 teacher_softcap=None, backend="auto"):
         super().__init__()
-        self.temperature = _check_common(temperature, backend)
-        self.beta, self.backend = V.check_beta(beta), backend
+        self._configure(temperature=temperature, backend=backend, logit_scale=logit_scale, softcap=softcap,
+                        teacher=(teacher_logit_scale, teacher_softcap), beta=V.check_beta(beta))
 
     def forward(self, hidden, weight, teacher_hidden, teacher_weight, *, bias=None, teacher_bias=None, mask=None,
                 weights=None):
-        return F.linear_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, beta=self.beta, bias=bias,
-                                 teacher_bias=teacher_bias, temperature=self.temperature, mask=mask, weights=weights,
-                                 backend=self.backend)
+        return F.linear_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, bias=bias, teacher_bias=teacher_bias,
+                                 mask=mask, weights=weights, **self._transforms(),
+                                 **self._kwargs("beta", "temperature", "backend"))
 
 
 class LinearTopKJSDLoss(_Wrapper):
     """``linear_topk_jsd_loss`` as a module: PTD-PO's Top-K JSD with tail compensation, Σ weights·D_K."""
 
-    _fields = ("k", "beta", "support", "tail", "temperature", "backend")
-
-    def __init__(self, k=100, *, beta=0.5, support="union", tail=True, temperature=1.0, backend="auto"):
+    def __init__(self, k=100, *, beta=0.5, support="union", tail=True, temperature=1.0, logit_scale=1.0, softcap=None,
+                 teacher_logit_scale=1.0, teacher_softcap=None, backend="auto"):
         super().__init__()
-        self.temperature = _check_common(temperature, backend)
-        self.k, self.beta, self.support = V.check_k(k), V.check_beta(beta), V.check_support(support)
-        self.tail, self.backend = bool(tail), backend
+        self._configure(temperature=temperature, backend=backend, logit_scale=logit_scale, softcap=softcap,
+                        teacher=(teacher_logit_scale, teacher_softcap), k=V.check_k(k), beta=V.check_beta(beta),
+                        support=V.check_support(support), tail=V.check_bool("tail", tail))
 
     def forward(self, hidden, weight, teacher_hidden, teacher_weight, *, bias=None, teacher_bias=None, mask=None,
                 weights=None):
-        return F.linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, self.k, beta=self.beta,
-                                      support=self.support, tail=self.tail, bias=bias, teacher_bias=teacher_bias,
-                                      temperature=self.temperature, mask=mask, weights=weights,
-                                      backend=self.backend)
+        return F.linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, self.k, bias=bias,
+                                      teacher_bias=teacher_bias, mask=mask, weights=weights, **self._transforms(),
+                                      **self._kwargs("beta", "support", "tail", "temperature", "backend"))
 
 
 class PTDTopKJSDLoss(LinearTopKJSDLoss):

@@ -46,11 +46,19 @@ def _compute_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _logits(hidden, weight, bias, temperature, dtype):
+def _logits(hidden, weight, bias, temperature, dtype, logit_scale=1.0, softcap=None):
+    """z = cap_c(s · (hidden @ weightᵀ + bias)) / τ, cap_c(x) = c · tanh(x / c) (SPEC §2)."""
     z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         z = z + bias.to(dtype)
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     return z / temperature
+
+
+def _check_transform(logit_scale, softcap, prefix=""):
+    return (V.check_logit_scale(prefix + "logit_scale", logit_scale), V.check_softcap(prefix + "softcap", softcap))
 
 
 def _scatter_rows(values: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -119,7 +127,7 @@ def logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, with_entrop
     V.check_backend(backend)
     n, vocab = V.check_logits("logits", logits)
     temperature = V.check_temperature(temperature)
-    V.check_targets(targets, n, vocab, ignore_index, logits.device)
+    targets = V.check_targets(targets, n, vocab, ignore_index, logits.device)
     live = V.row_mask(n, logits.device, targets, ignore_index)
     dtype = _compute_dtype(logits)
     z = logits[live].to(dtype) / temperature
@@ -196,14 +204,14 @@ def topk_overlap(indices_a, indices_b, *, backend="auto"):
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100, with_entropy=False,
-                    backend="auto"):
+                    logit_scale=1.0, softcap=None, backend="auto"):
     """log p(target) (and entropy) of softmax((hidden @ weight.T + bias) / τ), materializing logits."""
     V.check_backend(backend)
     n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
-    V.check_targets(targets, n, vocab, ignore_index, hidden.device)
+    targets = V.check_targets(targets, n, vocab, ignore_index, hidden.device)
     live = V.row_mask(n, hidden.device, targets, ignore_index)
     dtype = _compute_dtype(hidden)
-    z = _logits(hidden[live], weight, bias, temperature, dtype)
+    z = _logits(hidden[live], weight, bias, temperature, dtype, *_check_transform(logit_scale, softcap))
     log_probs = torch.log_softmax(z, dim=-1)
     logp = _scatter_rows(log_probs.gather(1, targets[live].long()[:, None]).squeeze(1), live)
     if not with_entropy:
@@ -213,7 +221,8 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
 
 
 @torch.no_grad()
-def linear_topk(hidden, weight, k, *, bias=None, temperature=1.0, targets=None, ignore_index=-100, backend="auto"):
+def linear_topk(hidden, weight, k, *, bias=None, temperature=1.0, targets=None, ignore_index=-100, logit_scale=1.0,
+                softcap=None, backend="auto"):
     """Top-k ids, their log-probs, the row logsumexp and the targets' log-probs. No gradient."""
     V.check_backend(backend)
     n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
@@ -221,9 +230,9 @@ def linear_topk(hidden, weight, k, *, bias=None, temperature=1.0, targets=None, 
     if k > vocab:
         raise ValueError(f"k={k} exceeds the vocabulary size {vocab}")
     if targets is not None:
-        V.check_targets(targets, n, vocab, ignore_index, hidden.device)
+        targets = V.check_targets(targets, n, vocab, ignore_index, hidden.device)
     dtype = _compute_dtype(hidden)
-    z = _logits(hidden, weight, bias, temperature, dtype)
+    z = _logits(hidden, weight, bias, temperature, dtype, *_check_transform(logit_scale, softcap))
     lse = torch.logsumexp(z, dim=-1)
     ids = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :k]
     logprobs_k = z.gather(1, ids) - lse[:, None]
@@ -235,16 +244,26 @@ def linear_topk(hidden, weight, k, *, bias=None, temperature=1.0, targets=None, 
     return TopK(ids, logprobs_k, lse, target_logprobs)
 
 
-def _student_teacher_logits(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature, live):
+def _student_teacher_logits(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, temperature, live,
+                            transforms):
+    """Both sides' logits of the live rows; ``transforms`` = (s, c, s', c'), each side its own."""
+    logit_scale, softcap, teacher_logit_scale, teacher_softcap = transforms
     dtype = _compute_dtype(hidden, teacher_hidden)
-    z = _logits(hidden[live], weight, bias, temperature, dtype)
+    z = _logits(hidden[live], weight, bias, temperature, dtype, logit_scale, softcap)
     with torch.no_grad():
-        teacher_z = _logits(teacher_hidden[live], teacher_weight, teacher_bias, temperature, dtype)
+        teacher_z = _logits(teacher_hidden[live], teacher_weight, teacher_bias, temperature, dtype,
+                            teacher_logit_scale, teacher_softcap)
     return z, teacher_z
 
 
+def _check_transforms(logit_scale, softcap, teacher_logit_scale, teacher_softcap):
+    return (*_check_transform(logit_scale, softcap), *_check_transform(teacher_logit_scale, teacher_softcap,
+                                                                        "teacher_"))
+
+
 def linear_jsd(hidden, weight, teacher_hidden, teacher_weight, *, beta=0.5, bias=None, teacher_bias=None,
-               temperature=1.0, mask=None, backend="auto"):
+               temperature=1.0, mask=None, logit_scale=1.0, softcap=None, teacher_logit_scale=1.0,
+               teacher_softcap=None, backend="auto"):
     """Full-vocabulary JSD_β between the student and the (detached) teacher output layers, per row."""
     V.check_backend(backend)
     n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
@@ -253,13 +272,15 @@ def linear_jsd(hidden, weight, teacher_hidden, teacher_weight, *, beta=0.5, bias
     V.check_mask("mask", mask, n, hidden.device)
     live = V.row_mask(n, hidden.device, mask=mask)
     z, teacher_z = _student_teacher_logits(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
-                                           temperature, live)
+                                           temperature, live, _check_transforms(logit_scale, softcap,
+                                                                                teacher_logit_scale, teacher_softcap))
     value = _generalized_jsd(torch.log_softmax(z, -1), torch.log_softmax(teacher_z, -1), beta)
     return _scatter_rows(value, live)
 
 
 def linear_topk_jsd(hidden, weight, teacher_hidden, teacher_weight, k, *, beta=0.5, support="union", tail=True,
-                    bias=None, teacher_bias=None, temperature=1.0, mask=None, backend="auto"):
+                    bias=None, teacher_bias=None, temperature=1.0, mask=None, logit_scale=1.0, softcap=None,
+                    teacher_logit_scale=1.0, teacher_softcap=None, backend="auto"):
     """Top-K JSD with tail compensation between the student and the (detached) teacher, per row."""
     V.check_backend(backend)
     n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
@@ -268,13 +289,14 @@ def linear_topk_jsd(hidden, weight, teacher_hidden, teacher_weight, k, *, beta=0
     V.check_mask("mask", mask, n, hidden.device)
     live = V.row_mask(n, hidden.device, mask=mask)
     z, teacher_z = _student_teacher_logits(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
-                                           temperature, live)
+                                           temperature, live, _check_transforms(logit_scale, softcap,
+                                                                                teacher_logit_scale, teacher_softcap))
     value, _, _ = _topk_jsd_rows(z, teacher_z, k, beta, support, tail)
     return _scatter_rows(value, live)
 
 
 def linear_sparse_jsd(hidden, weight, teacher_indices, teacher_logprobs, *, beta=0.5, tail=True, bias=None,
-                      temperature=1.0, mask=None, backend="auto"):
+                      temperature=1.0, mask=None, logit_scale=1.0, softcap=None, backend="auto"):
     """Top-K JSD against a sparse teacher given as its top-K ids and log-probs (support = those ids)."""
     V.check_backend(backend)
     n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
@@ -283,7 +305,7 @@ def linear_sparse_jsd(hidden, weight, teacher_indices, teacher_logprobs, *, beta
     V.check_mask("mask", mask, n, hidden.device)
     live = V.row_mask(n, hidden.device, mask=mask)
     dtype = _compute_dtype(hidden)
-    z = _logits(hidden[live], weight, bias, temperature, dtype)
+    z = _logits(hidden[live], weight, bias, temperature, dtype, *_check_transform(logit_scale, softcap))
     ids = teacher_indices[live].long()
     given = teacher_logprobs[live].detach().to(dtype)
     in_support = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ids, True)
@@ -295,7 +317,8 @@ def linear_sparse_jsd(hidden, weight, teacher_indices, teacher_logprobs, *, beta
 
 def linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, k, *, beta=0.5, support="union",
                      tail=True, bias=None, teacher_bias=None, temperature=1.0, ignore_index=-100, mask=None,
-                     jsd_mask=None, backend="auto"):
+                     jsd_mask=None, logit_scale=1.0, softcap=None, teacher_logit_scale=1.0, teacher_softcap=None,
+                     backend="auto"):
     """(logp, entropy, jsd, overlap) per row, plus ``teacher_mass`` (Σ_S q) as an attribute.
 
     Rows with target == ignore_index or mask False: every output 0. Rows with jsd_mask False:
@@ -305,15 +328,18 @@ def linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, k,
     n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
     V.check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
     k, beta, support = V.check_k(k), V.check_beta(beta), V.check_support(support)
-    V.check_targets(targets, n, vocab, ignore_index, hidden.device)
+    targets = V.check_targets(targets, n, vocab, ignore_index, hidden.device)
     V.check_mask("mask", mask, n, hidden.device)
     V.check_mask("jsd_mask", jsd_mask, n, hidden.device)
     live = V.row_mask(n, hidden.device, targets, ignore_index, mask)
     logp, entropy = linear_logprobs(hidden, weight, torch.where(live, targets, ignore_index), bias=bias,
-                                    temperature=temperature, ignore_index=ignore_index, with_entropy=True)
+                                    temperature=temperature, ignore_index=ignore_index, with_entropy=True,
+                                    logit_scale=logit_scale, softcap=softcap)
     jsd_live = live if jsd_mask is None else live & jsd_mask
     z, teacher_z = _student_teacher_logits(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
-                                           temperature, jsd_live)
+                                           temperature, jsd_live, _check_transforms(logit_scale, softcap,
+                                                                                    teacher_logit_scale,
+                                                                                    teacher_softcap))
     value, overlap, teacher_mass = _topk_jsd_rows(z, teacher_z, k, beta, support, tail)
     return PTDTerms.build(logp, entropy, _scatter_rows(value, jsd_live), _scatter_rows(overlap.detach(), jsd_live),
                           _scatter_rows(teacher_mass.detach(), jsd_live))
@@ -327,18 +353,23 @@ def _weighted_sum(per_row, live, weights):
 
 
 def linear_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, *, beta=0.5, bias=None, teacher_bias=None,
-                    temperature=1.0, mask=None, weights=None, backend="auto"):
+                    temperature=1.0, mask=None, weights=None, logit_scale=1.0, softcap=None, teacher_logit_scale=1.0,
+                    teacher_softcap=None, backend="auto"):
     """Σ_n weights_n · JSD_n (default weights: 1 / number of unmasked rows)."""
     per_row = linear_jsd(hidden, weight, teacher_hidden, teacher_weight, beta=beta, bias=bias,
-                         teacher_bias=teacher_bias, temperature=temperature, mask=mask)
+                         teacher_bias=teacher_bias, temperature=temperature, mask=mask, logit_scale=logit_scale,
+                         softcap=softcap, teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
     V.check_weights(weights, hidden.shape[0], hidden.device)
     return _weighted_sum(per_row, V.row_mask(hidden.shape[0], hidden.device, mask=mask), weights)
 
 
 def linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, k, *, beta=0.5, support="union", tail=True,
-                         bias=None, teacher_bias=None, temperature=1.0, mask=None, weights=None, backend="auto"):
+                         bias=None, teacher_bias=None, temperature=1.0, mask=None, weights=None, logit_scale=1.0,
+                         softcap=None, teacher_logit_scale=1.0, teacher_softcap=None, backend="auto"):
     """Σ_n weights_n · D_K,n (default weights: 1 / number of unmasked rows)."""
     per_row = linear_topk_jsd(hidden, weight, teacher_hidden, teacher_weight, k, beta=beta, support=support,
-                              tail=tail, bias=bias, teacher_bias=teacher_bias, temperature=temperature, mask=mask)
+                              tail=tail, bias=bias, teacher_bias=teacher_bias, temperature=temperature, mask=mask,
+                              logit_scale=logit_scale, softcap=softcap, teacher_logit_scale=teacher_logit_scale,
+                              teacher_softcap=teacher_softcap)
     V.check_weights(weights, hidden.shape[0], hidden.device)
     return _weighted_sum(per_row, V.row_mask(hidden.shape[0], hidden.device, mask=mask), weights)

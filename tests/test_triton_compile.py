@@ -5,7 +5,7 @@ a construct that only the real lowering rejects (a loop bound it cannot type, a 
 a comparison, a tile that does not fit) would pass every CPU test and fail on the first GPU.
 Triton compiles for a named target without a device (with its bundled ptxas), so this test does,
 for the constexpr configurations the launchers use on CUDA (default tiles and warps, every
-optional input present), in float32 and bfloat16, for each β branch of the JSD kernels.
+optional input present, soft-capping on), in float32 and bfloat16, for each β branch of the JSD kernels.
 
 The kernels must be imported with the interpreter off, so one subprocess compiles every case
 (``python tests/test_triton_compile.py`` prints the results as JSON) and each test reads its own.
@@ -68,20 +68,21 @@ def _compile_case(case: str) -> None:
         block_n, block_v, block_h, warps = rs._default_tiles(k_pad)
         compile_for_h100(
             rs._row_stats_kernel, dtype,
-            dict(HAS_BIAS=True, HAS_TARGETS=True, WITH_MEAN=True, TOPK=k > 0, K_PAD=max(k_pad, 2), NUM_SEG=4,
+            dict(HAS_BIAS=True, HAS_CAP=True, HAS_TARGETS=True, WITH_MEAN=True, TOPK=k > 0, K_PAD=max(k_pad, 2),
+                 NUM_SEG=4,
                  RANK_MERGE=False, ACC_DTYPE=tl.float32, DOT_UPCAST=False, PRECISION=precision,
                  BLOCK_N=block_n, BLOCK_V=max(block_v, k_pad), BLOCK_H=block_h), warps,
             int64_ptrs=("y_ptr", "part_keys_ptr"), operand_ptrs=("h_ptr", "w_ptr", "b_ptr"))
     elif name == "head_backward":
         compile_for_h100(
             hb._head_backward_kernel, dtype,
-            dict(HAS_BIAS=True, HAS_LOGIT_COEF=True, HAS_TARGETS=True, HAS_SPARSE=rest[0] == "sparse",
+            dict(HAS_BIAS=True, HAS_CAP=True, HAS_LOGIT_COEF=True, HAS_TARGETS=True, HAS_SPARSE=rest[0] == "sparse",
                  NEED_X_GRAD=True, NEED_W_GRAD=True, NEED_B_GRAD=True, DOT_UPCAST=False, PRECISION=precision,
                  BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, GROUP_N=_launch.GROUP_N), warps,
             int64_ptrs=("targets_ptr", "sparse_ids_ptr"), operand_ptrs=("x_ptr", "w_ptr", "b_ptr"))
     else:
         beta = float(rest[0][len("beta"):])
-        constexprs = dict(HAS_BIAS=True, HAS_TEACHER_BIAS=True, SHARED_WEIGHT=beta == 0.5,
+        constexprs = dict(HAS_BIAS=True, HAS_TEACHER_BIAS=True, SHARED_WEIGHT=beta == 0.5, HAS_CAP=True, T_HAS_CAP=True,
                           BETA_CASE=_math.beta_case(beta), DOT_UPCAST=False, PRECISION=precision,
                           T_DOT_UPCAST=False, T_PRECISION=precision,
                           BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, GROUP_N=_launch.GROUP_N)

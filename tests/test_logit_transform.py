@@ -1,0 +1,139 @@
+"""Logit scale and soft-cap (SPEC §2: z = c·tanh(s·(W h + b)/c)/τ) on every fused function and
+backend, against the reference (values and gradients, float32/bfloat16/float64), with a teacher of
+another family (its own scale and cap, or none); the module wrappers; the Hugging Face config reader."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from _fused_cases import BF16, BOTH, F32, F64, TAU, Case, K, V, check, grid, masked_case, ptd_case
+
+import ptd_kernels as ptd
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (student s, c; teacher s', c'): Gemma-like capped student and plain teacher, Cohere-like scaled
+# student and capped teacher, both capped tightly (most logits in tanh's curved part).
+TRANSFORMS = {
+    "cap": dict(logit_scale=1.0, softcap=3.0, teacher_logit_scale=1.0, teacher_softcap=None),
+    "scale": dict(logit_scale=0.0625 * 16, softcap=None, teacher_logit_scale=2.5, teacher_softcap=4.0),
+    "both": dict(logit_scale=1.7, softcap=1.5, teacher_logit_scale=0.5, teacher_softcap=2.0),
+}
+STUDENT_ONLY = {name: {k: v for k, v in t.items() if not k.startswith("teacher")} for name, t in TRANSFORMS.items()}
+
+
+def fns(kw):
+    one = {k: v for k, v in kw.items() if not k.startswith("teacher")}
+    common = dict(temperature=TAU, **kw)
+    return {
+        "logprobs": lambda m, x, be: m.linear_logprobs(x.hidden, x.weight, x.targets, bias=x.bias, temperature=TAU,
+                                                       with_entropy=True, backend=be, **one),
+        "topk_jsd": lambda m, x, be: m.linear_topk_jsd(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, K,
+                                                       bias=x.bias, teacher_bias=x.teacher_bias, mask=x.mask,
+                                                       backend=be, **common),
+        "jsd": lambda m, x, be: m.linear_jsd(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, beta=0.3,
+                                             bias=x.bias, teacher_bias=x.teacher_bias, mask=x.mask, backend=be,
+                                             **common),
+        "ptd_terms": lambda m, x, be: m.linear_ptd_terms(x.hidden, x.weight, x.targets, x.teacher_hidden,
+                                                         x.teacher_weight, K, bias=x.bias, teacher_bias=x.teacher_bias,
+                                                         mask=x.mask, jsd_mask=x.jsd_mask, backend=be, **common),
+        "ptd_terms_full": lambda m, x, be: m.linear_ptd_terms(x.hidden, x.weight, x.targets, x.teacher_hidden,
+                                                              x.teacher_weight, V, bias=x.bias,
+                                                              teacher_bias=x.teacher_bias, backend=be, **common),
+        "sparse_jsd": lambda m, x, be: m.linear_sparse_jsd(
+            x.hidden, x.weight, torch.arange(4).repeat(x.hidden.shape[0], 1),
+            torch.full((x.hidden.shape[0], 4), -3.0, dtype=F64 if x.dtype == F64 else F32), bias=x.bias,
+            temperature=TAU, mask=x.mask, backend=be, **one),
+        "jsd_loss": lambda m, x, be: m.linear_jsd_loss(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight,
+                                                       bias=x.bias, teacher_bias=x.teacher_bias, mask=x.mask,
+                                                       backend=be, **common),
+        "topk_jsd_loss": lambda m, x, be: m.linear_topk_jsd_loss(x.hidden, x.weight, x.teacher_hidden,
+                                                                 x.teacher_weight, K, support="teacher", tail=False,
+                                                                 bias=x.bias, teacher_bias=x.teacher_bias,
+                                                                 mask=x.mask, backend=be, **common),
+    }
+
+
+NAMES = list(fns({}))
+
+
+@grid(("name", "transform", "dtype"),
+      list(itertools.product(NAMES, TRANSFORMS, (F32, F64))) + [(n, "both", BF16) for n in NAMES],
+      [(n, "both", F32) for n in NAMES] + [("ptd_terms", "cap", BF16), ("jsd", "scale", F64),
+                                           ("logprobs", "cap", F64)])
+def test_transformed_logits_match_the_reference(backend, name, transform, dtype):
+    case = ptd_case(dtype=dtype) if name == "ptd_terms" else masked_case(dtype=dtype)
+    check(fns(TRANSFORMS[transform])[name], case, backend)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_linear_topk_with_a_cap(backend):
+    case = Case()
+    x = case.inputs(F32)
+    kw = STUDENT_ONLY["both"]
+    ours = ptd.linear_topk(x.hidden, x.weight, 7, bias=x.bias, temperature=TAU, targets=x.targets, backend=backend,
+                           **kw)
+    y = case.inputs(F64)
+    want = ptd.reference.linear_topk(y.hidden, y.weight, 7, bias=y.bias, temperature=TAU, targets=y.targets, **kw)
+    assert torch.equal(ours.indices, want.indices)
+    torch.testing.assert_close(ours.logprobs, want.logprobs.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.target_logprobs, want.target_logprobs.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_cap_changes_the_distribution_and_defaults_change_nothing():
+    """Not a no-op: a cap and a scale change the values; the defaults give the plain function bit for bit."""
+    x = Case().inputs(F32)
+    plain = ptd.linear_jsd(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, backend="torch")
+    defaults = ptd.linear_jsd(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, logit_scale=1.0, softcap=None,
+                              teacher_logit_scale=1, teacher_softcap=None, backend="torch")
+    assert torch.equal(plain, defaults)
+    for kw in TRANSFORMS.values():
+        other = ptd.linear_jsd(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, backend="torch", **kw)
+        assert float((other - plain).abs().max()) > 1e-3
+
+
+def test_capped_logits_saturate_without_nan():
+    """|s·a| ≫ c: tanh saturates, values stay finite and the gradient of saturated logits vanishes."""
+    case = Case()
+    case.hidden *= 1e3
+    for backend in ("torch", "triton"):
+        x = case.inputs(F32)
+        logp, entropy = ptd.linear_logprobs(x.hidden, x.weight, x.targets, softcap=5.0, with_entropy=True,
+                                            backend=backend)
+        (logp.sum() + entropy.sum()).backward()
+        assert torch.isfinite(logp).all() and torch.isfinite(x.hidden.grad).all()
+        y = case.inputs(F64)
+        want = ptd.reference.linear_logprobs(y.hidden, y.weight, y.targets, softcap=5.0)
+        torch.testing.assert_close(logp.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,kw", [
+    ("logit_scale", dict(logit_scale=0.0)), ("logit_scale", dict(logit_scale=float("inf"))),
+    ("softcap", dict(softcap=-1.0)), ("softcap", dict(softcap=0)),
+    ("teacher_softcap", dict(teacher_softcap=float("nan"))), ("teacher_logit_scale", dict(teacher_logit_scale=-2)),
+])
+def test_bad_transforms_name_the_argument(bad, kw):
+    x = Case().inputs(F32)
+    with pytest.raises(ValueError, match=bad):
+        ptd.linear_jsd(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, backend="torch", **kw)
+    with pytest.raises(TypeError, match="softcap"):
+        ptd.linear_logprobs(x.hidden, x.weight, x.targets, softcap="30")
+
+
+def test_modules_take_the_transforms():
+    case = Case()
+    x, y = case.inputs(F64), case.inputs(F64)
+    kw = TRANSFORMS["both"]
+    loss = ptd.LinearTopKJSDLoss(k=K, temperature=TAU, backend="torch", **kw)
+    assert "softcap=1.5" in repr(loss) and "teacher_softcap=2.0" in repr(loss)
+    torch.testing.assert_close(
+        loss(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight),
+        ptd.reference.linear_topk_jsd_loss(y.hidden, y.weight, y.teacher_hidden, y.teacher_weight, K, temperature=TAU,
+                                           **kw))
+    logp = ptd.LinearLogprobs(temperature=TAU, softcap=2.0, logit_scale=3.0)(x.hidden, x.weight, x.targets)
+    torch.testing.assert_close(logp, ptd.reference.linear_logprobs(y.hidden, y.weight, y.targets, temperature=TAU,
+                                                                   softcap=2.0, logit_scale=3.0))
+    with pytest.raises(ValueError, match="softcap"):
+        ptd.LinearJSDLoss(softcap=-3.0)
