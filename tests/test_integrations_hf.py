@@ -6,6 +6,11 @@ as the materialized-logits path, and PTD-PO's Top-K JSD equal to ptd_kernels.ref
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from _tiny_hf import random_image, save_tiny_gemma2, save_tiny_qwen3, save_tiny_qwen3_vl
@@ -171,3 +176,18 @@ def test_softcapped_gemma2_head_matches_logits(tmp_path):
         raw = model.lm_head(hf.last_hidden_states(model, input_ids=ids))
     assert raw.abs().max() > 4.0  # the cap (2.0) bends these logits
     _check_head_against_logits(model, input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def test_fsdp2_two_processes(qwen3, tmp_path):
+    """Under FSDP2 (2 CPU processes, gloo) the head gives the unsharded values and gradients, with the
+    output layer in the root unit (un-sharded for the forward) and in a unit of its own (a DTensor)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(root, "tests", "_fsdp2_hf.py"), qwen3, str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in range(2):
+        for case in json.load(open(tmp_path / f"rank{rank}.json")).values():
+            assert case["value_gap"] < 1e-5
+            assert case["grad_scale"] > 0 and case["grad_gap"] < 1e-5 * case["grad_scale"]

@@ -12,8 +12,9 @@ What a model's logits are made of, read from the model itself:
   returns a :class:`PTDCausalLMOutput` with per-token log-probs and entropy (and, given a
   :class:`PTDTeacher`, PTD-PO's Top-K JSD, overlap and teacher mass) computed by ptd from the
   last hidden states; no tokens × vocabulary tensor is formed. The computation runs inside the
-  model's ``forward``, so DDP's and FSDP2's forward hooks see it (FSDP2 un-shards the
-  parameters for it; an output layer left as a DTensor is gathered once).
+  model's ``forward``, and the output-layer part inside the output layer's own call
+  (:func:`run_as_forward`), so DDP's and FSDP2's hooks see both: FSDP2 un-shards the parameters
+  and reduces their gradients, also when the output layer is an FSDP unit of its own.
 
 Until the kernels take ``logit_scale`` / ``softcap`` (SPEC §4), a model whose config asks for
 either is refused with a ``NotImplementedError`` naming the setting; :data:`KERNELS_TAKE_LOGIT_TRANSFORM`
@@ -47,6 +48,7 @@ __all__ = [
     "output_layer",
     "ptd_lm_forward",
     "remove_ptd_head",
+    "run_as_forward",
 ]
 
 # Whether the fused kernels accept logit_scale / softcap (and their teacher_ twins): read from the
@@ -143,12 +145,12 @@ def logit_transform(config) -> tuple[float, float | None, str]:
 def output_layer(model) -> OutputLayer:
     """The output layer of a transformers model (``get_output_embeddings()``) and its logit transform.
 
-    Tied embeddings give the embedding matrix, as the model's own head uses. A weight that is a
-    DTensor (FSDP2 with the head outside the un-sharded root) is gathered to a full tensor.
+    Tied embeddings give the embedding matrix, as the model's own head uses. A weight read while
+    it is a sharded DTensor (FSDP2, outside the head's forward) is gathered to a full tensor: right
+    for a frozen teacher, but a gradient through that copy is not reduced across ranks — to train
+    through the layer, read it inside :func:`run_as_forward` (as :func:`ptd_lm_forward` does).
     """
-    head = model.get_output_embeddings()
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ValueError(f"{type(model).__name__} has no output layer with a weight (get_output_embeddings())")
+    head = _head_module(model)
     weight, bias = head.weight, getattr(head, "bias", None)
     if _is_dtensor(weight):
         weight = weight.full_tensor()
@@ -163,6 +165,41 @@ def _is_dtensor(x) -> bool:
     except ImportError:  # torch built without distributed
         return False
     return isinstance(x, DTensor)
+
+
+def _head_module(model):
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"{type(model).__name__} has no output layer with a weight (get_output_embeddings())")
+    return head
+
+
+def run_as_forward(module, fn, *args, **kwargs):
+    """Call ``fn(*args, **kwargs)`` as ``module``'s forward, through ``module(...)``.
+
+    Whatever a data-parallel wrapper hooked onto the module runs around ``fn``: FSDP2 un-shards
+    the module's parameters for the call (and again for its backward) and reduces their
+    gradients after it — which reading a sharded parameter from outside would skip. The module's
+    own forward is back in place before ``fn`` runs. Pass the tensors that need gradients as
+    ``args`` (FSDP2 hooks its gradient reduction onto them).
+    """
+    own = module.__dict__.get("forward")
+
+    def restore():
+        if own is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = own
+
+    def redirected(*a, **k):
+        restore()
+        return fn(*a, **k)
+
+    module.forward = redirected
+    try:
+        return module(*args, **kwargs)
+    finally:
+        restore()
 
 
 def backbone(model):
@@ -283,29 +320,34 @@ def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: fl
         targets = shift_labels
     else:
         hidden, targets = hidden[:, :-1], labels[:, 1:]
-    layer = output_layer(model)
-    device = layer.weight.device
+    head = _head_module(model)
+    device = head.weight.device
     hidden, targets = hidden.to(device), targets.to(device)
     label_mask = targets != -100
-    rows = hidden[label_mask].to(layer.weight.dtype)
-    row_targets = targets[label_mask]
-    common = dict(bias=layer.bias, temperature=temperature, **layer.kernel_kwargs())
-    # the kernels' own precision rules apply: autocast must not push their products to bf16
-    with torch.autocast(device_type=device.type, enabled=False):
-        if teacher is None:
-            if with_entropy:
-                logp, entropy = ptd.linear_logprobs(rows, layer.weight, row_targets, with_entropy=True, **common)
-            else:
-                logp, entropy = ptd.linear_logprobs(rows, layer.weight, row_targets, **common), None
-            jsd = overlap = mass = None
-        else:
-            teacher_hidden, jsd_mask = _teacher_rows(teacher, label_mask, device)
+    rows, row_targets = hidden[label_mask], targets[label_mask]
+    teacher_rows = jsd_mask = None
+    if teacher is not None:
+        teacher_rows, jsd_mask = _teacher_rows(teacher, label_mask, device)
+
+    def head_terms(rows, row_targets, teacher_rows, jsd_mask):
+        # runs as the output layer's forward: its parameters are whole tensors here, even under FSDP2
+        layer = output_layer(model)
+        rows = rows.to(layer.weight.dtype)
+        common = dict(bias=layer.bias, temperature=temperature, **layer.kernel_kwargs())
+        # the kernels' own precision rules apply: autocast must not push their products to bf16
+        with torch.autocast(device_type=device.type, enabled=False):
+            if teacher is None:
+                if with_entropy:
+                    return (*ptd.linear_logprobs(rows, layer.weight, row_targets, with_entropy=True, **common),
+                            None, None, None)
+                return ptd.linear_logprobs(rows, layer.weight, row_targets, **common), None, None, None, None
             terms = ptd.linear_ptd_terms(
-                rows, layer.weight, row_targets, teacher_hidden, teacher.layer.weight, teacher.k, beta=teacher.beta,
+                rows, layer.weight, row_targets, teacher_rows, teacher.layer.weight, teacher.k, beta=teacher.beta,
                 support=teacher.support, tail=teacher.tail, teacher_bias=teacher.layer.bias, jsd_mask=jsd_mask,
                 **common, **teacher.layer.kernel_kwargs("teacher_"))
-            logp, entropy, jsd, overlap = terms
-            mass = terms.teacher_mass
+            return (*terms, terms.teacher_mass)
+
+    logp, entropy, jsd, overlap, mass = run_as_forward(head, head_terms, rows, row_targets, teacher_rows, jsd_mask)
 
     def spread(values):
         # masked_scatter keeps the result attached to the graph even when no label is valid

@@ -36,7 +36,7 @@ from packaging.version import Version
 
 import ptd_kernels as ptd
 
-from .hf import add_ptd_head, output_layer
+from .hf import add_ptd_head, output_layer, run_as_forward
 
 __all__ = ["SUPPORTED_TRL", "use_ptd_kernels"]
 
@@ -150,9 +150,10 @@ def _distillation_loss_factory(options: _Divergence):
             teacher_hidden = self._forward_redirection(self.teacher_model, unwrapped_teacher,
                                                        self._get_last_hidden_state, unwrapped_teacher, input_ids,
                                                        attention_mask, n_completion, **multimodal)
-        student, teacher = output_layer(unwrapped_student), output_layer(unwrapped_teacher)
-        valid = loss_mask.to(student.weight.device) != 0
-        rows = student_hidden.to(student.weight.device)[valid].to(student.weight.dtype)
+        teacher = output_layer(unwrapped_teacher)  # frozen: a gathered copy is fine
+        head = unwrapped_student.get_output_embeddings()
+        valid = loss_mask.to(head.weight.device) != 0
+        rows = student_hidden.to(head.weight.device)[valid]
         teacher_rows = teacher_hidden.to(teacher.weight.device)[valid].to(teacher.weight.dtype)
         n_valid = valid.sum()
         if num_items_in_batch is None:
@@ -160,20 +161,28 @@ def _distillation_loss_factory(options: _Divergence):
         else:
             denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=rows.device)
         weights = torch.ones(rows.shape[0], dtype=torch.float32, device=rows.device) / denominator
-        common = dict(beta=self.beta, bias=student.bias, teacher_bias=teacher.bias, temperature=self.temperature,
-                      weights=weights, **student.kernel_kwargs(), **teacher.kernel_kwargs("teacher_"))
-        with torch.autocast(device_type=rows.device.type, enabled=False):
-            if options.topk is None:
-                loss = ptd.linear_jsd_loss(rows, student.weight, teacher_rows, teacher.weight, **common)
-            else:
-                loss = ptd.linear_topk_jsd_loss(rows, student.weight, teacher_rows, teacher.weight, options.topk,
-                                                support=options.support, tail=options.tail, **common)
-            with torch.no_grad():  # the logged entropy; one more sweep, no gradient
-                _, entropy = ptd.linear_logprobs(rows.detach(), student.weight.detach(),
-                                                 torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device),
-                                                 bias=None if student.bias is None else student.bias.detach(),
-                                                 temperature=self.temperature, with_entropy=True,
-                                                 **student.kernel_kwargs())
-        return loss, entropy.sum(), n_valid
+
+        def divergence(rows, teacher_rows, weights):
+            # runs as the student's output layer's forward, so FSDP2 un-shards it and reduces its gradient
+            student = output_layer(unwrapped_student)
+            rows = rows.to(student.weight.dtype)
+            common = dict(beta=self.beta, bias=student.bias, teacher_bias=teacher.bias, temperature=self.temperature,
+                          weights=weights, **student.kernel_kwargs(), **teacher.kernel_kwargs("teacher_"))
+            with torch.autocast(device_type=rows.device.type, enabled=False):
+                if options.topk is None:
+                    loss = ptd.linear_jsd_loss(rows, student.weight, teacher_rows, teacher.weight, **common)
+                else:
+                    loss = ptd.linear_topk_jsd_loss(rows, student.weight, teacher_rows, teacher.weight, options.topk,
+                                                    support=options.support, tail=options.tail, **common)
+                with torch.no_grad():  # the logged entropy; one more sweep, no gradient
+                    _, entropy = ptd.linear_logprobs(
+                        rows.detach(), student.weight.detach(),
+                        torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device),
+                        bias=None if student.bias is None else student.bias.detach(), temperature=self.temperature,
+                        with_entropy=True, **student.kernel_kwargs())
+            return loss, entropy.sum()
+
+        loss, entropy_sum = run_as_forward(head, divergence, rows, teacher_rows, weights)
+        return loss, entropy_sum, n_valid
 
     return _compute_loss
