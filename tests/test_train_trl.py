@@ -88,6 +88,16 @@ def test_vlm_training_runs_with_ptd(tmp_path):
     path, processor = save_tiny_qwen3_vl(tmp_path)
     trainer = _trainer(path, image_rows(4), processor=processor, max_steps=3, max_completion_length=4, beta=0.05)
     assert trainer.ptd_teacher_model is trainer.ref_model
+    # the teacher reads the same image and question, with the hint appended to the user turn
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    decode = processor.tokenizer.decode
+    for i in range(4):
+        student = decode(batch["prompt_ids"][i][batch["prompt_mask"][i].bool()])
+        teacher = decode(batch["ptd_teacher_prompt_ids"][i][batch["ptd_teacher_prompt_mask"][i].bool()])
+        assert "<|image_pad|>" in student
+        assert teacher == student.replace("what color is it", "what color is it look at the left cells")
+    assert torch.equal(batch["ptd_teacher_mm_token_type_ids"].sum(1), batch["mm_token_type_ids"].sum(1))
     trainer.train()
     _assert_ptd_ran(trainer, 3)
 
