@@ -1,0 +1,429 @@
+"""Hugging Face causal LMs and VLMs through ptd.
+
+What a model's logits are made of, read from the model itself:
+
+- :func:`backbone` — the module that returns ``last_hidden_state`` (for a VLM, the multimodal
+  model that merges the image features; not ``get_decoder()``, which is only the text stack);
+- :func:`output_layer` — the output layer as an :class:`OutputLayer`: weight, bias, and the
+  logit scale / soft-cap of the text config (``final_logit_softcapping`` → soft-cap,
+  ``logit_scale`` → scale, ``logits_scaling`` → scale 1/value, and the other spellings listed
+  in :func:`logit_transform`), so that logits = cap(scale · (W h + b));
+- :func:`add_ptd_head` — an instance-scoped forward: ``model(..., labels=labels, ptd_head=True)``
+  returns a :class:`PTDCausalLMOutput` with per-token log-probs and entropy (and, given a
+  :class:`PTDTeacher`, PTD-PO's Top-K JSD, overlap and teacher mass) computed by ptd from the
+  last hidden states; no tokens × vocabulary tensor is formed. The computation runs inside the
+  model's ``forward``, and the output-layer part inside the output layer's own call
+  (:func:`run_as_forward`), so DDP's and FSDP2's hooks see both: FSDP2 un-shards the parameters
+  and reduces their gradients, also when the output layer is an FSDP unit of its own.
+
+Until the kernels take ``logit_scale`` / ``softcap`` (SPEC §4), a model whose config asks for
+either is refused with a ``NotImplementedError`` naming the setting; :data:`KERNELS_TAKE_LOGIT_TRANSFORM`
+turns true by itself once they do.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from dataclasses import dataclass
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers.utils import ModelOutput
+
+import ptd_kernels as ptd
+
+__all__ = [
+    "KERNELS_TAKE_LOGIT_TRANSFORM",
+    "OutputLayer",
+    "PTDCausalLMOutput",
+    "PTDTeacher",
+    "add_ptd_head",
+    "backbone",
+    "check_against_logits",
+    "last_hidden_states",
+    "logit_transform",
+    "output_layer",
+    "ptd_lm_forward",
+    "remove_ptd_head",
+    "run_as_forward",
+]
+
+# Whether the fused kernels accept logit_scale / softcap (and their teacher_ twins): read from the
+# public signature, so the models that need them start working when the kernels gain the arguments.
+KERNELS_TAKE_LOGIT_TRANSFORM = {"logit_scale", "softcap"} <= set(inspect.signature(ptd.linear_logprobs).parameters)
+
+_TRANSFORMERS_5 = Version(transformers.__version__) >= Version("5.0.0")
+
+
+# ----------------------------------------------------------------------------- the output layer
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    """An output layer as ptd sees it: logits = cap_softcap(logit_scale · (hidden @ weight.T + bias)).
+
+    ``source`` names the config settings the scale and soft-cap came from (for error messages).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    source: str = ""
+
+    @property
+    def plain(self) -> bool:
+        """True when the logits are the bare affine map (scale 1, no soft-cap)."""
+        return self.logit_scale == 1.0 and self.softcap is None
+
+    def kernel_kwargs(self, prefix: str = "") -> dict:
+        """Keyword arguments that give ptd's fused functions this layer's logit transform.
+
+        ``prefix="teacher_"`` for the teacher side. Empty for a plain layer; a layer with a scale
+        or soft-cap raises ``NotImplementedError`` until the kernels take them.
+        """
+        if self.plain:
+            return {}
+        if not KERNELS_TAKE_LOGIT_TRANSFORM:
+            raise NotImplementedError(
+                f"this model's logits are transformed ({self.source}); ptd's fused kernels do not take "
+                "logit_scale / softcap yet, so its log-probs cannot be computed exactly")
+        return {prefix + "logit_scale": self.logit_scale, prefix + "softcap": self.softcap}
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def logit_transform(config) -> tuple[float, float | None, str]:
+    """``(logit_scale, softcap, source)`` of a model config (its text config for a VLM).
+
+    Settings read, as transformers' modeling code applies them (checked against transformers 5.x):
+    ``final_logit_softcapping`` (Gemma 2/3/4 and kin) → soft-cap; ``logit_scale`` (Cohere) → scale,
+    except MPT, whose transformers model ignores it; ``logits_scaling`` → scale 1/value (Granite),
+    or ×value for HyperCLOVA X; ``output_multiplier`` (Muse) and ``lm_head_multiplier`` (Falcon-H1)
+    → ×value; ``logits_mup_width_multiplier`` (Inkling, divides the hidden states) → 1/value.
+    The scale applies before the soft-cap.
+    """
+    text = _text_config(config)
+    model_type = getattr(text, "model_type", "")
+    scale, parts = 1.0, []
+
+    def number(name):
+        value = getattr(text, name, None)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config.{name} = {value!r}: expected a number or None")
+        return float(value)
+
+    softcap = number("final_logit_softcapping")
+    if softcap is not None:
+        if softcap <= 0:
+            raise ValueError(f"config.final_logit_softcapping = {softcap}: expected a positive number or None")
+        parts.append(f"final_logit_softcapping={softcap:g}")
+    if model_type != "mpt" and (value := number("logit_scale")) is not None:
+        scale *= value
+        parts.append(f"logit_scale={value:g}")
+    if (value := number("logits_scaling")) is not None:
+        scale *= value if model_type.startswith("hyperclovax") else 1.0 / value
+        parts.append(f"logits_scaling={value:g}")
+    for name in ("output_multiplier", "lm_head_multiplier"):
+        if (value := number(name)) is not None:
+            scale *= value
+            parts.append(f"{name}={value:g}")
+    if (value := number("logits_mup_width_multiplier")) is not None:
+        scale /= value
+        parts.append(f"logits_mup_width_multiplier={value:g}")
+    source = f"{model_type or type(text).__name__}: " + ", ".join(parts) if parts else ""
+    return scale, softcap, source
+
+
+def output_layer(model) -> OutputLayer:
+    """The output layer of a transformers model (``get_output_embeddings()``) and its logit transform.
+
+    Tied embeddings give the embedding matrix, as the model's own head uses. A weight read while
+    it is a sharded DTensor (FSDP2, outside the head's forward) is gathered to a full tensor: right
+    for a frozen teacher, but a gradient through that copy is not reduced across ranks — to train
+    through the layer, read it inside :func:`run_as_forward` (as :func:`ptd_lm_forward` does).
+    """
+    head = _head_module(model)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if _is_dtensor(weight):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
+    scale, softcap, source = logit_transform(model.config)
+    return OutputLayer(weight, bias, scale, softcap, source)
+
+
+def _is_dtensor(x) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(x, DTensor)
+
+
+def _head_module(model):
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(f"{type(model).__name__} has no output layer with a weight (get_output_embeddings())")
+    return head
+
+
+def run_as_forward(module, fn, *args, **kwargs):
+    """Call ``fn(*args, **kwargs)`` as ``module``'s forward, through ``module(...)``.
+
+    Whatever a data-parallel wrapper hooked onto the module runs around ``fn``: FSDP2 un-shards
+    the module's parameters for the call (and again for its backward) and reduces their
+    gradients after it — which reading a sharded parameter from outside would skip. The module's
+    own forward is back in place before ``fn`` runs. Pass the tensors that need gradients as
+    ``args`` (FSDP2 hooks its gradient reduction onto them).
+    """
+    own = module.__dict__.get("forward")
+
+    def restore():
+        if own is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = own
+
+    def redirected(*a, **k):
+        restore()
+        return fn(*a, **k)
+
+    module.forward = redirected
+    try:
+        return module(*args, **kwargs)
+    finally:
+        restore()
+
+
+def backbone(model):
+    """The module whose output holds ``last_hidden_state`` for the model's output layer.
+
+    ``model.base_model`` (transformers ≥ 5, text and vision-language models alike); before
+    transformers 5 a VLM keeps it as ``model.model``.
+    """
+    if not _TRANSFORMERS_5 and _text_config(model.config) is not model.config and hasattr(model, "model"):
+        return model.model
+    base = model.base_model
+    if base is model:
+        raise ValueError(f"{type(model).__name__} exposes no backbone separate from its output layer (base_model)")
+    return base
+
+
+def last_hidden_states(model, *args, **kwargs) -> torch.Tensor:
+    """``backbone(model)(*args, **kwargs).last_hidden_state`` [B, L, H] (no cache).
+
+    Under DDP / FSDP call it from inside the wrapped model's ``forward`` (as :func:`add_ptd_head`
+    does), never on the bare backbone from outside.
+    """
+    kwargs.setdefault("use_cache", False)
+    kwargs.pop("logits_to_keep", None)
+    return backbone(model)(*args, **kwargs).last_hidden_state
+
+
+# ----------------------------------------------------------------------------- the forward
+
+
+@dataclass
+class PTDTeacher:
+    """The teacher side of PTD-PO's terms for :func:`ptd_lm_forward`.
+
+    ``hidden`` [B, T, H']: the teacher's last hidden states, detached, aligned with the *last* T
+    next-token positions of the student (the positions that predict the T completion tokens,
+    teacher-forced on the student's tokens). ``layer``: the teacher's :class:`OutputLayer`.
+    ``rows`` bool [B]: the sequences that get a JSD (default: all). ``k``, ``beta``, ``support``,
+    ``tail``: as in ``ptd_kernels.linear_ptd_terms``.
+    """
+
+    hidden: torch.Tensor
+    layer: OutputLayer
+    rows: torch.Tensor | None = None
+    k: int = 100
+    beta: float = 0.5
+    support: str = "union"
+    tail: bool = True
+
+
+@dataclass
+class PTDCausalLMOutput(ModelOutput):
+    """Output of :func:`ptd_lm_forward`. Per-token fields are [B, L-1] (next-token positions;
+    [B, L] with ``shift_labels``), 0 where the label is -100, float32.
+
+    loss: −Σ log p(label) / (number of labels, or ``num_items_in_batch``).
+    log_probs, entropy: of the next-token distribution (entropy None when not asked for).
+    jsd, overlap, teacher_mass: PTD-PO's Top-K JSD, top-K overlap and Σ_S q (None without a teacher;
+    0 off the teacher's rows).
+    label_mask: bool, where the label is not -100.
+    last_hidden_state: [B, L, H], only when called without labels.
+    """
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    jsd: torch.Tensor | None = None
+    overlap: torch.Tensor | None = None
+    teacher_mass: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def _teacher_rows(teacher: PTDTeacher, label_mask: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher hidden rows [n, H'] aligned with the student's labelled positions, and the jsd mask [n]."""
+    n_seq, n_pos = label_mask.shape
+    if teacher.hidden.dim() != 3 or teacher.hidden.shape[0] != n_seq or teacher.hidden.shape[1] > n_pos:
+        raise ValueError(
+            f"teacher.hidden must be [B={n_seq}, T<={n_pos}, H'], got {tuple(teacher.hidden.shape)}")
+    offset = n_pos - teacher.hidden.shape[1]
+    seq, pos = label_mask.nonzero(as_tuple=True)
+    col = pos - offset
+    in_window = col >= 0
+    hidden = teacher.hidden.detach().to(device)[seq, col.clamp(min=0)]
+    jsd_mask = in_window
+    if teacher.rows is not None:
+        if teacher.rows.shape != (n_seq,):
+            raise ValueError(f"teacher.rows must be a bool tensor [B={n_seq}], got shape {tuple(teacher.rows.shape)}")
+        jsd_mask = jsd_mask & teacher.rows.to(device=device, dtype=torch.bool)[seq]
+    return hidden.to(teacher.layer.weight.dtype), jsd_mask
+
+
+def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: float = 1.0, teacher=None,
+                   with_entropy: bool = True, num_items_in_batch=None, **kwargs) -> PTDCausalLMOutput:
+    """Run the model's backbone and its output layer through ptd.
+
+    Meant to run *inside* ``model.forward`` (:func:`add_ptd_head` arranges it): under DDP / FSDP2
+    the wrapped model's forward is what prepares the parameters and the backward.
+
+    ``labels`` [B, L] are shifted by one as a causal LM's loss does (position t scores label
+    t+1); ``shift_labels`` [B, L] are taken as already aligned. Positions labelled -100 are
+    skipped (they cost nothing). Without labels the output carries only ``last_hidden_state``.
+    ``teacher`` (a :class:`PTDTeacher`) adds PTD-PO's Top-K JSD from the same sweep.
+    The remaining arguments go to the backbone (``input_ids``, ``attention_mask``,
+    ``pixel_values``, ``image_grid_thw``, ...).
+    """
+    if kwargs.get("output_router_logits"):
+        raise NotImplementedError(
+            "output_router_logits: the MoE load-balancing loss is not computed by the ptd head; "
+            "call the model without it (or without the ptd head)")
+    hidden = last_hidden_states(model, *args, **kwargs)
+    if labels is None and shift_labels is None:
+        if teacher is not None:
+            raise ValueError("a teacher needs labels (the tokens it is teacher-forced on)")
+        return PTDCausalLMOutput(last_hidden_state=hidden)
+    if shift_labels is not None:
+        targets = shift_labels
+    else:
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    head = _head_module(model)
+    device = head.weight.device
+    hidden, targets = hidden.to(device), targets.to(device)
+    label_mask = targets != -100
+    rows, row_targets = hidden[label_mask], targets[label_mask]
+    teacher_rows = jsd_mask = None
+    if teacher is not None:
+        teacher_rows, jsd_mask = _teacher_rows(teacher, label_mask, device)
+
+    def head_terms(rows, row_targets, teacher_rows, jsd_mask):
+        # runs as the output layer's forward: its parameters are whole tensors here, even under FSDP2
+        layer = output_layer(model)
+        rows = rows.to(layer.weight.dtype)
+        common = dict(bias=layer.bias, temperature=temperature, **layer.kernel_kwargs())
+        # the kernels' own precision rules apply: autocast must not push their products to bf16
+        with torch.autocast(device_type=device.type, enabled=False):
+            if teacher is None:
+                if with_entropy:
+                    return (*ptd.linear_logprobs(rows, layer.weight, row_targets, with_entropy=True, **common),
+                            None, None, None)
+                return ptd.linear_logprobs(rows, layer.weight, row_targets, **common), None, None, None, None
+            terms = ptd.linear_ptd_terms(
+                rows, layer.weight, row_targets, teacher_rows, teacher.layer.weight, teacher.k, beta=teacher.beta,
+                support=teacher.support, tail=teacher.tail, teacher_bias=teacher.layer.bias, jsd_mask=jsd_mask,
+                **common, **teacher.layer.kernel_kwargs("teacher_"))
+            return (*terms, terms.teacher_mass)
+
+    logp, entropy, jsd, overlap, mass = run_as_forward(head, head_terms, rows, row_targets, teacher_rows, jsd_mask)
+
+    def spread(values):
+        # masked_scatter keeps the result attached to the graph even when no label is valid
+        return None if values is None else values.new_zeros(label_mask.shape).masked_scatter(label_mask, values)
+
+    count = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return PTDCausalLMOutput(
+        loss=-logp.sum() / count,
+        log_probs=spread(logp),
+        entropy=spread(entropy),
+        jsd=spread(jsd),
+        overlap=spread(overlap),
+        teacher_mass=spread(mass),
+        label_mask=label_mask,
+    )
+
+
+def add_ptd_head(model, *, temperature: float = 1.0, flag: str = "ptd_head", with_entropy: bool = True):
+    """Give this model instance a ptd head: ``model(..., labels=labels, ptd_head=True)`` returns a
+    :class:`PTDCausalLMOutput` (see :func:`ptd_lm_forward`; ``ptd_teacher=PTDTeacher(...)`` adds the
+    PTD-PO terms). Without the flag the forward is the previous one, so ``generate`` is unchanged.
+
+    Only this instance changes (its ``forward`` attribute); other instances and the class do not.
+    ``flag`` renames the switch (TRL's trainers call ``fused_lm_head=True``). Apply it to the
+    transformers model before wrapping it in DDP / FSDP, or to the module inside the wrapper.
+    Returns the model.
+    """
+    if not isinstance(flag, str) or not flag.isidentifier():
+        raise ValueError(f"flag must be a keyword name, got {flag!r}")
+    previous = model.forward
+
+    @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
+    def forward(self, *args, **kwargs):
+        if not kwargs.pop(flag, False):
+            return previous(*args, **kwargs)
+        teacher = kwargs.pop("ptd_teacher", None)
+        return ptd_lm_forward(self, *args, temperature=temperature, teacher=teacher, with_entropy=with_entropy,
+                              **kwargs)
+
+    forward._ptd_previous_forward = previous
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def remove_ptd_head(model):
+    """Undo the last :func:`add_ptd_head` on this instance. Returns the model."""
+    previous = getattr(model.forward, "_ptd_previous_forward", None)
+    if previous is None:
+        raise ValueError(f"{type(model).__name__} instance has no ptd head")
+    if getattr(previous, "__self__", None) is model and previous.__func__ is type(model).forward:
+        del model.forward  # back to the class's forward
+    else:
+        model.forward = previous
+    return model
+
+
+def check_against_logits(model, *, atol: float = 1e-4, temperature: float = 1.0, **inputs) -> float:
+    """Compare ptd's log-probs and entropy with those of the model's own logits on ``inputs``.
+
+    Runs the model's ordinary forward once (materializing [B, L, V] logits: use a short input)
+    and the ptd path on the same input; raises ``ValueError`` when they differ by more than
+    ``atol``, which would mean the model transforms its logits in a way :func:`logit_transform`
+    does not know. Returns the largest difference. For a model outside transformers' own
+    families, run it once before training.
+    """
+    input_ids = inputs["input_ids"]
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float() / temperature
+        targets = input_ids[:, 1:]
+        logp = logits.log_softmax(-1)
+        want_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        want_entropy = -(logp.exp() * logp).sum(-1)
+        got = ptd_lm_forward(model, labels=input_ids, temperature=temperature, **inputs)
+    gap = max((got.log_probs - want_logp).abs().max().item(), (got.entropy - want_entropy).abs().max().item())
+    if not gap <= atol:
+        raise ValueError(
+            f"ptd's log-probs / entropy differ from {type(model).__name__}'s own logits by {gap:.3g} (> {atol:g}): "
+            "its output layer transforms the logits in a way ptd_kernels.integrations.hf.logit_transform does not read")
+    return gap

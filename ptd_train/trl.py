@@ -1,0 +1,402 @@
+"""PTD-PO on TRL: ``PTDGRPOTrainer`` is TRL's ``GRPOTrainer`` plus the Top-K JSD of SPEC §3.
+
+Same constructor as ``GRPOTrainer`` (with a :class:`PTDGRPOConfig`), same datasets, reward
+functions and processors, plus one dataset column: the privileged hint (``hint_column``, None
+for rows without one). Per rollout batch:
+
+1. rewards as TRL computes them; the PTD set F = rollouts with reward < 1 in groups whose mean
+   reward < ``ptd_threshold`` and whose prompt has a hint (SPEC §3);
+2. the teacher — the frozen initial policy (TRL's reference model when ``beta > 0``, else a
+   frozen copy of the policy taken at construction) — reads the prompt with the hint appended
+   through the processor's chat template (same images), teacher-forced on the student's
+   completion; only F's sequences are needed (for a VLM batch, the whole micro-batch runs);
+3. one ptd sweep per side (``ptd_kernels.linear_ptd_terms``) gives the policy's log-probs and
+   entropy — which TRL's loss then uses — and the Top-K JSD, overlap and teacher mass;
+4. loss = TRL's GRPO loss (its ``loss_type``, clipping, KL) + ``ptd_coef`` · Σ_F D_K / Σ_F |y|,
+   the PTD denominator counted over the whole generation batch (all processes), so that
+   gradient accumulation and data parallelism give the same gradient as one big batch;
+   members of PTD groups lose their reference-KL term (``ptd_drop_ref_kl``).
+
+Hints pass ``ptd_train.hints.check_hint`` (zero-spoiler) against ``ptd_answer_column`` before a
+teacher sees them. Logged: ``ptd/jsd``, ``ptd/overlap``, ``ptd/teacher_mass`` (means over F's
+tokens) and ``ptd/rollouts`` (|F| per generation batch). ``ptd_coef = 0`` switches PTD-PO off
+(no teacher, no dropped KL): the trainer is then ``GRPOTrainer`` on ptd's kernels.
+
+Every log-prob (old, reference, current) goes through ptd (``ptd_kernels.integrations.trl``).
+TRL 1.16.x. Not supported (clear error): PEFT models, environment factories, MoE aux loss,
+DeepSpeed with ``beta = 0``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import is_peft_model
+from trl import GRPOConfig, GRPOTrainer
+from trl.data_utils import is_conversational, prepare_multimodal_messages
+
+from ptd_kernels.integrations.hf import PTDTeacher, add_ptd_head, output_layer
+from ptd_kernels.integrations.trl import check_trl_version, use_ptd_kernels
+
+from .hints import check_hint
+
+__all__ = ["PTDGRPOConfig", "PTDGRPOTrainer"]
+
+_SUPPORTS = ("union", "teacher", "student")
+# multimodal inputs that depend on the images only, so the teacher reuses the student's
+_IMAGE_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+               "image_position_ids")
+# per-token multimodal inputs: the teacher's prompt has its own
+_TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
+
+
+@dataclass
+class PTDGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus PTD-PO's settings (SPEC §3)."""
+
+    ptd_coef: float = field(default=0.05, metadata={"help": "λ: weight of the Top-K JSD term (0 = plain GRPO)."})
+    ptd_k: int = field(default=100, metadata={"help": "K of the Top-K support (capped at the vocabulary)."})
+    ptd_beta: float = field(default=0.5, metadata={"help": "β of the generalized JSD (0 = KL(q‖p), 1 = KL(p‖q))."})
+    ptd_support: str = field(default="union", metadata={"help": "Top-K support: union | teacher | student."})
+    ptd_tail: bool = field(default=True, metadata={"help": "Add the tail atom (else renormalize over the support)."})
+    ptd_threshold: float = field(
+        default=1.0, metadata={"help": "Groups whose mean reward is below this get PTD (failed rollouts only)."})
+    ptd_drop_ref_kl: bool = field(default=True, metadata={"help": "No reference-KL term for members of PTD groups."})
+    hint_column: str = field(default="hint", metadata={"help": "Dataset column of the privileged hint (None = none)."})
+    ptd_answer_column: str | None = field(
+        default="answer", metadata={"help": "Dataset column the zero-spoiler check compares each hint with."})
+    ptd_allow_answer_leak: bool = field(
+        default=False, metadata={"help": "Skip the zero-spoiler check (an answer-conditioned teacher, on purpose)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.ptd_coef, (int, float)) and self.ptd_coef >= 0):
+            raise ValueError(f"ptd_coef must be a number ≥ 0, got {self.ptd_coef!r}")
+        if isinstance(self.ptd_k, bool) or not isinstance(self.ptd_k, int) or self.ptd_k < 1:
+            raise ValueError(f"ptd_k must be an int ≥ 1, got {self.ptd_k!r}")
+        if not (0.0 <= self.ptd_beta <= 1.0):
+            raise ValueError(f"ptd_beta must lie in [0, 1], got {self.ptd_beta!r}")
+        if self.ptd_support not in _SUPPORTS:
+            raise ValueError(f"ptd_support must be one of {_SUPPORTS}, got {self.ptd_support!r}")
+        if not self.hint_column:
+            raise ValueError("hint_column must name a dataset column")
+
+
+@dataclass
+class _PendingStep:
+    """What one ``_compute_loss`` call hands to the log-prob call inside TRL's loss."""
+
+    batch: dict
+    teacher: PTDTeacher | None
+    ptd_group: torch.Tensor
+    consumed: bool = False
+    jsd: torch.Tensor | None = None
+    overlap: torch.Tensor | None = None
+    teacher_mass: torch.Tensor | None = None
+
+
+class PTDGRPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with PTD-PO's Top-K JSD on failed rollouts (see the module doc).
+
+    Takes exactly ``GRPOTrainer``'s arguments; ``args`` must be a :class:`PTDGRPOConfig`
+    (default: one with PTD-PO's defaults). Override :meth:`hinted_prompt` to place the hint
+    elsewhere in the prompt.
+    """
+
+    _tag_names = ["trl", "grpo", "ptd-po"]
+    hint_separator = "\n\n"
+
+    def __init__(self, *args, **kwargs):
+        check_trl_version()
+        bound = inspect.signature(GRPOTrainer.__init__).bind(None, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        config = arguments.get("args")
+        if config is None:
+            model = arguments["model"]
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            arguments["args"] = PTDGRPOConfig(f"{name.rstrip('/').split('/')[-1]}-PTD-PO")
+        elif not isinstance(config, PTDGRPOConfig):
+            raise TypeError(f"args must be a PTDGRPOConfig, got {type(config).__name__}")
+        super().__init__(**arguments)
+        use_ptd_kernels(self)
+        self.ptd_coef = float(self.args.ptd_coef)
+        self._ptd_pending: _PendingStep | None = None
+        self._ptd_rewards_per_func = None
+        self._ptd_checked_hints: set = set()
+        self.ptd_teacher_model = self._build_teacher() if self.ptd_coef > 0 else None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _build_teacher(self):
+        """The frozen initial policy: TRL's reference model if it built one, else a frozen copy."""
+        if is_peft_model(self.model):
+            raise NotImplementedError("PTDGRPOTrainer does not support PEFT models yet (the teacher would be the "
+                                      "adapter-free base model)")
+        if self.environment_factories is not None:
+            raise NotImplementedError("PTDGRPOTrainer does not support environment_factory (the teacher prompt "
+                                      "would need each environment's observation)")
+        if self.ref_model is not None:
+            return self.ref_model  # given a ptd head by use_ptd_kernels
+        if self.is_deepspeed_enabled:
+            raise NotImplementedError("under DeepSpeed set beta > 0: TRL then builds the reference model, which is "
+                                      "PTD-PO's teacher")
+        teacher = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+        for module in teacher.modules():
+            # instance-level forwards (TRL's fused head, its fp32 head cast) close over the original modules
+            module.__dict__.pop("forward", None)
+        teacher.requires_grad_(False).eval()
+        add_ptd_head(teacher, temperature=self.temperature, flag="fused_lm_head", with_entropy=False)
+        if self.is_fsdp_enabled:
+            from trl.models.utils import prepare_fsdp
+
+            return prepare_fsdp(teacher, self.accelerator)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        extra = [self.args.hint_column] + ([self.args.ptd_answer_column] if self.args.ptd_answer_column else [])
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
+
+    # ------------------------------------------------------------------ hints and teacher prompts
+
+    def hinted_prompt(self, prompt, hint: str):
+        """The teacher's prompt x^h: the hint appended to the last user turn (to a plain-text
+        prompt, after ``hint_separator``). Returns a new object; ``prompt`` is not changed."""
+        if isinstance(prompt, str):
+            return prompt + self.hint_separator + hint
+        messages = list(prompt)
+        for i in range(len(messages) - 1, -1, -1):
+            if messages[i]["role"] == "user":
+                content = messages[i]["content"]
+                if isinstance(content, str):
+                    content = content + self.hint_separator + hint
+                else:
+                    content = [*content, {"type": "text", "text": self.hint_separator + hint}]
+                messages[i] = {**messages[i], "content": content}
+                return messages
+        raise ValueError("a conversational prompt needs a user turn to carry the hint")
+
+    def _checked_hints(self, inputs) -> list[str | None]:
+        column, answer_column = self.args.hint_column, self.args.ptd_answer_column
+        if any(column not in x for x in inputs):
+            raise ValueError(f"PTD-PO reads each prompt's hint from the dataset column {column!r} (hint_column), "
+                             "which this batch lacks; add it (None where there is no hint)")
+        hints = []
+        for x in inputs:
+            hint = x[column]
+            if hint is None or (isinstance(hint, str) and not hint.strip()):
+                hints.append(None)
+                continue
+            if not isinstance(hint, str):
+                raise TypeError(f"column {column!r} must hold strings or None, got {type(hint).__name__}")
+            if not self.args.ptd_allow_answer_leak:
+                if not answer_column or x.get(answer_column) is None:
+                    raise ValueError(
+                        f"the zero-spoiler check compares each hint with the answer in column {answer_column!r} "
+                        "(ptd_answer_column), which this row lacks; add it, or set ptd_allow_answer_leak=True to "
+                        "use unchecked hints on purpose")
+                key = (hint, str(x[answer_column]))
+                if key not in self._ptd_checked_hints:
+                    check_hint(*key)
+                    self._ptd_checked_hints.add(key)
+            hints.append(hint)
+        return hints
+
+    def _teacher_prompts(self, inputs, hints, student_prompt_ids, student_prompt_mask) -> dict:
+        """Left-padded teacher prompt ids / mask (and token types) for the local rows."""
+        prompts = [x["prompt"] for x in inputs]
+        if "images" in inputs[0]:
+            images = [x.get("images") for x in inputs]
+        elif "image" in inputs[0]:
+            images = [[x["image"]] if x.get("image") is not None else None for x in inputs]
+        else:
+            images = None
+        if images is not None and all(not i for i in images):
+            images = None
+        conversational = is_conversational(inputs[0])
+        if images is not None:
+            prompts = [prepare_multimodal_messages(p, images=i) for p, i in zip(prompts, images)]
+        prompts = [self.hinted_prompt(p, h) if h is not None else p for p, h in zip(prompts, hints)]
+        if conversational:
+            if self._is_vlm:
+                prompts = [prepare_multimodal_messages(p) for p in prompts]
+            encoded = self.processing_class.apply_chat_template(
+                conversation=prompts, tools=self.tools or None, chat_template=self.chat_template,
+                add_generation_prompt=True, tokenize=True, return_dict=True, **self.chat_template_kwargs)
+        else:
+            encoded = self.processing_class(text=prompts)
+        ids = [list(map(int, row)) for row in encoded["input_ids"]]
+        if "attention_mask" in encoded:  # drop any padding the processor added
+            keep = [[bool(m) for m in row] for row in encoded["attention_mask"]]
+        else:
+            keep = [[True] * len(row) for row in ids]
+        device = student_prompt_ids.device
+        out = {}
+        out["ptd_teacher_prompt_ids"], out["ptd_teacher_prompt_mask"] = _left_pad(
+            [[t for t, k in zip(r, m) if k] for r, m in zip(ids, keep)], self._tokenizer.pad_token_id, device)
+        for key in _TOKEN_TYPE_KEYS:
+            if key in encoded:
+                rows = [[int(t) for t, k in zip(r, m) if k] for r, m in zip(encoded[key], keep)]
+                out[f"ptd_teacher_{key}"] = _left_pad(rows, 0, device)[0]
+        image_token = self._image_pad_token_id
+        if images is not None and image_token is not None:
+            teacher_count = (out["ptd_teacher_prompt_ids"] == image_token).sum(1)
+            student_count = ((student_prompt_ids == image_token) & student_prompt_mask.bool()).sum(1)
+            if not torch.equal(teacher_count, student_count):
+                raise RuntimeError("the hinted teacher prompt holds a different number of image tokens than the "
+                                   "student's; the hint must not change how the images are rendered")
+        return out
+
+    # ------------------------------------------------------------------ rollouts
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._ptd_rewards_per_func = rewards_per_func  # all processes' rollouts
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        if self.ptd_teacher_model is None:
+            return super()._generate_and_score_completions(inputs)
+        hints = self._checked_hints(inputs)
+        self._ptd_rewards_per_func = None
+        output = dict(super()._generate_and_score_completions(inputs))
+        rewards_per_func, self._ptd_rewards_per_func = self._ptd_rewards_per_func, None
+        if rewards_per_func is None:
+            raise RuntimeError("TRL's _generate_and_score_completions did not call _calculate_rewards")
+        device = output["completion_ids"].device
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never in F
+        group_mean = torch.nanmean(rewards.view(-1, group_size), dim=1).repeat_interleave(group_size)
+        local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
+        rewards, group_mean = rewards[local].to(device), group_mean[local].to(device)
+        has_hint = torch.tensor([h is not None for h in hints], device=device)
+        ptd_group = has_hint & (group_mean < self.args.ptd_threshold)
+        ptd_rollout = ptd_group & (rewards < 1.0)
+        loss_mask = output["completion_mask"] if "tool_mask" not in output else output["completion_mask"] * output[
+            "tool_mask"]
+        local_stats = torch.stack([ptd_rollout.sum(), (loss_mask * ptd_rollout[:, None]).sum()]).float()
+        global_stats = self.accelerator.gather(local_stats.unsqueeze(0)).sum(0)
+        self._metrics[mode]["ptd/rollouts"].append(global_stats[0].item())
+        output.update(ptd_rollout=ptd_rollout, ptd_group=ptd_group, ptd_num_tokens=global_stats[1])
+        output.update(self._teacher_prompts(inputs, hints, output["prompt_ids"], output["prompt_mask"]))
+        return output
+
+    # ------------------------------------------------------------------ loss
+
+    def _teacher_states(self, inputs, rows: torch.Tensor) -> PTDTeacher:
+        """The teacher's hidden states at the completion positions [B, C, H'] (zero off ``rows``)."""
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        n_completion = completion_ids.size(1)
+        input_ids = torch.cat([inputs["ptd_teacher_prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["ptd_teacher_prompt_mask"], completion_mask], dim=1)
+        model_inputs = {k: inputs[k] for k in _IMAGE_KEYS if inputs.get(k) is not None}
+        for key in _TOKEN_TYPE_KEYS:
+            if f"ptd_teacher_{key}" in inputs:
+                prompt_types = inputs[f"ptd_teacher_{key}"]
+                model_inputs[key] = torch.cat([prompt_types, prompt_types.new_zeros(completion_ids.shape)], dim=1)
+        select = None
+        if not model_inputs:  # text only: run just the sequences that get a JSD
+            select = rows.nonzero().squeeze(-1)
+            input_ids, attention_mask = input_ids[select], attention_mask[select]
+        with torch.no_grad(), self.accelerator.autocast():
+            out = self.ptd_teacher_model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head=True,
+                                         **model_inputs)
+        hidden = out.last_hidden_state[:, -n_completion - 1:-1]
+        if select is not None:
+            full = hidden.new_zeros((rows.shape[0], n_completion, hidden.shape[-1]))
+            full[select] = hidden
+            hidden = full
+        args = self.args
+        return PTDTeacher(hidden=hidden, layer=output_layer(self.accelerator.unwrap_model(self.ptd_teacher_model)),
+                          rows=rows, k=args.ptd_k, beta=args.ptd_beta, support=args.ptd_support, tail=args.ptd_tail)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        pending = self._ptd_pending
+        if pending is None or pending.consumed:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
+        # the policy pass of the loss: log-probs, entropy and the PTD terms from one sweep per side
+        pending.consumed = True
+        if compute_aux_loss:
+            raise NotImplementedError("PTDGRPOTrainer does not compute the MoE load-balancing loss")
+        if batch_size is not None and batch_size < input_ids.size(0):
+            raise RuntimeError("the loss pass is expected in one chunk (TRL changed _compute_loss)")
+        multimodal.pop("num_images", None)
+        multimodal.pop("num_tiles", None)
+        model_inputs = {k: v for k, v in multimodal.items() if v is not None}
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-logits_to_keep] = -100
+        with self.accelerator.autocast():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
+                        ptd_teacher=pending.teacher, **model_inputs)
+        logps = out.log_probs[:, -logits_to_keep:]
+        entropies = out.entropy[:, -logits_to_keep:] if compute_entropy else None
+        if pending.teacher is not None:
+            pending.jsd = out.jsd[:, -logits_to_keep:]
+            pending.overlap = out.overlap[:, -logits_to_keep:]
+            pending.teacher_mass = out.teacher_mass[:, -logits_to_keep:]
+        batch = pending.batch
+        if self.args.ptd_drop_ref_kl and self.beta != 0.0 and batch.get("ref_per_token_logps") is not None:
+            # k3 at r = logp (detached) is 0 with zero gradient: PTD groups lose their reference-KL term
+            batch["ref_per_token_logps"] = torch.where(pending.ptd_group[:, None], logps.detach(),
+                                                       batch["ref_per_token_logps"])
+        return logps, entropies, None
+
+    def _compute_loss(self, model, inputs):
+        if self.ptd_teacher_model is None or "ptd_rollout" not in inputs:
+            return super()._compute_loss(model, inputs)
+        rows = inputs["ptd_rollout"]
+        needs_teacher = rows.any()
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # a sharded teacher runs on every rank or none
+            needs_teacher = self.accelerator.reduce(needs_teacher.float(), reduction="sum") > 0
+        teacher = self._teacher_states(inputs, rows) if bool(needs_teacher) else None
+        # TRL's loss reads this shallow copy; the buffered batch (reused when num_iterations > 1) is never changed
+        pending = _PendingStep(batch=dict(inputs), teacher=teacher, ptd_group=inputs["ptd_group"])
+        self._ptd_pending = pending
+        try:
+            loss = super()._compute_loss(model, pending.batch)
+        finally:
+            self._ptd_pending = None
+        if not pending.consumed:
+            raise RuntimeError("TRL's _compute_loss did not call _get_per_token_logps_and_entropies")
+
+        mode = "train" if self.model.training else "eval"
+        loss_mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs[
+            "tool_mask"]
+        f_mask = (loss_mask.bool() & rows[:, None]).float()
+        if pending.jsd is not None:
+            # Σ_F D_K / Σ_F |y| over the generation batch: the denominator is that batch's count, rescaled
+            # to one process and one accumulation window as TRL's token-level losses do
+            denominator = inputs["ptd_num_tokens"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                denominator = denominator * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            loss = loss + self.ptd_coef * (pending.jsd * f_mask).sum() / denominator
+            sums = torch.stack([(pending.jsd.detach() * f_mask).sum(), (pending.overlap * f_mask).sum(),
+                                (pending.teacher_mass * f_mask).sum(), f_mask.sum()])
+        else:
+            sums = f_mask.new_zeros(4)
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        if sums[3] > 0:
+            for name, value in zip(("ptd/jsd", "ptd/overlap", "ptd/teacher_mass"), (sums[:3] / sums[3]).tolist()):
+                self._metrics[mode][name].append(value)
+        return loss
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
