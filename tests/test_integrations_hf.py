@@ -158,16 +158,6 @@ def test_logit_transform_from_configs():
         hf.logit_transform(Gemma2Config(final_logit_softcapping=-1.0))
 
 
-@pytest.mark.skipif(hf.KERNELS_TAKE_LOGIT_TRANSFORM, reason="the kernels take logit_scale / softcap")
-def test_transformed_logits_refused_until_kernels_take_them(tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(save_tiny_gemma2(tmp_path), dtype=torch.float32)
-    ids = torch.randint(3, 30, (1, 6))
-    with pytest.raises(NotImplementedError, match="final_logit_softcapping=2"):
-        hf.ptd_lm_forward(model, input_ids=ids, labels=ids)
-
-
-@pytest.mark.xfail(not hf.KERNELS_TAKE_LOGIT_TRANSFORM, strict=True, raises=NotImplementedError,
-                   reason="the fused kernels do not take softcap yet (SPEC §4, issue 11)")
 def test_softcapped_gemma2_head_matches_logits(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(save_tiny_gemma2(tmp_path), dtype=torch.float32,
                                                  attn_implementation="eager")

@@ -15,16 +15,11 @@ What a model's logits are made of, read from the model itself:
   model's ``forward``, and the output-layer part inside the output layer's own call
   (:func:`run_as_forward`), so DDP's and FSDP2's hooks see both: FSDP2 un-shards the parameters
   and reduces their gradients, also when the output layer is an FSDP unit of its own.
-
-Until the kernels take ``logit_scale`` / ``softcap`` (SPEC §4), a model whose config asks for
-either is refused with a ``NotImplementedError`` naming the setting; :data:`KERNELS_TAKE_LOGIT_TRANSFORM`
-turns true by itself once they do.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import types
 from dataclasses import dataclass
 
@@ -36,7 +31,6 @@ from transformers.utils import ModelOutput
 import ptd_kernels as ptd
 
 __all__ = [
-    "KERNELS_TAKE_LOGIT_TRANSFORM",
     "OutputLayer",
     "PTDCausalLMOutput",
     "PTDTeacher",
@@ -50,10 +44,6 @@ __all__ = [
     "remove_ptd_head",
     "run_as_forward",
 ]
-
-# Whether the fused kernels accept logit_scale / softcap (and their teacher_ twins): read from the
-# public signature, so the models that need them start working when the kernels gain the arguments.
-KERNELS_TAKE_LOGIT_TRANSFORM = {"logit_scale", "softcap"} <= set(inspect.signature(ptd.linear_logprobs).parameters)
 
 _TRANSFORMERS_5 = Version(transformers.__version__) >= Version("5.0.0")
 
@@ -82,15 +72,8 @@ class OutputLayer:
     def kernel_kwargs(self, prefix: str = "") -> dict:
         """Keyword arguments that give ptd's fused functions this layer's logit transform.
 
-        ``prefix="teacher_"`` for the teacher side. Empty for a plain layer; a layer with a scale
-        or soft-cap raises ``NotImplementedError`` until the kernels take them.
+        ``prefix="teacher_"`` for the teacher side (a teacher's transform is its own, never inherited).
         """
-        if self.plain:
-            return {}
-        if not KERNELS_TAKE_LOGIT_TRANSFORM:
-            raise NotImplementedError(
-                f"this model's logits are transformed ({self.source}); ptd's fused kernels do not take "
-                "logit_scale / softcap yet, so its log-probs cannot be computed exactly")
         return {prefix + "logit_scale": self.logit_scale, prefix + "softcap": self.softcap}
 
 
