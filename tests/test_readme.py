@@ -21,3 +21,16 @@ def test_kernel_api_example_runs():
     assert scope["hidden"].grad is not None and scope["weight"].grad is not None
     assert bool(torch.isfinite(scope["weight"].grad).all())
     assert scope["teacher_hidden"].grad is None
+
+
+def test_softcap_example_runs():
+    text = open(README, encoding="utf-8").read()
+    section = text[text.index("**Soft-capping and logit scale.**"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md (soft-capping example)", "exec"), scope)
+    import ptd_kernels as ptd
+
+    assert (scope["scale"], scope["softcap"]) == (1.0, 30.0)
+    want = ptd.reference.linear_logprobs(scope["hidden"], scope["weight"], torch.tensor([1, 2, 3, 4]), softcap=30.0)
+    torch.testing.assert_close(scope["logp"], want)
