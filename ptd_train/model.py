@@ -1,14 +1,10 @@
-"""Model side: a tiny Qwen3-VL built from a config, its word-level tokenizer, image patchify,
-and how prompts/responses become model inputs.
+"""Model side: the embedded tiny Qwen3-VL built from a config, loading a local checkpoint, and
+the backbone passes the trainer runs (prompt once, KV cache continued per rollout; the output
+layer is left to ``ptd_kernels``).
 
-Nothing here downloads anything. A real checkpoint directory (``--model_name_or_path``) is
-loaded with ``from_pretrained`` and goes through the same functions.
+Nothing here downloads anything. Qwen3-VL facts this relies on (transformers ≥ 5,
+``models/qwen3_vl/modeling_qwen3_vl.py``):
 
-Qwen3-VL facts this relies on (transformers ≥ 5, ``models/qwen3_vl/modeling_qwen3_vl.py``):
-
-- the vision tower takes ``pixel_values`` as flat patches ``[Σ t·h·w, C·T·P·P]`` plus
-  ``image_grid_thw`` ``[n_images, 3]``; every ``merge²`` patches become one LLM token, placed
-  where ``<|image_pad|>`` (``config.image_token_id``) stands in ``input_ids``;
 - multimodal RoPE needs ``mm_token_type_ids`` (1 at image tokens, else 0) whenever
   ``image_grid_thw`` is given, and ``mrope_section`` must sum to ``head_dim / 2``;
 - ``deepstack_visual_indexes=[]`` switches DeepStack off (one vision layer is all we have),
@@ -19,66 +15,13 @@ Qwen3-VL facts this relies on (transformers ≥ 5, ``models/qwen3_vl/modeling_qw
 from __future__ import annotations
 
 import copy
-import json
-import math
-import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-# Special tokens (Qwen spellings, so real checkpoints and the tiny one share the prompt code).
-PAD = "<|endoftext|>"
-EOS = "<|im_end|>"
-BOS_USER = "<|im_start|>"
-VISION_START = "<|vision_start|>"
-VISION_END = "<|vision_end|>"
-IMAGE_PAD = "<|image_pad|>"
-VIDEO_PAD = "<|video_pad|>"
-UNK = "<unk>"
-SPECIAL_TOKENS = [PAD, EOS, BOS_USER, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, UNK]
-# Tokens a rollout may never contain: sampling suppresses them, every log-prob masks them
-# (a sampled <|image_pad|> makes the next forward pass fail: image tokens ≠ image features).
-PLACEHOLDER_TOKENS = [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
-
-# Qwen3-VL normalizes pixels with mean = std = 0.5 per channel.
-IMAGE_MEAN = (0.5, 0.5, 0.5)
-IMAGE_STD = (0.5, 0.5, 0.5)
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over ``SPECIAL_TOKENS + words`` (whitespace-separated words).
-
-    Round-trips through ``save_pretrained`` / ``AutoTokenizer.from_pretrained``.
-    """
-    vocab: dict[str, int] = {}
-    for w in SPECIAL_TOKENS + list(words):
-        if w not in vocab:
-            vocab[w] = len(vocab)
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token=UNK,
-        pad_token=PAD,
-        eos_token=EOS,
-        additional_special_tokens=[BOS_USER, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD],
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-    )
-    return tok
-
-
-def placeholder_ids(tok) -> list[int]:
-    """Ids of the vision placeholder tokens that exist in this vocabulary."""
-    vocab = tok.get_vocab()
-    return [vocab[t] for t in PLACEHOLDER_TOKENS if t in vocab]
-
+from .prompts import IMAGE_PAD, PAD, VIDEO_PAD, VISION_END, VISION_START
+from .vision import VisionBatch
 
 # ----------------------------------------------------------------------------- model
 
@@ -172,146 +115,7 @@ def backbone(model):
     return model.model
 
 
-# ----------------------------------------------------------------------------- images
-
-
-@dataclass(frozen=True)
-class VisionGeometry:
-    patch_size: int
-    merge_size: int
-    temporal_patch_size: int
-    image_mean: tuple = IMAGE_MEAN
-    image_std: tuple = IMAGE_STD
-
-    @classmethod
-    def of(cls, model, path: str | None = None) -> VisionGeometry:
-        vc = model.config.vision_config
-        mean, std = IMAGE_MEAN, IMAGE_STD
-        if path is not None and os.path.exists(os.path.join(path, "preprocessor_config.json")):
-            with open(os.path.join(path, "preprocessor_config.json")) as f:
-                pc = json.load(f)
-            mean = tuple(pc.get("image_mean", mean))
-            std = tuple(pc.get("image_std", std))
-        return cls(vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size, mean, std)
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
-
-
-def patchify(image: np.ndarray, geo: VisionGeometry) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """One RGB image ``[H, W, 3]`` (uint8 or float in [0, 1]) → (patches, (t, h, w)).
-
-    The Qwen2-VL/Qwen3-VL layout: patches ordered by merge window (row-major over windows,
-    row-major inside a window), each flattened as ``[C, T, P, P]`` with the single frame
-    repeated ``temporal_patch_size`` times. H and W must be multiples of patch·merge.
-    Returns float32 patches ``[h·w, C·T·P·P]`` and the grid (1, h, w) in patches.
-    """
-    img = np.asarray(image, dtype=np.float32)
-    if image.dtype == np.uint8:
-        img = img / 255.0
-    H, W, C = img.shape
-    P, M, T = geo.patch_size, geo.merge_size, geo.temporal_patch_size
-    if H % (P * M) or W % (P * M):
-        raise ValueError(f"image: size {H}x{W} is not a multiple of patch·merge = {P * M}")
-    img = (img - np.asarray(geo.image_mean, np.float32)) / np.asarray(geo.image_std, np.float32)
-    gh, gw = H // P, W // P
-    x = img.transpose(2, 0, 1).reshape(C, gh // M, M, P, gw // M, M, P)
-    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/M, gw/M, M, M, C, P, P)
-    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], T, P, P))
-    return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, C * T * P * P)), (1, gh, gw)
-
-
-def resize_for_model(image: np.ndarray, geo: VisionGeometry, max_pixels: int = 512 * 512) -> np.ndarray:
-    """Resize an RGB uint8 image so both sides are multiples of patch·merge (at most max_pixels)."""
-    from PIL import Image
-
-    H, W = image.shape[:2]
-    f = geo.factor
-    scale = min(1.0, math.sqrt(max_pixels / (H * W)))
-    h = max(f, round(H * scale / f) * f)
-    w = max(f, round(W * scale / f) * f)
-    if (h, w) == (H, W):
-        return image
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-def encode_prompt(tok, question: str, n_image_tokens: int, hint: str | None = None) -> list[int]:
-    """Token ids of one prompt: image placeholders, question, optional hint, answer cue.
-
-    ``hint=None`` is the student context x; a hint string gives the teacher context x^h = [x ; h].
-    Real chat checkpoints get their ``<|im_start|>user … <|im_end|> <|im_start|>assistant`` frame.
-    """
-    vocab = tok.get_vocab()
-    ids = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
-    chat = bool(getattr(tok, "chat_template", None))  # a real chat checkpoint (ours has no template)
-    out: list[int] = []
-    if chat:
-        out += [vocab[BOS_USER]] + ids("user\n")
-    out += [vocab[VISION_START]] + [vocab[IMAGE_PAD]] * n_image_tokens + [vocab[VISION_END]]
-    out += ids((" " if not chat else "") + question)
-    if hint is not None:
-        out += ids(" hint : " + hint if not chat else "\nHint: " + hint)
-    if chat:
-        out += [vocab[EOS]] + ids("\n") + [vocab[BOS_USER]] + ids("assistant\n")
-    else:
-        out += ids(" answer :")
-    return out
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    att = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
-        att[i, L - len(s) :] = 1
-    return ids, att
-
-
-@dataclass
-class VisionBatch:
-    """The images of a batch of sequences, one image per sequence.
-
-    ``pixel_values``/``grids`` hold each distinct image once; ``rows[i]`` names the image of
-    sequence i (None: image i for sequence i). The G rollouts of a prompt share one image, so
-    the vision tower runs once per prompt in teacher-forced passes (see ``response_hidden``).
-    """
-
-    pixel_values: torch.Tensor  # [Σ patches of the distinct images, C·T·P·P]
-    grids: torch.Tensor  # [n_images, 3]
-    rows: list[int] | None = None
-
-    @property
-    def image_rows(self) -> list[int]:
-        return list(range(len(self.grids))) if self.rows is None else self.rows
-
-    @property
-    def image_grid_thw(self) -> torch.Tensor:
-        """Per-sequence grid [B, 3]."""
-        return self.grids if self.rows is None else self.grids[self.rows]
-
-    def select(self, rows: list[int]) -> VisionBatch:
-        """The batch of sequences ``rows`` (sharing, not copying, the pixels)."""
-        return VisionBatch(self.pixel_values, self.grids, [self.image_rows[r] for r in rows])
-
-    def dense(self) -> VisionBatch:
-        """Pixels repeated per sequence (what ``generate`` takes)."""
-        if self.rows is None:
-            return self
-        starts = np.cumsum([0] + self.grids.prod(-1).tolist())
-        parts = [self.pixel_values[starts[r] : starts[r + 1]] for r in self.rows]
-        return VisionBatch(torch.cat(parts), self.grids[self.rows])
-
-    def to(self, device) -> VisionBatch:
-        return VisionBatch(self.pixel_values.to(device), self.grids.to(device), self.rows)
-
-
-def stack_images(patches: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> VisionBatch:
-    return VisionBatch(torch.cat(patches), torch.tensor(grids, dtype=torch.long))
+# ----------------------------------------------------------------------------- forward passes
 
 
 def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: VisionBatch) -> dict:

@@ -1,4 +1,4 @@
-"""GRPO + PTD-PO, one readable file.  ``python -m ptd_train.run [--flags]``  (SPEC §1, §3)
+"""GRPO + PTD-PO, read top to bottom.  ``python -m ptd_train.run [--flags]``  (SPEC §1, §3)
 
 One RL step:
   1. sample B prompts; G rollouts each from the policy on the hint-free prompt x (temperature
@@ -11,18 +11,17 @@ One RL step:
      Top-K JSD, overlap in one sweep; no batch×length×vocab logits are ever formed);
   4. loss of SPEC §3 (clipped GRPO, k3 reference KL except in PTD groups, λ·JSD on F), AdamW,
      grad-norm clip; log the step.
-Before step 1 (embedded model only) a cached supervised warm start brings the tiny model to
-where RL has rewards to work with; held-out greedy accuracy is measured before and after.
+Before step 1 (embedded model only) a cached supervised warm start (``warmstart.py``) brings the
+tiny model to where RL has rewards to work with; held-out greedy accuracy is measured before and
+after (``rollout.py``).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
-import random
 import sys
 import time
 
@@ -32,89 +31,16 @@ import torch
 from ptd_kernels import linear_jsd, linear_logprobs, linear_ptd_terms
 
 from . import grpo
+from .checkpoint import atomic_save, atomic_write_text, rng_state, set_rng_state
 from .config import TrainConfig
-from .hints import HINT_KINDS, HintLeakError, check_hint, leak_hint
-from .model import (
-    Prefix,
-    TinyVLSpec,
-    VisionBatch,
-    VisionGeometry,
-    build_tiny_model,
-    build_tokenizer,
-    continue_prefix,
-    distinct_prompts,
-    encode_prefix,
-    encode_prompt,
-    left_pad,
-    load_model_and_tokenizer,
-    output_layer,
-    patchify,
-    placeholder_ids,
-    prefix_response_hidden,
-    resize_for_model,
-    response_hidden,
-    stack_images,
-)
+from .model import build_tiny_model, load_model_and_tokenizer, output_layer, response_hidden
+from .prompts import Env, build_tokenizer
+from .rollout import decode, evaluate, generate, targets_of
 from .tasks import Example, GridCountTask, load_jsonl, reward
-
-IGNORE = -100
-
+from .vision import VisionGeometry
+from .warmstart import warm_start
 
 # ============================================================================ setup
-
-
-class Env:
-    """Everything a step needs that is not the model weights."""
-
-    def __init__(self, cfg: TrainConfig, tok, geo: VisionGeometry, device: torch.device, backend: str):
-        self.cfg, self.tok, self.geo, self.device, self.backend = cfg, tok, geo, device, backend
-        self.blocked = placeholder_ids(tok)
-        self.autocast = device.type == "cuda"  # bf16 compute on CUDA, fp32 weights
-
-    def amp(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else _nullcontext()
-
-    def image(self, ex: Example) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        img = ex.image if self.cfg.dataset is None else resize_for_model(ex.image, self.geo, self.cfg.max_pixels)
-        return patchify(img, self.geo)
-
-    def prompts(self, examples: list[Example], hint_kinds: list[str] | None = None):
-        """Left-padded prompt ids/mask and the images of ``examples``.
-
-        ``hint_kinds=None``: the student's hint-free context x. Otherwise one hint kind per
-        example (``"none"`` = no hint); every hint passes the zero-spoiler check first.
-        """
-        ids, patches, grids = [], [], []
-        for i, ex in enumerate(examples):
-            p, thw = self.image(ex)
-            n_img = thw[0] * thw[1] * thw[2] // self.geo.merge_size**2
-            hint = None if hint_kinds is None else self.hint(ex, hint_kinds[i])
-            ids.append(encode_prompt(self.tok, ex.question, n_img, hint))
-            patches.append(p)
-            grids.append(thw)
-        pid, pmask = left_pad(ids, self.tok.pad_token_id)
-        return pid.to(self.device), pmask.to(self.device), stack_images(patches, grids).to(self.device)
-
-    def hint(self, ex: Example, kind: str) -> str | None:
-        """The hint of this kind, checked zero-spoiler. The one exception is ``"leak"`` (the
-        ptd-leak baseline, which states the answer): config.resolved() admits it only with
-        ``allow_answer_leak``, and it is refused here too without that flag."""
-        if kind == "leak":
-            if not self.cfg.allow_answer_leak:
-                raise HintLeakError("teacher_hint 'leak' states the answer; needs --allow_answer_leak true")
-            return leak_hint(ex.completion or ex.answer)
-        hint = ex.hint(kind)
-        if hint is not None:
-            check_hint(hint, ex.answer)
-        return hint
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, str]:
@@ -152,199 +78,10 @@ def sample_prompts(cfg: TrainConfig, task, train: list[Example] | None, rng: np.
     ]
 
 
-def completion_ids(tok, text: str) -> list[int]:
-    return tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
-
-
-# ============================================================================ generation / eval
-
-
-@torch.no_grad()
-def generate(model, env: Env, pid, pmask, vision: VisionBatch, *, greedy: bool, prefix: Prefix | None = None):
-    """Rollouts → (response ids [R, T] padded, mask [R, T] of real tokens incl. the first EOS).
-
-    KV-cached decoding that encodes each distinct prompt once (the G rollouts of a prompt share
-    its prompt pass and image; the cache is repeated per rollout), then one token per step for all
-    rows: temperature sampling (or greedy), vision placeholder tokens suppressed, pad after EOS —
-    what ``model.generate`` does, without re-encoding the image of every rollout.
-    ``prefix``: an already encoded prompt batch (one row per rollout) to decode from instead.
-    """
-    was_training = model.training
-    model.eval()
-    cfg = env.cfg
-    W, b = output_layer(model)
-    with env.amp():
-        if prefix is None:
-            first, inverse = distinct_prompts(pid, pmask, vision)
-            prefix = encode_prefix(model, pid[first], pmask[first], vision.select(first)).select(inverse)
-        R = prefix.last.shape[0]
-        h = prefix.last
-        done = torch.zeros(R, dtype=torch.bool, device=h.device)
-        blocked = torch.tensor(env.blocked, dtype=torch.long, device=h.device)
-        out = []
-        for t in range(cfg.max_new_tokens):
-            logits = torch.nn.functional.linear(h.to(W.dtype), W, b).float()
-            logits[:, blocked] = -float("inf")
-            if greedy:
-                nxt = logits.argmax(-1)
-            else:
-                nxt = torch.multinomial(torch.softmax(logits / cfg.temperature, -1), 1).squeeze(1)
-            nxt = nxt.masked_fill(done, env.tok.pad_token_id)
-            out.append(nxt)
-            done |= nxt == env.tok.eos_token_id
-            if t + 1 == cfg.max_new_tokens or bool(done.all()):
-                break
-            h = continue_prefix(model, prefix, nxt[:, None], torch.ones_like(nxt[:, None]))[:, -1]
-    model.train(was_training)
-    resp = torch.stack(out, 1)
-    T = cfg.max_new_tokens
-    if resp.shape[1] < T:
-        resp = torch.cat([resp, resp.new_full((R, T - resp.shape[1]), env.tok.pad_token_id)], 1)
-    is_eos = resp == env.tok.eos_token_id
-    after_eos = (torch.cumsum(is_eos.long(), 1) - is_eos.long()) > 0
-    mask = ~after_eos
-    mask &= ~torch.isin(resp, blocked)
-    resp = resp.masked_fill(~mask, env.tok.pad_token_id)
-    return resp, mask
-
-
-def decode(tok, resp, mask) -> list[str]:
-    return [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(resp.cpu(), mask.cpu())]
-
-
-def targets_of(resp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return resp.masked_fill(~mask, IGNORE).reshape(-1)
-
-
-@torch.no_grad()
-def evaluate(model, env: Env, examples: list[Example], hint_kind: str | None = None, batch: int = 100) -> dict:
-    """Greedy accuracy on ``examples`` (hint-free unless ``hint_kind``) and the mean probability
-    of the reference completion (hint-free only; a smoother signal than greedy accuracy).
-
-    Each prompt is encoded once: greedy decoding and the teacher-forced reference completion
-    both continue the same prompt cache."""
-    was_training = model.training
-    model.eval()
-    correct, p_correct = 0.0, 0.0
-    for s in range(0, len(examples), batch):
-        chunk = examples[s : s + batch]
-        pid, pmask, vision = env.prompts(chunk, None if hint_kind is None else [hint_kind] * len(chunk))
-        with env.amp():
-            prefix = encode_prefix(model, pid, pmask, vision)
-        keep = prefix.select(list(range(len(chunk)))) if hint_kind is None else prefix  # decoding grows its cache
-        resp, mask = generate(model, env, pid, pmask, vision, greedy=True, prefix=keep)
-        correct += sum(reward(t, ex.answer) for t, ex in zip(decode(env.tok, resp, mask), chunk))
-        if hint_kind is None:
-            g, gm = gold_batch(env, chunk)
-            with env.amp():
-                h = prefix_response_hidden(model, prefix, g, gm)
-            W, b = output_layer(model)
-            logp = linear_logprobs(
-                h.reshape(-1, h.shape[-1]).to(W.dtype),
-                W,
-                targets_of(g, gm),
-                bias=b,
-                temperature=env.cfg.temperature,
-                backend=env.backend,
-            )
-            p_correct += logp.view(len(chunk), g.shape[1]).sum(1).exp().sum().item()
-    model.train(was_training)
-    out = {"accuracy": correct / len(examples)}
-    if hint_kind is None:
-        out["p_correct"] = p_correct / len(examples)
-    return out
-
-
-def gold_batch(env: Env, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference completions (+ EOS), right-padded: ids [B, T] and mask [B, T]."""
-    gold = [completion_ids(env.tok, ex.completion or ex.answer) for ex in examples]
-    T = max(map(len, gold))
-    g = torch.full((len(examples), T), env.tok.pad_token_id, dtype=torch.long)
-    gm = torch.zeros((len(examples), T), dtype=torch.bool)
-    for i, ids in enumerate(gold):
-        g[i, : len(ids)] = torch.tensor(ids)
-        gm[i, : len(ids)] = True
-    return g.to(env.device), gm.to(env.device)
-
-
-# ============================================================================ warm start
-
-
-def warm_start(model, env: Env, task: GridCountTask, log=print) -> dict:
-    """Supervised warm start on a hint mix (cached in ``warmstart_dir``): stops at the first
-    evaluation where the hinted dev accuracy is ≥ ``warmstart_hinted_min`` (with the spatial hint,
-    and with the answer-stating hint when the mix has ``leak``) and the hint-free one
-    ≥ ``warmstart_target``.
-
-    The data mixes hint-free and hinted prompts: a model that never saw a hint cannot use one,
-    and then the teacher would be no better than the student. ``leak`` prompts (the hint states
-    the answer: the reference completion) teach the model to copy a stated answer, as any real
-    LLM would, so that the ptd-leak baseline's teacher is a competent answer-conditioned teacher.
-    They are supervised data whose target is that very answer, so the warm start (and only it)
-    builds them without ``--allow_answer_leak``; RL teachers still need that switch.
-    """
-    cfg = env.cfg
-    keys = [f for f in dataclasses.fields(cfg) if f.name.startswith("warmstart_") and f.name != "warmstart_dir"]
-    spec = {f.name: getattr(cfg, f.name) for f in keys}
-    task_print = hashlib.sha256(task.dev[0].image.tobytes() + " ".join(task.words).encode()).hexdigest()
-    spec.update(model=dataclasses.asdict(TinyVLSpec()), task=task_print, max_grad_norm=cfg.max_grad_norm, version=2)
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cfg.warmstart_dir, f"warmstart-{key}.pt")
-    if os.path.exists(path):
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        log(f"warm start: loaded {path} (step {state['info']['steps']})")
-        return state["info"]
-
-    kinds, weights = zip(*[(k, float(w)) for k, w in (kv.split(":") for kv in cfg.warmstart_hint_mix.split(","))])
-    probs = np.asarray(weights) / sum(weights)
-    bad = [k for k in kinds if k not in ("none", "leak", *HINT_KINDS)]
-    if bad:
-        raise ValueError(f"warmstart_hint_mix: unknown hint kinds {bad}")
-    leak = "leak" in kinds
-    data_env = env  # builds the warm-start prompts (and the leak teacher's dev prompts)
-    if leak:
-        data_env = Env(dataclasses.replace(cfg, allow_answer_leak=True), env.tok, env.geo, env.device, env.backend)
-    rng = np.random.default_rng([cfg.warmstart_seed, 17])
-    torch.manual_seed(cfg.warmstart_seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmstart_lr, weight_decay=0.0)
-    W, b = output_layer(model)
-    t0 = time.time()
-    info = {"steps": 0, "dev_accuracy": None, "dev_accuracy_hinted": None}
-    if leak:
-        info["dev_accuracy_leak"] = None
-    for step in range(1, cfg.warmstart_max_steps + 1):
-        batch = task.sample(rng, cfg.warmstart_batch)
-        hk = list(rng.choice(kinds, size=len(batch), p=probs))
-        pid, pmask, vision = data_env.prompts(batch, hk)
-        g, gm = gold_batch(env, batch)
-        with env.amp():
-            h = response_hidden(model, pid, pmask, vision, g, gm)
-        logp = linear_logprobs(
-            h.reshape(-1, h.shape[-1]).to(W.dtype), W, targets_of(g, gm), bias=b, temperature=1.0, backend=env.backend
-        )
-        loss = -logp.sum() / gm.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % cfg.warmstart_eval_every == 0 or step == cfg.warmstart_max_steps:
-            free = evaluate(model, env, task.dev)["accuracy"]
-            hinted = evaluate(model, env, task.dev, hint_kind="spatial")["accuracy"]
-            info = {"steps": step, "dev_accuracy": free, "dev_accuracy_hinted": hinted}
-            if leak:
-                info["dev_accuracy_leak"] = evaluate(model, data_env, task.dev, hint_kind="leak")["accuracy"]
-            info.update(loss=loss.item(), seconds=round(time.time() - t0, 1))
-            log(
-                f"warm start {step}: loss {loss.item():.3f} dev acc {free:.2f} hinted {hinted:.2f}"
-                + (f" leak {info['dev_accuracy_leak']:.2f}" if leak else "")
-            )
-            teachers_ready = min(hinted, info.get("dev_accuracy_leak", 1.0)) >= cfg.warmstart_hinted_min
-            if free >= cfg.warmstart_target and teachers_ready:
-                break
-    os.makedirs(cfg.warmstart_dir, exist_ok=True)
-    atomic_save({"model": model.state_dict(), "info": info, "spec": spec}, path)
-    return info
+def step_seed(seed: int, step: int) -> None:
+    """Each step's prompts and samples depend only on (seed, step): paired runs see the same
+    stream, and a resumed run continues it exactly."""
+    torch.manual_seed(seed * 1_000_003 + step)
 
 
 # ============================================================================ one RL step
@@ -518,43 +255,6 @@ def rl_step(policy, ref, opt, env: Env, examples: list[Example]) -> dict:
         "response_len": mask.sum(1).float().mean().item(),
         "seconds": time.time() - t0,
     }
-
-
-# ============================================================================ checkpoints
-
-
-def atomic_save(obj, path: str):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: str):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def step_seed(seed: int, step: int) -> None:
-    """Each step's prompts and samples depend only on (seed, step): paired runs see the same
-    stream, and a resumed run continues it exactly."""
-    torch.manual_seed(seed * 1_000_003 + step)
 
 
 # ============================================================================ main
