@@ -40,7 +40,13 @@ class TrainConfig:
     backend: str = field(
         default="auto", metadata={"help": "Kernel backend: auto (CUDA→triton, CPU→torch) | triton | torch."}
     )
-    num_threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest for the tiny model)."})
+    num_threads: int = field(
+        default=1, metadata={"help": "torch CPU threads per process (1 is fastest for the tiny model)."}
+    )
+    fsdp: bool = field(
+        default=False,
+        metadata={"help": "Under torchrun: shard policy and reference with FSDP2 (default: DDP, full replicas)."},
+    )
     save_steps: int = field(
         default=50, metadata={"help": "Checkpoint every N steps (and at the end); 0 = only at the end."}
     )
@@ -49,18 +55,27 @@ class TrainConfig:
 
     # --- model and data
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Local Qwen-VL checkpoint dir; None = the embedded tiny Qwen3-VL."}
+        default=None,
+        metadata={
+            "help": "Local checkpoint dir (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, or a text-only causal LM); "
+            "None = the embedded tiny Qwen3-VL."
+        },
     )
     dataset: str | None = field(
-        default=None, metadata={"help": "JSONL (image, question, answer, hint); None = the embedded grid-count task."}
+        default=None,
+        metadata={"help": "JSONL (image or null, question, answer, hint); None = the embedded grid-count task."},
     )
     eval_dataset: str | None = field(
         default=None, metadata={"help": "Held-out JSONL; None with --dataset = the last eval_size lines."}
     )
     eval_size: int = field(default=200, metadata={"help": "Held-out prompts (greedy accuracy before/after training)."})
     eval_steps: int = field(default=25, metadata={"help": "Also evaluate the held-out split every N steps (0 = off)."})
-    max_pixels: int = field(
-        default=512 * 512, metadata={"help": "Dataset images are resized to at most this many pixels."}
+    max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Cap on the pixels of a dataset image; None = the checkpoint's image processor decides "
+            "(512·512 without one)."
+        },
     )
 
     # --- warm start (embedded model only; cached in warmstart_dir)

@@ -1,18 +1,17 @@
 """Sampling and evaluation: KV-cached rollouts from the policy, greedy held-out accuracy, and the
-reference completions the warm start and evaluation score."""
+reference completions the warm start and evaluation score.
+
+``lm`` is a :class:`~ptd_train.model.ModelWithPTDHead` (sharded or not). Under torchrun,
+``dist`` keeps the ranks in lockstep where FSDP2 needs it and reduces the evaluation."""
 
 from __future__ import annotations
 
 import torch
 
-from ptd_kernels import linear_logprobs
-
-from .model import Prefix, continue_prefix, distinct_prompts, encode_prefix, output_layer, prefix_response_hidden
-from .prompts import Env
+from .distributed import SINGLE, Dist
+from .model import Prefix, distinct_prompts
+from .prompts import Env, PromptBatch
 from .tasks import Example, reward
-from .vision import VisionBatch
-
-IGNORE = -100
 
 
 def completion_ids(tok, text: str) -> list[int]:
@@ -20,49 +19,47 @@ def completion_ids(tok, text: str) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, env: Env, pid, pmask, vision: VisionBatch, *, greedy: bool, prefix: Prefix | None = None):
-    """Rollouts → (response ids [R, T] padded, mask [R, T] of real tokens incl. the first EOS).
+def generate(lm, env: Env, x: PromptBatch, *, greedy: bool, prefix: Prefix | None = None, dist: Dist = SINGLE):
+    """Rollouts → (response ids [R, T] padded, mask [R, T] of real tokens incl. the first stop token).
 
     KV-cached decoding that encodes each distinct prompt once (the G rollouts of a prompt share
     its prompt pass and image; the cache is repeated per rollout), then one token per step for all
-    rows: temperature sampling (or greedy), vision placeholder tokens suppressed, pad after EOS —
-    what ``model.generate`` does, without re-encoding the image of every rollout.
+    rows: temperature sampling (or greedy), vision placeholder tokens suppressed, pad after the
+    stop token — what ``model.generate`` does, without re-encoding the image of every rollout.
     ``prefix``: an already encoded prompt batch (one row per rollout) to decode from instead.
     """
-    was_training = model.training
-    model.eval()
+    was_training = lm.training
+    lm.eval()
     cfg = env.cfg
-    W, b = output_layer(model)
-    with env.amp():
-        if prefix is None:
-            first, inverse = distinct_prompts(pid, pmask, vision)
-            prefix = encode_prefix(model, pid[first], pmask[first], vision.select(first)).select(inverse)
-        R = prefix.last.shape[0]
-        h = prefix.last
-        done = torch.zeros(R, dtype=torch.bool, device=h.device)
-        blocked = torch.tensor(env.blocked, dtype=torch.long, device=h.device)
-        out = []
-        for t in range(cfg.max_new_tokens):
-            logits = torch.nn.functional.linear(h.to(W.dtype), W, b).float()
-            logits[:, blocked] = -float("inf")
-            if greedy:
-                nxt = logits.argmax(-1)
-            else:
-                nxt = torch.multinomial(torch.softmax(logits / cfg.temperature, -1), 1).squeeze(1)
-            nxt = nxt.masked_fill(done, env.tok.pad_token_id)
-            out.append(nxt)
-            done |= nxt == env.tok.eos_token_id
-            if t + 1 == cfg.max_new_tokens or bool(done.all()):
-                break
-            h = continue_prefix(model, prefix, nxt[:, None], torch.ones_like(nxt[:, None]))[:, -1]
-    model.train(was_training)
+    if prefix is None:
+        first, inverse = distinct_prompts(x.ids, x.mask, x.vision)
+        prefix = lm.prefix(env, x.select(first)).select(inverse)
+    R = prefix.last.shape[0]
+    done = torch.zeros(R, dtype=torch.bool, device=prefix.last.device)
+    blocked = torch.tensor(env.blocked, dtype=torch.long, device=done.device)
+    stop = torch.tensor(env.stop_ids, dtype=torch.long, device=done.device)
+    logits = lm.next_token_logits(env, prefix)
+    out = []
+    for t in range(cfg.max_new_tokens):
+        logits[:, blocked] = -float("inf")
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            nxt = torch.multinomial(torch.softmax(logits / cfg.temperature, -1), 1).squeeze(1)
+        nxt = nxt.masked_fill(done, env.tok.pad_token_id)
+        out.append(nxt)
+        done |= torch.isin(nxt, stop)
+        if t + 1 == cfg.max_new_tokens or dist.lockstep_all(bool(done.all())):
+            break
+        logits = lm.next_token_logits(env, prefix, nxt[:, None])
+    lm.train(was_training)
     resp = torch.stack(out, 1)
     T = cfg.max_new_tokens
     if resp.shape[1] < T:
         resp = torch.cat([resp, resp.new_full((R, T - resp.shape[1]), env.tok.pad_token_id)], 1)
-    is_eos = resp == env.tok.eos_token_id
-    after_eos = (torch.cumsum(is_eos.long(), 1) - is_eos.long()) > 0
-    mask = ~after_eos
+    is_stop = torch.isin(resp, stop)
+    after_stop = (torch.cumsum(is_stop.long(), 1) - is_stop.long()) > 0
+    mask = ~after_stop
     mask &= ~torch.isin(resp, blocked)
     resp = resp.masked_fill(~mask, env.tok.pad_token_id)
     return resp, mask
@@ -72,46 +69,37 @@ def decode(tok, resp, mask) -> list[str]:
     return [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(resp.cpu(), mask.cpu())]
 
 
-def targets_of(resp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return resp.masked_fill(~mask, IGNORE).reshape(-1)
-
-
 @torch.no_grad()
-def evaluate(model, env: Env, examples: list[Example], hint_kind: str | None = None, batch: int = 100) -> dict:
+def evaluate(
+    lm, env: Env, examples: list[Example], hint_kind: str | None = None, batch: int = 100, dist: Dist = SINGLE
+) -> dict:
     """Greedy accuracy on ``examples`` (hint-free unless ``hint_kind``) and the mean probability
     of the reference completion (hint-free only; a smoother signal than greedy accuracy).
 
     Each prompt is encoded once: greedy decoding and the teacher-forced reference completion
-    both continue the same prompt cache."""
-    was_training = model.training
-    model.eval()
+    both continue the same prompt cache. Under torchrun each rank scores an equal share and the
+    sums are reduced."""
+    was_training = lm.training
+    lm.eval()
+    mine, weights = dist.eval_share(examples)
     correct, p_correct = 0.0, 0.0
-    for s in range(0, len(examples), batch):
-        chunk = examples[s : s + batch]
-        pid, pmask, vision = env.prompts(chunk, None if hint_kind is None else [hint_kind] * len(chunk))
-        with env.amp():
-            prefix = encode_prefix(model, pid, pmask, vision)
+    for s in range(0, len(mine), batch):
+        chunk, w = mine[s : s + batch], torch.tensor(weights[s : s + batch], device=env.device)
+        x = env.prompts(chunk, None if hint_kind is None else [hint_kind] * len(chunk))
+        prefix = lm.prefix(env, x)
         keep = prefix.select(list(range(len(chunk)))) if hint_kind is None else prefix  # decoding grows its cache
-        resp, mask = generate(model, env, pid, pmask, vision, greedy=True, prefix=keep)
-        correct += sum(reward(t, ex.answer) for t, ex in zip(decode(env.tok, resp, mask), chunk))
+        resp, mask = generate(lm, env, x, greedy=True, prefix=keep, dist=dist)
+        rewards = [reward(t, ex.answer) for t, ex in zip(decode(env.tok, resp, mask), chunk)]
+        correct += sum(r * float(wi) for r, wi in zip(rewards, w))
         if hint_kind is None:
             g, gm = gold_batch(env, chunk)
-            with env.amp():
-                h = prefix_response_hidden(model, prefix, g, gm)
-            W, b = output_layer(model)
-            logp = linear_logprobs(
-                h.reshape(-1, h.shape[-1]).to(W.dtype),
-                W,
-                targets_of(g, gm),
-                bias=b,
-                temperature=env.cfg.temperature,
-                backend=env.backend,
-            )
-            p_correct += logp.view(len(chunk), g.shape[1]).sum(1).exp().sum().item()
-    model.train(was_training)
-    out = {"accuracy": correct / len(examples)}
+            logp = lm.prefix_logprobs(env, prefix, g, gm)
+            p_correct += (logp.sum(1).exp() * w).sum().item()
+    lm.train(was_training)
+    totals = dist.sum(torch.tensor([correct, p_correct], dtype=torch.float64)).tolist()
+    out = {"accuracy": totals[0] / len(examples)}
     if hint_kind is None:
-        out["p_correct"] = p_correct / len(examples)
+        out["p_correct"] = totals[1] / len(examples)
     return out
 
 

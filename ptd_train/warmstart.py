@@ -12,14 +12,12 @@ import time
 import numpy as np
 import torch
 
-from ptd_kernels import linear_logprobs
-
 from .checkpoint import atomic_save
 from .config import TrainConfig
 from .hints import HINT_KINDS
-from .model import TinyVLSpec, output_layer, response_hidden
+from .model import ModelWithPTDHead, TinyVLSpec
 from .prompts import Env
-from .rollout import evaluate, gold_batch, targets_of
+from .rollout import evaluate, gold_batch
 from .tasks import GridCountTask
 
 
@@ -65,10 +63,10 @@ def warm_start(model, env: Env, task: GridCountTask, log=print) -> dict:
     data_env = env  # builds the warm-start prompts (and the leak teacher's dev prompts)
     if leak:
         data_env = Env(dataclasses.replace(cfg, allow_answer_leak=True), env.tok, env.geo, env.device, env.backend)
+    lm = ModelWithPTDHead(model)
     rng = np.random.default_rng([cfg.warmstart_seed, 17])
     torch.manual_seed(cfg.warmstart_seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmstart_lr, weight_decay=0.0)
-    W, b = output_layer(model)
     t0 = time.time()
     info = {"steps": 0, "dev_accuracy": None, "dev_accuracy_hinted": None}
     if leak:
@@ -76,24 +74,19 @@ def warm_start(model, env: Env, task: GridCountTask, log=print) -> dict:
     for step in range(1, cfg.warmstart_max_steps + 1):
         batch = task.sample(rng, cfg.warmstart_batch)
         hk = list(rng.choice(kinds, size=len(batch), p=probs))
-        pid, pmask, vision = data_env.prompts(batch, hk)
         g, gm = gold_batch(env, batch)
-        with env.amp():
-            h = response_hidden(model, pid, pmask, vision, g, gm)
-        logp = linear_logprobs(
-            h.reshape(-1, h.shape[-1]).to(W.dtype), W, targets_of(g, gm), bias=b, temperature=1.0, backend=env.backend
-        )
+        logp = lm.logprobs(env, data_env.prompts(batch, hk), g, gm, temperature=1.0)
         loss = -logp.sum() / gm.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % cfg.warmstart_eval_every == 0 or step == cfg.warmstart_max_steps:
-            free = evaluate(model, env, task.dev)["accuracy"]
-            hinted = evaluate(model, env, task.dev, hint_kind="spatial")["accuracy"]
+            free = evaluate(lm, env, task.dev)["accuracy"]
+            hinted = evaluate(lm, env, task.dev, hint_kind="spatial")["accuracy"]
             info = {"steps": step, "dev_accuracy": free, "dev_accuracy_hinted": hinted}
             if leak:
-                info["dev_accuracy_leak"] = evaluate(model, data_env, task.dev, hint_kind="leak")["accuracy"]
+                info["dev_accuracy_leak"] = evaluate(lm, data_env, task.dev, hint_kind="leak")["accuracy"]
             info.update(loss=loss.item(), seconds=round(time.time() - t0, 1))
             log(
                 f"warm start {step}: loss {loss.item():.3f} dev acc {free:.2f} hinted {hinted:.2f}"

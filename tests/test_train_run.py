@@ -13,7 +13,7 @@ from PIL import Image
 from ptd_train import rollout, run, warmstart
 from ptd_train.config import TrainConfig
 from ptd_train.hints import HintLeakError
-from ptd_train.model import TinyVLSpec, build_tiny_model, response_hidden
+from ptd_train.model import ModelWithPTDHead, TinyVLSpec, build_tiny_model
 from ptd_train.prompts import Env, build_tokenizer
 from ptd_train.tasks import GridCountTask
 from ptd_train.tasks.grid_count import render
@@ -65,7 +65,8 @@ def test_one_step_run(tmp_path, ptd_coef):
         e = json.load(f)
     assert e == evals and {"accuracy_before", "accuracy_after"} <= set(e)
     assert os.path.exists(os.path.join(out, "curves.png"))
-    assert os.path.exists(os.path.join(out, "checkpoint.pt"))
+    assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step-000001"
+    assert os.path.exists(os.path.join(out, "checkpoints", "step-000001", "trainer_state.json"))
     assert os.path.exists(os.path.join(out, "final", "config.json"))
 
 
@@ -129,7 +130,7 @@ def test_student_never_sees_the_hint(tmp_path, teacher):
 
     policy.model.register_forward_pre_hook(spy("policy"), with_kwargs=True)
     ref.model.register_forward_pre_hook(spy("ref"), with_kwargs=True)
-    m = run.rl_step(policy, ref, opt, env, task.sample(np.random.default_rng(0), 2))
+    m = run.rl_step(ModelWithPTDHead(policy), ModelWithPTDHead(ref), opt, env, task.sample(np.random.default_rng(0), 2))
     assert m["ptd_rollouts"] > 0  # a teacher pass happened
     assert seen["policy_with_grad"] and not any(seen["policy_with_grad"])  # the student's passes: no hint
     if teacher == "ref":
@@ -159,20 +160,20 @@ def _student_step_memory(tmp_path, n_extra_words):
     V, H = policy.lm_head.weight.shape
     exs = task.sample(np.random.default_rng(0), 8)
     G = cfg.group_size
-    pid, pmask, vision = env.prompts(exs)
     owner = [i // G for i in range(len(exs) * G)]
-    pid, pmask, vision = pid[owner], pmask[owner], vision.select(owner)
-    resp, mask = rollout.generate(policy, env, pid, pmask, vision, greedy=False)
+    x = env.prompts(exs).select(owner)
+    resp, mask = rollout.generate(ModelWithPTDHead(policy), env, x, greedy=False)
     R, T = resp.shape
-    tid, tmask, tvision = env.prompts([exs[i] for i in owner], ["spatial"] * R)
     with torch.no_grad():
-        th = response_hidden(ref, tid, tmask, tvision, resp, mask).reshape(R * T, -1)
+        th = ModelWithPTDHead(ref).hidden(env, env.prompts([exs[i] for i in owner], ["spatial"] * R), resp, mask)
+        th = th.reshape(R * T, -1)
     jsd_mask = torch.ones(R * T, dtype=torch.bool)  # PTD on every rollout
     Wt = ref.lm_head.weight
+    pid, pmask, vision = x.ids, x.mask, x.vision
 
     class Forward(torch.nn.Module):  # one parent module: the backbone runs twice per pass (the prompts,
         def forward(self):  # then the responses on their cache), which MemTracker refuses at top level
-            out = run.student_pass(policy, env, pid, pmask, vision, resp, mask, th, Wt, None, jsd_mask)
+            out = ModelWithPTDHead(policy)(env, x, resp, mask, th, (Wt, None), jsd_mask)
             logp, ent, jsd = out[:3]
             return logp.sum() + ent.sum() + jsd.sum()
 
@@ -372,11 +373,11 @@ def test_cached_generate_matches_hf_generate(tmp_path, greedy):
     cfg, task, tok, env, policy, ref, opt = _setup(tmp_path, max_new_tokens=4)
     exs = task.sample(np.random.default_rng(3), 2)
     G = cfg.group_size
-    pid, pmask, vision = env.prompts(exs)
     owner = [i // G for i in range(len(exs) * G)]
-    pid, pmask, vision = pid[owner], pmask[owner], vision.select(owner)
+    x = env.prompts(exs).select(owner)
+    pid, pmask, vision = x.ids, x.mask, x.vision
     torch.manual_seed(7)
-    resp, mask = rollout.generate(policy, env, pid, pmask, vision, greedy=greedy)
+    resp, mask = rollout.generate(ModelWithPTDHead(policy), env, x, greedy=greedy)
     torch.manual_seed(7)
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     with torch.no_grad():
