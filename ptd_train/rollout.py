@@ -84,17 +84,17 @@ def evaluate(
     mine, weights = dist.eval_share(examples)
     correct, p_correct = 0.0, 0.0
     for s in range(0, len(mine), batch):
-        chunk, w = mine[s : s + batch], torch.tensor(weights[s : s + batch], device=env.device)
+        chunk, w = mine[s : s + batch], weights[s : s + batch]
         x = env.prompts(chunk, None if hint_kind is None else [hint_kind] * len(chunk))
         prefix = lm.prefix(env, x)
         keep = prefix.select(list(range(len(chunk)))) if hint_kind is None else prefix  # decoding grows its cache
         resp, mask = generate(lm, env, x, greedy=True, prefix=keep, dist=dist)
         rewards = [reward(t, ex.answer) for t, ex in zip(decode(env.tok, resp, mask), chunk)]
-        correct += sum(r * float(wi) for r, wi in zip(rewards, w))
+        correct += sum(r * wi for r, wi in zip(rewards, w))
         if hint_kind is None:
             g, gm = gold_batch(env, chunk)
             logp = lm.prefix_logprobs(env, prefix, g, gm)
-            p_correct += (logp.sum(1).exp() * w).sum().item()
+            p_correct += (logp.sum(1).exp() * torch.tensor(w, device=logp.device)).sum().item()
     lm.train(was_training)
     totals = dist.sum(torch.tensor([correct, p_correct], dtype=torch.float64)).tolist()
     out = {"accuracy": totals[0] / len(examples)}
