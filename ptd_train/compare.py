@@ -1,4 +1,4 @@
-"""The miniature study (issue 6): GRPO vs PTD-PO, its control and its ablations, paired seeds.
+"""The miniature study: GRPO vs PTD-PO, its control and its ablations, paired seeds.
 
     python -m ptd_train.compare [--seeds 6] [--steps 150] [--methods grpo,ptd,...] [--jobs 2] [run flags]
 
@@ -17,8 +17,8 @@ One warm-start checkpoint is trained first (``warmstart_seed``) and every run st
 supervised data mixes hint kinds (``warmstart_hint_mix``, default none 25 %, spatial 50 %,
 procedure 12.5 %, leak 12.5 %): the leak share (the hint states the answer) is there so that
 ptd-leak's teacher is a competent answer-conditioned teacher — the random-init model has to learn
-to copy a stated answer, which any real LLM does; without it that teacher scored ≈ 0.1 hinted and
-the baseline measured a confused teacher, not answer conditioning. The warm start stops once the
+to copy a stated answer, which any real LLM does, or the baseline would measure a confused
+teacher rather than answer conditioning. The warm start stops once the
 spatial- and the leak-hinted dev accuracies both reach ``warmstart_hinted_min`` (0.9). All methods
 share that checkpoint; no student ever sees a hint in RL, and only ptd-leak's teacher gets the
 answer-stating hint (``allow_answer_leak``; the zero-spoiler check guards every other hint).
@@ -49,7 +49,7 @@ METHODS: dict[str, dict] = {
     "ptd-full": dict(ptd_full_vocab=True),
     "ptd-released": dict(ptd_grad="released"),
 }
-# Everything else comes from the shared TrainConfig, whose defaults are the issue's `ptd` row (union
+# Everything else comes from the shared TrainConfig, whose defaults are the `ptd` method (union
 # support, tail, K = 8, spatial hint, frozen-ref teacher, exact gradient); a flag given to compare
 # changes it for every method alike.
 
@@ -102,7 +102,8 @@ def _stamp(cfg_dict: dict) -> str:
 
 def _train_one(job: tuple[str, int, dict]) -> dict:
     """Worker: train one (method, seed) run, or reuse it when it finished with this config."""
-    from . import run
+    from .checkpoint import atomic_write_text
+    from .run import train
 
     method, seed, cfg_dict = job
     cfg = TrainConfig(**cfg_dict)
@@ -114,8 +115,8 @@ def _train_one(job: tuple[str, int, dict]) -> dict:
     if not reused:
         if os.path.exists(stamp):
             os.remove(stamp)
-        run.train(cfg)
-        run.atomic_write_text(want, stamp)
+        train(cfg)
+        atomic_write_text(want, stamp)
     return {"method": method, "seed": seed, "dir": cfg.output_dir, "wall_s": time.time() - t0, "reused": reused}
 
 
@@ -125,19 +126,22 @@ def shared_warm_start(base: TrainConfig, log) -> dict | None:
         return None
     import torch
 
-    from . import run
-    from .model import VisionGeometry, build_tiny_model, build_tokenizer
+    from .model import build_tiny_model
+    from .prompts import Env, build_tokenizer
+    from .run import resolve_device
     from .tasks import GridCountTask
+    from .vision import VisionGeometry
+    from .warmstart import warm_start
 
     cfg = base.resolved()
-    device, backend = run.resolve_device(cfg)
+    device, backend = resolve_device(cfg)
     if device.type == "cpu":
         torch.set_num_threads(max(1, cfg.num_threads))
     task = GridCountTask(eval_size=cfg.eval_size)
     tok = build_tokenizer(GridCountTask.words)
     policy = build_tiny_model(tok, seed=cfg.warmstart_seed).to(device)
-    env = run.Env(cfg, tok, VisionGeometry.of(policy), device, backend)
-    return run.warm_start(policy, env, task, log)
+    env = Env(cfg, tok, VisionGeometry.of(policy), device, backend)
+    return warm_start(policy, env, task, log)
 
 
 # ============================================================================ measures
@@ -284,72 +288,6 @@ def summary_markdown(results: list[dict], methods: list[str], header: str, warm_
     return "\n".join(lines) + "\n"
 
 
-# ============================================================================ plot
-
-
-def _smooth(y: list[float], w: int) -> list[float]:
-    out = []
-    for i in range(len(y)):
-        lo = max(0, i - w + 1)
-        out.append(sum(y[lo : i + 1]) / (i + 1 - lo))
-    return out
-
-
-def plot_study(results: list[dict], methods: list[str], study_dir: str, out_path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    panels = [
-        ("acc", "held-out greedy accuracy"),
-        ("p_correct", "held-out p(correct)"),
-        ("entropy", "student token entropy on rollouts (nats, moving mean 10)"),
-        ("overlap", "Top-K overlap |TopK(p) ∩ TopK(q)|/K on F (moving mean 10)"),
-    ]
-    for ax, (key, title) in zip(axes.flat, panels):
-        for ci, m in enumerate(methods):
-            rs = [r for r in results if r["method"] == m]
-            if not rs or (key == "overlap" and rs[0]["overlap"] is None):
-                continue
-            if key in ("acc", "p_correct"):
-                xs = [s for s, _ in rs[0][f"{key}_curve"]]
-                ys = np.array([[v for _, v in r[f"{key}_curve"]] for r in rs])
-            else:
-                per = []
-                for r in rs:
-                    rows, _ = _load_run(os.path.join(study_dir, "runs", m, f"seed{r['seed']}"))
-                    vals = [row[key] if (key != "overlap" or row["ptd_rollouts"] > 0) else np.nan for row in rows]
-                    vals = list(np.asarray(_nan_fill(vals)))
-                    per.append(_smooth(vals, 10))
-                    xs = [row["step"] for row in rows]
-                ys = np.array(per)
-            mu = ys.mean(0)
-            sd = ys.std(0, ddof=1) if len(ys) > 1 else np.zeros_like(mu)
-            ax.plot(xs, mu, color=f"C{ci}", lw=1.8, marker="o" if key in ("acc", "p_correct") else None, ms=3, label=m)
-            ax.fill_between(xs, mu - sd, mu + sd, color=f"C{ci}", alpha=0.15)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
-    n = len({r["seed"] for r in results})
-    fig.suptitle(f"mean ± sd over {n} paired seed(s)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-
-
-def _nan_fill(vals: list[float]) -> list[float]:
-    """Carry the last defined value forward (steps with no PTD rollout have no overlap)."""
-    out, last = [], float("nan")
-    for v in vals:
-        last = v if not (isinstance(v, float) and math.isnan(v)) else last
-        out.append(last)
-    return out
-
-
 # ============================================================================ main
 
 
@@ -431,6 +369,8 @@ def compare(study: CompareConfig, base: TrainConfig) -> dict:
     with open(os.path.join(study_dir, "summary.md"), "w") as f:
         f.write(md)
     try:
+        from .plots import plot_study
+
         plot_study(results, methods, study_dir, os.path.join(study_dir, "curves.png"))
     except Exception as e:  # the table must survive a plotting problem
         log(f"plot failed: {e!r}")

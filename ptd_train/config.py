@@ -15,25 +15,21 @@ from dataclasses import dataclass, field
 class TrainConfig:
     """GRPO + PTD-PO on the embedded tiny task (defaults) or on a local checkpoint + JSONL.
 
-    PTD coefficient λ (``ptd_coef``): the library/paper default is 0.05. On the embedded task,
-    with AdamW and grad-norm clipping at 1.0, a pilot found λ = 0.05 had no measurable effect and
-    λ ≈ 1 was needed for the JSD term to matter (λ = 1 learned faster than GRPO on 6 of 6 paired
-    seeds), so the embedded default resolves λ to 1.0; a real checkpoint resolves to 0.05.
-    Warm start: on the embedded task the model learns to use the spatial hint (≈50–80 steps) well
-    before it learns to read the low-contrast image (≈150–350 steps, abruptly: hint-free accuracy
-    jumps from the ≈0.17 of always answering the most common count to > 0.6 within tens of steps,
-    and where exactly is sensitive to float rounding). So the warm start stops at the first
-    evaluation where the hinted dev accuracy is ≥ 0.9: RL starts with a near-perfect hinted
-    teacher and a hint-free student near 0.2. Half the warm-start prompts carry the spatial hint
-    (the pilot used 25 %; with 25 % the two events raced on this image). An eighth carry the
-    answer-stating hint of the ptd-leak baseline (``leak``, the reference completion): a real LLM
-    copies an answer stated in its context, the random-init tiny model must first learn to, or the
-    answer-conditioned teacher would be a confused one (hinted accuracy ≈ 0.1 without it); the
-    warm start then also waits for that teacher to reach ``warmstart_hinted_min``. The student
-    never sees any hint in RL, and RL teachers get the leak only with ``--allow_answer_leak``.
-    Top-K (``ptd_k``): SPEC's K = 100 covers the whole ~90-token vocabulary of the embedded
-    task (D_K would be the full JSD and the overlap diagnostic trivially 1), so the embedded
-    default uses K = 8; real checkpoints use 100.
+    Fields left at ``None`` resolve per setting (:meth:`resolved`):
+
+    - ``ptd_coef`` (λ): 0.05 on a real checkpoint (SPEC); 1.0 on the embedded task, where with
+      AdamW and clipping at 1.0 a λ of 0.05 leaves the JSD term too weak to change training.
+    - ``ptd_k``: 100 on a real checkpoint (SPEC); 8 on the embedded task, whose ~90-token
+      vocabulary K = 100 would cover whole (D_K = the full JSD, the overlap trivially 1).
+    - ``lr``: 1e-6 on a real checkpoint, 5e-4 on the embedded task.
+
+    Warm start (embedded task only): it stops at the first evaluation where the hinted dev
+    accuracy reaches ``warmstart_hinted_min``, so RL starts with a competent hinted teacher and a
+    hint-free student that still fails often. Its prompts mix hint kinds (``warmstart_hint_mix``):
+    a model that never saw a hint cannot use one, and the ``leak`` share (the hint states the
+    answer) teaches copying a stated answer, so that the ptd-leak baseline's teacher is a
+    competent answer-conditioned one. The student never sees a hint in RL, and RL teachers get
+    the leak only with ``--allow_answer_leak``.
     """
 
     # --- run / IO
@@ -44,7 +40,13 @@ class TrainConfig:
     backend: str = field(
         default="auto", metadata={"help": "Kernel backend: auto (CUDA→triton, CPU→torch) | triton | torch."}
     )
-    num_threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest for the tiny model)."})
+    num_threads: int = field(
+        default=1, metadata={"help": "torch CPU threads per process (1 is fastest for the tiny model)."}
+    )
+    fsdp: bool = field(
+        default=False,
+        metadata={"help": "Under torchrun: shard policy and reference with FSDP2 (default: DDP, full replicas)."},
+    )
     save_steps: int = field(
         default=50, metadata={"help": "Checkpoint every N steps (and at the end); 0 = only at the end."}
     )
@@ -53,18 +55,27 @@ class TrainConfig:
 
     # --- model and data
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Local Qwen-VL checkpoint dir; None = the embedded tiny Qwen3-VL."}
+        default=None,
+        metadata={
+            "help": "Local checkpoint dir (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, or a text-only causal LM); "
+            "None = the embedded tiny Qwen3-VL."
+        },
     )
     dataset: str | None = field(
-        default=None, metadata={"help": "JSONL (image, question, answer, hint); None = the embedded grid-count task."}
+        default=None,
+        metadata={"help": "JSONL (image or null, question, answer, hint); None = the embedded grid-count task."},
     )
     eval_dataset: str | None = field(
         default=None, metadata={"help": "Held-out JSONL; None with --dataset = the last eval_size lines."}
     )
     eval_size: int = field(default=200, metadata={"help": "Held-out prompts (greedy accuracy before/after training)."})
     eval_steps: int = field(default=25, metadata={"help": "Also evaluate the held-out split every N steps (0 = off)."})
-    max_pixels: int = field(
-        default=512 * 512, metadata={"help": "Dataset images are resized to at most this many pixels."}
+    max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Cap on the pixels of a dataset image; None = the checkpoint's image processor decides "
+            "(512·512 without one)."
+        },
     )
 
     # --- warm start (embedded model only; cached in warmstart_dir)

@@ -54,10 +54,13 @@ def ptd_set(rewards: torch.Tensor, has_hint: torch.Tensor, threshold: float = 1.
     return ptd_groups(rewards, has_hint, threshold)[:, None] & (rewards < 1.0)
 
 
-def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ x over masked tokens / number of masked tokens (0 when there are none)."""
+def token_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ x over masked tokens / ``count`` (default: the number of masked tokens); 0 when there are
+    none. Data parallel, ``count`` is the global number, so the ranks' values add up to the mean
+    over the global batch."""
     m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp(min=1.0)
+    n = m.sum() if count is None else count.to(x.dtype)
+    return (x * m).sum() / n.clamp(min=1.0)
 
 
 def released_surrogate(jsd: torch.Tensor) -> torch.Tensor:
@@ -97,6 +100,8 @@ def ptd_po_loss(
     ptd_coef: float = 0.05,
     eps_low: float = 0.2,
     eps_high: float = 0.3,
+    token_count: torch.Tensor | None = None,
+    ptd_token_count: torch.Tensor | None = None,
 ) -> LossParts:
     """L = token_mean(ℓ) + kl_coef·token_mean(k3) + λ·Σ_{i∈F,t} D_K / Σ_{i∈F} |y_i|  (SPEC §3).
 
@@ -104,22 +109,25 @@ def ptd_po_loss(
     ``kl_coef`` is 0), ``jsd`` (D_K; differentiable, 0 off F), ``mask``. Per rollout ``[R]``:
     ``advantages``, ``in_ptd_set`` (F) and ``ref_kl_mask`` (False for members of PTD groups when
     ``ptd_drop_ref_kl``). Both token means divide by every response token of the batch; the
-    dropped k3 terms count as 0.
+    dropped k3 terms count as 0. Data parallel, ``token_count`` and ``ptd_token_count`` are the
+    global numbers of response tokens and of F's tokens: each rank's loss is then its share of the
+    global batch's loss.
     """
     pg_tok, clipped = clipped_pg_loss(logp, logp_old, advantages[:, None], eps_low, eps_high)
-    pg = token_mean(pg_tok, mask)
+    pg = token_mean(pg_tok, mask, token_count)
     if kl_coef != 0.0 and logp_ref is not None:
         # where(), not a product: rows without a reference pass may hold a placeholder logp_ref, and
         # exp(logp_ref − logp) can overflow there (inf · 0 would be NaN).
         kl_terms = torch.where(ref_kl_mask[:, None], k3(logp, logp_ref), torch.zeros_like(logp))
-        kl = token_mean(kl_terms, mask)
+        kl = token_mean(kl_terms, mask, token_count)
     else:
         kl = logp.new_zeros(())
     f_mask = mask & in_ptd_set[:, None]
-    if ptd_coef != 0.0 and bool(f_mask.any()):
-        ptd = token_mean(jsd, f_mask)
+    any_f = bool(f_mask.any()) if ptd_token_count is None else bool(ptd_token_count > 0)
+    if ptd_coef != 0.0 and any_f:
+        ptd = token_mean(jsd, f_mask, ptd_token_count)
     else:
         ptd = logp.new_zeros(())
     loss = pg + kl_coef * kl + ptd_coef * ptd
-    clip_frac = token_mean(clipped.float(), mask).detach()
+    clip_frac = token_mean(clipped.float(), mask, token_count).detach()
     return LossParts(loss, pg.detach(), kl.detach(), ptd.detach(), clip_frac)

@@ -7,7 +7,7 @@ zero-spoiler by construction (their vocabulary has no number at all) and every h
 uses, embedded or read from a dataset, passes :func:`check_hint` before a teacher sees it.
 
 Only the teacher context x^h = [x ; h] carries a hint; the student prompt is built without one
-(``model.encode_prompt(..., hint=None)``), which tests check.
+(``prompts.Env.prompts`` without hint kinds), which tests check.
 """
 
 from __future__ import annotations

@@ -1,83 +1,35 @@
-"""Model side: a tiny Qwen3-VL built from a config, its word-level tokenizer, image patchify,
-and how prompts/responses become model inputs.
+"""Model side: the embedded tiny Qwen3-VL built from a config, loading a local checkpoint through
+the Auto classes, the backbone passes the trainer runs (each prompt encoded once, its KV cache
+continued per rollout), and :class:`ModelWithPTDHead`, which applies the output layer through
+``ptd_kernels`` inside its own forward.
 
-Nothing here downloads anything. A real checkpoint directory (``--model_name_or_path``) is
-loaded with ``from_pretrained`` and goes through the same functions.
+Nothing here downloads anything. Qwen-VL facts this relies on (transformers ≥ 5,
+``models/qwen3_vl/modeling_qwen3_vl.py``; Qwen2-VL and Qwen2.5-VL take the same inputs):
 
-Qwen3-VL facts this relies on (transformers ≥ 5, ``models/qwen3_vl/modeling_qwen3_vl.py``):
-
-- the vision tower takes ``pixel_values`` as flat patches ``[Σ t·h·w, C·T·P·P]`` plus
-  ``image_grid_thw`` ``[n_images, 3]``; every ``merge²`` patches become one LLM token, placed
-  where ``<|image_pad|>`` (``config.image_token_id``) stands in ``input_ids``;
 - multimodal RoPE needs ``mm_token_type_ids`` (1 at image tokens, else 0) whenever
-  ``image_grid_thw`` is given, and ``mrope_section`` must sum to ``head_dim / 2``;
-- ``deepstack_visual_indexes=[]`` switches DeepStack off (one vision layer is all we have),
-  and the vision position table is a square (``num_position_embeddings`` = 8·8 patches for a
-  56×56 image with 7-pixel patches).
+  ``image_grid_thw`` is given, and ``mrope_section`` must sum to ``head_dim / 2``; text tokens
+  after the prompt have the same position on the t, h and w axes;
+- ``deepstack_visual_indexes=[]`` switches Qwen3-VL's DeepStack off (one vision layer is all the
+  tiny model has), and the vision position table is a square (``num_position_embeddings`` = 8·8
+  patches for a 56×56 image with 7-pixel patches).
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
-import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-# Special tokens (Qwen spellings, so real checkpoints and the tiny one share the prompt code).
-PAD = "<|endoftext|>"
-EOS = "<|im_end|>"
-BOS_USER = "<|im_start|>"
-VISION_START = "<|vision_start|>"
-VISION_END = "<|vision_end|>"
-IMAGE_PAD = "<|image_pad|>"
-VIDEO_PAD = "<|video_pad|>"
-UNK = "<unk>"
-SPECIAL_TOKENS = [PAD, EOS, BOS_USER, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, UNK]
-# Tokens a rollout may never contain: sampling suppresses them, every log-prob masks them
-# (a sampled <|image_pad|> makes the next forward pass fail: image tokens ≠ image features).
-PLACEHOLDER_TOKENS = [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+from ptd_kernels import linear_jsd, linear_logprobs, linear_ptd_terms
 
-# Qwen3-VL normalizes pixels with mean = std = 0.5 per channel.
-IMAGE_MEAN = (0.5, 0.5, 0.5)
-IMAGE_STD = (0.5, 0.5, 0.5)
+from .prompts import IMAGE_PAD, PAD, VIDEO_PAD, VISION_END, VISION_START, PromptBatch
+from .vision import VisionBatch
 
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over ``SPECIAL_TOKENS + words`` (whitespace-separated words).
-
-    Round-trips through ``save_pretrained`` / ``AutoTokenizer.from_pretrained``.
-    """
-    vocab: dict[str, int] = {}
-    for w in SPECIAL_TOKENS + list(words):
-        if w not in vocab:
-            vocab[w] = len(vocab)
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        unk_token=UNK,
-        pad_token=PAD,
-        eos_token=EOS,
-        additional_special_tokens=[BOS_USER, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD],
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-    )
-    return tok
-
-
-def placeholder_ids(tok) -> list[int]:
-    """Ids of the vision placeholder tokens that exist in this vocabulary."""
-    vocab = tok.get_vocab()
-    return [vocab[t] for t in PLACEHOLDER_TOKENS if t in vocab]
+IGNORE = -100
 
 
 # ----------------------------------------------------------------------------- model
@@ -150,15 +102,58 @@ def build_tiny_model(tok, spec: TinyVLSpec | None = None, seed: int = 0) -> Qwen
 
 
 def load_model_and_tokenizer(path: str):
-    """A local Qwen-VL checkpoint directory (model + tokenizer files), no network."""
-    from transformers import AutoTokenizer
+    """A local checkpoint directory → (model, tokenizer, processor or None), no network.
 
+    Vision-language checkpoints (any with a ``vision_config``: Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
+    load through ``AutoModelForImageTextToText``, text-only ones through ``AutoModelForCausalLM``.
+    The processor is the checkpoint's own processor class without its video processor (video
+    processors need torchvision; the trainer takes images only); None when the checkpoint has no
+    image processor config (then prompts use the word-level format and ``vision.patchify``).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    is_vl = getattr(config, "vision_config", None) is not None
+    auto = AutoModelForImageTextToText if is_vl else AutoModelForCausalLM
+    model = auto.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tok.padding_side = "left"
-    model = Qwen3VLForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return model, tok
+    has_image_processor = any(
+        os.path.exists(os.path.join(path, f)) for f in ("preprocessor_config.json", "processor_config.json")
+    )
+    processor = image_processor_of(path, config) if is_vl and has_image_processor else None
+    return model, tok, processor
+
+
+def image_processor_of(path: str, config):
+    """The checkpoint's processor class (e.g. ``Qwen2VLProcessor``) loaded without a video processor."""
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+
+    name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
+    if name is None:
+        raise ValueError(f"model_name_or_path: no processor class known for model type {config.model_type!r}")
+    base = processor_class_from_name(name)
+
+    class ImagesOnly(base):
+        @classmethod
+        def get_attributes(cls):
+            return [a for a in super().get_attributes() if a != "video_processor"]
+
+    ImagesOnly.__name__ = ImagesOnly.__qualname__ = base.__name__
+    return ImagesOnly.from_pretrained(path, local_files_only=True)
+
+
+def stop_token_ids(model, tok) -> list[int]:
+    """Tokens that end a response: the tokenizer's EOS and the generation config's."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted({tok.eos_token_id, *ids} - {None})
+
+
+def is_vision_language(model) -> bool:
+    return getattr(model.config, "vision_config", None) is not None
 
 
 def output_layer(model):
@@ -172,146 +167,7 @@ def backbone(model):
     return model.model
 
 
-# ----------------------------------------------------------------------------- images
-
-
-@dataclass(frozen=True)
-class VisionGeometry:
-    patch_size: int
-    merge_size: int
-    temporal_patch_size: int
-    image_mean: tuple = IMAGE_MEAN
-    image_std: tuple = IMAGE_STD
-
-    @classmethod
-    def of(cls, model, path: str | None = None) -> VisionGeometry:
-        vc = model.config.vision_config
-        mean, std = IMAGE_MEAN, IMAGE_STD
-        if path is not None and os.path.exists(os.path.join(path, "preprocessor_config.json")):
-            with open(os.path.join(path, "preprocessor_config.json")) as f:
-                pc = json.load(f)
-            mean = tuple(pc.get("image_mean", mean))
-            std = tuple(pc.get("image_std", std))
-        return cls(vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size, mean, std)
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
-
-
-def patchify(image: np.ndarray, geo: VisionGeometry) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """One RGB image ``[H, W, 3]`` (uint8 or float in [0, 1]) → (patches, (t, h, w)).
-
-    The Qwen2-VL/Qwen3-VL layout: patches ordered by merge window (row-major over windows,
-    row-major inside a window), each flattened as ``[C, T, P, P]`` with the single frame
-    repeated ``temporal_patch_size`` times. H and W must be multiples of patch·merge.
-    Returns float32 patches ``[h·w, C·T·P·P]`` and the grid (1, h, w) in patches.
-    """
-    img = np.asarray(image, dtype=np.float32)
-    if image.dtype == np.uint8:
-        img = img / 255.0
-    H, W, C = img.shape
-    P, M, T = geo.patch_size, geo.merge_size, geo.temporal_patch_size
-    if H % (P * M) or W % (P * M):
-        raise ValueError(f"image: size {H}x{W} is not a multiple of patch·merge = {P * M}")
-    img = (img - np.asarray(geo.image_mean, np.float32)) / np.asarray(geo.image_std, np.float32)
-    gh, gw = H // P, W // P
-    x = img.transpose(2, 0, 1).reshape(C, gh // M, M, P, gw // M, M, P)
-    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/M, gw/M, M, M, C, P, P)
-    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], T, P, P))
-    return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, C * T * P * P)), (1, gh, gw)
-
-
-def resize_for_model(image: np.ndarray, geo: VisionGeometry, max_pixels: int = 512 * 512) -> np.ndarray:
-    """Resize an RGB uint8 image so both sides are multiples of patch·merge (at most max_pixels)."""
-    from PIL import Image
-
-    H, W = image.shape[:2]
-    f = geo.factor
-    scale = min(1.0, math.sqrt(max_pixels / (H * W)))
-    h = max(f, round(H * scale / f) * f)
-    w = max(f, round(W * scale / f) * f)
-    if (h, w) == (H, W):
-        return image
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-def encode_prompt(tok, question: str, n_image_tokens: int, hint: str | None = None) -> list[int]:
-    """Token ids of one prompt: image placeholders, question, optional hint, answer cue.
-
-    ``hint=None`` is the student context x; a hint string gives the teacher context x^h = [x ; h].
-    Real chat checkpoints get their ``<|im_start|>user … <|im_end|> <|im_start|>assistant`` frame.
-    """
-    vocab = tok.get_vocab()
-    ids = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
-    chat = bool(getattr(tok, "chat_template", None))  # a real chat checkpoint (ours has no template)
-    out: list[int] = []
-    if chat:
-        out += [vocab[BOS_USER]] + ids("user\n")
-    out += [vocab[VISION_START]] + [vocab[IMAGE_PAD]] * n_image_tokens + [vocab[VISION_END]]
-    out += ids((" " if not chat else "") + question)
-    if hint is not None:
-        out += ids(" hint : " + hint if not chat else "\nHint: " + hint)
-    if chat:
-        out += [vocab[EOS]] + ids("\n") + [vocab[BOS_USER]] + ids("assistant\n")
-    else:
-        out += ids(" answer :")
-    return out
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    att = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
-        att[i, L - len(s) :] = 1
-    return ids, att
-
-
-@dataclass
-class VisionBatch:
-    """The images of a batch of sequences, one image per sequence.
-
-    ``pixel_values``/``grids`` hold each distinct image once; ``rows[i]`` names the image of
-    sequence i (None: image i for sequence i). The G rollouts of a prompt share one image, so
-    the vision tower runs once per prompt in teacher-forced passes (see ``response_hidden``).
-    """
-
-    pixel_values: torch.Tensor  # [Σ patches of the distinct images, C·T·P·P]
-    grids: torch.Tensor  # [n_images, 3]
-    rows: list[int] | None = None
-
-    @property
-    def image_rows(self) -> list[int]:
-        return list(range(len(self.grids))) if self.rows is None else self.rows
-
-    @property
-    def image_grid_thw(self) -> torch.Tensor:
-        """Per-sequence grid [B, 3]."""
-        return self.grids if self.rows is None else self.grids[self.rows]
-
-    def select(self, rows: list[int]) -> VisionBatch:
-        """The batch of sequences ``rows`` (sharing, not copying, the pixels)."""
-        return VisionBatch(self.pixel_values, self.grids, [self.image_rows[r] for r in rows])
-
-    def dense(self) -> VisionBatch:
-        """Pixels repeated per sequence (what ``generate`` takes)."""
-        if self.rows is None:
-            return self
-        starts = np.cumsum([0] + self.grids.prod(-1).tolist())
-        parts = [self.pixel_values[starts[r] : starts[r + 1]] for r in self.rows]
-        return VisionBatch(torch.cat(parts), self.grids[self.rows])
-
-    def to(self, device) -> VisionBatch:
-        return VisionBatch(self.pixel_values.to(device), self.grids.to(device), self.rows)
-
-
-def stack_images(patches: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> VisionBatch:
-    return VisionBatch(torch.cat(patches), torch.tensor(grids, dtype=torch.long))
+# ----------------------------------------------------------------------------- forward passes
 
 
 def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: VisionBatch) -> dict:
@@ -353,10 +209,10 @@ class Prefix:
         return Prefix(self.last.index_select(0, idx), cache, self.mask.index_select(0, idx), self.next_pos[idx])
 
 
-def distinct_prompts(prompt_ids, prompt_mask, vision: VisionBatch) -> tuple[list[int], list[int]]:
+def distinct_prompts(prompt_ids, prompt_mask, vision: VisionBatch | None) -> tuple[list[int], list[int]]:
     """(first row of each distinct prompt, prompt index of every row): rows with the same tokens,
     mask and image are one prompt (the G rollouts of a prompt), encoded once."""
-    img = vision.image_rows
+    img = vision.image_rows if vision is not None else [None] * len(prompt_ids)
     seen: dict = {}
     first, inverse = [], []
     for r, (ids, m) in enumerate(zip(prompt_ids.tolist(), prompt_mask.tolist())):
@@ -368,10 +224,26 @@ def distinct_prompts(prompt_ids, prompt_mask, vision: VisionBatch) -> tuple[list
     return first, inverse
 
 
-def encode_prefix(model, prompt_ids, prompt_mask, vision: VisionBatch) -> Prefix:
+def text_positions(model, positions: torch.Tensor) -> torch.Tensor:
+    """Position ids of text tokens: ``[B, L]``, or ``[3, B, L]`` (the same on t, h, w) for a
+    model with multimodal RoPE."""
+    return positions[None].expand(3, -1, -1) if is_vision_language(model) else positions
+
+
+def encode_prefix(model, prompt_ids, prompt_mask, vision: VisionBatch | None) -> Prefix:
     """Run left-padded prompts ``[B, P]`` (with their images) through the backbone once, keeping
-    the cache. Multimodal rope positions come from the model's own ``get_rope_index``."""
+    the cache. Multimodal rope positions come from the model's own ``get_rope_index``; text-only
+    prompts count positions from their first real token, as ``generate`` does."""
     core = backbone(model)
+    if vision is None:
+        positions = (prompt_mask.long().cumsum(1) - 1).clamp(min=0)
+        out = core(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=text_positions(model, positions),
+            use_cache=True,
+        )
+        return Prefix(out.last_hidden_state[:, -1], out.cache, prompt_mask, prompt_mask.long().sum(1))
     core.rope_deltas = None  # recompute 3-D positions for this batch (generate() or a past call may have left some)
     inputs = dict(
         input_ids=prompt_ids,
@@ -384,7 +256,8 @@ def encode_prefix(model, prompt_ids, prompt_mask, vision: VisionBatch) -> Prefix
     else:  # encode each distinct image once, then hand every sequence its image's features
         feats = core.get_image_features(vision.pixel_values, vision.grids, return_dict=True)
         feats.pooler_output = tuple(feats.pooler_output[r] for r in vision.rows)
-        feats.deepstack_features = [tuple(f[r] for r in vision.rows) for f in feats.deepstack_features]
+        if getattr(feats, "deepstack_features", None) is not None:  # Qwen3-VL
+            feats.deepstack_features = [tuple(f[r] for r in vision.rows) for f in feats.deepstack_features]
         inputs["mm_encoder_outputs"] = {"image": feats}
     out = core(**inputs, use_cache=True)
     # get_rope_index: delta = (largest position + 1) − (number of real tokens), per row
@@ -402,7 +275,7 @@ def continue_prefix(model, prefix: Prefix, ids, mask) -> torch.Tensor:
     out = backbone(model)(
         input_ids=ids,
         attention_mask=att,
-        position_ids=pos[None].expand(3, -1, -1),  # text tokens: the same position on t, h and w
+        position_ids=text_positions(model, pos),
         cache=prefix.cache,
         use_cache=True,
     )
@@ -410,7 +283,7 @@ def continue_prefix(model, prefix: Prefix, ids, mask) -> torch.Tensor:
     return out.last_hidden_state
 
 
-def response_hidden(model, prompt_ids, prompt_mask, vision: VisionBatch, response_ids, response_mask):
+def response_hidden(model, prompt_ids, prompt_mask, vision: VisionBatch | None, response_ids, response_mask):
     """Last hidden states at the positions that predict each response token.
 
     ``prompt_*`` are left-padded ``[B, P]``; ``response_*`` right-padded ``[B, T]``.
@@ -424,7 +297,8 @@ def response_hidden(model, prompt_ids, prompt_mask, vision: VisionBatch, respons
     """
     first, inverse = distinct_prompts(prompt_ids, prompt_mask, vision)
     if len(first) < len(inverse):
-        prefix = encode_prefix(model, prompt_ids[first], prompt_mask[first], vision.select(first)).select(inverse)
+        shared = None if vision is None else vision.select(first)
+        prefix = encode_prefix(model, prompt_ids[first], prompt_mask[first], shared).select(inverse)
     else:
         prefix = encode_prefix(model, prompt_ids, prompt_mask, vision)
     return prefix_response_hidden(model, prefix, response_ids, response_mask)
@@ -438,3 +312,146 @@ def prefix_response_hidden(model, prefix: Prefix, response_ids, response_mask) -
         return first_state
     rest = continue_prefix(model, prefix, response_ids[:, : T - 1], response_mask[:, : T - 1])
     return torch.cat([first_state, rest], 1)
+
+
+# ----------------------------------------------------------------------------- the output layer through ptd
+
+
+def targets_of(resp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Response ids flattened to kernel targets, ``IGNORE`` where the mask is off."""
+    return resp.masked_fill(~mask, IGNORE).reshape(-1)
+
+
+class StudentTerms(NamedTuple):
+    """Per-token terms of the student pass, each ``[R·T]``: log-prob, entropy, D_K (or the full
+    JSD), top-K overlap and the teacher mass Σ_S q (0 off F or without Top-K)."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    jsd: torch.Tensor
+    overlap: torch.Tensor
+    teacher_mass: torch.Tensor
+
+
+class ModelWithPTDHead(torch.nn.Module):
+    """A (vision-)language model as the trainer runs it: the backbone, then the output layer
+    through ``ptd_kernels`` (no ``[tokens, vocab]`` logits; only sampling forms one row of logits
+    per sequence).
+
+    The output-layer weights are read inside this module's forward methods: FSDP2 gathers a
+    sharded module's parameters only inside a forward of the module it wraps (the other methods
+    are registered as forward methods with it, see ``distributed.parallelize``), and DDP
+    synchronizes the gradients of what its ``forward`` computed — the differentiable student pass.
+    """
+
+    FORWARD_METHODS = ("hidden", "logprobs", "prefix", "next_token_logits", "prefix_logprobs")
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return output_layer(self.model)
+
+    def forward(self, env, x: PromptBatch, resp, mask, teacher_hidden=None, teacher_head=None, jsd_mask=None):
+        """The student pass → :class:`StudentTerms`, differentiable in the model.
+
+        ``teacher_hidden`` [R·T, H'] (None when no rollout is in F, or λ = 0: log-prob and
+        entropy only) with ``teacher_head`` = (W', b') the teacher's output layer (None: this
+        model's own, the current policy as teacher).
+        """
+        cfg = env.cfg
+        W, b = self.output_layer()
+        Wt, bt = (W, b) if teacher_head is None else teacher_head
+        R, T = resp.shape
+        targets = targets_of(resp, mask)
+        with env.amp():
+            h = response_hidden(self.model, x.ids, x.mask, x.vision, resp, mask)
+        h = h.reshape(R * T, -1).to(W.dtype)
+        zero = torch.zeros(R * T, device=h.device)
+        if teacher_hidden is not None and not cfg.ptd_full_vocab:
+            out = linear_ptd_terms(
+                h,
+                W,
+                targets,
+                teacher_hidden,
+                Wt,
+                min(cfg.ptd_k, W.shape[0]),
+                beta=cfg.ptd_beta,
+                support=cfg.ptd_support,
+                tail=cfg.ptd_tail,
+                bias=b,
+                teacher_bias=bt,
+                temperature=cfg.temperature,
+                jsd_mask=jsd_mask,
+                backend=env.backend,
+            )
+            return StudentTerms(out.logp, out.entropy, out.jsd, out.overlap, out.teacher_mass)
+        logp, entropy = linear_logprobs(
+            h, W, targets, bias=b, temperature=cfg.temperature, with_entropy=True, backend=env.backend
+        )
+        jsd = zero
+        if teacher_hidden is not None:  # full-vocabulary ablation
+            jsd = linear_jsd(
+                h,
+                W,
+                teacher_hidden,
+                Wt,
+                beta=cfg.ptd_beta,
+                bias=b,
+                teacher_bias=bt,
+                temperature=cfg.temperature,
+                mask=jsd_mask,
+                backend=env.backend,
+            )
+        return StudentTerms(logp, entropy, jsd, zero, zero)
+
+    def hidden(self, env, x: PromptBatch, resp, mask) -> torch.Tensor:
+        """Last hidden states at response positions ``[R, T, H]`` in the output layer's dtype
+        (the teacher pass: the teacher's output layer is applied in the student's kernel call)."""
+        with env.amp():
+            h = response_hidden(self.model, x.ids, x.mask, x.vision, resp, mask)
+        return h.to(self.output_layer()[0].dtype)
+
+    def logprobs(self, env, x: PromptBatch, resp, mask, temperature: float) -> torch.Tensor:
+        """Teacher-forced log-probs of ``resp`` ``[R, T]`` (0 where the mask is off)."""
+        W, b = self.output_layer()
+        with env.amp():
+            h = response_hidden(self.model, x.ids, x.mask, x.vision, resp, mask)
+        logp = linear_logprobs(
+            h.reshape(-1, h.shape[-1]).to(W.dtype),
+            W,
+            targets_of(resp, mask),
+            bias=b,
+            temperature=temperature,
+            backend=env.backend,
+        )
+        return logp.view(resp.shape)
+
+    def prefix(self, env, x: PromptBatch) -> Prefix:
+        """The prompts encoded once, ready to be continued (see :class:`Prefix`)."""
+        with env.amp():
+            return encode_prefix(self.model, x.ids, x.mask, x.vision)
+
+    def next_token_logits(self, env, prefix: Prefix, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits ``[B, V]`` of the token after ``prefix`` (after ``ids`` [B, 1], which then
+        join the prefix): one row per sequence, what sampling needs."""
+        W, b = self.output_layer()
+        with env.amp():
+            h = prefix.last if ids is None else continue_prefix(self.model, prefix, ids, torch.ones_like(ids))[:, -1]
+            return torch.nn.functional.linear(h.to(W.dtype), W, b).float()
+
+    def prefix_logprobs(self, env, prefix: Prefix, resp, mask) -> torch.Tensor:
+        """Teacher-forced log-probs ``[B, T]`` of ``resp`` continuing ``prefix`` (advances it)."""
+        W, b = self.output_layer()
+        with env.amp():
+            h = prefix_response_hidden(self.model, prefix, resp, mask)
+        logp = linear_logprobs(
+            h.reshape(-1, h.shape[-1]).to(W.dtype),
+            W,
+            targets_of(resp, mask),
+            bias=b,
+            temperature=env.cfg.temperature,
+            backend=env.backend,
+        )
+        return logp.view(resp.shape)

@@ -12,8 +12,10 @@ import torch
 from ptd_train import compare, grpo, run
 from ptd_train.config import TrainConfig
 from ptd_train.hints import HintLeakError, leak_reason
-from ptd_train.model import VisionGeometry, build_tiny_model, build_tokenizer
+from ptd_train.model import build_tiny_model
+from ptd_train.prompts import Env, build_tokenizer
 from ptd_train.tasks import GridCountTask
+from ptd_train.vision import VisionGeometry
 
 TINY = dict(warmstart_max_steps=0, eval_size=8, eval_steps=1, prompts_per_step=2, group_size=4)
 FLAGS = sum([[f"--{k}", str(v)] for k, v in TINY.items()], [])
@@ -65,11 +67,11 @@ def test_leak_hint_only_with_the_explicit_flag(tmp_path):
     tok = build_tokenizer(task.words)
     geo = VisionGeometry.of(build_tiny_model(tok, seed=0))
     ok = TrainConfig(output_dir=str(tmp_path), teacher_hint="leak", allow_answer_leak=True).resolved()
-    env = run.Env(ok, tok, geo, torch.device("cpu"), "torch")
+    env = Env(ok, tok, geo, torch.device("cpu"), "torch")
     hint = env.hint(ex, "leak")
     assert ex.answer in hint.split() and leak_reason(hint, ex.answer) is not None  # it does state the answer
     assert env.hint(ex, "spatial") == ex.hints["spatial"]  # other kinds are still checked and pass
-    strict = run.Env(TrainConfig(output_dir=str(tmp_path)).resolved(), tok, geo, torch.device("cpu"), "torch")
+    strict = Env(TrainConfig(output_dir=str(tmp_path)).resolved(), tok, geo, torch.device("cpu"), "torch")
     with pytest.raises(HintLeakError):
         strict.hint(ex, "leak")  # without the flag, even a direct call is refused
 

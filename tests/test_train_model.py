@@ -1,27 +1,14 @@
-"""ptd_train.model and the embedded task: tokenizer, patchify, prompts, the tiny Qwen3-VL."""
+"""ptd_train.model, .prompts, .vision and the embedded task: tokenizer, patchify, prompts, the tiny Qwen3-VL."""
 
 import numpy as np
 import pytest
 import torch
 
-from ptd_train.model import (
-    IMAGE_PAD,
-    TinyVLSpec,
-    VisionGeometry,
-    backbone,
-    build_tiny_model,
-    build_tokenizer,
-    distinct_prompts,
-    encode_prompt,
-    left_pad,
-    model_inputs,
-    patchify,
-    placeholder_ids,
-    response_hidden,
-    stack_images,
-)
+from ptd_train.model import TinyVLSpec, backbone, build_tiny_model, distinct_prompts, model_inputs, response_hidden
+from ptd_train.prompts import IMAGE_PAD, build_tokenizer, encode_prompt, left_pad, placeholder_ids
 from ptd_train.tasks import GridCountTask, reward
 from ptd_train.tasks.grid_count import IMAGE_SIZE
+from ptd_train.vision import VisionGeometry, patchify, stack_images
 
 SMALL = TinyVLSpec(
     hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, vision_hidden=16, vision_heads=1

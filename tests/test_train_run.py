@@ -10,12 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ptd_train import run
+from ptd_train import rollout, run, warmstart
 from ptd_train.config import TrainConfig
 from ptd_train.hints import HintLeakError
-from ptd_train.model import TinyVLSpec, VisionGeometry, build_tiny_model, build_tokenizer
+from ptd_train.model import ModelWithPTDHead, TinyVLSpec, build_tiny_model
+from ptd_train.prompts import Env, build_tokenizer
 from ptd_train.tasks import GridCountTask
 from ptd_train.tasks.grid_count import render
+from ptd_train.vision import VisionGeometry
 
 TINY = dict(warmstart_max_steps=0, eval_size=8, prompts_per_step=2, group_size=4, progress=False)
 
@@ -63,7 +65,8 @@ def test_one_step_run(tmp_path, ptd_coef):
         e = json.load(f)
     assert e == evals and {"accuracy_before", "accuracy_after"} <= set(e)
     assert os.path.exists(os.path.join(out, "curves.png"))
-    assert os.path.exists(os.path.join(out, "checkpoint.pt"))
+    assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == "step-000001"
+    assert os.path.exists(os.path.join(out, "checkpoints", "step-000001", "trainer_state.json"))
     assert os.path.exists(os.path.join(out, "final", "config.json"))
 
 
@@ -103,7 +106,7 @@ def _setup(tmp_path, spec=None, words=(), **overrides):
     task = GridCountTask(eval_size=4, dev_size=2)
     tok = build_tokenizer(list(task.words) + list(words))
     policy = build_tiny_model(tok, spec, seed=0)
-    env = run.Env(cfg, tok, VisionGeometry.of(policy), torch.device("cpu"), "torch")
+    env = Env(cfg, tok, VisionGeometry.of(policy), torch.device("cpu"), "torch")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     return cfg, task, tok, env, policy, ref, opt
@@ -127,7 +130,7 @@ def test_student_never_sees_the_hint(tmp_path, teacher):
 
     policy.model.register_forward_pre_hook(spy("policy"), with_kwargs=True)
     ref.model.register_forward_pre_hook(spy("ref"), with_kwargs=True)
-    m = run.rl_step(policy, ref, opt, env, task.sample(np.random.default_rng(0), 2))
+    m = run.rl_step(ModelWithPTDHead(policy), ModelWithPTDHead(ref), opt, env, task.sample(np.random.default_rng(0), 2))
     assert m["ptd_rollouts"] > 0  # a teacher pass happened
     assert seen["policy_with_grad"] and not any(seen["policy_with_grad"])  # the student's passes: no hint
     if teacher == "ref":
@@ -157,20 +160,20 @@ def _student_step_memory(tmp_path, n_extra_words):
     V, H = policy.lm_head.weight.shape
     exs = task.sample(np.random.default_rng(0), 8)
     G = cfg.group_size
-    pid, pmask, vision = env.prompts(exs)
     owner = [i // G for i in range(len(exs) * G)]
-    pid, pmask, vision = pid[owner], pmask[owner], vision.select(owner)
-    resp, mask = run.generate(policy, env, pid, pmask, vision, greedy=False)
+    x = env.prompts(exs).select(owner)
+    resp, mask = rollout.generate(ModelWithPTDHead(policy), env, x, greedy=False)
     R, T = resp.shape
-    tid, tmask, tvision = env.prompts([exs[i] for i in owner], ["spatial"] * R)
     with torch.no_grad():
-        th = run.response_hidden(ref, tid, tmask, tvision, resp, mask).reshape(R * T, -1)
+        th = ModelWithPTDHead(ref).hidden(env, env.prompts([exs[i] for i in owner], ["spatial"] * R), resp, mask)
+        th = th.reshape(R * T, -1)
     jsd_mask = torch.ones(R * T, dtype=torch.bool)  # PTD on every rollout
     Wt = ref.lm_head.weight
+    pid, pmask, vision = x.ids, x.mask, x.vision
 
     class Forward(torch.nn.Module):  # one parent module: the backbone runs twice per pass (the prompts,
         def forward(self):  # then the responses on their cache), which MemTracker refuses at top level
-            out = run.student_pass(policy, env, pid, pmask, vision, resp, mask, th, Wt, None, jsd_mask)
+            out = ModelWithPTDHead(policy)(env, x, resp, mask, th, (Wt, None), jsd_mask)
             logp, ent, jsd = out[:3]
             return logp.sum() + ent.sum() + jsd.sum()
 
@@ -323,7 +326,7 @@ def test_warm_start_mixes_hints_and_is_cached(tmp_path):
 
     assert "leak" in cfg.warmstart_hint_mix  # the default mix teaches copying a stated answer
     handle = policy.model.register_forward_pre_hook(hook, with_kwargs=True)
-    info = run.warm_start(policy, env, task, log=lambda *a: None)
+    info = warmstart.warm_start(policy, env, task, log=lambda *a: None)
     handle.remove()
     assert info["steps"] == 2 and len(rows) == 32
     assert 0 < sum(rows) < 32  # hinted and hint-free prompts both present
@@ -333,7 +336,7 @@ def test_warm_start_mixes_hints_and_is_cached(tmp_path):
         env.hint(task.test[0], "leak")
     trained = {k: v.clone() for k, v in policy.state_dict().items()}
     fresh = build_tiny_model(tok, seed=1)
-    info2 = run.warm_start(fresh, env, task, log=lambda *a: None)  # from the cache: no training
+    info2 = warmstart.warm_start(fresh, env, task, log=lambda *a: None)  # from the cache: no training
     assert info2 == info
     assert all(torch.equal(trained[k], v) for k, v in fresh.state_dict().items())
 
@@ -367,18 +370,18 @@ def test_bad_switch_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("greedy", [False, True])
 def test_cached_generate_matches_hf_generate(tmp_path, greedy):
-    """run.generate (each prompt encoded once, KV cache repeated per rollout) draws exactly the
+    """rollout.generate (each prompt encoded once, KV cache repeated per rollout) draws exactly the
     rollouts that transformers' generate draws from the same RNG state on the repeated prompts."""
     from ptd_train.model import model_inputs
 
     cfg, task, tok, env, policy, ref, opt = _setup(tmp_path, max_new_tokens=4)
     exs = task.sample(np.random.default_rng(3), 2)
     G = cfg.group_size
-    pid, pmask, vision = env.prompts(exs)
     owner = [i // G for i in range(len(exs) * G)]
-    pid, pmask, vision = pid[owner], pmask[owner], vision.select(owner)
+    x = env.prompts(exs).select(owner)
+    pid, pmask, vision = x.ids, x.mask, x.vision
     torch.manual_seed(7)
-    resp, mask = run.generate(policy, env, pid, pmask, vision, greedy=greedy)
+    resp, mask = rollout.generate(ModelWithPTDHead(policy), env, x, greedy=greedy)
     torch.manual_seed(7)
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     with torch.no_grad():
@@ -405,12 +408,12 @@ def test_warm_start_waits_for_the_answer_conditioned_teacher(tmp_path, monkeypat
         tmp_path, warmstart_max_steps=3, warmstart_eval_every=1, warmstart_batch=4
     )
     acc = {None: 0.2, "spatial": 0.95, "leak": leak_acc}
-    monkeypatch.setattr(run, "evaluate", lambda model, env, exs, hint_kind=None: {"accuracy": acc[hint_kind]})
-    info = run.warm_start(policy, env, task, log=lambda *a: None)
+    monkeypatch.setattr(warmstart, "evaluate", lambda model, env, exs, hint_kind=None: {"accuracy": acc[hint_kind]})
+    info = warmstart.warm_start(policy, env, task, log=lambda *a: None)
     assert info["steps"] == stops_at and info["dev_accuracy_leak"] == leak_acc
 
 
 def test_warm_start_rejects_unknown_hint_kind(tmp_path):
     cfg, task, tok, env, policy, ref, opt = _setup(tmp_path, warmstart_max_steps=1, warmstart_hint_mix="none:1,hnt:1")
     with pytest.raises(ValueError, match="hnt"):
-        run.warm_start(policy, env, task, log=lambda *a: None)
+        warmstart.warm_start(policy, env, task, log=lambda *a: None)

@@ -14,7 +14,7 @@ from ..hints import HintLeakError, check_hint
 
 @dataclass
 class Example:
-    image: np.ndarray  # uint8 RGB [H, W, 3]
+    image: np.ndarray | None  # uint8 RGB [H, W, 3]; None for a text-only task
     question: str
     answer: str  # what the verifier compares with
     completion: str = ""  # a reference response (the warm start's target); "" = the answer
@@ -47,8 +47,9 @@ def reward(response: str, answer: str) -> float:
 
 def load_jsonl(path: str) -> list[Example]:
     """A JSONL dataset: one object per line with ``image`` (a path, relative to the file's
-    folder or absolute), ``question``, ``answer``, ``hint`` (string or null) and optionally
-    ``completion``. Any problem raises ``ValueError`` naming the file and line number."""
+    folder or absolute; null for a text-only task), ``question``, ``answer``, ``hint`` (string or
+    null) and optionally ``completion``. Any problem raises ``ValueError`` naming the file and
+    line number, and so does a file that mixes examples with and without an image."""
     from PIL import Image
 
     root = os.path.dirname(os.path.abspath(path))
@@ -67,9 +68,10 @@ def load_jsonl(path: str) -> list[Example]:
             for key in ("image", "question", "answer"):
                 if key not in obj:
                     raise ValueError(f"{where}: missing field {key!r}")
-            for key in ("image", "question"):
-                if not isinstance(obj[key], str):
-                    raise ValueError(f"{where}: field {key!r} must be a string")
+            if not isinstance(obj["image"], str) and obj["image"] is not None:
+                raise ValueError(f"{where}: field 'image' must be a string (a path) or null")
+            if not isinstance(obj["question"], str):
+                raise ValueError(f"{where}: field 'question' must be a string")
             if not isinstance(obj["answer"], (str, int, float)) or isinstance(obj["answer"], bool):
                 raise ValueError(f"{where}: field 'answer' must be a string or a number")
             hint = obj.get("hint")
@@ -81,12 +83,17 @@ def load_jsonl(path: str) -> list[Example]:
                     check_hint(hint, answer)
                 except HintLeakError as e:
                     raise ValueError(f"{where}: {e}") from None
-            image_path = obj["image"] if os.path.isabs(obj["image"]) else os.path.join(root, obj["image"])
-            try:
-                with Image.open(image_path) as im:
-                    image = np.asarray(im.convert("RGB"))
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{where}: cannot read image {obj['image']!r} ({e})") from None
+            image = None
+            if obj["image"] is not None:
+                image_path = obj["image"] if os.path.isabs(obj["image"]) else os.path.join(root, obj["image"])
+                try:
+                    with Image.open(image_path) as im:
+                        image = np.asarray(im.convert("RGB"))
+                except (OSError, ValueError) as e:
+                    raise ValueError(f"{where}: cannot read image {obj['image']!r} ({e})") from None
+            if examples and (examples[0].image is None) != (image is None):
+                kind = "has no image" if image is None else "has an image"
+                raise ValueError(f"{where}: {kind}, unlike the first example (a dataset is all images or all text)")
             examples.append(
                 Example(
                     image=image,
