@@ -24,10 +24,11 @@ class _Wrapper(torch.nn.Module):
 
     _fields: tuple[str, ...] = ()
 
-    def _configure(self, *, temperature, backend, logit_scale, softcap, teacher=None, **fields):
+    def _configure(self, *, temperature, backend, logit_scale, softcap, process_group, teacher=None, **fields):
         """Check and store the configuration; ``teacher`` = (teacher_logit_scale, teacher_softcap) or None."""
         V.check_backend(backend)
         self.temperature, self.backend = V.check_temperature(temperature), backend
+        self.process_group = process_group  # a vocabulary-parallel output layer (weight: this rank's slice)
         self.logit_scale = V.check_logit_scale("logit_scale", logit_scale)
         self.softcap = V.check_softcap("softcap", softcap)
         transforms = ("logit_scale", "softcap")
@@ -37,13 +38,16 @@ class _Wrapper(torch.nn.Module):
             transforms += ("teacher_logit_scale", "teacher_softcap")
         for name, value in fields.items():
             setattr(self, name, value)
-        self._fields = (*fields, "temperature", *transforms, "backend")
+        self._fields = (*fields, "temperature", *transforms, "backend") + (
+            ("process_group",) if process_group is not None else ())
 
     def _kwargs(self, *names) -> dict:
         return {name: getattr(self, name) for name in names}
 
     def _transforms(self) -> dict:
-        return {name: getattr(self, name) for name in self._fields if "logit_scale" in name or "softcap" in name}
+        """The logit transforms and the process group, as keyword arguments of the functions."""
+        names = [name for name in self._fields if "logit_scale" in name or "softcap" in name]
+        return {**{name: getattr(self, name) for name in names}, "process_group": self.process_group}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
@@ -53,9 +57,10 @@ class LinearLogprobs(_Wrapper):
     """``linear_logprobs`` as a module: (hidden, weight, targets[, bias]) → logp (and entropy)."""
 
     def __init__(self, *, temperature=1.0, ignore_index=-100, with_entropy=False, logit_scale=1.0, softcap=None,
-                 backend="auto"):
+                 process_group=None, backend="auto"):
         super().__init__()
         self._configure(temperature=temperature, backend=backend, logit_scale=logit_scale, softcap=softcap,
+                        process_group=process_group,
                         ignore_index=V.check_ignore_index(ignore_index),
                         with_entropy=V.check_bool("with_entropy", with_entropy))
 
@@ -68,11 +73,12 @@ class LinearPTDTerms(_Wrapper):
     """``linear_ptd_terms`` as a module: one sweep per side → PTDTerms(logp, entropy, jsd, overlap)."""
 
     def __init__(self, k=100, *, beta=0.5, support="union", tail=True, temperature=1.0, ignore_index=-100,
-                 logit_scale=1.0, softcap=None, teacher_logit_scale=1.0, teacher_softcap=None, backend="auto"):
+                 logit_scale=1.0, softcap=None, teacher_logit_scale=1.0, teacher_softcap=None, process_group=None,
+                 backend="auto"):
         super().__init__()
         self._configure(temperature=temperature, backend=backend, logit_scale=logit_scale, softcap=softcap,
-                        teacher=(teacher_logit_scale, teacher_softcap), k=V.check_k(k), beta=V.check_beta(beta),
-                        support=V.check_support(support), tail=V.check_bool("tail", tail),
+                        process_group=process_group, teacher=(teacher_logit_scale, teacher_softcap), k=V.check_k(k),
+                        beta=V.check_beta(beta), support=V.check_support(support), tail=V.check_bool("tail", tail),
                         ignore_index=V.check_ignore_index(ignore_index))
 
     def forward(self, hidden, weight, targets, teacher_hidden, teacher_weight, *, bias=None, teacher_bias=None,
@@ -86,10 +92,11 @@ class LinearJSDLoss(_Wrapper):
     """``linear_jsd_loss`` as a module: Σ weights·JSD_β (default: mean over unmasked rows)."""
 
     def __init__(self, *, beta=0.5, temperature=1.0, logit_scale=1.0, softcap=None, teacher_logit_scale=1.0,
-                 teacher_softcap=None, backend="auto"):
+                 teacher_softcap=None, process_group=None, backend="auto"):
         super().__init__()
         self._configure(temperature=temperature, backend=backend, logit_scale=logit_scale, softcap=softcap,
-                        teacher=(teacher_logit_scale, teacher_softcap), beta=V.check_beta(beta))
+                        process_group=process_group, teacher=(teacher_logit_scale, teacher_softcap),
+                        beta=V.check_beta(beta))
 
     def forward(self, hidden, weight, teacher_hidden, teacher_weight, *, bias=None, teacher_bias=None, mask=None,
                 weights=None):
@@ -102,11 +109,11 @@ class LinearTopKJSDLoss(_Wrapper):
     """``linear_topk_jsd_loss`` as a module: PTD-PO's Top-K JSD with tail compensation, Σ weights·D_K."""
 
     def __init__(self, k=100, *, beta=0.5, support="union", tail=True, temperature=1.0, logit_scale=1.0, softcap=None,
-                 teacher_logit_scale=1.0, teacher_softcap=None, backend="auto"):
+                 teacher_logit_scale=1.0, teacher_softcap=None, process_group=None, backend="auto"):
         super().__init__()
         self._configure(temperature=temperature, backend=backend, logit_scale=logit_scale, softcap=softcap,
-                        teacher=(teacher_logit_scale, teacher_softcap), k=V.check_k(k), beta=V.check_beta(beta),
-                        support=V.check_support(support), tail=V.check_bool("tail", tail))
+                        process_group=process_group, teacher=(teacher_logit_scale, teacher_softcap), k=V.check_k(k),
+                        beta=V.check_beta(beta), support=V.check_support(support), tail=V.check_bool("tail", tail))
 
     def forward(self, hidden, weight, teacher_hidden, teacher_weight, *, bias=None, teacher_bias=None, mask=None,
                 weights=None):

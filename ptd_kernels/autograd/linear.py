@@ -87,7 +87,7 @@ class _PTDHead(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias, jsd_rows,
                 cfg: PTDHeadConfig, backend: Backend):
         student = Head.of(hidden, weight, bias, cfg.student)
-        n, vocab = student.rows, student.vocab
+        n, vocab = student.rows, backend.vocab_size(student)
         want_logp = targets is not None
         div = cfg.divergence
         n_jsd = 0 if div is None else jsd_rows.numel()
@@ -330,7 +330,7 @@ def weighted_loss(per_row_fn, hidden, weight, bias, teacher_hidden, teacher_weig
         # per-row function, then the weighted sum (backward recomputes, in efficient vocabulary blocks)
         return (per_row_fn() * weights).sum()
     index = live_index(live)
-    if divergence.k is not None and divergence.k >= weight.shape[0]:
+    if divergence.k is not None and divergence.k >= backend.vocab_size(Head.of(hidden, weight, bias, student)):
         divergence = DivergenceSpec(divergence.beta)  # K ≥ V: the full JSD (SPEC §2)
     cfg = LossConfig(student, teacher, divergence, torch.is_grad_enabled())
     return _FusedLoss.apply(take(hidden, index), weight, bias, take(teacher_hidden.detach(), index),

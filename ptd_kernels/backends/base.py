@@ -259,6 +259,10 @@ class Backend(abc.ABC):
         top-``k`` ids/logits (0 ≤ k ≤ V) of every row, from one sweep. ``lse_dtype`` (default: the
         compute dtype): float64 keeps lse unrounded, so that z − lse of the sweep's own logits is exact."""
 
+    def vocab_size(self, head: Head) -> int:
+        """The vocabulary size V of the head's logits (a vocabulary-parallel head holds a slice of it)."""
+        return head.vocab
+
     def gather_logits(self, head: Head, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """z at ``ids`` [n, M] (ids in [0, V)), in ``dtype``: O(n·M·H) work, no sweep."""
         from .torch.gather import gather_logits

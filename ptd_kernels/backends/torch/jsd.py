@@ -21,8 +21,9 @@ def jsd_forward(student: Head, teacher: Head, beta: float, *, lse: torch.Tensor 
     n, vocab = student.rows, student.vocab
     device = student.hidden.device
     value, w_sum = (torch.empty(n, dtype=dtype, device=device) for _ in range(2))
-    out_lse = torch.empty(n, dtype=dtype, device=device) if lse is None else lse.to(dtype)
-    out_teacher_lse = torch.empty(n, dtype=dtype, device=device) if teacher_lse is None else teacher_lse.to(dtype)
+    # given logsumexps keep their dtype: a float64 lse makes z − lse exact
+    out_lse = torch.empty(n, dtype=dtype, device=device) if lse is None else lse
+    out_teacher_lse = torch.empty(n, dtype=dtype, device=device) if teacher_lse is None else teacher_lse
     for r0, r1, z, teacher_z in _blocks.two_sided_row_blocks(student, teacher, config.FUSED_BLOCK_BYTES):
         for sub in sub_blocks(r1 - r0, vocab, itemsize(dtype)):
             z_sub, teacher_sub = z[sub], teacher_z[sub]

@@ -1,0 +1,141 @@
+"""Vocabulary-parallel output layers (SPEC §4, ``process_group=``): 2 and 3 gloo processes on CPU, each
+holding an uneven slice of V = 37, against the single-process results — values on every rank,
+the full d hidden on every rank, d weight / d bias of each rank's slice — for every fused function,
+all three supports, tail on and off, β ∈ {0, 0.5, 1}, K ≥ V, a sparse teacher, the loss functions,
+soft-capping, masked rows, a tie straddling a slice boundary, and the DTensor form; on the torch
+backend and (world 2) the Triton kernels under the interpreter. Also: clear errors on every rank for
+rows that differ by rank (an FSDP2 shard passed as a slice), communication that does not grow with V,
+and per-rank memory."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from _vocab_parallel_worker import SPLITS, K, V, cases, problem, run_case
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(world: int, out_dir, backends: str) -> list[dict]:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE]), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "_vocab_parallel_worker.py"), str(rank),
+                               str(world), str(port), str(out_dir), backends], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(world)]
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        if proc.returncode:
+            errors.append(err[-3000:])
+    assert not errors, "\n".join(errors)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
+def world_results(request, tmp_path_factory):
+    world = request.param
+    backends = "torch,triton" if world == 2 else "torch"
+    return world, _launch(world, tmp_path_factory.mktemp(f"vp{world}"), backends)
+
+
+def _single_process(backend):
+    hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, mask = problem()
+    layers = dict(hidden=hidden, weight=weight, bias=bias, teacher_hidden=teacher_hidden,
+                  teacher_weight=teacher_weight, teacher_bias=teacher_bias, targets=targets, mask=mask)
+    return {name: run_case(fn, layers, None) for name, fn in cases(backend).items()}
+
+
+def _close(actual, expected, what):
+    if expected is None:
+        assert actual is None, what
+        return
+    if not expected.is_floating_point():
+        assert torch.equal(actual, expected), what
+        return
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=what)
+
+
+def test_every_function_equals_the_single_process_result(world_results):
+    world, ranks = world_results
+    sizes = SPLITS[world]
+    for backend in ("torch", "triton") if world == 2 else ("torch",):
+        single = _single_process(backend)
+        for name, (outs, grads) in single.items():
+            for rank, results in enumerate(ranks):
+                what = f"world {world}, {backend}, {name}, rank {rank}"
+                got_outs, got_grads = results[(backend, name)]
+                assert len(got_outs) == len(outs), what
+                for i, (o, e) in enumerate(zip(got_outs, outs)):
+                    _close(o, e, f"{what}: output {i}")
+                _close(got_grads[0], grads[0], f"{what}: d hidden")
+            for i, which in ((1, "d weight"), (2, "d bias")):
+                if grads[i] is None:
+                    assert all(r[(backend, name)][1][i] is None for r in ranks)
+                    continue
+                slices = [r[(backend, name)][1][i] for r in ranks]
+                assert [s.shape[0] for s in slices] == list(sizes)
+                _close(torch.cat(slices), grads[i], f"world {world}, {backend}, {name}: {which} slices")
+
+
+def test_the_tie_across_the_slice_boundary_goes_to_the_smaller_id(world_results):
+    world, ranks = world_results
+    boundary = SPLITS[world][0]
+    assert boundary in (10, 15)  # ids 9 | 10 and 14 | 15 straddle it
+    for rank, results in enumerate(ranks):
+        indices = results[("torch", "topk")][0][0]
+        assert indices[:, :4].tolist() == [[9, 10, 14, 15]] * indices.shape[0], (rank, indices)
+
+
+def test_dtensor_weight_gives_dtensor_gradients(world_results):
+    world, ranks = world_results
+    hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, _ = problem()
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    import ptd_kernels as ptd
+
+    terms = ptd.linear_ptd_terms(h, w, targets, teacher_hidden, teacher_weight, K, bias=b, teacher_bias=teacher_bias,
+                                 temperature=0.8, backend="torch")
+    (terms.logp.sum() + terms.jsd.sum() + 0.5 * terms.entropy.sum()).backward()
+    for results in ranks:
+        got = results["dtensor"]
+        assert got["weight_grad_placements"] == "(Shard(dim=0),)"
+        for key, want in (("logp", terms.logp), ("jsd", terms.jsd), ("entropy", terms.entropy),
+                          ("hidden_grad", h.grad), ("weight_grad", w.grad), ("bias_grad", b.grad)):
+            _close(got[key], want.detach(), f"world {world} DTensor {key}")
+
+
+def test_rows_that_differ_by_rank_are_a_clear_error_on_every_rank(world_results):
+    world, ranks = world_results
+    for results in ranks:
+        messages = results["errors"]
+        assert "hidden differs across the ranks" in messages["hidden"]
+        assert "targets differs across the ranks" in messages["targets"]
+        assert "FSDP2" in messages["fsdp"] and "forward of the module that owns the weight" in messages["fsdp"]
+
+
+def test_communication_does_not_grow_with_the_vocabulary(world_results):
+    world, ranks = world_results
+    for results in ranks:
+        sent = results["bytes"]
+        for name in ("logprobs", "jsd_beta0", "topk_jsd_union_True_0.5", "topk", "sparse_jsd"):
+            assert sent[(name, V)] == sent[(name, 2 * V)] > 0, (name, sent)
+
+
+def test_memory_per_rank_is_the_single_process_bound_for_the_slice(world_results):
+    """Per rank: at most the single-process peak for a V/world output layer plus O(N·K·world) (the
+    gathered top-K candidates: ids and logits, a few copies)."""
+    world, ranks = world_results
+    for results in ranks:
+        m = results["memory"]
+        allowance = 4 * m["rows"] * m["k"] * world * 16 + (64 << 10)
+        assert m["vocab_parallel"] <= m["one_process"] + allowance, m
