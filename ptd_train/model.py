@@ -25,6 +25,7 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from ptd_kernels import linear_jsd, linear_logprobs, linear_ptd_terms
+from ptd_kernels.integrations.hf import logit_transform
 
 from .prompts import IMAGE_PAD, PAD, VIDEO_PAD, VISION_END, VISION_START, PromptBatch
 from .vision import VisionBatch
@@ -349,20 +350,27 @@ class ModelWithPTDHead(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        # the logit scale / soft-cap of the checkpoint's own config (Gemma-2/3, Cohere, Granite, ...)
+        scale, softcap, _ = logit_transform(model.config)
+        self.logit_transform = dict(logit_scale=scale, softcap=softcap)
 
     def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return output_layer(self.model)
 
-    def forward(self, env, x: PromptBatch, resp, mask, teacher_hidden=None, teacher_head=None, jsd_mask=None):
+    def forward(self, env, x: PromptBatch, resp, mask, teacher_hidden=None, teacher_head=None, jsd_mask=None,
+                teacher_transform=None):
         """The student pass → :class:`StudentTerms`, differentiable in the model.
 
         ``teacher_hidden`` [R·T, H'] (None when no rollout is in F, or λ = 0: log-prob and
         entropy only) with ``teacher_head`` = (W', b') the teacher's output layer (None: this
-        model's own, the current policy as teacher).
+        model's own, the current policy as teacher) and ``teacher_transform`` its logit scale and
+        soft-cap (None: this model's).
         """
         cfg = env.cfg
         W, b = self.output_layer()
         Wt, bt = (W, b) if teacher_head is None else teacher_head
+        transforms = {**self.logit_transform, **{"teacher_" + k: v for k, v in
+                                                 (teacher_transform or self.logit_transform).items()}}
         R, T = resp.shape
         targets = targets_of(resp, mask)
         with env.amp():
@@ -385,10 +393,12 @@ class ModelWithPTDHead(torch.nn.Module):
                 temperature=cfg.temperature,
                 jsd_mask=jsd_mask,
                 backend=env.backend,
+                **transforms,
             )
             return StudentTerms(out.logp, out.entropy, out.jsd, out.overlap, out.teacher_mass)
         logp, entropy = linear_logprobs(
-            h, W, targets, bias=b, temperature=cfg.temperature, with_entropy=True, backend=env.backend
+            h, W, targets, bias=b, temperature=cfg.temperature, with_entropy=True, backend=env.backend,
+            **self.logit_transform,
         )
         jsd = zero
         if teacher_hidden is not None:  # full-vocabulary ablation
@@ -403,6 +413,7 @@ class ModelWithPTDHead(torch.nn.Module):
                 temperature=cfg.temperature,
                 mask=jsd_mask,
                 backend=env.backend,
+                **transforms,
             )
         return StudentTerms(logp, entropy, jsd, zero, zero)
 
@@ -425,6 +436,7 @@ class ModelWithPTDHead(torch.nn.Module):
             bias=b,
             temperature=temperature,
             backend=env.backend,
+            **self.logit_transform,
         )
         return logp.view(resp.shape)
 
@@ -439,7 +451,9 @@ class ModelWithPTDHead(torch.nn.Module):
         W, b = self.output_layer()
         with env.amp():
             h = prefix.last if ids is None else continue_prefix(self.model, prefix, ids, torch.ones_like(ids))[:, -1]
-            return torch.nn.functional.linear(h.to(W.dtype), W, b).float()
+            logits = torch.nn.functional.linear(h.to(W.dtype), W, b).float() * self.logit_transform["logit_scale"]
+            softcap = self.logit_transform["softcap"]
+            return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
     def prefix_logprobs(self, env, prefix: Prefix, resp, mask) -> torch.Tensor:
         """Teacher-forced log-probs ``[B, T]`` of ``resp`` continuing ``prefix`` (advances it)."""
@@ -453,5 +467,6 @@ class ModelWithPTDHead(torch.nn.Module):
             bias=b,
             temperature=env.cfg.temperature,
             backend=env.backend,
+            **self.logit_transform,
         )
         return logp.view(resp.shape)

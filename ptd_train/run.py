@@ -166,7 +166,7 @@ def rl_step(
     # 3. student pass: backbone hidden states at response positions → kernels (no logits tensor)
     policy.train()
     jsd_mask = in_f[:, None].expand(R, T).reshape(-1)
-    terms = policy(env, x, resp, mask, teacher_hidden, teacher_head, jsd_mask)
+    terms = policy(env, x, resp, mask, teacher_hidden, teacher_head, jsd_mask, teacher.logit_transform)
     logp, entropy, jsd = terms.logp.view(R, T), terms.entropy.view(R, T), terms.jsd.view(R, T)
 
     # 4. SPEC §3 loss of the global batch: token means divide by token counts summed over ranks;

@@ -34,3 +34,22 @@ def test_softcap_example_runs():
     assert (scope["scale"], scope["softcap"]) == (1.0, 30.0)
     want = ptd.reference.linear_logprobs(scope["hidden"], scope["weight"], torch.tensor([1, 2, 3, 4]), softcap=30.0)
     torch.testing.assert_close(scope["logp"], want)
+
+
+def test_tensor_parallel_example_runs_under_torchrun(tmp_path):
+    """The README's vocabulary-parallel script, as written, under torchrun with 2 gloo processes."""
+    import subprocess
+    import sys
+
+    text = open(README, encoding="utf-8").read()
+    section = text[text.index("## Tensor parallel"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    script = tmp_path / "tp_example.py"
+    script.write_text(code)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)  # CPU tensors: the torch backend, as a user would run it
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "equals the one-process result" in done.stdout
