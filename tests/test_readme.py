@@ -49,7 +49,10 @@ def test_tensor_parallel_example_runs_under_torchrun(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)  # CPU tensors: the torch backend, as a user would run it
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode and "terminate called without an active exception" in done.stderr:
+        # seen once in ~40 runs on a loaded machine: a gloo thread aborting at process teardown
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "equals the one-process result" in done.stdout
