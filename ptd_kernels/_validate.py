@@ -89,8 +89,12 @@ def check_teacher_vocab(vocab: int, teacher_vocab: int, name: str = "teacher_wei
 
 def _real(name: str, x) -> float:
     """A real number (Python, NumPy or a one-element tensor; not a bool) as a float."""
-    if isinstance(x, torch.Tensor) and x.numel() == 1 and (x.is_floating_point() or not x.dtype.is_complex):
-        x = x.item()
+    if isinstance(x, torch.Tensor):
+        if x.requires_grad:
+            raise TypeError(f"{name} is a tensor that requires grad: ptd does not differentiate w.r.t. {name}; "
+                            "pass a number (or a detached tensor)")
+        if x.numel() == 1 and not x.dtype.is_complex:
+            x = x.item()
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(x).__name__}")
     return float(x)

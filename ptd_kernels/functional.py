@@ -26,7 +26,7 @@ from ._types import PTDTerms
 from .autograd import linear as A
 from .autograd.common import JSDConfig, PTDHeadConfig, SparseJSDConfig
 from .backends import select_backend
-from .backends.base import DivergenceSpec, LogitSpec
+from .backends.base import DivergenceSpec, LogitSpec, same_data
 from .backends.vocab_parallel import VocabParallelBackend
 
 __all__ = [
@@ -41,11 +41,6 @@ __all__ = [
 ]
 
 _OUTPUT_LAYER_ARGS = ("hidden", "weight", "bias", "teacher_hidden", "teacher_weight", "teacher_bias")
-
-
-def _same_data(a, b) -> bool:
-    return (type(a) is torch.Tensor and type(b) is torch.Tensor and a.data_ptr() == b.data_ptr()
-            and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype)
 
 
 def _autocast_policy(fn):
@@ -69,7 +64,7 @@ def _autocast_policy(fn):
                 cast[name] = t.to(dtype)
         for side in ("weight", "bias"):  # a shared output layer stays one tensor (one weight read)
             student, teacher = bound.arguments.get(side), bound.arguments.get("teacher_" + side)
-            if side in cast and _same_data(student, teacher):
+            if side in cast and student is not None and same_data(student, teacher):
                 cast["teacher_" + side] = cast[side].detach()
         bound.arguments.update(cast)
         with torch.autocast(device_type, enabled=False):

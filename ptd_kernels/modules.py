@@ -40,6 +40,13 @@ class _Wrapper(torch.nn.Module):
             setattr(self, name, value)
         self._fields = (*fields, "temperature", *transforms, "backend") + (
             ("process_group",) if process_group is not None else ())
+        self._configured = True
+
+    def __setattr__(self, name, value):
+        if name in self._fields and getattr(self, "_configured", False):
+            raise AttributeError(f"{type(self).__name__}.{name} is fixed when the module is built (it was checked "
+                                 "then): build a new module")
+        super().__setattr__(name, value)
 
     def _kwargs(self, *names) -> dict:
         return {name: getattr(self, name) for name in names}

@@ -196,6 +196,9 @@ def topk_overlap(indices_a, indices_b, *, backend="auto"):
         raise ValueError(
             f"indices_a {tuple(indices_a.shape)} and indices_b {tuple(indices_b.shape)} must be equal [N, k] shapes"
         )
+    for name, t in (("indices_a", indices_a), ("indices_b", indices_b)):
+        if bool((t[:, :, None] == t[:, None, :]).sum((-1, -2)).gt(t.shape[1]).any()):
+            raise ValueError(f"{name} repeats an id within a row: the overlap is defined for sets of distinct ids")
     hits = (indices_a[:, :, None] == indices_b[:, None, :]).any(-1).sum(-1)
     return hits.to(torch.float32) / max(indices_a.shape[1], 1)
 

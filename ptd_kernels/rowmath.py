@@ -265,17 +265,23 @@ class TopKJSDRows:
 def topk_jsd_rows_(z: torch.Tensor, teacher_z: torch.Tensor, k: int, beta: float, support: str,
                    tail: bool) -> TopKJSDRows:
     """Top-K JSD of full rows of logits (1/τ applied, k < V), with one exp per student logit, which
-    is kept (over ``z``) as the dense part of the gradient."""
+    is kept (over ``z``) as the dense part of the gradient. The support log-probs are z_S − lse with
+    float64 logsumexps of the rows' own logits (so that Σ_S p ≤ 1 holds to rounding however large
+    the logits: a rounded lse would shift a whole row)."""
     ids, valid = support_ids(topk_ids(z, k), topk_ids(teacher_z, k), support)
-    teacher_logq = teacher_z.gather(1, ids) - torch.logsumexp(teacher_z, dim=-1, keepdim=True)
+    wide = torch.float64
+    teacher_max = teacher_z.amax(-1, keepdim=True)
+    teacher_sum = torch.exp(teacher_z - teacher_max).sum(-1, keepdim=True)
+    teacher_lse = teacher_max.to(wide) + teacher_sum.to(wide).log()
+    teacher_logq = (teacher_z.gather(1, ids).to(wide) - teacher_lse).to(z.dtype)
     row_max = z.amax(-1, keepdim=True)
-    student_logp = z.gather(1, ids)
+    student_z = z.gather(1, ids)
     shifted_exp = z.sub_(row_max).exp_()
     shifted_sum = shifted_exp.sum(-1, keepdim=True)
-    lse = row_max + shifted_sum.log()
-    student_logp -= lse
+    lse = row_max.to(wide) + shifted_sum.to(wide).log()
+    student_logp = (student_z.to(wide) - lse).to(z.dtype)
     terms = topk_jsd_terms(student_logp, teacher_logq, valid, beta, tail)
-    return TopKJSDRows(terms, ids, lse.squeeze(-1), shifted_exp, shifted_sum.squeeze(-1))
+    return TopKJSDRows(terms, ids, lse.squeeze(-1).to(z.dtype), shifted_exp, shifted_sum.squeeze(-1))
 
 
 # ----------------------------------------------------------------------------- supports and top-K

@@ -143,6 +143,30 @@ def test_bf16_gradients_are_the_fp32_sum_rounded_once(monkeypatch, backend_name)
     assert torch.equal(hidden.grad, (parts[0].hidden + parts[1].hidden).bfloat16())
 
 
+@pytest.mark.parametrize("kind", ["jsd", "topk"])
+def test_bf16_one_sweep_loss_gradients_are_scaled_before_their_one_rounding(monkeypatch, kind):
+    """λ·loss (λ = 0.05, PTD-PO's coefficient): the incoming gradient scales the one-sweep loss's
+    float32 gradients before their cast to bf16, so they equal the float32 computation rounded once."""
+    monkeypatch.setattr(ptd.config, "FUSED_LOSS_MIN_ROWS", 1)
+    g = torch.Generator().manual_seed(3)
+    n, h, v = 24, 16, 400
+    tensors = [torch.randn(n, h, generator=g), torch.randn(v, h, generator=g), torch.randn(n, h, generator=g),
+               torch.randn(v, h, generator=g)]
+    grads = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        hidden, weight, teacher_hidden, teacher_weight = (t.bfloat16().to(dtype) for t in tensors)
+        hidden.requires_grad_(), weight.requires_grad_()
+        if kind == "jsd":
+            loss = ptd.linear_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, backend="torch")
+        else:
+            loss = ptd.linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, 8, backend="torch")
+        (0.05 * loss).backward()
+        grads[dtype] = (hidden.grad, weight.grad)
+    for bf16, fp32 in zip(grads[torch.bfloat16], grads[torch.float32]):
+        assert bf16.dtype == torch.bfloat16
+        assert torch.equal(bf16, fp32.bfloat16())
+
+
 # ----------------------------------------------------------------------------- the backend interface
 
 

@@ -199,6 +199,15 @@ def test_coarse_graining_never_increases_the_divergence(backend, temperature, sc
             assert bool((topk <= LN2 + 1e-6).all()) and bool((topk >= -1e-6).all())
     terms = ptd.linear_ptd_terms(h, w, torch.arange(N), th, tw, 8, temperature=temperature, backend=backend)
     assert bool((terms.jsd <= full + 1e-6).all())
+    # the one-sweep loss (a row at a time through the weights) and the function on given logits
+    for row in range(N):
+        weights = torch.zeros(N)
+        weights[row] = 1.0
+        loss = ptd.linear_topk_jsd_loss(h, w, th, tw, 5, temperature=temperature, weights=weights, backend=backend)
+        assert float(loss) <= float(full[row]) + 1e-6 and float(loss) <= LN2 + 1e-6
+    given = ptd.topk_jsd(h @ w.T, th @ tw.T, 5, temperature=temperature)
+    assert bool((given <= ptd.jsd(h @ w.T, th @ tw.T, temperature=temperature) + 1e-6).all())
+    assert bool((given <= LN2 + 1e-6).all())
 
 
 # ----------------------------------------------------------------------------- 8. argument types

@@ -137,3 +137,33 @@ def test_modules_take_the_transforms():
                                                                    softcap=2.0, logit_scale=3.0))
     with pytest.raises(ValueError, match="softcap"):
         ptd.LinearJSDLoss(softcap=-3.0)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_saturated_float64_caps_keep_the_exact_top_k(backend):
+    """A tight cap with a large scale saturates many logits within a float32 ulp of c: in float64 they are
+    still distinct, and the top-K (and with it the support) must be the float64 one."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(7, 16, generator=g, dtype=F64), torch.randn(200, 16, generator=g, dtype=F64)
+    th, tw = torch.randn(7, 24, generator=g, dtype=F64), torch.randn(200, 24, generator=g, dtype=F64)
+    kw = dict(softcap=2.0, logit_scale=2.0)
+    ours = ptd.linear_topk(h, w, 5, backend=backend, **kw)
+    assert torch.equal(ours.indices, ptd.reference.linear_topk(h, w, 5, **kw).indices)
+    value = ptd.linear_topk_jsd(h, w, th, tw, 5, backend=backend, **kw)
+    torch.testing.assert_close(value, ptd.reference.linear_topk_jsd(h, w, th, tw, 5, **kw), rtol=1e-10, atol=1e-12)
+
+
+def test_scalars_that_require_grad_are_refused():
+    x = Case().inputs(F32)
+    for name in ("logit_scale", "softcap", "temperature"):
+        with pytest.raises(TypeError, match=name):
+            ptd.linear_logprobs(x.hidden, x.weight, x.targets, **{name: torch.tensor(0.5, requires_grad=True)})
+    torch.testing.assert_close(ptd.linear_logprobs(x.hidden, x.weight, x.targets, softcap=torch.tensor(3.0)),
+                               ptd.linear_logprobs(x.hidden, x.weight, x.targets, softcap=3.0))
+
+
+def test_module_configuration_is_fixed_once_built():
+    loss = ptd.LinearTopKJSDLoss(k=4)
+    with pytest.raises(AttributeError, match="fixed"):
+        loss.beta = 5.0
+    loss.train(False)  # module state other than the configuration is untouched

@@ -297,7 +297,8 @@ class _FusedLoss(torch.autograd.Function):
         value, grads = backend.fused_loss(Head.of(hidden, weight, bias, cfg.student),
                                           Head.of(teacher_hidden, teacher_weight, teacher_bias, cfg.teacher),
                                           cfg.divergence, row_weights.detach(), needs)
-        ctx.grads = cast_grads(grads, hidden, weight, bias)
+        # kept in the compute dtype: the incoming gradient scales them before their one cast
+        ctx.grads, ctx.dtypes = grads, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(value if cfg.grad and row_weights.requires_grad else None)
         return (value * row_weights.to(value.dtype)).sum()
 
@@ -310,8 +311,9 @@ class _FusedLoss(torch.autograd.Function):
                 "linear_jsd_loss / linear_topk_jsd_loss formed their gradients in the forward sweep and handed "
                 "them over on the first backward; a second backward through the same graph (retain_graph=True) "
                 "is not supported: call the loss again")
-        if not bool(grad == 1):
-            grads = [None if g is None else g.mul_(grad.to(g.dtype)) for g in grads]
+        scale = None if bool(grad == 1) else grad
+        grads = [None if g is None else (g if scale is None else g.mul_(scale.to(g.dtype))).to(dtype)
+                 for g, dtype in zip(grads, ctx.dtypes)]
         (value,) = ctx.saved_tensors
         grad_row_weights = None if value is None else grad * value
         return (*grads, None, None, None, grad_row_weights, None, None)

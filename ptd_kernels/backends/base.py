@@ -88,11 +88,14 @@ class Head:
     def shares_layer_with(self, other: Head) -> bool:
         """Whether ``other`` uses this output layer (same weight and bias data; ``detach()`` and
         autograd make new tensor objects over one storage), so one weight read can serve both."""
-        return _same_data(self.weight, other.weight) and _same_data(self.bias, other.bias)
+        return same_data(self.weight, other.weight) and same_data(self.bias, other.bias)
 
 
-def _same_data(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+def same_data(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two tensors (or two Nones) are views of the same data, laid out alike."""
     if a is None or b is None:
+        return a is b
+    if type(a) is not torch.Tensor or type(b) is not torch.Tensor:  # e.g. DTensors: compared as objects
         return a is b
     return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
             and a.dtype == b.dtype and a.device == b.device)
@@ -265,7 +268,7 @@ class Backend(abc.ABC):
 
     def gather_logits(self, head: Head, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """z at ``ids`` [n, M] (ids in [0, V)), in ``dtype``: O(n·M·H) work, no sweep."""
-        from .torch.gather import gather_logits
+        from .gather import gather_logits
 
         return gather_logits(head, ids, dtype)
 

@@ -315,20 +315,21 @@ def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: fl
     def head_terms(rows, row_targets, teacher_rows, jsd_mask):
         # runs as the output layer's forward: its parameters are whole tensors here, even under FSDP2
         layer = output_layer(model)
-        rows = rows.to(layer.weight.dtype)
+        # under autocast ptd casts rows and layer to its dtype, as the model's nn.Linear would (and keeps
+        # the divergence math in float32); outside it the rows take the layer's dtype
+        if not torch.is_autocast_enabled(device.type):
+            rows = rows.to(layer.weight.dtype)
         common = dict(bias=layer.bias, temperature=temperature, **layer.kernel_kwargs())
-        # the kernels' own precision rules apply: autocast must not push their products to bf16
-        with torch.autocast(device_type=device.type, enabled=False):
-            if teacher is None:
-                if with_entropy:
-                    return (*ptd.linear_logprobs(rows, layer.weight, row_targets, with_entropy=True, **common),
-                            None, None, None)
-                return ptd.linear_logprobs(rows, layer.weight, row_targets, **common), None, None, None, None
-            terms = ptd.linear_ptd_terms(
-                rows, layer.weight, row_targets, teacher_rows, teacher.layer.weight, teacher.k, beta=teacher.beta,
-                support=teacher.support, tail=teacher.tail, teacher_bias=teacher.layer.bias, jsd_mask=jsd_mask,
-                **common, **teacher.layer.kernel_kwargs("teacher_"))
-            return (*terms, terms.teacher_mass)
+        if teacher is None:
+            if with_entropy:
+                return (*ptd.linear_logprobs(rows, layer.weight, row_targets, with_entropy=True, **common),
+                        None, None, None)
+            return ptd.linear_logprobs(rows, layer.weight, row_targets, **common), None, None, None, None
+        terms = ptd.linear_ptd_terms(
+            rows, layer.weight, row_targets, teacher_rows, teacher.layer.weight, teacher.k, beta=teacher.beta,
+            support=teacher.support, tail=teacher.tail, teacher_bias=teacher.layer.bias, jsd_mask=jsd_mask,
+            **common, **teacher.layer.kernel_kwargs("teacher_"))
+        return (*terms, terms.teacher_mass)
 
     logp, entropy, jsd, overlap, mass = run_as_forward(head, head_terms, rows, row_targets, teacher_rows, jsd_mask)
 

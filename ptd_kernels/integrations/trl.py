@@ -165,21 +165,22 @@ def _distillation_loss_factory(options: _Divergence):
         def divergence(rows, teacher_rows, weights):
             # runs as the student's output layer's forward, so FSDP2 un-shards it and reduces its gradient
             student = output_layer(unwrapped_student)
-            rows = rows.to(student.weight.dtype)
+            # under autocast ptd casts rows and layers to its dtype, as nn.Linear would; else the layer's
+            if not torch.is_autocast_enabled(rows.device.type):
+                rows = rows.to(student.weight.dtype)
             common = dict(beta=self.beta, bias=student.bias, teacher_bias=teacher.bias, temperature=self.temperature,
                           weights=weights, **student.kernel_kwargs(), **teacher.kernel_kwargs("teacher_"))
-            with torch.autocast(device_type=rows.device.type, enabled=False):
-                if options.topk is None:
-                    loss = ptd.linear_jsd_loss(rows, student.weight, teacher_rows, teacher.weight, **common)
-                else:
-                    loss = ptd.linear_topk_jsd_loss(rows, student.weight, teacher_rows, teacher.weight, options.topk,
-                                                    support=options.support, tail=options.tail, **common)
-                with torch.no_grad():  # the logged entropy; one more sweep, no gradient
-                    _, entropy = ptd.linear_logprobs(
-                        rows.detach(), student.weight.detach(),
-                        torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device),
-                        bias=None if student.bias is None else student.bias.detach(), temperature=self.temperature,
-                        with_entropy=True, **student.kernel_kwargs())
+            if options.topk is None:
+                loss = ptd.linear_jsd_loss(rows, student.weight, teacher_rows, teacher.weight, **common)
+            else:
+                loss = ptd.linear_topk_jsd_loss(rows, student.weight, teacher_rows, teacher.weight, options.topk,
+                                                support=options.support, tail=options.tail, **common)
+            with torch.no_grad():  # the logged entropy; one more sweep, no gradient
+                _, entropy = ptd.linear_logprobs(
+                    rows.detach(), student.weight.detach(),
+                    torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device),
+                    bias=None if student.bias is None else student.bias.detach(), temperature=self.temperature,
+                    with_entropy=True, **student.kernel_kwargs())
             return loss, entropy.sum()
 
         loss, entropy_sum = run_as_forward(head, divergence, rows, teacher_rows, weights)

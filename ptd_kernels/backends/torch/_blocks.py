@@ -72,16 +72,19 @@ def to_logits_(a: torch.Tensor, head: Head, *, want_derivative: bool = False) ->
     return derivative
 
 
-def scale_grads_(head: Head, *grads: torch.Tensor | None) -> None:
-    """Multiply gradients w.r.t. a = hidden·weight + bias (already × the cap's derivative) by s/τ."""
+def chain_scale_(t: torch.Tensor, head: Head) -> torch.Tensor:
+    """t ← t·s/τ in place: the scalar part of ∂z/∂a (the cap's part, 1 − tanh², is elementwise)."""
     s, tau = head.logit_scale, head.temperature
+    if s != 1.0:
+        return t.mul_(s / tau)
+    return t.div_(tau) if tau != 1.0 else t
+
+
+def scale_grads_(head: Head, *grads: torch.Tensor | None) -> None:
+    """Apply ``chain_scale_`` to gradients w.r.t. a = hidden·weight + bias (already × the cap's derivative)."""
     for g in grads:
-        if g is None:
-            continue
-        if s != 1.0:
-            g.mul_(s / tau)
-        elif tau != 1.0:
-            g.div_(tau)
+        if g is not None:
+            chain_scale_(g, head)
 
 
 def two_sided_row_blocks(student: Head, teacher: Head, budget: int):

@@ -13,7 +13,7 @@ import torch
 from ... import config, rowmath
 from ..base import DivergenceSpec, GradNeeds, Head, HeadGrads
 from . import _blocks
-from ._blocks import itemsize, prepare, shift, sub_blocks, to_logits_
+from ._blocks import chain_scale_, itemsize, prepare, shift, sub_blocks, to_logits_
 
 
 def fused_loss_pays(student: Head) -> bool:
@@ -49,9 +49,7 @@ def fused_loss(student: Head, teacher: Head, divergence: DivergenceSpec, row_wei
     vocab = weight.shape[0]
     device = hidden.device
     # dz = weights_n · (s/τ) · (the cap's derivative) · ∂D_n/∂z: the chain rule of z = cap(s·a)/τ
-    s_over_tau = student.logit_scale / student.temperature
-    row_scale = row_weights.to(dtype) * s_over_tau if student.logit_scale != 1.0 else (
-        row_weights.to(dtype) / student.temperature)
+    row_scale = chain_scale_(row_weights.to(dtype, copy=True), student)
     value = torch.empty(n, dtype=dtype, device=device)
     # d weight: written by the first block's GEMM, accumulated by the others (no zero fill of V×H)
     grads = HeadGrads(torch.empty((n, h), dtype=dtype, device=device) if needs.hidden else None,

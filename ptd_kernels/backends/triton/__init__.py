@@ -8,6 +8,8 @@ that selecting a backend never compiles or imports Triton code it does not run.
 
 from __future__ import annotations
 
+import torch
+
 from ..base import Backend
 
 
@@ -20,7 +22,10 @@ class TritonBackend(Backend):
     def row_stats(self, head, *, targets=None, k=0, with_mean_logit=True, lse_dtype=None):
         from . import row_stats
 
-        if k > row_stats.MAX_K:  # beyond the register top-k: the chunked path does the same sweep
+        # Beyond the register top-k, and for float64 logits (the kernel ranks float32 keys, which would
+        # tie logits closer than a float32 ulp, e.g. saturated soft-capped ones), the chunked path does
+        # the same sweep.
+        if k > row_stats.MAX_K or (k and head.dtype == torch.float64):
             from ..torch.row_stats import row_stats as torch_row_stats
 
             return torch_row_stats(head, targets=targets, k=k, with_mean_logit=with_mean_logit, lse_dtype=lse_dtype)

@@ -2,16 +2,17 @@
 
 O(n·M·H) work for M ids per row instead of the O(n·V·H) of a sweep, so no tiling over the
 vocabulary: rows go in chunks whose gathered weight rows ([rows, M, H]) stay within
-``ptd_kernels.config.GATHER_BYTES``. Both backends use it (``Backend.gather_logits``).
+``ptd_kernels.config.GATHER_BYTES``. It is PyTorch on any device, the default
+``Backend.gather_logits`` of every backend.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ... import config
-from ..base import Head
-from ._blocks import to_logits_
+from .. import config
+from .base import Head
+from .torch._blocks import to_logits_
 
 _LIVE_BUFFERS = 4  # gathered weight rows, their compute-dtype copy, the product, its reshape/cast
 
