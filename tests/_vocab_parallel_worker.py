@@ -70,6 +70,10 @@ def cases(backend):
             backend=backend)),
         "jsd_loss": pair("linear_jsd_loss", beta=0.3, weights=torch.linspace(0.5, 2.0, N)),
         "topk_jsd_loss": pair("linear_topk_jsd_loss", K),
+        "module_ptd_terms": lambda x, pg: tuple(ptd.LinearPTDTerms(
+            K, temperature=TAU, process_group=pg, backend=backend)(
+            x["hidden"], x["weight"], x["targets"], x["teacher_hidden"], x["teacher_weight"], bias=x["bias"],
+            teacher_bias=x["teacher_bias"], mask=x["mask"])),
     }
     for support, tail, beta in (("union", True, 0.5), ("union", False, 0.0), ("teacher", True, 1.0),
                                 ("teacher", False, 0.5), ("student", True, 0.0), ("student", False, 1.0)):
