@@ -116,12 +116,17 @@ def run_config(base: TrainConfig, study_dir: str, method: str, seed: int) -> Tra
 NOT_RESULTS = ("progress", "save_steps", "plot", "resume")
 
 
+# environment variables that change which float kernels run (instruction set, BLAS code path)
+NUMERIC_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+
+
 def build_fingerprint() -> dict:
-    """What besides the config decides the numbers on a CPU: the torch build and the vector
-    instruction set its kernels dispatch to (ATEN_CPU_CAPABILITY can lower it)."""
+    """What besides the config decides the numbers on a CPU: the torch build, the vector
+    instruction set its kernels dispatch to, and the NUMERIC_ENV variables that are set."""
     import torch
 
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    env = {k: os.environ[k] for k in NUMERIC_ENV if k in os.environ}
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), **env}
 
 
 def _stamp(cfg_dict: dict) -> str:
