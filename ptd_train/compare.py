@@ -1,6 +1,7 @@
 """The miniature study: GRPO vs PTD-PO, its control and its ablations, paired seeds.
 
-    python -m ptd_train.compare [--seeds 6] [--steps 150] [--methods grpo,ptd,...] [--jobs 2] [run flags]
+    python -m ptd_train.compare [--seeds 12] [--steps 150] [--methods grpo,ptd,...] [--jobs 2] [run flags]
+    python -m ptd_train.compare --spread "label=dir,label=dir,..."   (no training: studies side by side)
 
 Every method is a handful of ``run`` switches on top of one shared :class:`TrainConfig` (any
 ``python -m ptd_train.run`` flag is accepted and applies to all methods):
@@ -8,14 +9,18 @@ Every method is a handful of ``run`` switches on top of one shared :class:`Train
   grpo          λ = 0 (plain GRPO with the k3 reference KL)
   ptd           λ = 1 (embedded default), union support, tail, K = 8, spatial hint, frozen-ref teacher
   ptd-nohint    ptd, but the teacher gets no hint (control: the hint vs merely anchoring failures)
+  ptd-coarse    ptd, but the hint names only the rows that hold red cells, not the cells: the
+                teacher cannot count it into the answer (the stricter zero-spoiler test)
   ptd-leak      ptd, but the teacher's hint states the answer (answer-conditioned baseline)
   ptd-full      ptd with full-vocabulary JSD instead of Top-K (the referee's ablation)
   ptd-released  ptd with the authors' released surrogate: D_K is logged, its gradient is zero, so
                 only the dropped reference KL of PTD groups differs from grpo
 
 One warm-start checkpoint is trained first (``warmstart_seed``) and every run starts from it. Its
-supervised data mixes hint kinds (``warmstart_hint_mix``, default none 25 %, spatial 50 %,
-procedure 12.5 %, leak 12.5 %): the leak share (the hint states the answer) is there so that
+supervised data mixes hint kinds (``warmstart_hint_mix``; the study's default, STUDY_HINT_MIX, is
+none 25 %, spatial 50 %, coarse 12.5 %, leak 12.5 %: the trainer's default with its procedure
+share given to the coarse hint, so that the coarse teacher has seen its hint and every other
+prompt of the warm start is drawn as before): the leak share (the hint states the answer) is there so that
 ptd-leak's teacher is a competent answer-conditioned teacher — the random-init model has to learn
 to copy a stated answer, which any real LLM does, or the baseline would measure a confused
 teacher rather than answer conditioning. The warm start stops once the
@@ -26,7 +31,12 @@ Seed s of every method draws the same prompts and sampling seed at each step (``
 the trajectories diverge once the weights do). Runs go to ``<output_dir>/runs/<method>/seed<s>/``
 (metrics.jsonl, eval.json), the study to ``<output_dir>/summary.md``, ``curves.png`` and
 ``runs.jsonl`` (one line per run: its measures and held-out curves). Finished runs with the same
-configuration are reused, so an interrupted study continues where it stopped.
+configuration and build are reused, so an interrupted study continues where it stopped.
+
+Reproducible: the same machine, torch build and thread count give identical numbers. Not
+reproducible: another CPU, BLAS or thread count sums floats in another order; the last bits
+differ, and RL amplifies them until trajectories diverge. ``--spread`` puts such studies side
+by side, so that a conclusion can be checked against that spread.
 """
 
 from __future__ import annotations
@@ -39,12 +49,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .compare_tables import MEASURES, PAIRED, load_study, method_pairs, paired, spread_markdown, summary_markdown
 from .config import TrainConfig
+
+__all__ = ["METHODS", "MEASURES", "PAIRED", "CompareConfig", "compare", "main", "method_pairs", "paired",
+           "parse_args", "run_config", "run_measures", "spread_markdown", "summary_markdown"]  # fmt: skip
 
 METHODS: dict[str, dict] = {
     "grpo": dict(ptd_coef=0.0),
     "ptd": dict(),
     "ptd-nohint": dict(teacher_hint="none"),
+    "ptd-coarse": dict(teacher_hint="coarse"),
     "ptd-leak": dict(teacher_hint="leak", allow_answer_leak=True),
     "ptd-full": dict(ptd_full_vocab=True),
     "ptd-released": dict(ptd_grad="released"),
@@ -54,15 +69,22 @@ METHODS: dict[str, dict] = {
 # changes it for every method alike.
 
 DEFAULT_DIR = "runs/compare"
+# The study's warm-start hint mix (the trainer's default with procedure → coarse, see above);
+# an explicit --warmstart_hint_mix wins.
+STUDY_HINT_MIX = "none:0.25,spatial:0.5,coarse:0.125,leak:0.125"
 
 
 @dataclass
 class CompareConfig:
-    seeds: str = field(default="6", metadata={"help": "N (seeds 0..N-1) or a comma list of seeds."})
+    seeds: str = field(default="12", metadata={"help": "N (seeds 0..N-1) or a comma list of seeds."})
     steps: int | None = field(default=None, metadata={"help": "RL steps per run; None = --max_steps (150)."})
     methods: str = field(default=",".join(METHODS), metadata={"help": f"Comma list of {', '.join(METHODS)}."})
     jobs: int = field(default=2, metadata={"help": "Parallel worker processes (one run each at a time)."})
     rerun: bool = field(default=False, metadata={"help": "Retrain runs that already finished."})
+    spread: str | None = field(
+        default=None,
+        metadata={"help": "label=dir,...: no training; the finished studies in those dirs side by side."},
+    )
 
     def seed_list(self) -> list[int]:
         s = self.seeds.strip()
@@ -90,7 +112,21 @@ def run_config(base: TrainConfig, study_dir: str, method: str, seed: int) -> Tra
 
 
 # fields that do not change what a run computes: a finished run is reused across them
-NOT_RESULTS = ("progress", "save_steps", "plot", "resume", "num_threads")
+# (not num_threads: another thread count sums in another order, and the trajectory moves)
+NOT_RESULTS = ("progress", "save_steps", "plot", "resume")
+
+
+# environment variables that change which float kernels run (instruction set, BLAS code path)
+NUMERIC_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+
+
+def build_fingerprint() -> dict:
+    """What besides the config decides the numbers on a CPU: the torch build, the vector
+    instruction set its kernels dispatch to, and the NUMERIC_ENV variables that are set."""
+    import torch
+
+    env = {k: os.environ[k] for k in NUMERIC_ENV if k in os.environ}
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), **env}
 
 
 def _stamp(cfg_dict: dict) -> str:
@@ -108,7 +144,7 @@ def _train_one(job: tuple[str, int, dict]) -> dict:
     method, seed, cfg_dict = job
     cfg = TrainConfig(**cfg_dict)
     stamp = os.path.join(cfg.output_dir, "study_config.json")
-    want = _stamp(cfg_dict)
+    want = _stamp({**cfg_dict, "build": build_fingerprint()})
     eval_path = os.path.join(cfg.output_dir, "eval.json")
     reused = os.path.exists(eval_path) and os.path.exists(stamp) and _stamp(json.load(open(stamp))) == want
     t0 = time.time()
@@ -197,95 +233,10 @@ def run_measures(method: str, seed: int, d: str) -> dict:
         "ptd_rollouts": _mean(r["ptd_rollouts"] for r in rows),
         "all_fail_groups": _mean(r["all_fail_groups"] for r in rows),
         "seconds": ev.get("seconds_this_process"),
+        "warmstart_steps": ev.get("warmstart", {}).get("steps"),
         "acc_curve": acc,
         "p_correct_curve": pc,
     }
-
-
-def _sd(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return float("nan")
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
-def _fmt(xs: list, digits: int = 3) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "—"
-    m = sum(xs) / len(xs)
-    if len(xs) == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {_sd(xs):.{digits}f}"
-
-
-MEASURES = [  # key, column title
-    ("teacher_acc", "teacher acc (hinted, t=0)"),
-    ("acc_final", "held-out acc (final)"),
-    ("acc_auc", "acc AUC"),
-    ("p_correct_final", "p(correct) (final)"),
-    ("p_correct_auc", "p(correct) AUC"),
-    ("train_reward", "train reward"),
-    ("entropy", "entropy (mean)"),
-    ("entropy_last", "entropy (last 1/6)"),
-    ("overlap", "Top-K overlap"),
-    ("teacher_mass", "teacher mass on S"),
-    ("jsd", "mean D"),
-    ("ptd_rollouts", "PTD rollouts/step"),
-    ("all_fail_groups", "all-fail groups/step"),
-]
-PAIRED = [("acc_auc", "acc AUC"), ("acc_final", "acc final"), ("p_correct_auc", "p(correct) AUC"),
-          ("p_correct_final", "p(correct) final"), ("entropy", "entropy (mean)")]  # fmt: skip
-
-
-def paired(results: list[dict], a: str, b: str, key: str) -> tuple[list[float], int]:
-    """Per-seed differences a − b on the seeds both methods finished."""
-    by = {(r["method"], r["seed"]): r for r in results}
-    seeds = sorted({r["seed"] for r in results})
-    d = [by[a, s][key] - by[b, s][key] for s in seeds if (a, s) in by and (b, s) in by]
-    return d, sum(x > 0 for x in d)
-
-
-def summary_markdown(results: list[dict], methods: list[str], header: str, warm_mix: str | None = None) -> str:
-    lines = [header, "", "## Per method (mean ± sd over seeds)", ""]
-    lines.append("| method | n | " + " | ".join(t for _, t in MEASURES) + " |")
-    lines.append("|---" * (len(MEASURES) + 2) + "|")
-    for m in methods:
-        rs = [r for r in results if r["method"] == m]
-        if rs:
-            lines.append(f"| {m} | {len(rs)} | " + " | ".join(_fmt([r[k] for r in rs]) for k, _ in MEASURES) + " |")
-    pairs = [(m, "grpo") for m in methods if m != "grpo" and "grpo" in methods]
-    for a, b in (("ptd", "ptd-nohint"), ("ptd-full", "ptd")):  # the hint's own value; Top-K vs full JSD
-        if a in methods and b in methods:
-            pairs.append((a, b))
-    if pairs:
-        lines += ["", "## Paired differences (per seed, a − b): mean ± sd, seeds with a > b", ""]
-        lines.append("| a − b | " + " | ".join(t for _, t in PAIRED) + " |")
-        lines.append("|---" * (len(PAIRED) + 1) + "|")
-        for a, b in pairs:
-            cells = []
-            for k, _ in PAIRED:
-                d, pos = paired(results, a, b, k)
-                cells.append(f"{_fmt(d)} ({pos}/{len(d)})" if d else "—")
-            lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Definitions. Held-out = the task's fixed test split, greedy decoding, hint-free. AUC = trapezoid "
-        "area under the held-out curve (step 0, every eval step, final) divided by the steps: the curve's "
-        "mean level. p(correct) = mean probability of the reference completion. Train reward, entropy "
-        "(exact H(p) of the student on its rollouts), PTD rollouts |F| and all-fail groups are per-step "
-        "means; overlap |TopK(p) ∩ TopK(q)|/K, teacher mass Σ_S q and D (D_K, or the full JSD for "
-        "ptd-full) are means over steps with |F| > 0. Teacher acc = greedy accuracy of the initial model "
-        "with the method's teacher hint (— for no hint). sd = sample sd over seeds."
-        + (
-            f" Warm start (shared by all methods): supervised on the hint mix {warm_mix} (kind:weight; none = "
-            "hint-free, leak = the hint states the answer), stopped once the spatial- and leak-hinted dev "
-            "accuracies reach the threshold; no hint reaches the student in RL."
-            if warm_mix
-            else ""
-        ),
-    ]
-    return "\n".join(lines) + "\n"
 
 
 # ============================================================================ main
@@ -358,6 +309,7 @@ def compare(study: CompareConfig, base: TrainConfig) -> dict:
             f"{base.resolved().lr}, λ = {base.resolved().ptd_coef} for ptd*, K = {base.resolved().ptd_k}, "
             f"β = {base.ptd_beta}, kl_coef = {base.kl_coef} (dropped for PTD groups in ptd*)",
             f"- warm start: {json.dumps(warm) if warm else 'none'}",
+            f"- build: {_machine()}, {json.dumps(build_fingerprint())}, {base.num_threads} torch thread(s) per run",
             f"- wall time {wall / 60:.1f} min ({fresh} runs trained, {len(done) - fresh} reused) with "
             f"{study.jobs} jobs on {os.cpu_count()} CPUs; the runs' own process times add up to "
             f"{sum(r['seconds'] or 0 for r in results) / 60:.1f} min; load average before "
@@ -379,10 +331,36 @@ def compare(study: CompareConfig, base: TrainConfig) -> dict:
     return {"results": results, "summary": md, "wall_s": wall, "study_dir": study_dir}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else 'CPU'} ({os.cpu_count()} CPUs)"
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, TrainConfig]:
+    """The study's flags and the run flags shared by every method; the warm-start hint mix
+    defaults to STUDY_HINT_MIX here (not the trainer's default)."""
     from transformers import HfArgumentParser
 
-    study, base = HfArgumentParser((CompareConfig, TrainConfig)).parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser((CompareConfig, TrainConfig))
+    parser.set_defaults(warmstart_hint_mix=STUDY_HINT_MIX)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    study, base = parse_args(argv)
+    if study.spread:
+        studies = {}
+        for item in study.spread.split(","):
+            label, _, d = item.partition("=")
+            studies[label.strip()] = load_study(d.strip())
+        md = f"# The study across settings\n\n`python -m ptd_train.compare --spread {study.spread}`\n\n"
+        md += spread_markdown(studies)
+        print(md)
+        return {"spread": md}
     return compare(study, base)
 
 

@@ -131,8 +131,8 @@ class TrainConfig:
     teacher_hint: str = field(
         default="spatial",
         metadata={
-            "help": "Teacher-context hint: spatial | procedure | both | none (control) | leak (states the answer; "
-            "needs --allow_answer_leak); datasets use their own hint."
+            "help": "Teacher-context hint: spatial (the red cells) | coarse (only their rows) | procedure | both | "
+            "none (control) | leak (states the answer; needs --allow_answer_leak); datasets use their own hint."
         },
     )
     allow_answer_leak: bool = field(
@@ -164,7 +164,7 @@ class TrainConfig:
             ("scale_rewards", c.scale_rewards, ("group", "none")),
             ("ptd_support", c.ptd_support, ("union", "teacher", "student")),
             ("teacher", c.teacher, ("ref", "policy")),
-            ("teacher_hint", c.teacher_hint, ("spatial", "procedure", "both", "none", "leak")),
+            ("teacher_hint", c.teacher_hint, ("spatial", "coarse", "procedure", "both", "none", "leak")),
             ("ptd_grad", c.ptd_grad, ("exact", "released")),
             ("device", c.device, ("auto", "cpu", "cuda")),
             ("backend", c.backend, ("auto", "triton", "torch")),

@@ -1,7 +1,9 @@
-"""ptd_train.compare on tiny shapes (2 methods × 1 seed × 2 steps), and the two method switches
-it adds to the trainer: the ptd-leak hint (explicit bypass of the zero-spoiler check, only for
-that method) and the ptd-released surrogate (the authors' zero-gradient JSD)."""
+"""ptd_train.compare on tiny shapes (2 methods × 1 seed × 2 steps), the method switches it adds to
+the trainer: the ptd-leak hint (explicit bypass of the zero-spoiler check, only for that method),
+the ptd-coarse hint and the ptd-released surrogate (the authors' zero-gradient JSD), the study's
+warm-start hint mix, and the spread table across settings."""
 
+import dataclasses
 import json
 import os
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ptd_train import compare, grpo, run
+from ptd_train import compare, grpo, run, warmstart
 from ptd_train.config import TrainConfig
 from ptd_train.hints import HintLeakError, leak_reason
 from ptd_train.model import build_tiny_model
@@ -52,6 +54,13 @@ def test_compare_two_methods_one_seed(tmp_path):
     again = compare.main([*args, "--jobs", "1"])
     assert [r["acc_final"] for r in again["results"]] == [r["acc_final"] for r in runs]
     assert "0 runs trained, 2 reused" in open(os.path.join(out, "summary.md")).read()
+    # ... and identical, timing aside, to what was trained (the spread table counts them)
+    assert "| runs identical to a (every measure and curve) | 2/2 |" in compare.spread_markdown(
+        {"a": runs, "b": again["results"]}
+    )
+    # another thread count sums in another order: those runs are trained again, not reused
+    compare.main([*args, "--jobs", "1", "--num_threads", "2"])
+    assert "2 runs trained, 0 reused" in open(os.path.join(out, "summary.md")).read()
 
 
 def test_compare_rejects_unknown_method(tmp_path):
@@ -116,15 +125,15 @@ def test_released_surrogate_is_the_value_with_zero_gradient():
     assert released.ptd > 0  # the D_K value is still logged
 
 
-@pytest.mark.parametrize("method", ["ptd-leak", "ptd-released"])
+@pytest.mark.parametrize("method", ["ptd-leak", "ptd-coarse", "ptd-released"])
 def test_new_methods_run_one_step(tmp_path, method):
     cfg = compare.run_config(TrainConfig(**TINY, max_steps=1), str(tmp_path), method, seed=0)
     evals = run.train(cfg)
     with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
         (m,) = [json.loads(line) for line in f]
     assert np.isfinite(m["loss"]) and m["ptd_rollouts"] > 0 and m["jsd"] > 0
-    if method == "ptd-leak":
-        assert "accuracy_hinted_before" in evals  # the leak teacher's accuracy is measured
+    if method in ("ptd-leak", "ptd-coarse"):
+        assert "accuracy_hinted_before" in evals  # the teacher's accuracy with its own hint is measured
     else:
         assert m["ptd_loss"] > 0  # logged, though it carries no gradient
 
@@ -134,3 +143,60 @@ def test_summary_states_the_warm_start_hint_mix():
     md = compare.summary_markdown([r], ["grpo"], "# h", warm_mix="none:0.25,spatial:0.5,leak:0.25")
     assert "hint mix none:0.25,spatial:0.5,leak:0.25" in md and "leak = the hint states the answer" in md
     assert "hint mix" not in compare.summary_markdown([r], ["grpo"], "# h")  # no warm start, nothing claimed
+
+
+def test_coarse_teacher_gets_the_coarse_hint(tmp_path):
+    cfg = compare.run_config(TrainConfig(**TINY), str(tmp_path), "ptd-coarse", seed=0).resolved()
+    assert cfg.teacher_hint == "coarse" and not cfg.allow_answer_leak
+    task = GridCountTask(eval_size=2, dev_size=2)
+    tok = build_tokenizer(task.words)
+    env = Env(cfg, tok, VisionGeometry.of(build_tiny_model(tok, seed=0)), torch.device("cpu"), "torch")
+    ex = task.test[0]
+    assert env.hint(ex, cfg.teacher_hint) == ex.hints["coarse"] != ex.hints["spatial"]
+    ids = env.prompts([ex], [cfg.teacher_hint]).ids[0].tolist()
+    assert tok.convert_tokens_to_ids("rows") in ids and tok.convert_tokens_to_ids("a1") not in ids  # rows, no cells
+
+
+def test_study_warm_start_mix_holds_the_coarse_hint_and_a_flag_overrides_it(tmp_path, monkeypatch):
+    _, base = compare.parse_args(["--output_dir", str(tmp_path)])
+    assert base.warmstart_hint_mix == compare.STUDY_HINT_MIX != TrainConfig.warmstart_hint_mix
+    kinds = dict(kv.split(":") for kv in compare.STUDY_HINT_MIX.split(","))
+    trainer = dict(kv.split(":") for kv in TrainConfig.warmstart_hint_mix.split(","))
+    # the trainer's mix with its procedure share given to the coarse hint, all other shares as they were
+    assert kinds.pop("coarse") == trainer.pop("procedure") and kinds == trainer
+    _, base = compare.parse_args(["--output_dir", str(tmp_path), "--warmstart_hint_mix", "none:1"])
+    assert base.warmstart_hint_mix == "none:1"
+
+    # the warm start trains on the study's mix (coarse prompts included) without complaint
+    cfg = dataclasses.replace(compare.parse_args(["--output_dir", str(tmp_path)])[1], **TINY).resolved()
+    cfg = dataclasses.replace(cfg, warmstart_max_steps=2, warmstart_batch=8, warmstart_eval_every=2)
+    task = GridCountTask(eval_size=2, dev_size=2)
+    tok = build_tokenizer(task.words)
+    model = build_tiny_model(tok, seed=0)
+    env = Env(cfg, tok, VisionGeometry.of(model), torch.device("cpu"), "torch")
+    seen = []
+    prompts = Env.prompts
+    monkeypatch.setattr(
+        Env, "prompts", lambda self, exs, kinds=None: (seen.extend(kinds or []), prompts(self, exs, kinds))[1]
+    )
+    info = warmstart.warm_start(model, env, task, log=lambda *a: None)
+    assert info["steps"] == 2 and "coarse" in seen and "procedure" not in seen
+
+
+def _result(method, seed, acc_auc, **kw):
+    r = dict.fromkeys([k for k, _ in compare.MEASURES], 0.5)
+    return r | {"method": method, "seed": seed, "acc_auc": acc_auc, "acc_before": 0.2, "seconds": 1.0} | kw
+
+
+def test_spread_counts_identical_runs_and_checks_each_sign():
+    a = [_result("grpo", s, 0.2) for s in (0, 1)] + [_result("ptd", s, 0.3 + 0.1 * s) for s in (0, 1)]
+    b = [dict(r, seconds=9.0) for r in a]  # timing differs only: identical runs
+    c = [dict(r, acc_auc=0.1) if r["method"] == "ptd" and r["seed"] == 1 else r for r in a]
+    md = compare.spread_markdown({"a": a, "b": b, "c": c})
+    assert "| runs identical to a (every measure and curve) | 4/4 | 4/4 | 3/4 |" in md
+    line = next(x for x in md.splitlines() if x.startswith("| ptd − grpo, acc AUC |"))
+    # a, b: +0.1 / +0.2 → mean +0.15 (2/2); c: +0.1 / −0.1 → mean 0 (1/2): the sign did not hold
+    assert "0.150 ± 0.071 (2/2)" in line and "0.000 ± 0.141 (1/2)" in line and line.endswith("| **no** |")
+    c2 = [dict(r, acc_auc=0.25) if r["method"] == "ptd" and r["seed"] == 1 else r for r in a]
+    line = next(x for x in compare.spread_markdown({"a": a, "c": c2}).splitlines() if "ptd − grpo, acc AUC" in x)
+    assert line.endswith("| yes |")

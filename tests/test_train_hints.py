@@ -1,10 +1,16 @@
-"""Zero-spoiler hints: the leak check, and that the embedded hints pass it by construction."""
+"""Zero-spoiler hints: the leak check, that the embedded hints pass it by construction, and that
+the coarse hint leaves the answer open where the spatial one determines it."""
+
+import itertools
 
 import numpy as np
 import pytest
 
-from ptd_train.hints import HINT_KINDS, HintLeakError, check_hint, leak_reason
+from ptd_train import hints
+from ptd_train.hints import HINT_KINDS, HintLeakError, check_hint, leak_reason, make_hints
+from ptd_train.prompts import build_tokenizer
 from ptd_train.tasks import GridCountTask
+from ptd_train.tasks.grid_count import ROWS, cell_name
 
 
 @pytest.mark.parametrize(
@@ -51,3 +57,51 @@ def test_every_embedded_hint_is_zero_spoiler():
             # no number at all: not the answer, not a count of anything
             assert not any(w.isdigit() for w in h.split()), h
         assert e.hint("none") is None
+
+
+def _every_grid():
+    """(red cell names, count) for all 2^16 grids of the embedded task."""
+    for bits in itertools.product((False, True), repeat=16):
+        red = [cell_name(i // 4, i % 4) for i, b in enumerate(bits) if b]
+        yield red, len(red)
+
+
+def test_coarse_hint_never_determines_the_answer_the_spatial_one_always_does():
+    counts = {"spatial": {}, "coarse": {}}
+    for red, n in _every_grid():
+        h = make_hints(red, list(ROWS))
+        for kind in counts:
+            counts[kind].setdefault(h[kind], set()).add(n)
+        check_hint(h["coarse"], str(n))
+    # spatial: every text goes with one count (a teacher counts the named cells)
+    assert all(len(c) == 1 for c in counts["spatial"].values())
+    # coarse: 15 texts (every non-empty set of rows), none of them pins the count down
+    assert len(counts["coarse"]) == 15
+    assert min(len(c) for c in counts["coarse"].values()) >= 2
+    every_row = make_hints([], list(ROWS))["coarse"]
+    assert counts["coarse"][every_row] == {0, *range(4, 17)}  # the empty grid has no text of its own
+
+
+@pytest.mark.parametrize(
+    "red, text",
+    [
+        (["b2", "b4"], "look only at row b and ignore the blue cells ."),
+        (["a1", "c3", "c4"], "look only at rows a c and ignore the blue cells ."),
+        (["d1", "a2", "b3", "c4"], "look only at rows a b c d and ignore the blue cells ."),
+        ([], "look only at rows a b c d and ignore the blue cells ."),
+    ],
+)
+def test_coarse_hint_names_the_rows_of_the_red_cells(red, text):
+    assert make_hints(red, list(ROWS))["coarse"] == text
+
+
+def test_hint_words_are_in_the_vocabulary_and_the_coarse_hint_adds_none():
+    vocab = build_tokenizer(GridCountTask.words).get_vocab()
+    for red, _ in itertools.islice(_every_grid(), 0, 1 << 16, 997):
+        for text in make_hints(red, list(ROWS)).values():
+            assert all(w in vocab for w in text.split()), text
+    # the coarse hint reuses words the other hints already had: the embedded model's vocabulary,
+    # hence its initialisation and every run without the coarse hint, are what they were
+    before = set(hints.CELL_WORDS + hints._SPATIAL_HEAD + hints._SPATIAL_TAIL + hints._SPATIAL_EMPTY)
+    before |= set(hints._PROCEDURE + [";"])
+    assert set(hints.HINT_WORDS) == before
