@@ -87,3 +87,16 @@ def load(root: str, lm: torch.nn.Module, opt: torch.optim.Optimizer) -> dict | N
         set_state_dict(lm, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)
+
+
+# environment variables that change which float kernels run (instruction set, BLAS code path)
+NUMERIC_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+
+
+def build_fingerprint() -> dict:
+    """What besides the config decides the numbers on a CPU, so that a saved result is reused only
+    where it would be recomputed bit for bit: the torch build, the vector instruction set its kernels
+    dispatch to, the NUMERIC_ENV variables that are set, and the thread count (sums in another order)."""
+    env = {k: os.environ[k] for k in NUMERIC_ENV if k in os.environ}
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), **env}

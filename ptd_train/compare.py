@@ -49,6 +49,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .checkpoint import build_fingerprint
 from .compare_tables import MEASURES, PAIRED, load_study, method_pairs, paired, spread_markdown, summary_markdown
 from .config import TrainConfig
 
@@ -114,19 +115,6 @@ def run_config(base: TrainConfig, study_dir: str, method: str, seed: int) -> Tra
 # fields that do not change what a run computes: a finished run is reused across them
 # (not num_threads: another thread count sums in another order, and the trajectory moves)
 NOT_RESULTS = ("progress", "save_steps", "plot", "resume")
-
-
-# environment variables that change which float kernels run (instruction set, BLAS code path)
-NUMERIC_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
-
-
-def build_fingerprint() -> dict:
-    """What besides the config decides the numbers on a CPU: the torch build, the vector
-    instruction set its kernels dispatch to, and the NUMERIC_ENV variables that are set."""
-    import torch
-
-    env = {k: os.environ[k] for k in NUMERIC_ENV if k in os.environ}
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), **env}
 
 
 def _stamp(cfg_dict: dict) -> str:

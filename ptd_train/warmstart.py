@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, build_fingerprint
 from .config import TrainConfig
 from .hints import HINT_KINDS
 from .model import ModelWithPTDHead, TinyVLSpec
@@ -24,11 +24,13 @@ from .tasks import GridCountTask
 def cache_key(cfg: TrainConfig, task: GridCountTask) -> tuple[str, dict]:
     """(key, spec): ``spec`` holds everything that determines the warm-start weights (every
     ``warmstart_*`` field but the cache folder, the model shape, a fingerprint of the task, the
-    clipping norm); ``key`` is its hash, part of the cached file's name."""
+    clipping norm, and the build: torch, instruction set, thread count); ``key`` is its hash, part of
+    the cached file's name."""
     keys = [f for f in dataclasses.fields(cfg) if f.name.startswith("warmstart_") and f.name != "warmstart_dir"]
     spec = {f.name: getattr(cfg, f.name) for f in keys}
     task_print = hashlib.sha256(task.dev[0].image.tobytes() + " ".join(task.words).encode()).hexdigest()
-    spec.update(model=dataclasses.asdict(TinyVLSpec()), task=task_print, max_grad_norm=cfg.max_grad_norm, version=2)
+    spec.update(model=dataclasses.asdict(TinyVLSpec()), task=task_print, max_grad_norm=cfg.max_grad_norm,
+                build=build_fingerprint(), version=3)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16], spec
 
 
