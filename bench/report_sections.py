@@ -77,8 +77,8 @@ def trl_table(res: Results, show_cpu: bool = False) -> list[str]:
                 name = op if len(shapes) == 1 else f"{op} ({shape})"
                 ours = res.best_ours(res.main, op, shape)
                 if not ok(trl) or ours is None:
-                    status = trl.get("status", "?") if not ok(trl) else "ok"
-                    out.append(f"| {name} | {trl['method']} | {status} | {ours['method'] if ours else '—'} | "
+                    trl_cell = fmt_time(trl["median"]) if ok(trl) else trl.get("status", "?")
+                    out.append(f"| {name} | {trl['method']} | {trl_cell} | {ours['method'] if ours else 'not run'} | "
                                f"{fmt_time(ours['median']) if ours else '—'} | — | — | — | — | — |")
                     continue
                 out.append(

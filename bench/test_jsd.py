@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, FLOOR_4, TRANSFORMS, measure, transform_args, transform_row, zero_grads
+from conftest import DEVICE, FLOOR_4, TRANSFORMS, measure, transform_args, transform_inputs, transform_row, zero_grads
 
 import ptd_kernels as ptd
 
@@ -25,7 +25,8 @@ BETA = 0.5
 
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
 def test_ptd_jsd_loss(benchmark, inp, transform):
-    hidden, weight, _, teacher_hidden, teacher_weight = inp.all
+    x = transform_inputs(inp, transform)
+    hidden, weight, _, teacher_hidden, teacher_weight = x.all
     kw = transform_args(transform, teacher=True)
 
     def step():
@@ -33,7 +34,7 @@ def test_ptd_jsd_loss(benchmark, inp, transform):
         ptd.linear_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, beta=BETA, **kw).backward()
 
     method, extra = transform_row(transform, "ptd linear_jsd_loss")
-    measure(benchmark, step, inp, op="jsd", method=method, ours=True, floor=FLOOR_4, grads=(hidden, weight),
+    measure(benchmark, step, x, op="jsd", method=method, ours=True, floor=FLOOR_4, grads=(hidden, weight),
             extra=extra)
 
 
@@ -108,7 +109,8 @@ def test_eager_jsd(benchmark, inp):
 @pytest.mark.parametrize("k,transform", [(64, t) for t in TRANSFORMS]
                          + [pytest.param(100, "plain", marks=pytest.mark.tier(2))])
 def test_ptd_topk_jsd_loss(benchmark, inp, k, transform):
-    hidden, weight, _, teacher_hidden, teacher_weight = inp.all
+    x = transform_inputs(inp, transform)
+    hidden, weight, _, teacher_hidden, teacher_weight = x.all
     kw = transform_args(transform, teacher=True)
 
     def step():
@@ -116,7 +118,7 @@ def test_ptd_topk_jsd_loss(benchmark, inp, k, transform):
         ptd.linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, k, beta=BETA, **kw).backward()
 
     method, extra = transform_row(transform, "ptd linear_topk_jsd_loss")
-    measure(benchmark, step, inp, op=f"topk_jsd K={k}", method=method, ours=True, floor=FLOOR_4,
+    measure(benchmark, step, x, op=f"topk_jsd K={k}", method=method, ours=True, floor=FLOOR_4,
             grads=(hidden, weight), extra=extra)
 
 

@@ -10,7 +10,7 @@
 
 import pytest
 import torch
-from conftest import DEVICE, FLOOR_3, TRANSFORMS, measure, transform_args, transform_row, zero_grads
+from conftest import DEVICE, FLOOR_3, TRANSFORMS, measure, transform_args, transform_inputs, transform_row, zero_grads
 
 import ptd_kernels as ptd
 
@@ -19,7 +19,8 @@ BACKEND = "triton" if DEVICE == "cuda" else "torch"
 
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
 def test_ptd_logprobs_entropy(benchmark, inp, transform):
-    hidden, weight, targets = inp.student
+    x = transform_inputs(inp, transform)
+    hidden, weight, targets = x.student
     kw = transform_args(transform)
 
     def step():
@@ -28,7 +29,7 @@ def test_ptd_logprobs_entropy(benchmark, inp, transform):
         (logp.sum() + entropy.sum()).backward()
 
     method, extra = transform_row(transform, f"ptd linear_logprobs ({BACKEND})")
-    measure(benchmark, step, inp, op="logprobs+entropy", method=method, ours=True, floor=FLOOR_3,
+    measure(benchmark, step, x, op="logprobs+entropy", method=method, ours=True, floor=FLOOR_3,
             grads=(hidden, weight), extra=extra)
 
 

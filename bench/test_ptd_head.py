@@ -4,7 +4,7 @@ Top-K JSD and overlap from one sweep per side) vs the same terms from separate c
 reference; the one-sweep head also with a soft-cap and with a logit scale (conftest.TRANSFORMS)."""
 
 import pytest
-from conftest import FLOOR_4, TRANSFORMS, measure, transform_args, transform_row, zero_grads
+from conftest import FLOOR_4, TRANSFORMS, measure, transform_args, transform_inputs, transform_row, zero_grads
 
 import ptd_kernels as ptd
 
@@ -15,7 +15,8 @@ pytestmark = pytest.mark.tier(2)
 
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
 def test_ptd_terms_one_sweep(benchmark, inp, transform):
-    hidden, weight, targets, teacher_hidden, teacher_weight = inp.all
+    x = transform_inputs(inp, transform)
+    hidden, weight, targets, teacher_hidden, teacher_weight = x.all
     kw = transform_args(transform, teacher=True)
 
     def step():
@@ -24,7 +25,7 @@ def test_ptd_terms_one_sweep(benchmark, inp, transform):
         (t.logp.sum() + t.entropy.sum() + t.jsd.sum()).backward()
 
     method, extra = transform_row(transform, "ptd linear_ptd_terms (one sweep)")
-    measure(benchmark, step, inp, op=f"ptd head K={K}", method=method, ours=True, floor=FLOOR_4,
+    measure(benchmark, step, x, op=f"ptd head K={K}", method=method, ours=True, floor=FLOOR_4,
             grads=(hidden, weight), extra=extra)
 
 

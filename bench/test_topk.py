@@ -4,7 +4,7 @@ and with a logit scale (conftest.TRANSFORMS; extras, tier 3)."""
 
 import pytest
 import torch
-from conftest import DEVICE, FLOOR_1, TRANSFORMS, measure, transform_args, transform_row
+from conftest import DEVICE, FLOOR_1, TRANSFORMS, measure, transform_args, transform_inputs, transform_row
 
 import ptd_kernels as ptd
 
@@ -16,10 +16,11 @@ BACKEND = "triton" if DEVICE == "cuda" else "torch"
 @pytest.mark.parametrize("transform", ["plain", *(pytest.param(t, marks=pytest.mark.tier(3)) for t in TRANSFORMS
                                                   if t != "plain")])
 def test_ptd_linear_topk(benchmark, inp, transform):
-    hidden, weight = inp.teacher
+    x = transform_inputs(inp, transform)
+    hidden, weight = x.teacher
     kw = transform_args(transform)
     method, extra = transform_row(transform, f"ptd linear_topk ({BACKEND})")
-    measure(benchmark, lambda: ptd.linear_topk(hidden, weight, K, **kw), inp, op=f"teacher top-K K={K}",
+    measure(benchmark, lambda: ptd.linear_topk(hidden, weight, K, **kw), x, op=f"teacher top-K K={K}",
             method=method, ours=True, floor=FLOOR_1, extra=extra)
 
 

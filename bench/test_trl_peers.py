@@ -5,6 +5,9 @@
 - ``jsd`` (β = 0.5): ``ChunkedDivergenceFunction`` (the distillation trainer's), mean over rows, as
   ``linear_jsd_loss`` computes.
 
+Each as TRL's trainers call it (vocabulary chunk 32768) and, as an extra, with the tuned 2048-wide
+chunk (trl_peers.TUNED_CHUNK; the log-prob-only row at the trainers' chunk alone).
+
 Before its first timed row, each device checks once that TRL's values and input gradients equal
 ptd's (plain, and with a logit scale and soft-cap); the row records that check. The rows skip
 without TRL (the ``trl`` extra).
@@ -30,17 +33,28 @@ def checked():
     return trl_peers.check_against_ptd(DEVICE, BACKEND, beta=BETA)
 
 
-def test_trl_logprobs_entropy(benchmark, inp, checked):
+# The vocabulary chunk: None = TRL's trainers' (main rows), the tuned width as an extra (tier 2).
+CHUNKS = [pytest.param(None, id="trainer_chunk"),
+          pytest.param(trl_peers.TUNED_CHUNK, id=f"chunk{trl_peers.TUNED_CHUNK}", marks=pytest.mark.tier(2))]
+
+
+def _label(chunk, default):
+    return f"vocab chunk {chunk or default}" + ("" if chunk else ", as its trainers call it")
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_trl_logprobs_entropy(benchmark, inp, checked, chunk):
     hidden, weight, targets = inp.student
     n, _, v = inp.shape
 
     def step():
         zero_grads(hidden, weight)
-        logp, entropy = trl_peers.trl_logprobs(hidden, weight, targets, with_entropy=True)
+        logp, entropy = trl_peers.trl_logprobs(hidden, weight, targets, with_entropy=True, vocab_chunk=chunk)
         (logp.sum() + entropy.sum()).backward()
 
-    measure(benchmark, step, inp, op="logprobs+entropy", method="TRL ChunkedLogProbFunction (entropy)",
-            floor=FLOOR_3, grads=(hidden, weight), nv_buffers=_tile_buffers(n, v, 6), extra={"check": checked})
+    measure(benchmark, step, inp, op="logprobs+entropy",
+            method=f"TRL ChunkedLogProbFunction (entropy; {_label(chunk, trl_peers.load()[2])})", floor=FLOOR_3,
+            grads=(hidden, weight), nv_buffers=_tile_buffers(n, v, 10), extra={"check": checked})
 
 
 @pytest.mark.tier(2)
@@ -52,17 +66,21 @@ def test_trl_logprobs(benchmark, inp, checked):
         zero_grads(hidden, weight)
         trl_peers.trl_logprobs(hidden, weight, targets, with_entropy=False).sum().backward()
 
-    measure(benchmark, step, inp, op="logprobs", method="TRL ChunkedLogProbFunction", floor=FLOOR_3,
-            grads=(hidden, weight), nv_buffers=_tile_buffers(n, v, 4), extra={"check": checked})
+    measure(benchmark, step, inp, op="logprobs",
+            method=f"TRL ChunkedLogProbFunction ({_label(None, trl_peers.load()[2])})", floor=FLOOR_3,
+            grads=(hidden, weight), nv_buffers=_tile_buffers(n, v, 10), extra={"check": checked})
 
 
-def test_trl_chunked_divergence(benchmark, inp, checked):
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_trl_chunked_divergence(benchmark, inp, checked, chunk):
     hidden, weight, _, teacher_hidden, teacher_weight = inp.all
     n, _, v = inp.shape
 
     def step():
         zero_grads(hidden, weight)
-        trl_peers.trl_jsd(hidden, weight, teacher_hidden, teacher_weight, beta=BETA).mean().backward()
+        with trl_peers.divergence_vocab_chunk(chunk):
+            trl_peers.trl_jsd(hidden, weight, teacher_hidden, teacher_weight, beta=BETA).mean().backward()
 
-    measure(benchmark, step, inp, op="jsd", method="TRL ChunkedDivergenceFunction", floor=FLOOR_4,
-            grads=(hidden, weight), nv_buffers=_tile_buffers(n, v, 14), extra={"check": checked})
+    method = f"TRL ChunkedDivergenceFunction ({_label(chunk, trl_peers.divergence_chunk())})"
+    measure(benchmark, step, inp, op="jsd", method=method, floor=FLOOR_4, grads=(hidden, weight),
+            nv_buffers=_tile_buffers(n, v, 14), extra={"check": checked})

@@ -11,15 +11,25 @@ TRL ships two ``torch.autograd.Function`` s that never hold the [N, V] logits:
   one more in the backward. It also returns the student's entropy (no gradient).
 
 On CUDA both fold their tiles with Triton kernels; elsewhere with torch ops on whole tiles. They are
-called here exactly as TRL's trainers call them. Rows that use them skip when TRL is not installed
-(the ``trl`` extra), or when its import fails (TRL's distillation module imports its trainer stack:
-accelerate, datasets, pandas).
+called here as TRL's trainers call them (vocabulary chunk 32768). On CPU those 4096 × 32768 fp32 tiles
+and the torch temporaries made from them (a dozen or so per tile) are what their time and memory go
+to, so each also runs with a 2048-wide vocabulary chunk (``chunk_size`` for the log-prob; for the
+divergence, whose chunk is the module constant ``VOCAB_CHUNK_SIZE``, set for the duration of the
+call by ``divergence_vocab_chunk``): the best of the widths tried here (2048 to 32768), a tuned TRL.
+Rows that use them skip when TRL is not installed (the ``trl`` extra), or when its import fails
+(TRL's distillation module imports its trainer stack: accelerate, datasets, pandas).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+
+# The vocabulary chunk of the tuned rows (CPU, this repository's 2-core machine: 2048 beat 4096, 8192
+# and 32768 on both time and memory for both kernels).
+TUNED_CHUNK = 2048
 
 # The vocabulary chunk TRL's GRPO trainer passes to ChunkedLogProbFunction (trl.trainer.utils).
 DEFAULT_LOGPROB_CHUNK = 32768
@@ -40,12 +50,37 @@ def load():
     return ChunkedLogProbFunction, ChunkedDivergenceFunction, chunk
 
 
-def trl_logprobs(hidden, weight, targets, *, with_entropy, logit_scale=1.0, softcap=None):
-    """log p of ``targets`` [N] (and the entropy [N]) by TRL's ChunkedLogProbFunction, τ = 1, no bias."""
+def trl_logprobs(hidden, weight, targets, *, with_entropy, logit_scale=1.0, softcap=None, vocab_chunk=None):
+    """log p of ``targets`` [N] (and the entropy [N]) by TRL's ChunkedLogProbFunction, τ = 1, no bias;
+    ``vocab_chunk`` None: the chunk TRL's GRPO trainer passes."""
     logprob_fn, _, chunk = load()
-    logp, entropy, *_ = logprob_fn.apply(hidden, weight, None, targets, 1.0, chunk, softcap, logit_scale,
-                                         ("entropy",) if with_entropy else ())
+    logp, entropy, *_ = logprob_fn.apply(hidden, weight, None, targets, 1.0, vocab_chunk or chunk, softcap,
+                                         logit_scale, ("entropy",) if with_entropy else ())
     return (logp, entropy) if with_entropy else logp
+
+
+def divergence_chunk() -> int:
+    """The vocabulary chunk ChunkedDivergenceFunction uses (its module constant)."""
+    import trl.kernels.chunked_divergence as module
+
+    return module.VOCAB_CHUNK_SIZE
+
+
+@contextlib.contextmanager
+def divergence_vocab_chunk(width: int | None):
+    """ChunkedDivergenceFunction's vocabulary chunk set to ``width`` inside the block (its forward and
+    backward read the module constant when they run: wrap both); None leaves TRL's value."""
+    if width is None:
+        yield
+        return
+    import trl.kernels.chunked_divergence as module
+
+    saved = module.VOCAB_CHUNK_SIZE
+    module.VOCAB_CHUNK_SIZE = width
+    try:
+        yield
+    finally:
+        module.VOCAB_CHUNK_SIZE = saved
 
 
 def trl_jsd(hidden, weight, teacher_hidden, teacher_weight, *, beta, logit_scale=1.0, softcap=None,
