@@ -6,7 +6,7 @@
   ``linear_jsd_loss`` computes.
 
 Each as TRL's trainers call it (vocabulary chunk 32768) and, as an extra, with the tuned 2048-wide
-chunk (trl_peers.TUNED_CHUNK; the log-prob-only row at the trainers' chunk alone).
+chunk (trl_peers.TUNED_CHUNK; the log-prob-only row, an extra, at the trainers' chunk alone).
 
 Before its first timed row, each device checks once that TRL's values and input gradients equal
 ptd's (plain, and with a logit scale and soft-cap); the row records that check. The rows skip
@@ -57,7 +57,7 @@ def test_trl_logprobs_entropy(benchmark, inp, checked, chunk):
             grads=(hidden, weight), nv_buffers=_tile_buffers(n, v, 10), extra={"check": checked})
 
 
-@pytest.mark.tier(2)
+@pytest.mark.tier(3)  # the log-prob-only op: an extra (the entropy row is the one GRPO runs)
 def test_trl_logprobs(benchmark, inp, checked):
     hidden, weight, targets = inp.student
     n, _, v = inp.shape
