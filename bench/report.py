@@ -285,7 +285,7 @@ def readme_block(rows, meta, link_dir="bench/results", show_cpu=False) -> str:
              f"[{link_dir}/{label}.png]({link_dir}/{label}.png).", ""]
     show_cpu = show_cpu and not is_cuda(meta)
     lines += targets(res, meta, show_cpu)
-    lines += _sections(res, show_cpu, level="####")
+    lines += _sections(res, show_cpu, level="###")
     lines.append("")
     table = main_table(res, show_cpu)
     lines.append(table[0].replace("| shape ", ""))
@@ -308,7 +308,8 @@ def _sections(res: Results, show_cpu: bool, level: str) -> list[str]:
         out += ["", f"{level} ptd vs TRL 1.16's fused kernels", "", *trl]
     transforms = transform_table(res, show_cpu)
     if transforms:
-        out += ["", f"{level} Soft-capping and logit scale: cost vs plain (ptd)", "", *transforms]
+        out += ["", f"{level} Soft-capping and logit scale vs plain (ptd; the suite's rows, two rounds each: "
+                "bench/transform_cost.py times them paired)", "", *transforms]
     return out
 
 

@@ -4,7 +4,7 @@
   per-row function) vs eager (TRL's generalized-JSD formula on materialized logits), vs Liger's
   chunked ``LigerFusedLinearJSDLoss`` (soft loss only), TRL's fused ``ChunkedDivergenceFunction``
   (test_trl_peers.py) and, on CUDA, Liger's Triton ``LigerFusedLinearJSD``.
-- The loss-level rows also run with a soft-cap and with a logit scale (conftest.TRANSFORMS).
+- The loss-level rows also run with a soft-cap and with a logit scale (logit_transforms.TRANSFORMS).
 - ``topk_jsd K=64`` / ``K=100`` (union support + tail atom): ours vs the eager reference
   (``ptd_kernels.reference``, which materializes both sides' logits).
 
@@ -16,7 +16,8 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, FLOOR_4, TRANSFORMS, measure, transform_args, transform_inputs, transform_row, zero_grads
+from conftest import DEVICE, FLOOR_4, measure, zero_grads
+from logit_transforms import TRANSFORMS, transform_args, transform_inputs, transform_row
 
 import ptd_kernels as ptd
 

@@ -1,6 +1,6 @@
 """Log-prob (+ entropy) of the sampled tokens, fwd+bwd.
 
-- ``logprobs+entropy``: ours (plain, and with a soft-cap or a logit scale: conftest.TRANSFORMS) vs
+- ``logprobs+entropy``: ours (plain, and with a soft-cap or a logit scale: logit_transforms.TRANSFORMS) vs
   eager ``log_softmax`` + gather + entropy and TRL's fused ``ChunkedLogProbFunction``
   (test_trl_peers.py); the floor is the other yardstick.
 - ``logprobs`` (log-prob only, the cross-entropy kernels' job): ours vs eager, vs
@@ -10,7 +10,8 @@
 
 import pytest
 import torch
-from conftest import DEVICE, FLOOR_3, TRANSFORMS, measure, transform_args, transform_inputs, transform_row, zero_grads
+from conftest import DEVICE, FLOOR_3, measure, zero_grads
+from logit_transforms import TRANSFORMS, transform_args, transform_inputs, transform_row
 
 import ptd_kernels as ptd
 

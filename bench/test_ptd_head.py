@@ -1,10 +1,11 @@
 """The PTD head, fwd+bwd (K=100, union + tail, β=0.5): ``linear_ptd_terms`` (logp, entropy,
 Top-K JSD and overlap from one sweep per side) vs the same terms from separate calls
 (``linear_logprobs`` + ``linear_topk_jsd`` + two ``linear_topk`` for the overlap) vs the eager
-reference; the one-sweep head also with a soft-cap and with a logit scale (conftest.TRANSFORMS)."""
+reference; the one-sweep head also with a soft-cap and with a logit scale (logit_transforms.TRANSFORMS)."""
 
 import pytest
-from conftest import FLOOR_4, TRANSFORMS, measure, transform_args, transform_inputs, transform_row, zero_grads
+from conftest import FLOOR_4, measure, zero_grads
+from logit_transforms import TRANSFORMS, transform_args, transform_inputs, transform_row
 
 import ptd_kernels as ptd
 

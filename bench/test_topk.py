@@ -1,10 +1,11 @@
 """Teacher top-K (no gradient, K=100): ours (streaming over vocabulary tiles) vs ``torch.topk``
 on materialized logits (plus the logsumexp a caller needs for the log-probs); ours also with a soft-cap
-and with a logit scale (conftest.TRANSFORMS; extras, tier 3)."""
+and with a logit scale (logit_transforms.TRANSFORMS; extras, tier 3)."""
 
 import pytest
 import torch
-from conftest import DEVICE, FLOOR_1, TRANSFORMS, measure, transform_args, transform_inputs, transform_row
+from conftest import DEVICE, FLOOR_1, measure
+from logit_transforms import TRANSFORMS, transform_args, transform_inputs, transform_row
 
 import ptd_kernels as ptd
 

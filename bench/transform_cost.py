@@ -3,7 +3,7 @@
     python bench/transform_cost.py                   # N=2048, H=1024, V=32000 fp32 (the CPU main shape)
     python bench/transform_cost.py --shape 256,64,2048 --rounds 1 --out /tmp/tc    # a quick try
 
-The benchmark suite has a row per op and transform (conftest.TRANSFORMS), each the median of two
+The benchmark suite has a row per op and transform (logit_transforms.TRANSFORMS), each the median of two
 rounds taken minutes apart; on a shared 2-core machine their ratios move by ±20 %, more than the cost
 being measured. Here every round times the plain call and each transform back to back (one warm-up
 round first, not counted), so load drift hits all of a round alike, and the cost is the median over
@@ -63,7 +63,8 @@ def operations():
 
 
 def measure(shape, rounds):
-    from conftest import TRANSFORMS, Inputs, transform_args, transform_inputs
+    from conftest import Inputs
+    from logit_transforms import TRANSFORMS, transform_args, transform_inputs
 
     inp = Inputs(shape)
     names = list(TRANSFORMS)
@@ -112,7 +113,8 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     opts = parser.parse_args(argv)
     import torch
-    from conftest import TRANSFORMS, _cpu_model
+    from conftest import _cpu_model
+    from logit_transforms import TRANSFORMS
 
     shape = tuple(int(x) for x in opts.shape.split(","))
     load_start, start = os.getloadavg()[0], time.time()
