@@ -127,7 +127,8 @@ def pytest_generate_tests(metafunc):
 def pytest_collection_modifyitems(config, items):
     """Priority, then shape-major order: the rows behind the targets first (tier 0), then the scaling
     sweep (1), the other suites (2) and the extras (3), so that a spent time budget cuts the least
-    needed rows; within a tier every row of one shape runs together, so one shape's inputs are
+    needed rows (with several main shapes, every row up to tier 2 of the first, the target shape,
+    runs before the others); within a tier every row of one shape runs together, so one shape's inputs are
     alive at a time (on CUDA, inputs of other shapes would eat the headroom the OOM rows measure)."""
 
     def key(item):
@@ -136,10 +137,15 @@ def pytest_collection_modifyitems(config, items):
         marker = item.get_closest_marker("tier")
         tier = marker.args[0] if marker else 0
         if params.get("shape") in SHAPES:
-            return (tier, SHAPES.index(params["shape"]))
+            index = SHAPES.index(params["shape"])
+            # Several main shapes (the CUDA set): the target shape's rows up to tier 2 (its peers, TRL's
+            # kernels and the soft-cap rows among them) come first, then the other shapes by tier.
+            if len(SHAPES) > 1 and index == 0 and tier <= 2:
+                return (-1, tier, 0)
+            return (tier, index, 0)
         if params.get("scale_shape") in SCALING_SHAPES:
-            return (1, SCALING_SHAPES.index(params["scale_shape"]))
-        return (4, 0)
+            return (1, SCALING_SHAPES.index(params["scale_shape"]), 0)
+        return (4, 0, 0)
 
     items.sort(key=key)
 
@@ -302,7 +308,7 @@ def _record_only(benchmark, status: str, note: str = ""):
 
 def measure(benchmark, fn, inp: Inputs, *, op: str, method: str, ours: bool = False, floor: str | None = None,
             grads: tuple = (), nv_buffers: float = 0.0, compiled: bool = False, suite: str = "main",
-            rounds: int | None = None):
+            rounds: int | None = None, extra: dict | None = None):
     """Time ``fn`` (one full fwd+bwd or fwd call) and record its peak memory.
 
     grads: the inputs whose gradients the call forms (counted in ``grad_bytes``).
@@ -315,12 +321,14 @@ def measure(benchmark, fn, inp: Inputs, *, op: str, method: str, ours: bool = Fa
         mode), so on CPU its peak is the growth of the process's peak RSS over the timed calls
         instead (``mem_method`` says which). Every CPU row also records that RSS figure
         (``rss_peak_bytes``) as a cross-check.
+    extra: more ``extra_info`` fields, e.g. ``variant`` and ``base_method`` for a ptd row with a logit
+        transform (report.py compares it with the plain row of ``base_method``), or a peer's ``check``.
     """
     n, h, v = inp.shape
     info = benchmark.extra_info
     info.update(op=op, method=method, shape=f"N={n},H={h},V={v}", n=n, h=h, v=v, dtype=str(DTYPE).replace("torch.", ""),
                 device=LABEL, suite=suite, ours=ours, floor=floor, status="ok",
-                grad_bytes=_tensor_bytes(grads), load1=round(os.getloadavg()[0], 2))
+                grad_bytes=_tensor_bytes(grads), load1=round(os.getloadavg()[0], 2), **(extra or {}))
     if BUDGET_S is not None and time.time() - SESSION_START > BUDGET_S:
         return _record_only(benchmark, "not run (time budget)", f"budget {BUDGET_S:.0f} s spent")
     if DEVICE == "cpu" and nv_buffers * n * v * 4 > MEM_BUDGET:
@@ -401,7 +409,7 @@ def pytest_runtest_logreport(report):
 
 def _versions() -> dict:
     out = {"torch": torch.__version__}
-    for name in ("triton", "liger_kernel", "cut_cross_entropy"):
+    for name in ("triton", "liger_kernel", "cut_cross_entropy", "trl"):
         try:
             module = __import__(name)
             out[name] = getattr(module, "__version__", None)

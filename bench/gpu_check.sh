@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
-# One pass on a lent GPU machine, within about 8 minutes: install ptd, run the CUDA tests, run the
-# CUDA benchmark set (bf16, H=4096, V in {128256, 151936}, N in {2048, 8192, 32768}), write the
-# JSON, table and plot, and make a short CUDA training run.
+# One pass on a lent GPU machine, within about 8.5 minutes (one 10-minute device call): install ptd,
+# run the CUDA tests, a short bf16 training run, TRL's GRPO steps (stock vs ptd's kernels vs
+# PTDGRPOTrainer), then the CUDA benchmark set (bf16, H=4096, V in {128256, 151936}, N in
+# {2048, 8192, 32768}: every op against its peers, TRL 1.16's fused kernels among them, and the
+# soft-cap / logit-scale rows) with whatever time is left, and write the JSON, table and plot.
+# Not here: the vocabulary-parallel and 2-process trainer runs (one GPU cannot host two NCCL
+# ranks; bench/vocab_parallel.py and bench/train_step_time.py measure them on CPU).
 #
 #   bash bench/gpu_check.sh            # on the GPU machine (results under $OUT, else bench/results/)
 #   bash bench/gpu_check.sh --dry      # rehearsal on a CPU machine (or PTD_GPU_DRY=1): nothing is
 #                                      # installed, tiny shapes, CUDA-only rows skip, tests are only
-#                                      # collected, a 1-step CPU training run; results under
-#                                      # $OUT, else ${TMPDIR:-/tmp}/ptd_gpu_dry (never bench/results/)
+#                                      # collected, a 1-step CPU training run, 3 TRL steps on CPU;
+#                                      # results under $OUT, else ${TMPDIR:-/tmp}/ptd_gpu_dry
+#                                      # (never bench/results/)
 #
-# Environment: PYTHON (default python3, or python in an active venv), PTD_GPU_BUDGET_S (480),
-# PTD_GPU_TEST_S (cap on the tests, 120), PTD_GPU_TRAIN_S (cap on the training run, 90),
-# PTD_WHEELS (a folder of wheels for an offline machine, default .whl), and the PTD_BENCH_*
-# variables of bench/conftest.py (PTD_BENCH_SHAPES narrows the shape set).
+# Environment: PYTHON (default python3, or python in an active venv), PTD_GPU_BUDGET_S (510),
+# PTD_GPU_TEST_S (cap on the tests, 120), PTD_GPU_TRAIN_S (cap on the training run, 75),
+# PTD_GPU_TRL_S (cap on the TRL steps, 75), PTD_WHEELS (a folder of wheels for an offline machine,
+# default .whl), and the PTD_BENCH_* variables of bench/conftest.py (PTD_BENCH_SHAPES narrows the
+# shape set).
 #
-# The lent GPU machines of this workplace have CUDA torch, triton, transformers, pytest and
-# pytest-benchmark but no registry and no liger-kernel or cut-cross-entropy. Both are pure-Python
-# wheels; carry them (from the repository root, here):
+# The lent GPU machines of this workplace (Python 3.12) have CUDA torch, triton, transformers,
+# accelerate, pandas, pyarrow, pytest and pytest-benchmark but no registry, and neither
+# liger-kernel, cut-cross-entropy, trl nor trl's datasets (with dill and multiprocess). All are
+# pure-Python wheels; carry them (from the repository root, here):
 #   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1
-# then run this script there with .whl carried (device tool: carry=[".whl"], timeout_s=570).
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       liger-kernel==0.8.5 cut-cross-entropy==25.1.1 trl==1.16.0 datasets==5.2.0 dill==0.4.1 \
+#       multiprocess==0.70.19
+# then run this script there with .whl carried (device tool: carry=[".whl"], timeout_s=590).
+# Without them their rows skip (and the TRL steps are skipped). datasets 5.2 needs pyarrow >= 24.
 # Files written (at most 8, flat, as the device tool brings back): gpu_check.log, tests.log,
-# <label>.json, <label>.md, <label>.png, train.log, train_metrics.jsonl.
+# <label>.json, <label>.md, <label>.png, train.log, train_metrics.jsonl, trl_step_time-cuda.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -29,7 +39,7 @@ ROOT=$PWD
 DRY=${PTD_GPU_DRY:-0}
 [[ "${1:-}" == "--dry" ]] && DRY=1
 START=$(date +%s)
-BUDGET=${PTD_GPU_BUDGET_S:-480}
+BUDGET=${PTD_GPU_BUDGET_S:-510}
 if [[ -n "${OUT:-}" ]]; then
     OUT_DIR=$OUT
 elif [[ "$DRY" == 1 ]]; then
@@ -89,7 +99,8 @@ else
 fi
 $PY - <<'EOF'
 import importlib
-for name in ("ptd_kernels", "ptd_train", "triton", "liger_kernel", "cut_cross_entropy", "pytest_benchmark"):
+for name in ("ptd_kernels", "ptd_train", "triton", "liger_kernel", "cut_cross_entropy", "pytest_benchmark", "trl",
+             "trl.kernels.chunked_divergence"):
     try:
         module = importlib.import_module(name)
         print(f"  {name}: {getattr(module, '__version__', 'ok')}")
@@ -119,6 +130,38 @@ else
     tail -n 15 "$OUT_DIR/tests.log"
 fi
 
+phase "training run"
+if $PY -m ptd_train.run --help 2>/dev/null | grep -q -- "--max_steps"; then
+    TRAIN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/ptd_train.XXXXXX")
+    if [[ "$DRY" == 1 ]]; then STEPS=1; DEV=cpu; else STEPS=5; DEV=cuda; fi
+    TRAIN_ARGS=(--max_steps "$STEPS" --device "$DEV" --warmstart_max_steps 0 --eval_size 8 --no_progress
+                --output_dir "$TRAIN_DIR")
+    echo "python -m ptd_train.run ${TRAIN_ARGS[*]} (at most ${PTD_GPU_TRAIN_S:-75}s)"
+    timeout "${PTD_GPU_TRAIN_S:-75}" $PY -m ptd_train.run "${TRAIN_ARGS[@]}" >"$OUT_DIR/train.log" 2>&1
+    rc=$?
+    tail -n 8 "$OUT_DIR/train.log"
+    [[ -f "$TRAIN_DIR/metrics.jsonl" ]] && cp "$TRAIN_DIR/metrics.jsonl" "$OUT_DIR/train_metrics.jsonl"
+    [[ $rc != 0 ]] && { echo "training run: exit $rc"; STATUS=1; }
+    rm -rf "$TRAIN_DIR"
+else
+    echo "ptd_train.run has no --max_steps: skipped"
+fi
+
+phase "TRL integration steps"
+if $PY -c "import trl.kernels.chunked_divergence, datasets" 2>/dev/null; then
+    if [[ "$DRY" == 1 ]]; then TRL_ARGS=(--device cpu --reps 1 --steps 3); else TRL_ARGS=(--device cuda --reps 1 --steps 8); fi
+    TRL_TMP=$(mktemp -d "${TMPDIR:-/tmp}/ptd_trl.XXXXXX")
+    echo "python bench/trl_step_time.py ${TRL_ARGS[*]} (at most ${PTD_GPU_TRL_S:-75}s)"
+    timeout "${PTD_GPU_TRL_S:-75}" $PY bench/trl_step_time.py "${TRL_ARGS[@]}" --out "$TRL_TMP" >"$TRL_TMP/log" 2>&1
+    rc=$?
+    grep -v -i "warn" "$TRL_TMP/log" | tail -n 8
+    cp "$TRL_TMP"/trl_step_time*.json "$OUT_DIR/" 2>/dev/null
+    [[ $rc != 0 ]] && { echo "TRL steps: exit $rc"; STATUS=1; }
+    rm -rf "$TRL_TMP"
+else
+    echo "trl (with datasets) not importable: skipped (carry the wheels, see the top of this script)"
+fi
+
 phase "benchmarks"
 if [[ "$DRY" == 1 ]]; then
     # Two tiny shapes (two N, so the plot has lines), the CUDA set's logic otherwise.
@@ -126,8 +169,9 @@ if [[ "$DRY" == 1 ]]; then
     export PTD_BENCH_SCALING=0 PTD_BENCH_LABEL=${PTD_BENCH_LABEL:-cpu-dry}
 fi
 LABEL=$($PY -c "import sys; sys.path.insert(0, 'bench'); import conftest; print(conftest.LABEL)")
-TRAIN_RESERVE=$(( ${PTD_GPU_TRAIN_S:-90} + 30 ))
-export PTD_BENCH_BUDGET_S=${PTD_BENCH_BUDGET_S:-$(( $(left) - TRAIN_RESERVE ))}
+# What is left of the budget, less the report's share and a margin for the last row started in time.
+REPORT_RESERVE=45
+export PTD_BENCH_BUDGET_S=${PTD_BENCH_BUDGET_S:-$(( $(left) - REPORT_RESERVE ))}
 if (( PTD_BENCH_BUDGET_S < 30 )); then PTD_BENCH_BUDGET_S=30; fi
 echo "label $LABEL, benchmark budget ${PTD_BENCH_BUDGET_S}s (rows that would start later are recorded 'not run')"
 # The per-row budget is enforced inside the session; the hard cap only guards against a hang.
@@ -141,23 +185,6 @@ if [[ -f "$OUT_DIR/$LABEL.json" ]]; then
     $PY bench/report.py "$OUT_DIR/$LABEL.json" --out-dir "$OUT_DIR" && sed -n '/^## Targets/,/^## All rows/p' "$OUT_DIR/$LABEL.md"
 else
     echo "no benchmark JSON"; STATUS=1
-fi
-
-phase "training run"
-if $PY -m ptd_train.run --help 2>/dev/null | grep -q -- "--max_steps"; then
-    TRAIN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/ptd_train.XXXXXX")
-    if [[ "$DRY" == 1 ]]; then STEPS=1; DEV=cpu; else STEPS=5; DEV=cuda; fi
-    TRAIN_ARGS=(--max_steps "$STEPS" --device "$DEV" --warmstart_max_steps 0 --eval_size 8 --no_progress
-                --output_dir "$TRAIN_DIR")
-    echo "python -m ptd_train.run ${TRAIN_ARGS[*]} (at most ${PTD_GPU_TRAIN_S:-90}s)"
-    timeout "${PTD_GPU_TRAIN_S:-90}" $PY -m ptd_train.run "${TRAIN_ARGS[@]}" >"$OUT_DIR/train.log" 2>&1
-    rc=$?
-    tail -n 8 "$OUT_DIR/train.log"
-    [[ -f "$TRAIN_DIR/metrics.jsonl" ]] && cp "$TRAIN_DIR/metrics.jsonl" "$OUT_DIR/train_metrics.jsonl"
-    [[ $rc != 0 ]] && { echo "training run: exit $rc"; STATUS=1; }
-    rm -rf "$TRAIN_DIR"
-else
-    echo "ptd_train.run has no --max_steps: skipped"
 fi
 
 phase "done in $(elapsed)s (budget ${BUDGET}s), status $STATUS; files in $OUT_DIR:"

@@ -37,6 +37,7 @@ from report_data import (
     working,
 )
 from report_plot import plot
+from report_sections import transform_table, trl_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -284,6 +285,7 @@ def readme_block(rows, meta, link_dir="bench/results", show_cpu=False) -> str:
              f"[{link_dir}/{label}.png]({link_dir}/{label}.png).", ""]
     show_cpu = show_cpu and not is_cuda(meta)
     lines += targets(res, meta, show_cpu)
+    lines += _sections(res, show_cpu, level="###")
     lines.append("")
     table = main_table(res, show_cpu)
     lines.append(table[0].replace("| shape ", ""))
@@ -298,11 +300,25 @@ def readme_block(rows, meta, link_dir="bench/results", show_cpu=False) -> str:
     return "\n".join(lines)
 
 
+def _sections(res: Results, show_cpu: bool, level: str) -> list[str]:
+    """The side-by-side tables: ptd vs TRL's fused kernels, and the logit transforms vs plain."""
+    out = []
+    trl = trl_table(res, show_cpu)
+    if trl:
+        out += ["", f"{level} ptd vs TRL 1.16's fused kernels", "", *trl]
+    transforms = transform_table(res, show_cpu)
+    if transforms:
+        out += ["", f"{level} Soft-capping and logit scale vs plain (ptd; the suite's rows, two rounds each: "
+                "bench/transform_cost.py times them paired)", "", *transforms]
+    return out
+
+
 def markdown(rows, meta, png_name, show_cpu=False) -> str:
     res = Results(rows)
     show_cpu = show_cpu and not is_cuda(meta)
     lines = header(meta, rows, show_cpu)
     lines += ["", "## Targets", ""] + targets(res, meta, show_cpu)
+    lines += _sections(res, show_cpu, level="##")
     lines += ["", "## All rows", ""] + main_table(res, show_cpu)
     lines += scaling_table(res)
     skipped = meta.get("skipped") or []

@@ -104,7 +104,8 @@ class Results:
         return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
 
     def best_ours(self, rows, op, shape):
-        cands = [r for r in self.find(rows, op=op, shape=shape, ours=True) if ok(r)]
+        """The fastest plain ptd entry point of an op (rows with a logit transform, ``variant``, excluded)."""
+        cands = [r for r in self.find(rows, op=op, shape=shape, ours=True) if ok(r) and not r.get("variant")]
         return min(cands, key=lambda r: r["median"]) if cands else None
 
     def floor(self, shape, kind):

@@ -22,7 +22,8 @@ def plot(rows, meta, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = Results(rows)
+    # The soft-cap / logit-scale rows have their own table; the plot shows the plain methods.
+    res = Results([r for r in rows if not r.get("variant")])
     # Scaling suite on CPU; on CUDA the main shapes themselves span N (one line style per V).
     series_rows = res.scaling or [r for r in res.main if r["op"] != "floor"]
     by_n = series(series_rows, "n")

@@ -2,8 +2,9 @@
 
 - ``jsd``: ours (loss-level entry point, which forms the gradient in the forward sweep, and the
   per-row function) vs eager (TRL's generalized-JSD formula on materialized logits), vs Liger's
-  chunked ``LigerFusedLinearJSDLoss`` (soft loss only) and, on CUDA, Liger's Triton
-  ``LigerFusedLinearJSD``.
+  chunked ``LigerFusedLinearJSDLoss`` (soft loss only), TRL's fused ``ChunkedDivergenceFunction``
+  (test_trl_peers.py) and, on CUDA, Liger's Triton ``LigerFusedLinearJSD``.
+- The loss-level rows also run with a soft-cap and with a logit scale (logit_transforms.TRANSFORMS).
 - ``topk_jsd K=64`` / ``K=100`` (union support + tail atom): ours vs the eager reference
   (``ptd_kernels.reference``, which materializes both sides' logits).
 
@@ -16,21 +17,26 @@ import math
 import pytest
 import torch
 from conftest import DEVICE, FLOOR_4, measure, zero_grads
+from logit_transforms import TRANSFORMS, transform_args, transform_inputs, transform_row
 
 import ptd_kernels as ptd
 
 BETA = 0.5
 
 
-def test_ptd_jsd_loss(benchmark, inp):
-    hidden, weight, _, teacher_hidden, teacher_weight = inp.all
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_ptd_jsd_loss(benchmark, inp, transform):
+    x = transform_inputs(inp, transform)
+    hidden, weight, _, teacher_hidden, teacher_weight = x.all
+    kw = transform_args(transform, teacher=True)
 
     def step():
         zero_grads(hidden, weight)
-        ptd.linear_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, beta=BETA).backward()
+        ptd.linear_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, beta=BETA, **kw).backward()
 
-    measure(benchmark, step, inp, op="jsd", method="ptd linear_jsd_loss", ours=True, floor=FLOOR_4,
-            grads=(hidden, weight))
+    method, extra = transform_row(transform, "ptd linear_jsd_loss")
+    measure(benchmark, step, x, op="jsd", method=method, ours=True, floor=FLOOR_4, grads=(hidden, weight),
+            extra=extra)
 
 
 @pytest.mark.tier(3)
@@ -101,16 +107,20 @@ def test_eager_jsd(benchmark, inp):
             nv_buffers=12)
 
 
-@pytest.mark.parametrize("k", [64, pytest.param(100, marks=pytest.mark.tier(2))])
-def test_ptd_topk_jsd_loss(benchmark, inp, k):
-    hidden, weight, _, teacher_hidden, teacher_weight = inp.all
+@pytest.mark.parametrize("k,transform", [(64, t) for t in TRANSFORMS]
+                         + [pytest.param(100, "plain", marks=pytest.mark.tier(2))])
+def test_ptd_topk_jsd_loss(benchmark, inp, k, transform):
+    x = transform_inputs(inp, transform)
+    hidden, weight, _, teacher_hidden, teacher_weight = x.all
+    kw = transform_args(transform, teacher=True)
 
     def step():
         zero_grads(hidden, weight)
-        ptd.linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, k, beta=BETA).backward()
+        ptd.linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, k, beta=BETA, **kw).backward()
 
-    measure(benchmark, step, inp, op=f"topk_jsd K={k}", method="ptd linear_topk_jsd_loss", ours=True,
-            floor=FLOOR_4, grads=(hidden, weight))
+    method, extra = transform_row(transform, "ptd linear_topk_jsd_loss")
+    measure(benchmark, step, x, op=f"topk_jsd K={k}", method=method, ours=True, floor=FLOOR_4,
+            grads=(hidden, weight), extra=extra)
 
 
 @pytest.mark.tier(3)

@@ -1,7 +1,8 @@
 """Log-prob (+ entropy) of the sampled tokens, fwd+bwd.
 
-- ``logprobs+entropy``: ours vs eager ``log_softmax`` + gather + entropy. No peer computes the
-  exact entropy fused with the output layer, so the floor is the other yardstick.
+- ``logprobs+entropy``: ours (plain, and with a soft-cap or a logit scale: logit_transforms.TRANSFORMS) vs
+  eager ``log_softmax`` + gather + entropy and TRL's fused ``ChunkedLogProbFunction``
+  (test_trl_peers.py); the floor is the other yardstick.
 - ``logprobs`` (log-prob only, the cross-entropy kernels' job): ours vs eager, vs
   cut-cross-entropy (its torch.compile path on CPU, its Triton kernel on CUDA) and, on CUDA,
   Liger's ``LigerFusedLinearCrossEntropyLoss`` (Triton only).
@@ -10,22 +11,27 @@
 import pytest
 import torch
 from conftest import DEVICE, FLOOR_3, measure, zero_grads
+from logit_transforms import TRANSFORMS, transform_args, transform_inputs, transform_row
 
 import ptd_kernels as ptd
 
 BACKEND = "triton" if DEVICE == "cuda" else "torch"
 
 
-def test_ptd_logprobs_entropy(benchmark, inp):
-    hidden, weight, targets = inp.student
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_ptd_logprobs_entropy(benchmark, inp, transform):
+    x = transform_inputs(inp, transform)
+    hidden, weight, targets = x.student
+    kw = transform_args(transform)
 
     def step():
         zero_grads(hidden, weight)
-        logp, entropy = ptd.linear_logprobs(hidden, weight, targets, with_entropy=True)
+        logp, entropy = ptd.linear_logprobs(hidden, weight, targets, with_entropy=True, **kw)
         (logp.sum() + entropy.sum()).backward()
 
-    measure(benchmark, step, inp, op="logprobs+entropy", method=f"ptd linear_logprobs ({BACKEND})", ours=True,
-            floor=FLOOR_3, grads=(hidden, weight))
+    method, extra = transform_row(transform, f"ptd linear_logprobs ({BACKEND})")
+    measure(benchmark, step, x, op="logprobs+entropy", method=method, ours=True, floor=FLOOR_3,
+            grads=(hidden, weight), extra=extra)
 
 
 def test_eager_logprobs_entropy(benchmark, inp):

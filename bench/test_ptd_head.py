@@ -1,10 +1,11 @@
 """The PTD head, fwd+bwd (K=100, union + tail, β=0.5): ``linear_ptd_terms`` (logp, entropy,
 Top-K JSD and overlap from one sweep per side) vs the same terms from separate calls
 (``linear_logprobs`` + ``linear_topk_jsd`` + two ``linear_topk`` for the overlap) vs the eager
-reference."""
+reference; the one-sweep head also with a soft-cap and with a logit scale (logit_transforms.TRANSFORMS)."""
 
 import pytest
 from conftest import FLOOR_4, measure, zero_grads
+from logit_transforms import TRANSFORMS, transform_args, transform_inputs, transform_row
 
 import ptd_kernels as ptd
 
@@ -13,16 +14,20 @@ BETA = 0.5
 pytestmark = pytest.mark.tier(2)
 
 
-def test_ptd_terms_one_sweep(benchmark, inp):
-    hidden, weight, targets, teacher_hidden, teacher_weight = inp.all
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_ptd_terms_one_sweep(benchmark, inp, transform):
+    x = transform_inputs(inp, transform)
+    hidden, weight, targets, teacher_hidden, teacher_weight = x.all
+    kw = transform_args(transform, teacher=True)
 
     def step():
         zero_grads(hidden, weight)
-        t = ptd.linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, K, beta=BETA)
+        t = ptd.linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, K, beta=BETA, **kw)
         (t.logp.sum() + t.entropy.sum() + t.jsd.sum()).backward()
 
-    measure(benchmark, step, inp, op=f"ptd head K={K}", method="ptd linear_ptd_terms (one sweep)", ours=True,
-            floor=FLOOR_4, grads=(hidden, weight))
+    method, extra = transform_row(transform, "ptd linear_ptd_terms (one sweep)")
+    measure(benchmark, step, x, op=f"ptd head K={K}", method=method, ours=True, floor=FLOOR_4,
+            grads=(hidden, weight), extra=extra)
 
 
 def test_ptd_separate_calls(benchmark, inp):

@@ -1,8 +1,9 @@
 """Memory scaling on CPU (one MemTracker call + one timed call per point, small H so it stays cheap):
 N ∈ {1k, 2k, 4k, 8k} at H=64, V=8192 for every method, and V ∈ {8k, 32k, 128k} at N=1024 for ours.
 Our working memory (peak − input gradients) should grow with N only, not with V; the
-materializing peers grow with N·V. On CUDA the main shape set already spans N, so this suite is
-off there (PTD_BENCH_SCALING=1 forces it)."""
+materializing peers grow with N·V; TRL's fused kernels hold tiles of up to 4096 rows × 32768
+vocabulary entries, so theirs grows with N up to 4096 rows (and with V up to 32768). On CUDA the
+main shape set already spans N, so this suite is off there (PTD_BENCH_SCALING=1 forces it)."""
 
 import pytest
 from conftest import measure, zero_grads
@@ -88,3 +89,30 @@ def test_scaling_ptd_topk_jsd_loss(benchmark, sinp):
         ptd.linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, K, beta=BETA).backward()
 
     _scale(benchmark, step, sinp, op=f"topk_jsd K={K}", method="ptd linear_topk_jsd_loss", ours=True)
+
+
+def test_scaling_trl_logprobs_entropy(benchmark, sinp):
+    import trl_peers
+
+    trl_peers.load()
+    hidden, weight, targets = sinp.student
+
+    def step():
+        zero_grads(hidden, weight)
+        logp, entropy = trl_peers.trl_logprobs(hidden, weight, targets, with_entropy=True)
+        (logp.sum() + entropy.sum()).backward()
+
+    _scale(benchmark, step, sinp, op="logprobs+entropy", method="TRL ChunkedLogProbFunction (entropy)")
+
+
+def test_scaling_trl_chunked_divergence(benchmark, sinp):
+    import trl_peers
+
+    trl_peers.load()
+    hidden, weight, _, teacher_hidden, teacher_weight = sinp.all
+
+    def step():
+        zero_grads(hidden, weight)
+        trl_peers.trl_jsd(hidden, weight, teacher_hidden, teacher_weight, beta=BETA).mean().backward()
+
+    _scale(benchmark, step, sinp, op="jsd", method="TRL ChunkedDivergenceFunction")

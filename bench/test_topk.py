@@ -1,9 +1,11 @@
 """Teacher top-K (no gradient, K=100): ours (streaming over vocabulary tiles) vs ``torch.topk``
-on materialized logits (plus the logsumexp a caller needs for the log-probs)."""
+on materialized logits (plus the logsumexp a caller needs for the log-probs); ours also with a soft-cap
+and with a logit scale (logit_transforms.TRANSFORMS; extras, tier 3)."""
 
 import pytest
 import torch
 from conftest import DEVICE, FLOOR_1, measure
+from logit_transforms import TRANSFORMS, transform_args, transform_inputs, transform_row
 
 import ptd_kernels as ptd
 
@@ -12,10 +14,15 @@ pytestmark = pytest.mark.tier(2)
 BACKEND = "triton" if DEVICE == "cuda" else "torch"
 
 
-def test_ptd_linear_topk(benchmark, inp):
-    hidden, weight = inp.teacher
-    measure(benchmark, lambda: ptd.linear_topk(hidden, weight, K), inp, op=f"teacher top-K K={K}",
-            method=f"ptd linear_topk ({BACKEND})", ours=True, floor=FLOOR_1)
+@pytest.mark.parametrize("transform", ["plain", *(pytest.param(t, marks=pytest.mark.tier(3)) for t in TRANSFORMS
+                                                  if t != "plain")])
+def test_ptd_linear_topk(benchmark, inp, transform):
+    x = transform_inputs(inp, transform)
+    hidden, weight = x.teacher
+    kw = transform_args(transform)
+    method, extra = transform_row(transform, f"ptd linear_topk ({BACKEND})")
+    measure(benchmark, lambda: ptd.linear_topk(hidden, weight, K, **kw), x, op=f"teacher top-K K={K}",
+            method=method, ours=True, floor=FLOOR_1, extra=extra)
 
 
 def test_torch_topk(benchmark, inp):
