@@ -40,6 +40,7 @@ import time
 
 import pytest
 import torch
+from report_data import cpu_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -422,17 +423,6 @@ def _versions() -> dict:
     return out
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 _LOAD_START = os.getloadavg()
 
 
@@ -440,7 +430,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     meta = {
         "label": LABEL,
         "kind": DEVICE,
-        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else _cpu_model(),
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else cpu_model(),
         "dtype": str(DTYPE).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),

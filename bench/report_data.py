@@ -1,12 +1,32 @@
 """Rows of pytest-benchmark JSON and the small helpers every part of the report uses (loading,
-formatting, row accessors, the series of the scaling sweep)."""
+formatting, row accessors, the series of the scaling sweep), plus what the stand-alone bench scripts
+share: the CPU's name and the writer of their ``<stem>.{json,md}`` results."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import platform
 from collections import defaultdict
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows where that is absent."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def write_results(out_dir, stem, data, md):
+    """Write a bench script's results as ``out_dir/stem.json`` and ``out_dir/stem.md``."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+        f.write(md)
 
 
 def load(paths):

@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from report_data import write_results
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SETUPS = [("1 process", 1, False), ("2 processes, DDP", 2, False), ("2 processes, FSDP2", 2, True)]
@@ -109,12 +111,7 @@ def main(argv=None) -> None:
                 load_end=round(os.getloadavg()[0], 2), wall_s=round(time.time() - start, 1), rows=rows)
     md = markdown(data)
     print(md)
-    os.makedirs(opts.out, exist_ok=True)
-    stem = os.path.join(opts.out, "train_step_time" + ("" if opts.device == "cpu" else f"-{opts.device}"))
-    with open(stem + ".json", "w") as f:
-        json.dump(data, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(md)
+    write_results(opts.out, "train_step_time" + ("" if opts.device == "cpu" else f"-{opts.device}"), data, md)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ variant computes the same logits. Writes ``<out>/transform_cost.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -113,22 +112,18 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     opts = parser.parse_args(argv)
     import torch
-    from conftest import _cpu_model
     from logit_transforms import TRANSFORMS
+    from report_data import cpu_model, write_results
 
     shape = tuple(int(x) for x in opts.shape.split(","))
     load_start, start = os.getloadavg()[0], time.time()
     ops = measure(shape, opts.rounds)
     data = dict(shape=shape, rounds=opts.rounds, transforms=TRANSFORMS, threads=torch.get_num_threads(),
-                cpu=_cpu_model(), torch=torch.__version__, load_start=round(load_start, 2),
+                cpu=cpu_model(), torch=torch.__version__, load_start=round(load_start, 2),
                 load_end=round(os.getloadavg()[0], 2), wall_s=round(time.time() - start, 1), ops=ops)
     md = markdown(data)
     print(md)
-    os.makedirs(opts.out, exist_ok=True)
-    with open(os.path.join(opts.out, "transform_cost.json"), "w") as f:
-        json.dump(data, f, indent=1)
-    with open(os.path.join(opts.out, "transform_cost.md"), "w") as f:
-        f.write(md)
+    write_results(opts.out, "transform_cost", data, md)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ numbers move with it on a shared machine).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from _tiny_hf import reward_by_length, save_tiny_qwen3, text_rows  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from report_data import write_results  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from ptd_kernels.integrations.trl import use_ptd_kernels  # noqa: E402
@@ -91,12 +91,7 @@ def main() -> None:
     md = markdown(data)
     print(md)
     if opts.out:
-        os.makedirs(opts.out, exist_ok=True)
-        stem = os.path.join(opts.out, "trl_step_time" + ("" if opts.device == "cpu" else f"-{opts.device}"))
-        with open(stem + ".json", "w") as f:
-            json.dump(data, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(md)
+        write_results(opts.out, "trl_step_time" + ("" if opts.device == "cpu" else f"-{opts.device}"), data, md)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from report_data import cpu_model, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -280,14 +281,6 @@ def markdown(data):
     return "\n".join(lines) + "\n"
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1024,1024,32000", help="N,H,V")
@@ -303,7 +296,7 @@ def main(argv=None):
 
     shape = tuple(int(x) for x in args.shape.split(","))
     start, load_start = time.time(), os.getloadavg()
-    data = dict(shape=shape, rounds=args.rounds, cpu=_cpu_model(), cpus=os.cpu_count(), torch=torch.__version__,
+    data = dict(shape=shape, rounds=args.rounds, cpu=cpu_model(), cpus=os.cpu_count(), torch=torch.__version__,
                 load_start=[round(x, 2) for x in load_start], setups={})
     with tempfile.TemporaryDirectory() as tmp:
         for label, world, threads in SETUPS:
@@ -311,12 +304,8 @@ def main(argv=None):
             data["setups"][label] = summarize(run_setup(world, threads, shape, args.rounds, tmp), shape[0])
     data["load_end"] = [round(x, 2) for x in os.getloadavg()]
     data["wall_s"] = round(time.time() - start, 1)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "vocab_parallel.json"), "w") as f:
-        json.dump(data, f, indent=1)
     md = markdown(data)
-    with open(os.path.join(args.out, "vocab_parallel.md"), "w") as f:
-        f.write(md)
+    write_results(args.out, "vocab_parallel", data, md)
     print(md)
 
 
