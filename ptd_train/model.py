@@ -376,7 +376,10 @@ class ModelWithPTDHead(torch.nn.Module):
         with env.amp():
             h = response_hidden(self.model, x.ids, x.mask, x.vision, resp, mask)
         h = h.reshape(R * T, -1).to(W.dtype)
-        zero = torch.zeros(R * T, device=h.device)
+        # what the Top-K head and the full-vocabulary ablation share
+        with_teacher = dict(
+            beta=cfg.ptd_beta, bias=b, teacher_bias=bt, temperature=cfg.temperature, backend=env.backend, **transforms
+        )
         if teacher_hidden is not None and not cfg.ptd_full_vocab:
             out = linear_ptd_terms(
                 h,
@@ -385,36 +388,20 @@ class ModelWithPTDHead(torch.nn.Module):
                 teacher_hidden,
                 Wt,
                 min(cfg.ptd_k, W.shape[0]),
-                beta=cfg.ptd_beta,
                 support=cfg.ptd_support,
                 tail=cfg.ptd_tail,
-                bias=b,
-                teacher_bias=bt,
-                temperature=cfg.temperature,
                 jsd_mask=jsd_mask,
-                backend=env.backend,
-                **transforms,
+                **with_teacher,
             )
             return StudentTerms(out.logp, out.entropy, out.jsd, out.overlap, out.teacher_mass)
         logp, entropy = linear_logprobs(
             h, W, targets, bias=b, temperature=cfg.temperature, with_entropy=True, backend=env.backend,
             **self.logit_transform,
         )
+        zero = torch.zeros(R * T, device=h.device)
         jsd = zero
         if teacher_hidden is not None:  # full-vocabulary ablation
-            jsd = linear_jsd(
-                h,
-                W,
-                teacher_hidden,
-                Wt,
-                beta=cfg.ptd_beta,
-                bias=b,
-                teacher_bias=bt,
-                temperature=cfg.temperature,
-                mask=jsd_mask,
-                backend=env.backend,
-                **transforms,
-            )
+            jsd = linear_jsd(h, W, teacher_hidden, Wt, mask=jsd_mask, **with_teacher)
         return StudentTerms(logp, entropy, jsd, zero, zero)
 
     def hidden(self, env, x: PromptBatch, resp, mask) -> torch.Tensor:
