@@ -23,7 +23,6 @@ def run_example(tmp_path, monkeypatch, capsys):
     """Run examples/<name> in this process with no argument; returns (its globals, what it printed)."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its tiny checkpoints and output folders
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors: the torch backend, as a user runs it
 
     def run(name: str):
         monkeypatch.setattr(sys, "argv", [os.path.join(EXAMPLES, name)])
