@@ -162,7 +162,7 @@ def make_checkpoint(out, family: str, *, seed: int = 0) -> str:
     return path
 
 
-def make_dataset(out, *, text: bool = False, examples: int = 6, seed: int = 0) -> str:
+def make_dataset(out, text: bool = False, *, examples: int = 6, seed: int = 0) -> str:
     """A small JSONL dataset in the trainer's format, written into the folder ``out``:
     ``images.jsonl`` with ``img/<i>.png`` (count the red cells of a grid), or with ``text=True``
     ``text.jsonl`` (add two numbers). Returns the file's path."""
