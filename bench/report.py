@@ -1,7 +1,8 @@
 """Turn pytest-benchmark JSON into the results table and plot.
 
     pytest bench --benchmark-only --benchmark-json bench/results/cpu.json
-    python bench/report.py bench/results/cpu.json            # -> bench/results/cpu.md, cpu.png
+    python bench/report.py bench/results/cpu.json     # -> bench/results/cpu.md, cpu.png, cpu-scaling.png
+    python bench/report.py --docs                     # every run in bench/results/, docs/benchmarks.md, README table
 
 Rows the session's time budget cut are kept as "not run"; to measure them in a second session:
 
@@ -10,9 +11,11 @@ Rows the session's time budget cut are kept as "not run"; to measure them in a s
     python bench/report.py bench/results/cpu.json bench/results/cpu-2.json
 
 Writes ``<out-dir>/<label>.md`` (op, shape, method, median time, ratio to ours, ratio to the GEMM
-floor, peak memory; then the performance targets with the measured ratios, and the scaling sweep)
-and ``<out-dir>/<label>.png`` (time and peak memory vs N, ours vs peers, log scale). The label is
-the device label recorded by bench/conftest.py ("cpu", or the CUDA device's name).
+floor, peak memory; then the performance targets with the measured ratios, and the scaling sweep),
+``<out-dir>/<label>.png`` (the headline: every op's time and working memory, ptd against each peer
+and the GEMM floor, at one shape) and ``<out-dir>/<label>-scaling.png`` (time and working memory
+against N and V). The label is the device label recorded by bench/conftest.py ("cpu", or the CUDA
+device's name). ``--docs`` also writes docs/benchmarks.md and the README's table (report_docs.py).
 """
 
 from __future__ import annotations
@@ -36,10 +39,13 @@ from report_data import (
     time_ratios,
     working,
 )
-from report_plot import plot
+from report_docs import benchmark_files, benchmarks_page, readme_table, replace_readme_table
+from report_plot import plot_headline, plot_scaling
 from report_sections import transform_table, trl_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(os.path.dirname(HERE), "README.md")
+DOCS_PAGE = os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md")
 
 TARGETS_CPU = "full JSD ≤ 1.0× Liger chunked time at ≤ 1/10 its peak memory; log-prob + entropy ≤ 1.5× the 3-GEMM floor"
 
@@ -272,34 +278,6 @@ def header(meta, rows, show_cpu=False) -> list[str]:
     ]
 
 
-def readme_block(rows, meta, link_dir="bench/results", show_cpu=False) -> str:
-    """A compact version for the README: the targets and the main rows without the shape column."""
-    res = Results(rows)
-    label = meta.get("label", "?")
-    sessions = meta.get("sessions") or [meta]
-    loads = ", ".join(f"{x['load_start'][0]} → {x['load_end'][0]}" for x in sessions
-                      if x.get("load_start") and x.get("load_end")) or "?"
-    lines = [f"{meta.get('device', '?')}, {meta.get('cpus', '?')} CPUs, {meta.get('dtype', '?')}; "
-             f"1-min load average {loads} ({len(sessions)} session{'s' if len(sessions) > 1 else ''}, shared machine); "
-             f"full table: [{link_dir}/{label}.md]({link_dir}/{label}.md), plot: "
-             f"[{link_dir}/{label}.png]({link_dir}/{label}.png).", ""]
-    show_cpu = show_cpu and not is_cuda(meta)
-    lines += targets(res, meta, show_cpu)
-    lines += _sections(res, show_cpu, level="###")
-    lines.append("")
-    table = main_table(res, show_cpu)
-    lines.append(table[0].replace("| shape ", ""))
-    lines.append(table[1].replace("| --- | --- | --- |", "| --- | --- |", 1))
-    shapes = res.shapes(res.main)
-    for row in table[2:]:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        if len(shapes) > 1:
-            cells[0] = f"{cells[0]} ({cells[1]})"
-        del cells[1]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _sections(res: Results, show_cpu: bool, level: str) -> list[str]:
     """The side-by-side tables: ptd vs TRL's fused kernels, and the logit transforms vs plain."""
     out = []
@@ -313,7 +291,7 @@ def _sections(res: Results, show_cpu: bool, level: str) -> list[str]:
     return out
 
 
-def markdown(rows, meta, png_name, show_cpu=False) -> str:
+def markdown(rows, meta, png_names, show_cpu=False) -> str:
     res = Results(rows)
     show_cpu = show_cpu and not is_cuda(meta)
     lines = header(meta, rows, show_cpu)
@@ -326,20 +304,64 @@ def markdown(rows, meta, png_name, show_cpu=False) -> str:
         lines += ["", "Skipped here:", ""]
         for s in skipped:
             lines.append(f"- `{s['test'].split('::')[-1]}`: {s['reason']}")
-    lines += ["", f"Plot: [{png_name}]({png_name})", ""]
+    lines += ["", "Plots: " + (", ".join(f"[{name}]({name})" for name in png_names) or "none"), ""]
     return "\n".join(lines)
+
+
+def write_report(rows, meta, out_dir, label, show_cpu=False) -> list[str]:
+    """``<label>.md``, ``<label>.png`` and ``<label>-scaling.png`` in ``out_dir``; returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    png = os.path.join(out_dir, f"{label}.png")
+    scaling_png = os.path.join(out_dir, f"{label}-scaling.png")
+    drawn = [(png, plot_headline(rows, meta, png)), (scaling_png, plot_scaling(rows, meta, scaling_png))]
+    pngs = [path for path, done in drawn if done]
+    md_path = os.path.join(out_dir, f"{label}.md")
+    with open(md_path, "w") as f:
+        f.write(markdown(rows, meta, [os.path.basename(p) for p in pngs], show_cpu=show_cpu))
+    return [md_path, *pngs]
+
+
+def docs_text(results_dir, readme_text: str, link_dir: str = "../bench/results") -> tuple[str, str]:
+    """(docs/benchmarks.md, the README with its table) from every benchmark run in ``results_dir``."""
+    devices, table = [], None
+    for label, files in benchmark_files(results_dir).items():
+        rows, meta = load(files)
+        res = Results(rows)
+        parts = dict(header=header(meta, rows), targets=targets(res, meta), sections=_sections(res, False, "###"),
+                     main=main_table(res, False), scaling=scaling_table(res))
+        devices.append((label, rows, meta, parts))
+        if table is None or label == "cpu":  # the README states what this repository's CPU measured
+            table = readme_table(rows, meta)
+    page = benchmarks_page(devices, results_dir, link_dir)
+    return page, replace_readme_table(readme_text, table) if table else readme_text
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s) (--benchmark-json)")
+    parser.add_argument("json", nargs="*", help="pytest-benchmark JSON file(s) (--benchmark-json)")
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--label", default=None, help="file name stem (default: the device label in the JSON)")
-    parser.add_argument("--readme", action="store_true", help="also print a compact block for the README")
+    parser.add_argument("--docs", action="store_true",
+                        help="from every run in --out-dir: each run's table and plots, docs/benchmarks.md and the "
+                        "README's table")
     parser.add_argument("--missing", action="store_true",
                         help="only print the node ids of the rows not measured (time budget), to run them again")
     parser.add_argument("--cpu-time", action="store_true", help="CPU rows: also show process CPU time and its ratios")
     args = parser.parse_args(argv)
+    if args.docs:
+        for label, files in benchmark_files(args.out_dir).items():
+            rows, meta = load(files)
+            print("wrote " + ", ".join(write_report(rows, meta, args.out_dir, label, show_cpu=args.cpu_time)))
+        with open(README) as f:
+            page, readme = docs_text(args.out_dir, f.read())
+        with open(DOCS_PAGE, "w") as f:
+            f.write(page)
+        with open(README, "w") as f:
+            f.write(readme)
+        print(f"wrote {DOCS_PAGE} and the table of {README}")
+        return
+    if not args.json:
+        parser.error("give the pytest-benchmark JSON file(s), or --docs")
     rows, meta = load(args.json)
     if not rows:
         parser.error("no benchmark rows with extra_info in the JSON")
@@ -347,16 +369,7 @@ def main(argv=None):
         print("\n".join(r["test"] for r in rows if r.get("status", "").startswith("not run")))
         return
     label = args.label or meta.get("label") or "unknown"
-    os.makedirs(args.out_dir, exist_ok=True)
-    png = os.path.join(args.out_dir, f"{label}.png")
-    has_plot = plot(rows, meta, png)
-    md = markdown(rows, meta, os.path.basename(png) if has_plot else "(none)", show_cpu=args.cpu_time)
-    with open(os.path.join(args.out_dir, f"{label}.md"), "w") as f:
-        f.write(md)
-    print(f"wrote {os.path.join(args.out_dir, label + '.md')}" + (f" and {png}" if has_plot else ""))
-    if args.readme:
-        print()
-        print(readme_block(rows, meta, show_cpu=args.cpu_time))
+    print("wrote " + ", ".join(write_report(rows, meta, args.out_dir, label, show_cpu=args.cpu_time)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Tiny Hugging Face models, tokenizers and processors built from configs (nothing downloaded).
+"""Tiny Hugging Face models, tokenizers and processors built from configs (nothing downloaded), for
+the integration tests (the trainer's and the user's tiny checkpoints: ``ptd_train.tiny_checkpoint``).
 
 Word-level tokenizers with a small chat template, a tiny Qwen3 causal LM, a tiny Qwen3-VL with
-an image-only processor, and a tiny soft-capped Gemma-2 — each saved to a directory so that
-TRL can rebuild its reference model from the path.
+an image-only processor (``ptd_train.tiny_checkpoint.images_only_processor_class``), and a tiny
+soft-capped Gemma-2 — each saved to a directory so that TRL can rebuild its reference model from
+the path.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from transformers import (
     Qwen3ForCausalLM,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
-    Qwen3VLProcessor,
 )
+
+from ptd_train.tiny_checkpoint import images_only_processor_class
 
 PAD, EOS, TURN = "<|endoftext|>", "<|im_end|>", "<|im_start|>"
 VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -80,15 +83,6 @@ def save_tiny_gemma2(path, *, softcap: float = 2.0, seed: int = 0) -> str:
     return str(path)
 
 
-class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-    """Qwen3-VL's processor without a video processor (which needs torchvision)."""
-
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor" and argument is None:
-            return None
-        return super().check_argument_for_proper_class(argument_name, argument)
-
-
 IMAGE_SIZE = 28  # 4×4 patches of 7 px → 2×2 merged → 4 image tokens
 
 
@@ -97,8 +91,8 @@ def save_tiny_qwen3_vl(path, *, seed: int = 0):
     tok = word_tokenizer(vision=True)
     images = Qwen2VLImageProcessor(patch_size=7, merge_size=2, temporal_patch_size=2, min_pixels=IMAGE_SIZE ** 2,
                                    max_pixels=IMAGE_SIZE ** 2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = ImageOnlyQwen3VLProcessor(image_processor=images, tokenizer=tok, video_processor=None,
-                                          chat_template=VL_TEMPLATE)
+    processor_class = images_only_processor_class("qwen3_vl")  # no video processor: no torchvision needed
+    processor = processor_class(image_processor=images, tokenizer=tok, chat_template=VL_TEMPLATE)
     vocab = tok.get_vocab()
     config = Qwen3VLConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
