@@ -1,0 +1,60 @@
+"""Top-K keys: one int64 per logit whose integer order is the top-K order of SPEC §2.
+
+key = (order-preserving int32 bits of the float32 logit) << 32 | (2^32 − 1 − id): a larger logit
+has a larger key, and of two equal logits the smaller id has the larger key, so "the k largest keys"
+is the top-k with ties to the smaller id, and keys are distinct. −0.0 and +0.0 tie; NaN sorts above
++inf. The same keys as ``rowmath.pack_topk_keys`` and the Triton backend's row statistics.
+
+``SENTINEL`` is below every real key (empty slots, padding columns).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SENTINEL = -(2**63)
+_SENTINEL = tl.constexpr(SENTINEL)
+
+
+@triton.jit
+def pack_keys(z, ids):
+    """Keys of logits ``z`` [R, C] at column ids ``ids`` [C] (any integer dtype)."""
+    z32 = z.to(tl.float32)
+    z32 = tl.where(z32 == 0.0, 0.0, z32)  # −0.0 → +0.0
+    bits = z32.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # negative floats order backwards
+    low = tl.full((), 4294967295, tl.int64) - ids.to(tl.int64)
+    return (ordered << 32) | low[None, :]
+
+
+@triton.jit
+def kth_key(top, k, K_PAD: tl.constexpr):
+    """The k-th largest key of each row of ``top`` [R, K_PAD] (sorted descending)."""
+    slot = tl.arange(0, K_PAD)
+    return tl.max(tl.where(slot[None, :] == k - 1, top, _SENTINEL), axis=1)
+
+
+@triton.jit
+def select_top(buf, K_PAD: tl.constexpr, RANK_SELECT: tl.constexpr):
+    """The K_PAD largest keys of each row of ``buf`` [R, CAP], descending.
+
+    On a GPU: ``tl.topk`` (a sorting network). Under the interpreter, which runs a sorting network
+    element by element, by ranking: rank(x) = how many keys of the row are larger; the key of rank
+    r < K_PAD goes to slot r. Real keys are distinct; equal sentinels share a rank and the slots that
+    no key claims hold the sentinel, as the sorting network would leave them.
+    """
+    if RANK_SELECT:
+        rank = tl.sum((buf[:, None, :] > buf[:, :, None]).to(tl.int32), axis=2)
+        slot = tl.arange(0, K_PAD)[None, None, :]
+        return tl.max(tl.where(rank[:, :, None] == slot, buf[:, :, None], _SENTINEL), axis=1)
+    return tl.topk(buf, K_PAD)
+
+
+def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids int64, float32 logits) of keys."""
+    ids = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+    ordered = keys >> 32  # arithmetic shift: the signed int32 range
+    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(torch.int32)
+    return ids, bits.view(torch.float32)
