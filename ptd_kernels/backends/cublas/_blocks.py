@@ -37,8 +37,8 @@ MAX_K = 256
 # step), which at the test shapes still gives several tiles per row and partial last ones.
 GPU_TILES = {"stats": (1, 1024, 4), "stats_topk": (1, 512, 4), "grad": (1, 1024, 4), "jsd": (1, 1024, 4),
              "gather": (16, 128, 4), "block_gather": (1, 256, 4)}
-INTERPRETER_TILES = {"stats": (4, 64, 1), "stats_topk": (4, 32, 1), "grad": (4, 64, 1), "jsd": (4, 64, 1),
-                     "gather": (16, 32, 1), "block_gather": (4, 16, 1)}
+INTERPRETER_TILES = {"stats": (8, 64, 1), "stats_topk": (8, 32, 1), "grad": (8, 64, 1), "jsd": (8, 64, 1),
+                     "gather": (16, 32, 1), "block_gather": (8, 16, 1)}
 
 
 def tiles(kind: str) -> tuple[int, int, int]:
@@ -71,14 +71,18 @@ def _even(total: int, step: int) -> int:
     return -(-total // parts)
 
 
-def vocab_plan(n: int, v: int, bytes_per_logit: int, bytes_per_row: int = 0) -> Plan:
+def vocab_plan(n: int, v: int, bytes_per_logit: int) -> Plan:
     """Blocks of all rows (fewer when the budget cannot hold MIN_BLOCK_COLS columns of them) × as many
-    columns as the budget holds. ``bytes_per_row``: per-row work memory of the block beside its logits."""
+    columns as the budget holds.
+
+    The plan depends on the problem and the bytes per logit only (not on a top-K's scratch), so that a
+    forward sweep and the backward sweep of the same rows cut the logits alike: their GEMMs are then the
+    same calls and round every logit alike, and p = e^{z − lse} of the backward is the forward's exactly
+    (a one-hot row's dense and sparse gradient terms cancel to 0 even at logits of 1e4)."""
     budget = config.CUDA_BLOCK_BYTES
     n1 = max(n, 1)
-    per_row_min = min(v, MIN_BLOCK_COLS) * bytes_per_logit + bytes_per_row
-    rows = _even(n1, min(n1, max(1, budget // per_row_min)))
-    cols = max(1, min(v, (budget // rows - bytes_per_row) // bytes_per_logit))
+    rows = _even(n1, min(n1, max(1, budget // (min(v, MIN_BLOCK_COLS) * bytes_per_logit))))
+    cols = max(1, min(v, budget // rows // bytes_per_logit))
     if cols < v:
         aligned = cols // _ALIGN * _ALIGN if cols >= _ALIGN else cols
         cols = _even(v, aligned)

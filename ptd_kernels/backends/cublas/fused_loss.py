@@ -118,7 +118,7 @@ def _topk_jsd_loss(s_side: Side, t_side: Side, divergence: DivergenceSpec, weigh
     k_pad = max(2, triton.next_power_of_2(kernel_k)) if kernel_k else 0
     cap = scratch_width(k_pad, block_c) if k_pad else 0
     with _work.sweep("fused_loss"):
-        plan = full_row_plan(n, v, s_side.itemsize, cap * 8)
+        plan = full_row_plan(n, v, s_side.itemsize, cap * 8)  # the block and the top-K scratch list per row
         buffer = _work.workspace(plan.elements, dtype, device)
         scratch = _work.workspace((plan.rows, cap), torch.int64, device) if k_pad else None
         m = torch.empty(plan.rows, dtype=dtype, device=device)

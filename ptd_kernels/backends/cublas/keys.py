@@ -36,20 +36,39 @@ def kth_key(top, k, K_PAD: tl.constexpr):
     return tl.max(tl.where(slot[None, :] == k - 1, top, _SENTINEL), axis=1)
 
 
-@triton.jit
-def select_top(buf, K_PAD: tl.constexpr, RANK_SELECT: tl.constexpr):
-    """The K_PAD largest keys of each row of ``buf`` [R, CAP], descending.
+_RANK_CHUNK = tl.constexpr(64)
 
-    On a GPU: ``tl.topk`` (a sorting network). Under the interpreter, which runs a sorting network
-    element by element, by ranking: rank(x) = how many keys of the row are larger; the key of rank
-    r < K_PAD goes to slot r. Real keys are distinct; equal sentinels share a rank and the slots that
-    no key claims hold the sentinel, as the sorting network would leave them.
+
+@triton.jit
+def select_top(list_ptr, count, mask_r, K_PAD: tl.constexpr, CAP: tl.constexpr, BLOCK_R: tl.constexpr,
+               RANK_SELECT: tl.constexpr):
+    """The K_PAD largest keys [BLOCK_R, K_PAD], descending, of each row's list of ``count`` keys at
+    ``list_ptr`` [BLOCK_R, 1] (rows out of ``mask_r`` give sentinels).
+
+    On a GPU: ``tl.topk`` of the whole list (a sorting network). Under the interpreter, which runs a
+    sorting network element by element, by ranking, in chunks of the list: rank(x) = how many keys of
+    the row are larger; the key of rank r < K_PAD goes to slot r. Real keys are distinct; equal
+    sentinels share a rank, and the slots no key claims hold the sentinel, as the network leaves them.
     """
     if RANK_SELECT:
-        rank = tl.sum((buf[:, None, :] > buf[:, :, None]).to(tl.int32), axis=2)
         slot = tl.arange(0, K_PAD)[None, None, :]
-        return tl.max(tl.where(rank[:, :, None] == slot, buf[:, :, None], _SENTINEL), axis=1)
-    return tl.topk(buf, K_PAD)
+        top = tl.full((BLOCK_R, K_PAD), _SENTINEL, tl.int64)
+        for i0 in range(0, CAP, _RANK_CHUNK):
+            offs_i = i0 + tl.arange(0, _RANK_CHUNK)
+            keys_i = tl.load(list_ptr + offs_i[None, :], mask=mask_r[:, None] & (offs_i[None, :] < count[:, None]),
+                             other=_SENTINEL)
+            rank = tl.zeros((BLOCK_R, _RANK_CHUNK), tl.int32)
+            for j0 in range(0, CAP, _RANK_CHUNK):
+                offs_j = j0 + tl.arange(0, _RANK_CHUNK)
+                keys_j = tl.load(list_ptr + offs_j[None, :],
+                                 mask=mask_r[:, None] & (offs_j[None, :] < count[:, None]), other=_SENTINEL)
+                rank += tl.sum((keys_j[:, None, :] > keys_i[:, :, None]).to(tl.int32), axis=2)
+            top = tl.maximum(top, tl.max(tl.where(rank[:, :, None] == slot, keys_i[:, :, None], _SENTINEL), axis=1))
+        return top
+    offs = tl.arange(0, CAP)
+    keys = tl.load(list_ptr + offs[None, :], mask=mask_r[:, None] & (offs[None, :] < count[:, None]),
+                   other=_SENTINEL)
+    return tl.topk(keys, K_PAD)
 
 
 def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

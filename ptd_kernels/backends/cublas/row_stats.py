@@ -52,8 +52,8 @@ def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, wi
         target = torch.full((n,), math.nan, dtype=dtype, device=device) if targets is not None else None
         top = torch.full((n, k_pad), SENTINEL, dtype=torch.int64, device=device) if k_pad else None
         running = torch.full((n, k), SENTINEL, dtype=torch.int64, device=device) if wide else None
-        # per logit: the block; wide: its keys too. Per row: the top-K scratch list.
-        plan = vocab_plan(n, v, side.itemsize + (8 if wide else 0), cap * 8)
+        # the block (its plan is the backward's: the same GEMMs), the top-K scratch list per row beside it
+        plan = vocab_plan(n, v, side.itemsize)
         buffer = _work.workspace(plan.elements, dtype, device) if n else None
         scratch = _work.workspace((plan.rows, cap), torch.int64, device) if k_pad and n else None
         for rows, cols in plan.blocks():
@@ -77,10 +77,13 @@ def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, wi
 
 
 def _merge_wide(running: torch.Tensor, rows: slice, z: torch.Tensor, col0: int, k: int) -> None:
-    """The wide path: running[rows] ← the k largest of its keys and the keys of the logits block ``z``."""
+    """The wide path: running[rows] ← the k largest of its keys and the keys of the logits block ``z``, a
+    chunk of rows at a time (the int64 keys of a chunk: at most half the block's bytes)."""
     ids = torch.arange(col0, col0 + z.shape[1], device=z.device)
-    keys = rowmath.pack_topk_keys(z, ids)
-    block_top = torch.topk(keys, min(k, z.shape[1]), dim=1, sorted=False).values
-    merged = torch.cat([running[rows], block_top], dim=1)
-    running[rows] = torch.topk(merged, k, dim=1, sorted=True).values
+    step = max(1, z.shape[0] // 4)
+    for r0 in range(0, z.shape[0], step):
+        chunk = slice(rows.start + r0, min(rows.stop, rows.start + r0 + step))
+        keys = rowmath.pack_topk_keys(z[r0:r0 + step], ids)
+        block_top = torch.topk(keys, min(k, z.shape[1]), dim=1, sorted=False).values
+        running[chunk] = torch.topk(torch.cat([running[chunk], block_top], dim=1), k, dim=1, sorted=True).values
     _work.torch_pass("wide_topk", z.numel(), z.numel() * (z.element_size() + 8 * 3))

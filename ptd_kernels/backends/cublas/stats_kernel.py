@@ -57,7 +57,6 @@ def _block_stats_kernel(
         y = tl.load(targets_ptr + offs_r, mask=mask_r, other=-1)
     if TOPK:
         offs_k = tl.arange(0, K_PAD)
-        offs_cap = tl.arange(0, CAP)
         scratch_row = scratch_ptr + offs_r[:, None] * CAP
         top = tl.load(top_ptr + offs_r[:, None] * K_PAD + offs_k[None, :], mask=mask_r[:, None], other=SENTINEL)
         tl.store(scratch_row + offs_k[None, :], top, mask=mask_r[:, None])
@@ -99,9 +98,7 @@ def _block_stats_kernel(
             n_cand = tl.sum(cand.to(tl.int32), axis=1)
             if tl.max(count + n_cand, axis=0) > CAP:  # the list would overflow: cut it back to the best K_PAD
                 tl.debug_barrier()  # every thread's appends are in memory
-                buf = tl.load(scratch_row + offs_cap[None, :],
-                              mask=mask_r[:, None] & (offs_cap[None, :] < count[:, None]), other=SENTINEL)
-                top = select_top(buf, K_PAD, RANK_SELECT)
+                top = select_top(scratch_row, count, mask_r, K_PAD, CAP, BLOCK_R, RANK_SELECT)
                 tl.debug_barrier()  # every thread has read the list before it is overwritten
                 tl.store(scratch_row + offs_k[None, :], top, mask=mask_r[:, None])
                 count = tl.zeros((BLOCK_R,), tl.int32) + K_PAD
@@ -139,9 +136,7 @@ def _block_stats_kernel(
         tl.store(target_ptr + offs_r, tl.sum(target_l, axis=1), mask=mask_r & owned)
     if TOPK:
         tl.debug_barrier()
-        buf = tl.load(scratch_row + offs_cap[None, :], mask=mask_r[:, None] & (offs_cap[None, :] < count[:, None]),
-                      other=SENTINEL)
-        top = select_top(buf, K_PAD, RANK_SELECT)
+        top = select_top(scratch_row, count, mask_r, K_PAD, CAP, BLOCK_R, RANK_SELECT)
         tl.store(top_ptr + offs_r[:, None] * K_PAD + offs_k[None, :], top, mask=mask_r[:, None])
 
 
