@@ -103,13 +103,19 @@ def sweep(name: str):
     yield
 
 
-def workspace(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialized work buffer, counted in the current sweep."""
-    buffer = torch.empty(shape, dtype=dtype, device=device)
+def account(*tensors: torch.Tensor | None) -> None:
+    """Count existing tensors (a sweep's row state, its sparse layout) as work memory of the current sweep."""
     for log in _LOGS:
         if not log.sweeps:
             log.sweeps.append(("", []))
-        log.sweeps[-1][1].append(buffer.numel() * buffer.element_size())
+        log.sweeps[-1][1].extend(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def workspace(shape, dtype: torch.dtype, device, fill=None) -> torch.Tensor:
+    """A work buffer (uninitialized, or filled with ``fill``), counted in the current sweep."""
+    buffer = torch.empty(shape, dtype=dtype, device=device) if fill is None else torch.full(
+        shape, fill, dtype=dtype, device=device)
+    account(buffer)
     return buffer
 
 

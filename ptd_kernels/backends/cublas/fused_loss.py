@@ -82,9 +82,9 @@ def _full_jsd_loss(s_side: Side, t_side: Side, beta: float, weights, value, grad
     with _work.sweep("fused_loss"):
         plan = full_row_plan(n, v, s_side.itemsize + t_side.itemsize)
         s_buffer, t_buffer = two_sided_buffers(s_side, t_side, plan.elements)
-        m_s, sum_s = (torch.empty(plan.rows, dtype=s_side.dtype, device=device) for _ in range(2))
-        m_t, sum_t = (torch.empty(plan.rows, dtype=t_side.dtype, device=device) for _ in range(2))
-        w_sum = torch.empty(plan.rows, dtype=s_side.dtype, device=device)
+        m_s, sum_s = (_work.workspace(plan.rows, s_side.dtype, device) for _ in range(2))
+        m_t, sum_t = (_work.workspace(plan.rows, t_side.dtype, device) for _ in range(2))
+        w_sum = _work.workspace(plan.rows, s_side.dtype, device)
         for rows, cols in plan.blocks():
             r = rows.stop - rows.start
             a = s_side.logits(block_view(s_buffer, r, v), rows, cols)
@@ -121,9 +121,9 @@ def _topk_jsd_loss(s_side: Side, t_side: Side, divergence: DivergenceSpec, weigh
         plan = full_row_plan(n, v, s_side.itemsize, cap * 8)  # the block and the top-K scratch list per row
         buffer = _work.workspace(plan.elements, dtype, device)
         scratch = _work.workspace((plan.rows, cap), torch.int64, device) if k_pad else None
-        m = torch.empty(plan.rows, dtype=dtype, device=device)
-        s = torch.empty(plan.rows, dtype=dtype, device=device)
-        top = torch.empty((plan.rows, k_pad), dtype=torch.int64, device=device) if k_pad else None
+        m = _work.workspace(plan.rows, dtype, device)
+        s = _work.workspace(plan.rows, dtype, device)
+        top = _work.workspace((plan.rows, k_pad), torch.int64, device) if k_pad else None
         for rows, cols in plan.blocks():
             r = rows.stop - rows.start
             a = s_side.logits(block_view(buffer, r, v), rows, cols)

@@ -62,6 +62,7 @@ def head_backward(head: Head, lse: torch.Tensor, coefs: HeadGradCoefs, needs: Gr
     targets = coefs.targets.to(torch.int64).contiguous() if coefs.targets is not None else None
     sparse = sparse_layout(n, v, coefs.sparse, dtype) if coefs.sparse else None
     with _work.sweep("head_backward"):
+        _work.account(*(sparse or ()))
         plan = vocab_plan(n, v, side.itemsize)
         buffer = _work.workspace(plan.elements, dtype, head.hidden.device)
         for rows, cols in plan.blocks():

@@ -64,10 +64,8 @@ def jsd_forward(student: Head, teacher: Head, beta: float, *, lse: torch.Tensor 
     with _work.sweep("jsd_forward"):
         plan = full_row_plan(n, v, s_side.itemsize + t_side.itemsize)
         s_buffer, t_buffer = two_sided_buffers(s_side, t_side, plan.elements if n else 0)
-        m_s, sum_s = torch.empty(plan.rows, dtype=s_side.dtype, device=device), torch.empty(
-            plan.rows, dtype=s_side.dtype, device=device)
-        m_t, sum_t = torch.empty(plan.rows, dtype=t_side.dtype, device=device), torch.empty(
-            plan.rows, dtype=t_side.dtype, device=device)
+        m_s, sum_s = (_work.workspace(plan.rows, s_side.dtype, device) for _ in range(2))
+        m_t, sum_t = (_work.workspace(plan.rows, t_side.dtype, device) for _ in range(2))
         for rows, cols in plan.blocks():
             r = rows.stop - rows.start
             a = s_side.logits(block_view(s_buffer, r, v), rows, cols)

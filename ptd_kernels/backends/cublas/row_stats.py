@@ -46,12 +46,12 @@ def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, wi
     k_pad = max(2, triton.next_power_of_2(k)) if 0 < k <= MAX_K else 0
     cap = scratch_width(k_pad, block_c) if k_pad else 0
     with _work.sweep("row_stats"):
-        m = torch.full((n,), -math.inf, dtype=dtype, device=device)
-        s = torch.zeros(n, dtype=dtype, device=device)
-        t = torch.zeros(n, dtype=dtype, device=device) if with_mean_logit else None
+        m = _work.workspace((n,), dtype, device, fill=-math.inf)
+        s = _work.workspace((n,), dtype, device, fill=0.0)
+        t = _work.workspace((n,), dtype, device, fill=0.0) if with_mean_logit else None
         target = torch.full((n,), math.nan, dtype=dtype, device=device) if targets is not None else None
-        top = torch.full((n, k_pad), SENTINEL, dtype=torch.int64, device=device) if k_pad else None
-        running = torch.full((n, k), SENTINEL, dtype=torch.int64, device=device) if wide else None
+        top = _work.workspace((n, k_pad), torch.int64, device, fill=SENTINEL) if k_pad else None
+        running = _work.workspace((n, k), torch.int64, device, fill=SENTINEL) if wide else None
         # the block (its plan is the backward's: the same GEMMs), the top-K scratch list per row beside it
         plan = vocab_plan(n, v, side.itemsize)
         buffer = _work.workspace(plan.elements, dtype, device) if n else None
