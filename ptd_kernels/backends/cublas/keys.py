@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 SENTINEL = -(2**63)
-_SENTINEL = tl.constexpr(SENTINEL)
+KEY_SENTINEL = tl.constexpr(SENTINEL)  # the same, for kernels
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def pack_keys(z, ids):
 def kth_key(top, k, K_PAD: tl.constexpr):
     """The k-th largest key of each row of ``top`` [R, K_PAD] (sorted descending)."""
     slot = tl.arange(0, K_PAD)
-    return tl.max(tl.where(slot[None, :] == k - 1, top, _SENTINEL), axis=1)
+    return tl.max(tl.where(slot[None, :] == k - 1, top, KEY_SENTINEL), axis=1)
 
 
 _RANK_CHUNK = tl.constexpr(64)
@@ -52,22 +52,22 @@ def select_top(list_ptr, count, mask_r, K_PAD: tl.constexpr, CAP: tl.constexpr, 
     """
     if RANK_SELECT:
         slot = tl.arange(0, K_PAD)[None, None, :]
-        top = tl.full((BLOCK_R, K_PAD), _SENTINEL, tl.int64)
+        top = tl.full((BLOCK_R, K_PAD), KEY_SENTINEL, tl.int64)
         for i0 in range(0, CAP, _RANK_CHUNK):
             offs_i = i0 + tl.arange(0, _RANK_CHUNK)
             keys_i = tl.load(list_ptr + offs_i[None, :], mask=mask_r[:, None] & (offs_i[None, :] < count[:, None]),
-                             other=_SENTINEL)
+                             other=KEY_SENTINEL)
             rank = tl.zeros((BLOCK_R, _RANK_CHUNK), tl.int32)
             for j0 in range(0, CAP, _RANK_CHUNK):
                 offs_j = j0 + tl.arange(0, _RANK_CHUNK)
                 keys_j = tl.load(list_ptr + offs_j[None, :],
-                                 mask=mask_r[:, None] & (offs_j[None, :] < count[:, None]), other=_SENTINEL)
+                                 mask=mask_r[:, None] & (offs_j[None, :] < count[:, None]), other=KEY_SENTINEL)
                 rank += tl.sum((keys_j[:, None, :] > keys_i[:, :, None]).to(tl.int32), axis=2)
-            top = tl.maximum(top, tl.max(tl.where(rank[:, :, None] == slot, keys_i[:, :, None], _SENTINEL), axis=1))
+            top = tl.maximum(top, tl.max(tl.where(rank[:, :, None] == slot, keys_i[:, :, None], KEY_SENTINEL), axis=1))
         return top
     offs = tl.arange(0, CAP)
     keys = tl.load(list_ptr + offs[None, :], mask=mask_r[:, None] & (offs[None, :] < count[:, None]),
-                   other=_SENTINEL)
+                   other=KEY_SENTINEL)
     return tl.topk(keys, K_PAD)
 
 

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ..triton.tiles import to_logits
 from . import _work
-from .keys import SENTINEL, kth_key, pack_keys, select_top
+from .keys import KEY_SENTINEL, kth_key, pack_keys, select_top
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _block_stats_kernel(
     if TOPK:
         offs_k = tl.arange(0, K_PAD)
         scratch_row = scratch_ptr + offs_r[:, None] * CAP
-        top = tl.load(top_ptr + offs_r[:, None] * K_PAD + offs_k[None, :], mask=mask_r[:, None], other=SENTINEL)
+        top = tl.load(top_ptr + offs_r[:, None] * K_PAD + offs_k[None, :], mask=mask_r[:, None], other=KEY_SENTINEL)
         tl.store(scratch_row + offs_k[None, :], top, mask=mask_r[:, None])
         count = tl.zeros((BLOCK_R,), tl.int32) + K_PAD
         threshold = kth_key(top, k, K_PAD)
@@ -93,7 +93,7 @@ def _block_stats_kernel(
             target_l += tl.where(hit, z, 0.0)
 
         if TOPK:
-            keys = tl.where(valid, pack_keys(z, col0 + offs_c), SENTINEL)
+            keys = tl.where(valid, pack_keys(z, col0 + offs_c), KEY_SENTINEL)
             cand = keys > threshold[:, None]
             n_cand = tl.sum(cand.to(tl.int32), axis=1)
             if tl.max(count + n_cand, axis=0) > CAP:  # the list would overflow: cut it back to the best K_PAD
