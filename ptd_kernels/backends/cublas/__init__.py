@@ -10,19 +10,30 @@ Blocking (``_blocks``; the one knob: ``ptd_kernels.config.CUDA_BLOCK_BYTES``):
 
 - forward statistics and recomputing backward sweeps go over VOCABULARY blocks with all rows: each
   weight slice is read once, d weight of a slice is written once, d hidden [N, H] fp32 (134 MB at
-  N = 8192, H = 4096) is accumulated; at the default budget and N = 8192, V = 151936 that is 5 blocks
-  of 8192 × 30400 (one side) or 10 of 8192 × 15200 (both sides of the JSD);
+  N = 8192, H = 4096) is accumulated; at the default budget and N = 8192, V = 151936 that is 6 blocks
+  of 8192 × 25328 (one side) or 11 of 8192 × 13824 (both sides of the JSD backward). The forward and the
+  backward sweep of the same rows share this plan, so their GEMMs are the same calls and round every
+  logit alike (p = e^{z − lse} of the backward is the forward's exactly);
 - where a whole row must be in hand before its gradient is known (the one-sweep loss; the full JSD's
   forward, which needs both logsumexps before any term), ROW blocks of whole vocabulary rows: d hidden
   of a block is written once, d weight [V, H] fp32 (2.49 GB) is read and written once per row block, so
   the teacher's side of the Top-K loss is first reduced to its lse and top-k by its own forward sweep and
   only the student's block must fit (1,366 rows per block at the default: 6 blocks; the full JSD holds
-  both sides: 828 rows, 10 blocks).
+  both sides: 745 rows, 11 blocks).
 
-GEMM work per form (logits-GEMM equivalents, 2·N·V·H FLOPs each; the same as the chunked CPU path):
-per-row log-prob + entropy 4 (forward, recompute, d hidden, d weight), teacher top-K 1, per-row Top-K
-JSD and PTD terms 5, per-row full JSD 6, the loss functions 4. The counted work statement at the target
-shape is in ``docs/cublas.md``.
+Counted work (``statement.py``: the code's own GEMMs and launches on meta tensors) at N = 8192, H = 4096,
+V = 151936, K = 100, bf16, default budget — logits-GEMM equivalents (2·N·V·H FLOPs each, the same as the
+chunked CPU path), kernel launches, elementwise bytes, working memory:
+
+    log-prob + entropy, fwd+bwd          4   (24 GEMMs)   12 launches   12.5 GB   0.77 GiB
+    teacher top-100                      1   ( 6 GEMMs)    6 launches    5.1 GB   0.84 GiB
+    PTD terms / Top-K JSD, fwd+bwd       5   (30 GEMMs)   20 launches   31.3 GB   0.84 GiB   (13.6 GB: gathers)
+    per-row full JSD, fwd+bwd            6   (66 GEMMs)   44 launches   32.4 GB   0.84 GiB
+    one-sweep Top-K JSD loss             4   (24 GEMMs)   30 launches   24.4 GB   0.84 GiB
+    one-sweep full JSD loss              4   (44 GEMMs)   44 launches   32.4 GB   0.84 GiB
+
+plus small torch ops on O(rows·K) arrays (8 to 546 per op). The modelled times and what holds each ratio
+back are in ``docs/cublas.md``.
 
 Module map: ``_work`` (the one door of GEMMs, launches and work buffers), ``_blocks`` (plans, operands,
 tiles), kernels with their launchers (``stats_kernel``, ``grad_kernel``, ``jsd_stats_kernel``,
