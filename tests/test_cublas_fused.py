@@ -25,11 +25,14 @@ BE = "cublas"
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Sweeps without a top-K: vocabulary blocks of 6 rows × 48 columns (V = 130: 3 blocks, the last partial);
-    with one, the top-K scratch leaves room for one row per block; whole-row blocks of 2 rows (one side) or
-    1 (both sides)."""
+    """Vocabulary blocks of 6 rows × 48 columns (V = 130: 3 blocks, the last partial; 24 columns with both
+    sides); whole-row blocks of 2 rows (one side) or 1 (both sides), and the loss functions on the one-sweep
+    path even so (``test_loss_on_the_per_row_path`` takes the other)."""
+    from ptd_kernels.backends.cublas import fused_loss
+
     monkeypatch.setattr(config, "CUDA_BLOCK_BYTES", 6 * 48 * 4)
     monkeypatch.setattr(_blocks, "MIN_BLOCK_COLS", 48)
+    monkeypatch.setattr(fused_loss, "FUSED_MIN_ROWS", 1)
 
 
 def ids(params):
@@ -159,10 +162,7 @@ def test_huge_logit_and_tied_rows(name, dtype, bias):
 
 @pytest.mark.parametrize("name", ["logprobs", "ptd_terms", "topk_jsd_loss", "jsd_loss",
                                   pytest.param("jsd", marks=PER_ROW_JSD_AT_1E4)])
-def test_huge_hidden_row_weight_gradient(monkeypatch, name):
-    from ptd_kernels.backends.cublas import fused_loss
-
-    monkeypatch.setattr(fused_loss, "FUSED_MIN_ROWS", 1)  # the loss functions on the one-sweep path
+def test_huge_hidden_row_weight_gradient(name):
     edges.test_huge_hidden_row_weight_gradient(BE, name)
 
 
