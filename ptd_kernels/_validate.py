@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "cublas")
 SUPPORTS = ("union", "teacher", "student")
 
 

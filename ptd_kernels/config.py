@@ -1,4 +1,4 @@
-"""Public knobs: the memory budgets of the chunked PyTorch backend.
+"""Public knobs: the memory budgets of the chunked PyTorch backend and of the cuBLAS backend.
 
 Logits exist only as blocks of these sizes; they are constants (nothing grows with N·V). Each is
 read when a function is called, so setting one takes effect on the next call::
@@ -9,7 +9,8 @@ read when a function is called, so setting one takes effect on the next call::
 Two block levels, because a CPU has two speeds: a block is as large as its budget allows, so that
 its GEMMs run at full speed (a thin block re-streams the whole weight per call); the elementwise
 math then walks it in sub-blocks of ``SUB_BLOCK_BYTES`` per buffer, which stay in the core's cache.
-The Triton backend tiles in registers and ignores these budgets.
+The Triton backend tiles in registers and ignores these budgets; the cuBLAS backend
+(``backend="cublas"``) reads only ``CUDA_BLOCK_BYTES``.
 """
 
 #: One-sided logits block: the per-row forward and backward sweeps, and the logits-level functions.
@@ -30,3 +31,11 @@ ROW_BLOCK = 1024
 #: Below this many rows per two-sided block, the one-sweep loss re-reads the weights more often
 #: than recomputing in backward costs, and the loss functions take the per-row path instead.
 FUSED_LOSS_MIN_ROWS = 128
+
+#: The cuBLAS backend's working memory per sweep: its float32 logits block(s) (the output of one cuBLAS
+#: GEMM, then worked on in place by the elementwise kernels) and their top-K scratch. The one knob that
+#: trades speed for memory there: larger blocks mean larger GEMMs and, where a block must hold whole
+#: vocabulary rows (the one-sweep loss, the per-row full JSD), fewer read-modify-writes of the float32
+#: d weight. At the default, a sweep at N = 8192, V = 151936, H = 4096, K = 100 holds ≤ 1 GiB of working
+#: memory in all (this block, plus O(N·K) row state); see docs/cublas.md.
+CUDA_BLOCK_BYTES = 896 << 20

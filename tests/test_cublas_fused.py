@@ -1,0 +1,226 @@
+"""Every public fused function on ``backend="cublas"``: the cases of test_fused.py, test_fused_edges.py and
+test_logit_transform.py (the same problems, checks and tolerances; see test_fused.py), run on the cuBLAS
+backend — its elementwise kernels under TRITON_INTERPRET=1 and its GEMMs as torch CPU matmuls here.
+
+The test bodies are those files' own functions, called with "cublas" (a representative subset of their
+grids, like the Triton backend's: every function, every dtype, each support/tail/β branch at least once,
+the edge cases). Blocks are shrunk (``small_blocks``) so that the tiny problems still take several
+vocabulary blocks, row blocks of whole rows, partial kernel tiles and partial blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import test_fused as fused
+import test_fused_edges as edges
+import test_logit_transform as transforms
+from _fused_cases import ALL_FNS, BETAS, BF16, F32, F64, SUPPORTS, K, V
+
+from ptd_kernels import config
+from ptd_kernels.backends.cublas import _blocks
+
+pytestmark = pytest.mark.usefixtures("one_thread", "small_blocks")
+BE = "cublas"
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Vocabulary blocks of 6 rows × 48 columns (V = 130: 3 blocks, the last partial; 24 columns with both
+    sides); whole-row blocks of 2 rows (one side) or 1 (both sides), and the loss functions on the one-sweep
+    path even so (``test_loss_on_the_per_row_path`` takes the other)."""
+    from ptd_kernels.backends.cublas import fused_loss
+
+    monkeypatch.setattr(config, "CUDA_BLOCK_BYTES", 6 * 48 * 4)
+    monkeypatch.setattr(_blocks, "MIN_BLOCK_COLS", 48)
+    monkeypatch.setattr(fused_loss, "FUSED_MIN_ROWS", 1)
+
+
+def ids(params):
+    return ["-".join(str(getattr(p, "__name__", p)).replace("torch.", "") for p in ps) for ps in params]
+
+
+LOGPROBS = [(F32, True, True), (BF16, True, True), (F32, False, False), (F64, True, True)]
+
+
+@pytest.mark.parametrize("dtype,bias,entropy", LOGPROBS, ids=ids(LOGPROBS))
+def test_linear_logprobs(dtype, bias, entropy):
+    fused.test_linear_logprobs(BE, dtype, bias, entropy)
+
+
+def test_linear_logprobs_custom_ignore_index():
+    fused.test_linear_logprobs_custom_ignore_index(BE, F32)
+
+
+TOPK = [(F32, 7), (BF16, 1), (F32, V), (F64, 7)]
+
+
+@pytest.mark.parametrize("dtype,k", TOPK, ids=ids(TOPK))
+def test_linear_topk(dtype, k):
+    fused.test_linear_topk(BE, dtype, k)
+
+
+TOPK_JSD = [(F32, s, t, b) for s, t, b in zip(SUPPORTS * 2, (True, False) * 3, BETAS * 2)] + [
+    (BF16, "union", True, 0.5), (BF16, "teacher", False, 1.0)]
+
+
+@pytest.mark.parametrize("dtype,support,tail,beta", TOPK_JSD, ids=ids(TOPK_JSD))
+def test_linear_topk_jsd(dtype, support, tail, beta):
+    fused.test_linear_topk_jsd(BE, dtype, support, tail, beta)
+
+
+@pytest.mark.parametrize("support,tail,beta", [("union", True, 0.5), ("student", False, 1.0)])
+def test_linear_topk_jsd_float64(support, tail, beta):
+    fused.test_linear_topk_jsd_float64(BE, F64, support, tail, beta)
+
+
+@pytest.mark.parametrize("support,tail,bias", [("union", True, False), ("student", False, True),
+                                               ("teacher", True, True)])
+def test_linear_topk_jsd_k1(support, tail, bias):
+    fused.test_linear_topk_jsd_k1(BE, support, tail, bias)
+
+
+@pytest.mark.parametrize("support,tail,k,beta", [("union", True, V, 0.5), ("teacher", False, V + 7, 0.0)])
+def test_k_at_least_vocab_equals_linear_jsd(support, tail, k, beta):
+    fused.test_k_at_least_vocab_equals_linear_jsd(BE, support, tail, k, beta)
+
+
+SPARSE = [(F32, 0.5, True, "topk"), (BF16, 1.0, False, "random"), (F64, 0.0, True, "random")]
+
+
+@pytest.mark.parametrize("dtype,beta,tail,ids_kind", SPARSE, ids=ids(SPARSE))
+def test_linear_sparse_jsd(dtype, beta, tail, ids_kind):
+    fused.test_linear_sparse_jsd(BE, dtype, beta, tail, ids_kind)
+
+
+JSD = [(F32, 0.0, True), (F32, 0.5, False), (F32, 1.0, True), (BF16, 0.5, True), (F64, 0.5, True)]
+
+
+@pytest.mark.parametrize("dtype,beta,bias", JSD, ids=ids(JSD))
+def test_linear_jsd(dtype, beta, bias):
+    fused.test_linear_jsd(BE, dtype, beta, bias)
+
+
+PTD = [(F32, "union", True, 0.5, K), (BF16, "teacher", False, 0.0, K), (F32, "union", True, 0.5, V),
+       (F32, "student", False, 1.0, K), (F32, "union", True, 0.5, 1), (F64, "union", True, 0.5, K)]
+
+
+@pytest.mark.parametrize("dtype,support,tail,beta,k", PTD, ids=ids(PTD))
+def test_linear_ptd_terms(dtype, support, tail, beta, k):
+    fused.test_linear_ptd_terms(BE, dtype, support, tail, beta, k)
+
+
+def test_ptd_terms_equal_the_separate_functions():
+    fused.test_ptd_terms_equal_the_separate_functions(BE, "union", True)
+
+
+LOSS = [(F32, "jsd", True, "union", True, 0.5), (F32, "topk", False, "union", True, 0.5),
+        (BF16, "topk", True, "teacher", False, 1.0), (F32, "topk", True, "student", True, 0.0),
+        (F64, "topk", True, "union", True, 0.5)]
+
+
+@pytest.mark.parametrize("dtype,kind,weighted,support,tail,beta", LOSS, ids=ids(LOSS))
+def test_loss_level(dtype, kind, weighted, support, tail, beta):
+    fused.test_loss_level(BE, dtype, kind, weighted, support, tail, beta)
+
+
+def test_loss_scales_with_the_incoming_gradient():
+    fused.test_loss_scales_with_the_incoming_gradient(BE)
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("name", list(ALL_FNS))
+def test_all_rows_masked(name):
+    edges.test_all_rows_masked(BE, name)
+
+
+@pytest.mark.parametrize("name", list(ALL_FNS))
+def test_single_row(name):
+    edges.test_single_row(BE, name)
+
+
+# The per-row full JSD recomputes its logits in backward in other GEMM shapes (vocabulary blocks of both
+# sides) than its forward (blocks of whole rows, which it needs to know both logsumexps before any term),
+# and a GEMM of another shape may sum in another order: each logit then differs by up to |z|·2⁻²⁴ between the
+# two sweeps. At |z| ~ 1e4 that is ~1e-3 in log p, and a one-hot row's gradient, exactly 0 when both sweeps
+# see the same logits, comes out ~1e-6 instead (×1e4 in d weight from its hidden row). Every other sweep
+# pair of this backend cuts its logits alike (``vocab_plan``), and the one-sweep loss never recomputes.
+# Holding the backward to the forward's blocks of whole rows would add a read-modify-write of the float32
+# d weight per row block (~+8 % on the full JSD at the target shape), for logits no language model has.
+PER_ROW_JSD_AT_1E4 = pytest.mark.xfail(strict=True, reason="per-row full JSD: forward and backward GEMMs of "
+                                       "different shapes round logits of 1e4 differently (see comment)")
+EXTREME = [("topk_jsd", F32, True), ("ptd_terms", F32, False), ("logprobs", BF16, True), ("sparse_jsd", F32, True),
+           ("topk_jsd_loss", F32, False), ("jsd_loss", F64, True),
+           pytest.param("jsd", F32, True, marks=PER_ROW_JSD_AT_1E4, id="jsd-float32-True")]
+
+
+@pytest.mark.parametrize("name,dtype,bias", EXTREME)
+def test_huge_logit_and_tied_rows(name, dtype, bias):
+    edges.test_huge_logit_and_tied_rows(BE, name, dtype, bias)
+
+
+@pytest.mark.parametrize("name", ["logprobs", "ptd_terms", "topk_jsd_loss", "jsd_loss",
+                                  pytest.param("jsd", marks=PER_ROW_JSD_AT_1E4)])
+def test_huge_hidden_row_weight_gradient(name):
+    edges.test_huge_hidden_row_weight_gradient(BE, name)
+
+
+def test_huge_teacher_logit_row_alone():
+    edges.test_huge_teacher_logit_row_alone(BE)
+
+
+@pytest.mark.parametrize("support", SUPPORTS)
+def test_tie_rule_in_the_support(support):
+    edges.test_tie_rule_in_the_support(BE, support)
+
+
+def test_shared_output_layer():
+    edges.test_shared_output_layer(BE)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_row_is_nan_in_that_row_only(bad):
+    edges.test_nonfinite_row_is_nan_in_that_row_only(BE, bad)
+
+
+def test_nan_in_a_masked_row_does_not_leak():
+    edges.test_nan_in_a_masked_row_does_not_leak(BE)
+
+
+def test_values_never_negative_at_llm_scale_logits():
+    edges.test_values_never_negative_at_llm_scale_logits(BE)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_beta_endpoints_are_the_kls(beta):
+    edges.test_beta_endpoints_are_the_kls(BE, beta)
+
+
+# ----------------------------------------------------------------------------- logit scale and soft-cap
+
+
+TRANSFORMED = [(n, "both", F32) for n in transforms.NAMES] + [("ptd_terms", "cap", BF16), ("jsd", "scale", F64),
+                                                               ("logprobs", "cap", F64)]
+
+
+@pytest.mark.parametrize("name,transform,dtype", TRANSFORMED, ids=ids(TRANSFORMED))
+def test_transformed_logits_match_the_reference(name, transform, dtype):
+    transforms.test_transformed_logits_match_the_reference(BE, name, transform, dtype)
+
+
+def test_linear_topk_with_a_cap():
+    transforms.test_linear_topk_with_a_cap(BE)
+
+
+def test_saturated_float64_caps_keep_the_exact_top_k():
+    transforms.test_saturated_float64_caps_keep_the_exact_top_k(BE)
+
+
+def test_loss_on_the_per_row_path(monkeypatch):
+    """A loss function with the one-sweep path switched off (``fused_loss_pays`` False): the per-row
+    function composed by autograd on this backend, against the reference."""
+    from ptd_kernels.backends.cublas import fused_loss
+
+    monkeypatch.setattr(fused_loss, "FUSED_MIN_ROWS", 10**9)
+    fused.test_loss_level(BE, F32, "topk", True, "union", True, 0.3)

@@ -1,0 +1,305 @@
+"""The cuBLAS backend's primitives against the chunked torch backend and dense float64 formulas, and its
+counted work.
+
+Blocks and tiles are shrunk so that the small problems take several vocabulary blocks, row blocks,
+kernel programs and tiles, partial ones included, and the top-K scratch list overflows (its cut-back
+path runs). Tolerances follow the dtype of the computation: float32 statistics at float32 tolerances
+whatever the oracle's dtype; bf16 gradients at the rounding of ∂L/∂a to bf16 before the GEMMs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ptd_kernels import config
+from ptd_kernels.backends import selection
+from ptd_kernels.backends.base import (
+    ALL_GRADS,
+    DivergenceSpec,
+    GradNeeds,
+    Head,
+    HeadGradCoefs,
+    SparseTerms,
+)
+from ptd_kernels.backends.cublas import CublasBackend, _blocks, _work, fused_loss, statement
+from ptd_kernels.backends.cublas import row_stats as cublas_row_stats
+from ptd_kernels.backends.torch import TorchBackend
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CUBLAS, TORCH = CublasBackend(), TorchBackend()
+F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
+GRAD_TOL = {F64: 1e-10, F32: 1e-5, BF16: 2e-2}  # of the largest gradient entry
+
+
+@pytest.fixture
+def small(monkeypatch):
+    """Vocabulary blocks of 5 rows × 64 columns (one side, float32), 2-row programs, 32-column tiles."""
+    monkeypatch.setattr(config, "CUDA_BLOCK_BYTES", 5 * 64 * 4)
+    monkeypatch.setattr(_blocks, "MIN_BLOCK_COLS", 64)
+    tiles = {kind: (2, 32, 1) for kind in _blocks.INTERPRETER_TILES}
+    tiles["gather"] = (4, 16, 1)
+    monkeypatch.setattr(_blocks, "INTERPRETER_TILES", tiles)
+
+
+def head(n=9, h=24, v=150, dtype=F32, bias=True, softcap=None, scale=1.0, seed=0, temperature=0.7):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * 0.6).to(dtype)
+    b = torch.randn(v, generator=g).to(dtype) if bias else None
+    return Head(hidden, weight, b, temperature, scale, softcap)
+
+
+def dense_logits(hd: Head) -> torch.Tensor:
+    a = hd.hidden.double() @ hd.weight.double().T
+    if hd.bias is not None:
+        a = a + hd.bias.double()
+    a = a * hd.logit_scale
+    if hd.softcap is not None:
+        a = hd.softcap * torch.tanh(a / hd.softcap)
+    return a / hd.temperature
+
+
+def close(actual, expected, tol, what):
+    a, e = actual.double(), expected.double()
+    err = float((a - e).abs().max()) if a.numel() else 0.0
+    assert err <= tol * max(1.0, float(e.abs().max()) if e.numel() else 1.0), f"{what}: error {err:.3e}"
+
+
+def grads_close(got, want, dtype, what=""):
+    for name, g, w in zip(("hidden", "weight", "bias"), got, want):
+        assert (g is None) == (w is None), name
+        if w is not None:
+            scale = max(float(w.abs().max()), 1e-12)
+            err = float((g.double() - w.double()).abs().max())
+            assert err <= GRAD_TOL[dtype] * scale, f"{what} grad {name}: {err:.3e} vs scale {scale:.3e}"
+
+
+# ----------------------------------------------------------------------------- row statistics
+
+
+@pytest.mark.parametrize("dtype,k,softcap", [(F32, 7, None), (F32, 1, 2.5), (BF16, 64, None), (F64, 0, 3.0)])
+def test_row_stats_against_dense(small, dtype, k, softcap):
+    hd = head(dtype=dtype, softcap=softcap, scale=1.3)
+    targets = torch.randint(0, hd.vocab, (hd.rows,), generator=torch.Generator().manual_seed(1))
+    r = CUBLAS.row_stats(hd, targets=targets, k=k, lse_dtype=F64)
+    z = dense_logits(hd)
+    tol = 1e-12 if dtype == F64 else 2e-6  # the logits themselves: float32 GEMMs
+    close(r.lse, torch.logsumexp(z, 1), tol, "lse")
+    close(r.mean_logit, (torch.softmax(z, 1) * z).sum(1), tol, "mean logit")
+    close(r.target_logit, z.gather(1, targets[:, None])[:, 0], tol, "target logit")
+    assert r.lse.dtype == F64 and r.target_logit.dtype == (F64 if dtype == F64 else F32)
+    if k:
+        want = TORCH.row_stats(hd, k=k, with_mean_logit=False)
+        assert torch.equal(r.topk_indices, want.topk_indices)
+        close(r.topk_logits, z.gather(1, r.topk_indices), 2e-6, "top-k logits")
+        assert r.topk_logits.dtype == F32
+
+
+def test_row_stats_ties_go_to_the_smaller_id(small):
+    """Rows of exactly tied logits (a zero hidden row: z = bias on a coarse grid; no bias: all equal)."""
+    hd = head(n=5, v=150, bias=True)
+    hidden = hd.hidden.clone()
+    hidden[1:3] = 0.0
+    bias = torch.round(torch.randn(150, generator=torch.Generator().manual_seed(4)) * 2) / 4
+    for b in (bias, None):
+        tied = Head(hidden, hd.weight, b, 0.7)
+        r = CUBLAS.row_stats(tied, k=20)
+        want = torch.sort(dense_logits(tied), dim=1, descending=True, stable=True).indices[:, :20]
+        assert torch.equal(r.topk_indices, want)
+
+
+def test_row_stats_nonfinite_row_stays_in_its_row(small):
+    hd = head()
+    hidden = hd.hidden.clone()
+    hidden[2, 0] = math.nan
+    hidden[5, 1] = math.inf
+    r = CUBLAS.row_stats(Head(hidden, hd.weight, hd.bias, 0.7), k=5)
+    clean = [i for i in range(hd.rows) if i not in (2, 5)]
+    assert bool(r.lse[[2, 5]].isnan().all()) and bool(r.mean_logit[[2, 5]].isnan().all())
+    want = TORCH.row_stats(Head(hidden[clean], hd.weight, hd.bias, 0.7), k=5)
+    close(r.lse[clean], want.lse, 2e-6, "lse")
+    assert torch.equal(r.topk_indices[clean], want.topk_indices)
+
+
+def test_row_stats_wide_top_k_path(small, monkeypatch):
+    """k above the in-kernel top set: the block's keys ranked by torch, the same ids and tie rule."""
+    monkeypatch.setattr(cublas_row_stats, "MAX_K", 4)
+    hd = head()
+    hidden = hd.hidden.clone()
+    hidden[3] = 0.0  # ties on the bias grid
+    tied = Head(hidden, hd.weight, torch.round(hd.bias * 4) / 4, 0.7)
+    r = CUBLAS.row_stats(tied, k=37)
+    assert torch.equal(r.topk_indices, TORCH.row_stats(tied, k=37).topk_indices)
+
+
+def test_row_stats_float64_top_k_falls_back_exactly(small):
+    hd = head(dtype=F64)
+    assert torch.equal(CUBLAS.row_stats(hd, k=9).topk_indices, TORCH.row_stats(hd, k=9).topk_indices)
+
+
+def test_row_stats_empty_and_one_row(small):
+    r = CUBLAS.row_stats(head(n=0), k=3, targets=torch.empty(0, dtype=torch.int64))
+    assert r.lse.shape == (0,) and r.topk_indices.shape == (0, 3)
+    one = head(n=1)
+    close(CUBLAS.row_stats(one).lse, TORCH.row_stats(one).lse, 2e-6, "one row")
+
+
+# ----------------------------------------------------------------------------- backward sweeps
+
+
+def coefs_for(hd, seed=2, sparse=True):
+    g = torch.Generator().manual_seed(seed)
+    n, v = hd.rows, hd.vocab
+    stats = TORCH.row_stats(hd)
+    terms = ()
+    if sparse:  # two triples, a repeated id within a row, rows with no term, ids in any order
+        ids = torch.randint(0, v, (n, 4), generator=g)
+        ids[:, 1] = ids[:, 0]
+        rows = torch.arange(0, n, 2)
+        terms = (SparseTerms.every_row(ids, torch.randn(n, 4, generator=g)),
+                 SparseTerms(rows, torch.randint(0, v, (rows.numel(), 3), generator=g),
+                             torch.randn(rows.numel(), 3, generator=g)))
+    coefs = HeadGradCoefs(torch.randn(n, generator=g), torch.randn(n, generator=g), stats.mean_logit,
+                          torch.randint(0, v, (n,), generator=g), torch.randn(n, generator=g), terms)
+    return stats.lse, coefs
+
+
+@pytest.mark.parametrize("dtype,softcap,bias", [(F32, None, True), (F32, 2.0, False), (BF16, None, True),
+                                                (F64, 1.5, True)])
+def test_head_backward_against_torch(small, dtype, softcap, bias):
+    hd = head(dtype=dtype, softcap=softcap, bias=bias, scale=0.8)
+    lse, coefs = coefs_for(hd)
+    grads_close(CUBLAS.head_backward(hd, lse, coefs, ALL_GRADS), TORCH.head_backward(hd, lse, coefs, ALL_GRADS),
+                dtype)
+
+
+def test_head_backward_row_and_vocabulary_blocks(small, monkeypatch):
+    """More rows than a block holds: row blocks × vocabulary blocks, d weight accumulated over row blocks."""
+    monkeypatch.setattr(_blocks, "MIN_BLOCK_COLS", 150)
+    hd = head(n=13)
+    plan = _blocks.vocab_plan(13, 150, 4)
+    assert plan.rows < 13 and plan.cols == 150
+    lse, coefs = coefs_for(hd)
+    grads_close(CUBLAS.head_backward(hd, lse, coefs, ALL_GRADS), TORCH.head_backward(hd, lse, coefs, ALL_GRADS), F32)
+
+
+@pytest.mark.parametrize("needs", [GradNeeds(True, False, False), GradNeeds(False, True, True),
+                                   GradNeeds(False, False, False)])
+def test_head_backward_forms_only_what_is_needed(small, needs):
+    hd = head()
+    lse, coefs = coefs_for(hd, sparse=False)
+    with _work.counting() as log:
+        got = CUBLAS.head_backward(hd, lse, coefs, needs)
+    want = TORCH.head_backward(hd, lse, coefs, needs)
+    grads_close(got, want, F32)
+    want_gemms = ({"logits"} if needs.any else set()) | ({"grad_hidden"} if needs.hidden else set()) | (
+        {"grad_weight"} if needs.weight else set())
+    assert {g.name for g in log.gemms} == want_gemms
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_jsd_against_torch(small, beta):
+    student = head(softcap=3.0, scale=1.2)
+    teacher = head(h=31, seed=5, bias=False, scale=0.7)
+    got, want = CUBLAS.jsd_forward(student, teacher, beta), TORCH.jsd_forward(student, teacher, beta)
+    close(got.value, want.value, 2e-6, "value")
+    close(got.w_sum, want.w_sum, 2e-6, "w_sum")
+    grad = torch.randn(student.rows, generator=torch.Generator().manual_seed(3))
+    grads_close(CUBLAS.jsd_backward(student, teacher, beta, got, grad, ALL_GRADS),
+                TORCH.jsd_backward(student, teacher, beta, want, grad, ALL_GRADS), F32, f"β={beta}")
+
+
+def test_jsd_mixed_dtypes_and_given_lse(small):
+    student, teacher = head(dtype=BF16), head(h=31, seed=5, dtype=F32)
+    lse = TORCH.row_stats(student, lse_dtype=F64).lse
+    got = CUBLAS.jsd_forward(student, teacher, 0.3, lse=lse)
+    want = TORCH.jsd_forward(student, teacher, 0.3, lse=lse)
+    close(got.value, want.value, 2e-6, "value")
+    assert got.lse is lse
+
+
+# ----------------------------------------------------------------------------- one-sweep loss and gathers
+
+
+@pytest.fixture
+def three_rows(small, monkeypatch):
+    """Blocks of whole rows: 3 rows (9 rows: 3 blocks) with one side and its top-K scratch, or both sides."""
+    monkeypatch.setattr(config, "CUDA_BLOCK_BYTES", 3 * 150 * 8)
+
+
+@pytest.mark.parametrize("divergence", [DivergenceSpec(0.5), DivergenceSpec(0.0, 6, "union", True),
+                                        DivergenceSpec(1.0, 6, "teacher", False),
+                                        DivergenceSpec(0.5, 6, "student", True)],
+                         ids=["full", "union", "teacher", "student"])
+def test_fused_loss_against_torch(three_rows, divergence):
+    student, teacher = head(softcap=2.0), head(h=31, seed=5)
+    weights = torch.randn(student.rows, generator=torch.Generator().manual_seed(8))
+    value, grads = CUBLAS.fused_loss(student, teacher, divergence, weights, ALL_GRADS)
+    want_value, want_grads = TORCH.fused_loss(student, teacher, divergence, weights, ALL_GRADS)
+    close(value, want_value, 2e-6, "value")
+    grads_close(grads, want_grads, F32)
+
+
+@pytest.mark.parametrize("dtype,k", [(F64, 6), (F32, 9)])
+def test_fused_loss_top_k_ranked_by_torch(three_rows, monkeypatch, dtype, k):
+    """float64 logits, or k above the kernel's top set: the student's top-k of a block ranked by torch."""
+    from ptd_kernels.backends.cublas import fused_loss as module
+
+    monkeypatch.setattr(module, "MAX_K", 8)
+    student, teacher = head(dtype=dtype), head(h=31, seed=5, dtype=dtype)
+    weights = torch.ones(student.rows, dtype=dtype)
+    divergence = DivergenceSpec(0.5, k, "union", True)
+    value, grads = CUBLAS.fused_loss(student, teacher, divergence, weights, ALL_GRADS)
+    want_value, want_grads = TORCH.fused_loss(student, teacher, divergence, weights, ALL_GRADS)
+    close(value, want_value, 1e-12 if dtype == F64 else 2e-6, "value")
+    grads_close(grads, want_grads, dtype)
+
+
+def test_fused_loss_without_gradients_launches_no_gradient_work(three_rows):
+    student, teacher = head(), head(h=31, seed=5)
+    with _work.counting() as log:
+        value, grads = CUBLAS.fused_loss(student, teacher, DivergenceSpec(0.5, 6), torch.ones(9),
+                                         GradNeeds(False, False, False))
+    assert {g.name for g in log.gemms} == {"logits"} and not any(r.name == "head_grad" for r in log.launches)
+    close(value, TORCH.fused_loss(student, teacher, DivergenceSpec(0.5, 6), torch.ones(9),
+                                  GradNeeds(False, False, False))[0], 2e-6, "value")
+
+
+def test_gather_logits(small):
+    hd = head(softcap=2.0, dtype=BF16)
+    ids = torch.randint(0, hd.vocab, (hd.rows, 11), generator=torch.Generator().manual_seed(6))
+    for dtype in (F32, F64):
+        close(CUBLAS.gather_logits(hd, ids, dtype), dense_logits(hd).gather(1, ids), 2e-6, f"gather {dtype}")
+
+
+# ----------------------------------------------------------------------------- work and memory
+
+
+def test_gemm_work_per_form_is_the_floor_and_memory_the_budget(monkeypatch):
+    """Counted at the target shape on meta tensors (N = 8192, H = 4096, V = 151936, K = 100, bf16): logits-GEMM
+    equivalents per op — log-prob + entropy 4, teacher top-K 1, Top-K JSD / PTD terms 5, per-row full JSD 6,
+    the loss functions 4 — and working memory within 1 GiB at the default budget, about half at half of it
+    (nothing else grows with N·V)."""
+    works = statement.count()
+    assert [round(w.gemm_equivalents, 6) for w in works] == [4, 1, 5, 6, 4, 4]
+    assert all(w.working_gib <= 1.0 for w in works), [(w.op, w.working_gib) for w in works]
+    monkeypatch.setattr(config, "CUDA_BLOCK_BYTES", config.CUDA_BLOCK_BYTES // 2)
+    for full, half in zip(works, statement.count()):
+        assert half.working_gib <= 0.55 * full.working_gib + 0.05, (full.op, half.working_gib, full.working_gib)
+
+
+def test_fused_loss_pays_only_with_enough_rows_per_block(monkeypatch):
+    hd = head(v=151936, n=1, h=8)
+    assert fused_loss.fused_loss_pays(hd)
+    monkeypatch.setattr(config, "CUDA_BLOCK_BYTES", 64 << 20)
+    assert not fused_loss.fused_loss_pays(hd)
+
+
+def test_cublas_needs_cuda_tensors_without_the_interpreter(monkeypatch):
+    monkeypatch.setattr(selection, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="backend='cublas' needs CUDA tensors"):
+        selection.select_backend("cublas", torch.zeros(2, 3))
