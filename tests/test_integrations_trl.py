@@ -169,7 +169,7 @@ def test_bad_options_are_refused(qwen3, teacher):
     grpo = _grpo(qwen3, text_rows(4))
     with pytest.raises(ValueError, match="topk applies to DistillationTrainer"):
         use_ptd_kernels(grpo, topk=4)
-    with pytest.raises(TypeError, match="GRPOTrainer and trl.DistillationTrainer"):
+    with pytest.raises(TypeError, match="GRPOTrainer, trl.DistillationTrainer and trl.experimental"):
         use_ptd_kernels(object())
     distillation = _distillation(qwen3, teacher, 0.5)
     with pytest.raises(ValueError, match="topk must be"):
