@@ -149,7 +149,8 @@ class PTDGRPOTrainer(GRPOTrainer):
             # instance-level forwards (TRL's fused head, its fp32 head cast) close over the original modules
             module.__dict__.pop("forward", None)
         teacher.requires_grad_(False).eval()
-        add_ptd_head(teacher, temperature=self.temperature, flag="fused_lm_head", with_entropy=False)
+        add_ptd_head(teacher, temperature=self.temperature, flag="fused_lm_head", with_entropy=False,
+                     fp32_head=self.args.cast_lm_head_to_fp32)
         if self.is_fsdp_enabled:
             from trl.models.utils import prepare_fsdp
 

@@ -266,6 +266,17 @@ def test_async_fixed_batch_equals_stock(monkeypatch, qwen3, beta, tail, teacher_
         assert value == pytest.approx(stock_metrics[key], rel=1e-5, abs=1e-7), key
 
 
+def test_async_head_is_float32_under_bf16(monkeypatch, qwen3):
+    """TRL's async trainer computes the student's logits in float32 whatever the mixed precision; so does
+    ptd (a bfloat16 head would fail this check)."""
+    trainer = _async(monkeypatch, qwen3, CannedTeacher(_vocab(qwen3)), bf16=True)
+    inputs = _async_batch(trainer)
+    with torch.no_grad():
+        stock = trainer.compute_loss(trainer.model, inputs)
+        use_ptd_kernels(trainer)
+        torch.testing.assert_close(trainer.compute_loss(trainer.model, inputs), stock, rtol=1e-5, atol=1e-7)
+
+
 def test_async_softcapped_model_equals_stock(monkeypatch, gemma2):
     trainer = _async(monkeypatch, gemma2, CannedTeacher(_vocab(gemma2)), beta=0.5)
     inputs = _async_batch(trainer)

@@ -6,7 +6,9 @@
 - ``GRPOTrainer`` (and subclasses, e.g. ``ptd_train.trl.PTDGRPOTrainer``): the per-token
   log-probs and entropy of the policy, and the log-probs of the reference model. TRL calls
   ``model(..., labels=labels, fused_lm_head=True)``; the policy's and the reference's
-  ``forward`` (instance attributes) answer that call through ptd from then on.
+  ``forward`` (instance attributes) answer that call through ptd from then on, with the
+  trainer's temperature and, under ``cast_lm_head_to_fp32``, a float32 output layer outside
+  autocast, as TRL's own head computes it.
 - ``ServerDistillationTrainer`` and ``AsyncDistillationTrainer`` (``trl.experimental``; the teacher
   behind a vLLM server): the student's side of TRL's served-teacher divergence, its log-probs at the
   teacher's candidate ids from one fused sweep, the divergence on those few atoms with TRL's own
@@ -153,10 +155,13 @@ def _policy_module(trainer):
 def _use_on_grpo(trainer) -> None:
     if getattr(trainer, "_ptd_kernels_on", False):
         return
-    add_ptd_head(_policy_module(trainer), temperature=trainer.temperature, flag="fused_lm_head", with_entropy=True)
+    # cast_lm_head_to_fp32: TRL casts the head's weight to float32 and runs its GEMM in float32 outside autocast
+    fp32_head = bool(getattr(trainer.args, "cast_lm_head_to_fp32", False))
+    add_ptd_head(_policy_module(trainer), temperature=trainer.temperature, flag="fused_lm_head", with_entropy=True,
+                 fp32_head=fp32_head)
     if trainer.ref_model is not None:
         add_ptd_head(trainer.accelerator.unwrap_model(trainer.ref_model), temperature=trainer.temperature,
-                     flag="fused_lm_head", with_entropy=False)
+                     flag="fused_lm_head", with_entropy=False, fp32_head=fp32_head)
     trainer._ptd_kernels_on = True
 
 
