@@ -73,9 +73,9 @@ def _assert_same(stock, through_ptd, *, rtol=1e-5):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.05])
-def test_grpo_fixed_batch_equals_stock(qwen3, beta):
-    trainer = _grpo(qwen3, text_rows(4), beta=beta)
+@pytest.mark.parametrize(("beta", "temperature"), [(0.0, 1.0), (0.05, 0.7)])
+def test_grpo_fixed_batch_equals_stock(qwen3, beta, temperature):
+    trainer = _grpo(qwen3, text_rows(4), beta=beta, temperature=temperature)
     inputs = _fixed_batch(trainer)
     assert ("ref_per_token_logps" in inputs) == (beta > 0)
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
@@ -121,15 +121,15 @@ def test_grpo_training_equals_stock(qwen3):
     torch.testing.assert_close(params_b, params_a, rtol=0, atol=2e-4)  # Adam steps of 1e-2 each
 
 
-def _distillation(student, teacher, beta, rows=None):
-    args = trl.DistillationConfig(**_common(beta=beta))
+def _distillation(student, teacher, beta, rows=None, **overrides):
+    args = trl.DistillationConfig(**_common(beta=beta, **overrides))
     return trl.DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                    train_dataset=Dataset.from_list(rows or text_rows(4)))
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_distillation_fixed_batch_equals_stock(qwen3, teacher, beta):
-    trainer = _distillation(qwen3, teacher, beta)
+@pytest.mark.parametrize(("beta", "temperature"), [(0.0, 1.0), (0.5, 0.7), (1.0, 1.0)])
+def test_distillation_fixed_batch_equals_stock(qwen3, teacher, beta, temperature):
+    trainer = _distillation(qwen3, teacher, beta, temperature=temperature)
     inputs = _fixed_batch(trainer)
     stock = _loss_and_grads(trainer, inputs)
     stock_entropy = trainer._metrics["train"]["entropy"][-1]
