@@ -38,14 +38,16 @@ from accelerate.utils import is_peft_model
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational, prepare_multimodal_messages
 
+from ptd_kernels._validate import SUPPORTS
 from ptd_kernels.integrations.hf import PTDTeacher, add_ptd_head, output_layer
 from ptd_kernels.integrations.trl import check_trl_version, use_ptd_kernels
 
+from .grpo import ptd_groups, ptd_set, ptd_term
 from .hints import check_hint
+from .prompts import left_pad
 
 __all__ = ["PTDGRPOConfig", "PTDGRPOTrainer"]
 
-_SUPPORTS = ("union", "teacher", "student")
 # multimodal inputs that depend on the images only, so the teacher reuses the student's
 _IMAGE_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                "image_position_ids")
@@ -79,8 +81,8 @@ class PTDGRPOConfig(GRPOConfig):
             raise ValueError(f"ptd_k must be an int ≥ 1, got {self.ptd_k!r}")
         if not (0.0 <= self.ptd_beta <= 1.0):
             raise ValueError(f"ptd_beta must lie in [0, 1], got {self.ptd_beta!r}")
-        if self.ptd_support not in _SUPPORTS:
-            raise ValueError(f"ptd_support must be one of {_SUPPORTS}, got {self.ptd_support!r}")
+        if self.ptd_support not in SUPPORTS:
+            raise ValueError(f"ptd_support must be one of {SUPPORTS}, got {self.ptd_support!r}")
         if not self.hint_column:
             raise ValueError("hint_column must name a dataset column")
 
@@ -237,12 +239,12 @@ class PTDGRPOTrainer(GRPOTrainer):
             keep = [[True] * len(row) for row in ids]
         device = student_prompt_ids.device
         out = {}
-        out["ptd_teacher_prompt_ids"], out["ptd_teacher_prompt_mask"] = _left_pad(
+        out["ptd_teacher_prompt_ids"], out["ptd_teacher_prompt_mask"] = left_pad(
             [[t for t, k in zip(r, m) if k] for r, m in zip(ids, keep)], self._tokenizer.pad_token_id, device)
         for key in _TOKEN_TYPE_KEYS:
             if key in encoded:
                 rows = [[int(t) for t, k in zip(r, m) if k] for r, m in zip(encoded[key], keep)]
-                out[f"ptd_teacher_{key}"] = _left_pad(rows, 0, device)[0]
+                out[f"ptd_teacher_{key}"] = left_pad(rows, 0, device)[0]
         image_token = self._image_pad_token_id
         if images is not None and image_token is not None:
             teacher_count = (out["ptd_teacher_prompt_ids"] == image_token).sum(1)
@@ -274,12 +276,15 @@ class PTDGRPOTrainer(GRPOTrainer):
         weights = self.reward_weights.to(rewards_per_func.device)
         rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
         rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never in F
-        group_mean = torch.nanmean(rewards.view(-1, group_size), dim=1).repeat_interleave(group_size)
+        # every process's rollouts grouped [prompts, G]; the hints are known for this process's rows only, and
+        # a prompt's hint is the same in all its rows: a group has one if its rows here have one (the groups with
+        # no row here are not used)
         local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
-        rewards, group_mean = rewards[local].to(device), group_mean[local].to(device)
-        has_hint = torch.tensor([h is not None for h in hints], device=device)
-        ptd_group = has_hint & (group_mean < self.args.ptd_threshold)
-        ptd_rollout = ptd_group & (rewards < 1.0)
+        has_hint = torch.ones(rewards.shape[0], dtype=torch.bool, device=device)
+        has_hint[local] = torch.tensor([h is not None for h in hints], device=device)
+        grouped, group_hint = rewards.to(device).view(-1, group_size), has_hint.view(-1, group_size).all(dim=1)
+        ptd_group = ptd_groups(grouped, group_hint, self.args.ptd_threshold).repeat_interleave(group_size)[local]
+        ptd_rollout = ptd_set(grouped, group_hint, self.args.ptd_threshold).reshape(-1)[local]
         loss_mask = output["completion_mask"] if "tool_mask" not in output else output["completion_mask"] * output[
             "tool_mask"]
         local_stats = torch.stack([ptd_rollout.sum(), (loss_mask * ptd_rollout[:, None]).sum()]).float()
@@ -380,7 +385,7 @@ class PTDGRPOTrainer(GRPOTrainer):
             denominator = inputs["ptd_num_tokens"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 denominator = denominator * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            loss = loss + self.ptd_coef * (pending.jsd * f_mask).sum() / denominator
+            loss = loss + self.ptd_coef * ptd_term(pending.jsd, loss_mask, rows, denominator)
             sums = torch.stack([(pending.jsd.detach() * f_mask).sum(), (pending.overlap * f_mask).sum(),
                                 (pending.teacher_mass * f_mask).sum(), f_mask.sum()])
         else:
@@ -391,13 +396,3 @@ class PTDGRPOTrainer(GRPOTrainer):
                 self._metrics[mode][name].append(value)
         return loss
 
-
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)

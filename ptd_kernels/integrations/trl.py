@@ -43,6 +43,7 @@ from accelerate.utils import is_peft_model
 from packaging.version import Version
 
 import ptd_kernels as ptd
+from ptd_kernels._validate import SUPPORTS
 
 from . import trl_served
 from .hf import add_ptd_head, output_layer, run_as_forward
@@ -178,8 +179,8 @@ class _Divergence:
 def _use_on_distillation(trainer, topk, support, tail) -> None:
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
         raise ValueError(f"topk must be a positive int or None, got {topk!r}")
-    if support not in ("union", "teacher", "student"):
-        raise ValueError(f"support must be 'union', 'teacher' or 'student', got {support!r}")
+    if support not in SUPPORTS:
+        raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
     if getattr(trainer, "teacher_model", None) is None:
         raise ValueError("this DistillationTrainer has no teacher_model (a server teacher has no output layer to fuse)")
     options = _Divergence(topk, support, bool(tail))
