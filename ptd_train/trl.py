@@ -9,7 +9,12 @@ for rows without one). Per rollout batch:
 2. the teacher — the frozen initial policy (TRL's reference model when ``beta > 0``, else a
    frozen copy of the policy taken at construction) — reads the prompt with the hint appended
    through the processor's chat template (same images), teacher-forced on the student's
-   completion; only F's sequences are needed (for a VLM batch, the whole micro-batch runs);
+   completion; only F's sequences are needed (for a VLM batch, the whole micro-batch runs).
+   With ``ptd_teacher_server_url`` the teacher is served instead (no local copy): a vLLM server
+   holding the initial checkpoint returns the top-K of F's hinted sequences once per generation
+   batch (``ptd_train.teacher_server``; TRL's ``VLLMClient``, or any object with its
+   ``get_sequence_logprobs`` set as ``trainer.ptd_teacher_client``), and the JSD is the sparse
+   teacher's (support "teacher", ``ptd_kernels.linear_sparse_jsd``);
 3. one ptd sweep per side (``ptd_kernels.linear_ptd_terms``) gives the policy's log-probs and
    entropy — which TRL's loss then uses — and the Top-K JSD, overlap and teacher mass;
 4. loss = TRL's GRPO loss (its ``loss_type``, clipping, KL) + ``ptd_coef`` · Σ_F D_K / Σ_F |y|,
@@ -39,12 +44,13 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational, prepare_multimodal_messages
 
 from ptd_kernels._validate import SUPPORTS
-from ptd_kernels.integrations.hf import PTDTeacher, add_ptd_head, output_layer
+from ptd_kernels.integrations.hf import PTDSparseTeacher, PTDTeacher, add_ptd_head, output_layer
 from ptd_kernels.integrations.trl import check_trl_version, use_ptd_kernels
 
 from .grpo import ptd_groups, ptd_set, ptd_term
 from .hints import check_hint
 from .prompts import left_pad
+from .teacher_server import served_topk
 
 __all__ = ["PTDGRPOConfig", "PTDGRPOTrainer"]
 
@@ -68,6 +74,9 @@ class PTDGRPOConfig(GRPOConfig):
         default=1.0, metadata={"help": "Groups whose mean reward is below this get PTD (failed rollouts only)."})
     ptd_drop_ref_kl: bool = field(default=True, metadata={"help": "No reference-KL term for members of PTD groups."})
     hint_column: str = field(default="hint", metadata={"help": "Dataset column of the privileged hint (None = none)."})
+    ptd_teacher_server_url: str | None = field(
+        default=None, metadata={"help": "Base URL of a vLLM server holding the initial policy: the hinted teacher's "
+                                        "top-K comes from it (no local teacher copy; ptd_support must be 'teacher')."})
     ptd_answer_column: str | None = field(
         default="answer", metadata={"help": "Dataset column the zero-spoiler check compares each hint with."})
     ptd_allow_answer_leak: bool = field(
@@ -85,6 +94,11 @@ class PTDGRPOConfig(GRPOConfig):
             raise ValueError(f"ptd_support must be one of {SUPPORTS}, got {self.ptd_support!r}")
         if not self.hint_column:
             raise ValueError("hint_column must name a dataset column")
+        if self.ptd_teacher_server_url and self.ptd_support != "teacher":
+            raise ValueError(
+                f"ptd_support={self.ptd_support!r} with a teacher server: 'union' and 'student' need the teacher's "
+                "log-probs at the student's top-K ids, which a vLLM server does not return (its prompt_logprobs give "
+                "its own top-k and the actual token); set ptd_support='teacher'")
 
 
 @dataclass
@@ -92,7 +106,7 @@ class _PendingStep:
     """What one ``_compute_loss`` call hands to the log-prob call inside TRL's loss."""
 
     batch: dict
-    teacher: PTDTeacher | None
+    teacher: PTDTeacher | PTDSparseTeacher | None
     ptd_group: torch.Tensor
     consumed: bool = False
     jsd: torch.Tensor | None = None
@@ -129,7 +143,16 @@ class PTDGRPOTrainer(GRPOTrainer):
         self._ptd_pending: _PendingStep | None = None
         self._ptd_rewards_per_func = None
         self._ptd_checked_hints: set = set()
-        self.ptd_teacher_model = self._build_teacher() if self.ptd_coef > 0 else None
+        self._ptd_enabled = self.ptd_coef > 0
+        #: the served teacher (ptd_train.teacher_server.TeacherServer), or None: a local frozen copy
+        self.ptd_teacher_client = None
+        if self._ptd_enabled and self.args.ptd_teacher_server_url:
+            from trl.generation.vllm_client import VLLMClient
+
+            self.ptd_teacher_client = VLLMClient(base_url=self.args.ptd_teacher_server_url,
+                                                 connection_timeout=self.args.vllm_server_timeout)
+        served = self.ptd_teacher_client is not None
+        self.ptd_teacher_model = self._build_teacher() if self._ptd_enabled and not served else None
 
     # ------------------------------------------------------------------ set-up
 
@@ -262,7 +285,7 @@ class PTDGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        if self.ptd_teacher_model is None:
+        if not self._ptd_enabled:
             return super()._generate_and_score_completions(inputs)
         hints = self._checked_hints(inputs)
         self._ptd_rewards_per_func = None
@@ -292,7 +315,33 @@ class PTDGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["ptd/rollouts"].append(global_stats[0].item())
         output.update(ptd_rollout=ptd_rollout, ptd_group=ptd_group, ptd_num_tokens=global_stats[1])
         output.update(self._teacher_prompts(inputs, hints, output["prompt_ids"], output["prompt_mask"]))
+        if self.ptd_teacher_client is not None:
+            output.update(self._served_teacher(inputs, output, ptd_rollout))
         return output
+
+    def _served_teacher(self, inputs, output, ptd_rollout) -> dict:
+        """The served teacher's top-K on F's hinted sequences: [B, C, K] ids and log-probs (once per
+        generation batch; the micro-batches and iterations reuse them)."""
+        rows = ptd_rollout.nonzero().squeeze(-1).tolist()
+        prompt_ids, prompt_mask = output["ptd_teacher_prompt_ids"], output["ptd_teacher_prompt_mask"].bool()
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"].bool()
+        sequences = [prompt_ids[r][prompt_mask[r]].tolist() + completion_ids[r][completion_mask[r]].tolist()
+                     for r in rows]
+        prompt_lengths = [int(prompt_mask[r].sum()) for r in rows]
+        images = None
+        if "images" in inputs[0] or "image" in inputs[0]:
+            images = [inputs[r].get("images") or ([inputs[r]["image"]] if inputs[r].get("image") is not None
+                                                  else None) for r in rows]
+            images = images if any(images) else None
+        vocab = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+        indices, logprobs = served_topk(self.ptd_teacher_client, sequences, prompt_lengths,
+                                        min(self.args.ptd_k, vocab), self.temperature, completion_ids.shape[1],
+                                        completion_ids.device, images=images)
+        full_indices = torch.arange(indices.shape[-1], device=indices.device).expand(
+            completion_ids.shape[0], completion_ids.shape[1], indices.shape[-1]).clone()
+        full_logprobs = torch.full(full_indices.shape, float("-inf"), device=indices.device)
+        full_indices[rows], full_logprobs[rows] = indices, logprobs
+        return {"ptd_teacher_topk_ids": full_indices, "ptd_teacher_topk_logprobs": full_logprobs}
 
     # ------------------------------------------------------------------ loss
 
@@ -358,13 +407,20 @@ class PTDGRPOTrainer(GRPOTrainer):
         return logps, entropies, None
 
     def _compute_loss(self, model, inputs):
-        if self.ptd_teacher_model is None or "ptd_rollout" not in inputs:
+        if not self._ptd_enabled or "ptd_rollout" not in inputs:
             return super()._compute_loss(model, inputs)
         rows = inputs["ptd_rollout"]
-        needs_teacher = rows.any()
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # a sharded teacher runs on every rank or none
-            needs_teacher = self.accelerator.reduce(needs_teacher.float(), reduction="sum") > 0
-        teacher = self._teacher_states(inputs, rows) if bool(needs_teacher) else None
+        if "ptd_teacher_topk_ids" in inputs:  # served: the teacher's top-K came with the rollouts
+            teacher = None
+            if bool(rows.any()):
+                teacher = PTDSparseTeacher(indices=inputs["ptd_teacher_topk_ids"],
+                                           logprobs=inputs["ptd_teacher_topk_logprobs"], rows=rows,
+                                           beta=self.args.ptd_beta, tail=self.args.ptd_tail)
+        else:
+            needs_teacher = rows.any()
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # a sharded teacher runs on every rank or none
+                needs_teacher = self.accelerator.reduce(needs_teacher.float(), reduction="sum") > 0
+            teacher = self._teacher_states(inputs, rows) if bool(needs_teacher) else None
         # TRL's loss reads this shallow copy; the buffered batch (reused when num_iterations > 1) is never changed
         pending = _PendingStep(batch=dict(inputs), teacher=teacher, ptd_group=inputs["ptd_group"])
         self._ptd_pending = pending

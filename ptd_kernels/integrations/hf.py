@@ -44,6 +44,7 @@ __all__ = [
     "ptd_lm_forward",
     "remove_ptd_head",
     "run_as_forward",
+    "sparse_teacher_terms",
 ]
 
 _TRANSFORMERS_5 = Version(transformers.__version__) >= Version("5.0.0")
@@ -299,21 +300,26 @@ def _teacher_rows(teacher, label_mask: torch.Tensor, device) -> tuple[tuple[torc
     return aligned, jsd_mask
 
 
-def _sparse_teacher_terms(rows, weight, targets, teacher_indices, teacher_logprobs, jsd_mask, teacher, common):
-    """(logp, entropy, jsd, overlap, teacher mass) against a served teacher: the log-probs and entropy
-    from one sweep, the sparse JSD, the student's top-K (overlap; no gradient) on the JSD rows only."""
-    logp, entropy = ptd.linear_logprobs(rows, weight, targets, with_entropy=True, **common)
-    chosen = jsd_mask.nonzero().squeeze(-1)
+def sparse_teacher_terms(rows, weight, targets, teacher_indices, teacher_logprobs, jsd_mask, *, beta=0.5, tail=True,
+                         bias=None, **kwargs):
+    """(logp, entropy, jsd, overlap, teacher mass) per row [n] against a served teacher's top-K
+    (``teacher_indices``, ``teacher_logprobs`` [n, K]): log-probs and entropy from one
+    ``linear_logprobs`` sweep; on the rows of ``jsd_mask`` whose target is not ``ignore_index`` only,
+    ``linear_sparse_jsd`` (support: the teacher's ids), the overlap with the student's top-K (no
+    gradient) and Σ_S q; 0 on the other rows.
+    ``kwargs``: ``temperature``, ``ignore_index``, ``logit_scale``, ``softcap``, ``backend``.
+    """
+    logp, entropy = ptd.linear_logprobs(rows, weight, targets, bias=bias, with_entropy=True, **kwargs)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    chosen = (jsd_mask & (targets != ignore_index)).nonzero().squeeze(-1)
     ids, logprobs = teacher_indices[chosen], teacher_logprobs[chosen].float()
     jsd = overlap = mass = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
     if chosen.numel():
-        part = ptd.linear_sparse_jsd(rows[chosen], weight, ids, logprobs, beta=teacher.beta, tail=teacher.tail,
-                                     **common)
+        part = ptd.linear_sparse_jsd(rows[chosen], weight, ids, logprobs, beta=beta, tail=tail, bias=bias, **kwargs)
         jsd = jsd.index_put((chosen,), part)
         with torch.no_grad():
             student_top = ptd.linear_topk(rows[chosen].detach(), weight.detach(), ids.shape[1],
-                                          bias=None if common["bias"] is None else common["bias"].detach(),
-                                          **{k: v for k, v in common.items() if k != "bias"})
+                                          bias=None if bias is None else bias.detach(), **kwargs)
             overlap = overlap.index_put((chosen,), ptd.topk_overlap(student_top.indices, ids))
             mass = mass.index_put((chosen,), logprobs.exp().sum(-1))
     return logp, entropy, jsd, overlap, mass
@@ -375,7 +381,8 @@ def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: fl
             rows = rows.to(weight.dtype)
         common = dict(bias=bias, temperature=temperature, **layer.kernel_kwargs())
         if isinstance(teacher, PTDSparseTeacher):
-            return _sparse_teacher_terms(rows, weight, row_targets, *teacher_rows, jsd_mask, teacher, common)
+            return sparse_teacher_terms(rows, weight, row_targets, *teacher_rows, jsd_mask, beta=teacher.beta,
+                                        tail=teacher.tail, **common)
         if teacher is None:
             if with_entropy:
                 return (*ptd.linear_logprobs(rows, weight, row_targets, with_entropy=True, **common),
