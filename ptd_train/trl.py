@@ -322,6 +322,9 @@ class PTDGRPOTrainer(GRPOTrainer):
     def _served_teacher(self, inputs, output, ptd_rollout) -> dict:
         """The served teacher's top-K on F's hinted sequences: [B, C, K] ids and log-probs (once per
         generation batch; the micro-batches and iterations reuse them)."""
+        if self.args.ptd_support != "teacher":
+            raise ValueError(f"ptd_support={self.args.ptd_support!r} with a teacher client: a served teacher gives its "
+                             "own top-K only; set ptd_support='teacher'")
         rows = ptd_rollout.nonzero().squeeze(-1).tolist()
         prompt_ids, prompt_mask = output["ptd_teacher_prompt_ids"], output["ptd_teacher_prompt_mask"].bool()
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"].bool()
