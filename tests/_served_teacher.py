@@ -13,6 +13,8 @@ is then active); ``short`` — previous tokens after which fewer than k candidat
 
 from __future__ import annotations
 
+import queue
+
 import numpy as np
 import torch
 
@@ -64,3 +66,63 @@ class CannedTeacher:
             ids[position, :len(row_ids)] = row_ids
             logprobs[position, :len(row_logprobs)] = row_logprobs
         return ids, logprobs
+
+
+class RolloutWorker:
+    """TRL's async rollout-worker protocol fed from a :class:`CannedTeacher`: deterministic rollouts (random
+    completions of the dataset's prompts) with the candidates TRL's worker would store, ``per_sync`` of
+    them queued at the start and at each weight sync."""
+
+    def __init__(self, tokenizer, rows, teacher, top_k, temperature, per_sync):
+        self.rollout_buffer, self.metrics_queue = queue.Queue(), queue.Queue()
+        self.tokenizer, self.rows, self.teacher, self.top_k = tokenizer, rows, teacher, top_k
+        self.temperature, self.per_sync, self.count = temperature, per_sync, 0
+
+    def _fill(self):
+        from trl.experimental.async_distillation.async_rollout_worker import RolloutSample
+
+        for _ in range(self.per_sync):
+            row = self.rows[self.count % len(self.rows)]
+            generator = torch.Generator().manual_seed(self.count)
+            prompt = list(self.tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True,
+                                                             return_dict=False))
+            completion = torch.randint(3, len(self.tokenizer), (2 + self.count % 5,), generator=generator).tolist()
+            sequence = prompt + completion
+            ids, logprobs = self.teacher.candidates(sequence, len(prompt), self.top_k, self.temperature)
+            self.rollout_buffer.put(RolloutSample(
+                prompt=row["prompt"], completion=None, input_ids=np.array(sequence),
+                completion_mask=np.array([0] * len(prompt) + [1] * len(completion)), teacher_topk_ids=ids,
+                teacher_topk_logprobs=logprobs, model_version=0, teacher_id="default", prompt_id=self.count,
+                metrics={}))
+            self.count += 1
+
+    def start(self):
+        self._fill()
+
+    def update_model_version(self, version):
+        self._fill()
+
+    def stop(self):
+        pass
+
+    def check_health(self, stale_after_s):
+        pass
+
+
+class WeightTransfer:
+    """TRL's weight-transfer protocol, doing nothing (there is no student vLLM server)."""
+    def init_weight_transfer(self):
+        pass
+
+    def pause(self):
+        pass
+
+    def send_weights(self, iterator):
+        for _ in iterator:
+            pass
+
+    def resume(self):
+        pass
+
+    def destroy(self):
+        pass

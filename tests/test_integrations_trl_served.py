@@ -5,15 +5,13 @@ tokens×vocabulary tensor on ptd's path."""
 
 from __future__ import annotations
 
-import queue
 import tempfile
 
-import numpy as np
 import pytest
 import torch
 
 trl = pytest.importorskip("trl")
-from _served_teacher import CannedTeacher  # noqa: E402
+from _served_teacher import CannedTeacher, RolloutWorker, WeightTransfer  # noqa: E402
 from _tiny_hf import flat_params, save_tiny_gemma2, save_tiny_qwen3, text_rows  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -25,7 +23,6 @@ from ptd_kernels.integrations.trl import use_ptd_kernels  # noqa: E402
 server_distillation = pytest.importorskip("trl.experimental.server_distillation")
 async_distillation = pytest.importorskip("trl.experimental.async_distillation")
 from trl.experimental.async_distillation import async_distillation_trainer as async_module  # noqa: E402
-from trl.experimental.async_distillation.async_rollout_worker import RolloutSample  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,62 +160,6 @@ def _confident_positions(inputs, teacher) -> int:
 # ----------------------------------------------------------------------------- AsyncDistillationTrainer
 
 
-class _RolloutWorker:
-    """TRL's rollout-worker protocol fed from the stand-in teacher: deterministic rollouts (random
-    completions of the dataset's prompts) with the candidates TRL's worker would store."""
-
-    def __init__(self, tokenizer, rows, teacher, top_k, temperature, per_sync):
-        self.rollout_buffer, self.metrics_queue = queue.Queue(), queue.Queue()
-        self.tokenizer, self.rows, self.teacher, self.top_k = tokenizer, rows, teacher, top_k
-        self.temperature, self.per_sync, self.count = temperature, per_sync, 0
-
-    def _fill(self):
-        for _ in range(self.per_sync):
-            row = self.rows[self.count % len(self.rows)]
-            generator = torch.Generator().manual_seed(self.count)
-            prompt = list(self.tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True,
-                                                             return_dict=False))
-            completion = torch.randint(3, len(self.tokenizer), (2 + self.count % 5,), generator=generator).tolist()
-            sequence = prompt + completion
-            ids, logprobs = self.teacher.candidates(sequence, len(prompt), self.top_k, self.temperature)
-            self.rollout_buffer.put(RolloutSample(
-                prompt=row["prompt"], completion=None, input_ids=np.array(sequence),
-                completion_mask=np.array([0] * len(prompt) + [1] * len(completion)), teacher_topk_ids=ids,
-                teacher_topk_logprobs=logprobs, model_version=0, teacher_id="default", prompt_id=self.count,
-                metrics={}))
-            self.count += 1
-
-    def start(self):
-        self._fill()
-
-    def update_model_version(self, version):
-        self._fill()
-
-    def stop(self):
-        pass
-
-    def check_health(self, stale_after_s):
-        pass
-
-
-class _WeightTransfer:
-    def init_weight_transfer(self):
-        pass
-
-    def pause(self):
-        pass
-
-    def send_weights(self, iterator):
-        for _ in iterator:
-            pass
-
-    def resume(self):
-        pass
-
-    def destroy(self):
-        pass
-
-
 def _async(monkeypatch, model, teacher, rows=None, **overrides):
     """An AsyncDistillationTrainer on CPU: TRL reads the GPU's name for its MFU metric and builds a client
     of the student's vLLM server in its constructor; both are stubbed, as is the rollout worker."""
@@ -231,11 +172,11 @@ def _async(monkeypatch, model, teacher, rows=None, **overrides):
     tokenizer = AutoTokenizer.from_pretrained(model)
     rows = rows or text_rows(6)
     # the dataloader reads one batch ahead: each weight sync queues enough for a few batches
-    worker = _RolloutWorker(tokenizer, rows, teacher, args.teacher_top_k, args.teacher_temperature,
+    worker = RolloutWorker(tokenizer, rows, teacher, args.teacher_top_k, args.teacher_temperature,
                             per_sync=3 * args.per_device_train_batch_size)
     return async_distillation.AsyncDistillationTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                                        processing_class=tokenizer, rollout_worker=worker,
-                                                       weight_transfer=_WeightTransfer())
+                                                       weight_transfer=WeightTransfer())
 
 
 def _async_batch(trainer):
