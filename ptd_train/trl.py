@@ -50,7 +50,7 @@ from ptd_kernels.integrations.trl import check_trl_version, use_ptd_kernels
 from .grpo import ptd_groups, ptd_set, ptd_term
 from .hints import check_hint
 from .prompts import left_pad
-from .teacher_server import served_topk
+from .teacher_server import accepts_images, served_topk
 
 __all__ = ["PTDGRPOConfig", "PTDGRPOTrainer"]
 
@@ -146,24 +146,34 @@ class PTDGRPOTrainer(GRPOTrainer):
         self._ptd_enabled = self.ptd_coef > 0
         #: the served teacher (ptd_train.teacher_server.TeacherServer), or None: a local frozen copy
         self.ptd_teacher_client = None
+        if self._ptd_enabled:
+            self._check_supported()
         if self._ptd_enabled and self.args.ptd_teacher_server_url:
             from trl.generation.vllm_client import VLLMClient
 
             self.ptd_teacher_client = VLLMClient(base_url=self.args.ptd_teacher_server_url,
                                                  connection_timeout=self.args.vllm_server_timeout)
+            if self._is_vlm and not accepts_images(self.ptd_teacher_client):
+                raise NotImplementedError(
+                    f"{type(self.ptd_teacher_client).__name__}.get_sequence_logprobs sends token ids only, and this "
+                    "model reads images: a vision-language teacher needs a client that takes images= (set "
+                    "trainer.ptd_teacher_client), or the local teacher (ptd_teacher_server_url=None)")
         served = self.ptd_teacher_client is not None
         self.ptd_teacher_model = self._build_teacher() if self._ptd_enabled and not served else None
 
     # ------------------------------------------------------------------ set-up
 
-    def _build_teacher(self):
-        """The frozen initial policy: TRL's reference model if it built one, else a frozen copy."""
+    def _check_supported(self) -> None:
+        """What PTD-PO does not run with here, local or served teacher alike."""
         if is_peft_model(self.model):
             raise NotImplementedError("PTDGRPOTrainer does not support PEFT models yet (the teacher would be the "
                                       "adapter-free base model)")
         if self.environment_factories is not None:
             raise NotImplementedError("PTDGRPOTrainer does not support environment_factory (the teacher prompt "
                                       "would need each environment's observation)")
+
+    def _build_teacher(self):
+        """The frozen initial policy: TRL's reference model if it built one, else a frozen copy."""
         if self.ref_model is not None:
             return self.ref_model  # given a ptd head by use_ptd_kernels
         if self.is_deepspeed_enabled:

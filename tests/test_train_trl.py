@@ -327,8 +327,11 @@ def test_served_teacher_refusals(qwen3, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="ptd_support='union' with a teacher server"):
         _config(ptd_teacher_server_url="http://teacher.invalid")
     path, processor = save_tiny_qwen3_vl(tmp_path)
-    trainer = _trainer(path, image_rows(4), processor=processor, max_completion_length=4, ptd_support="teacher",
-                       ptd_teacher_server_url=_serve(monkeypatch, _local_server(qwen3)))
+    with pytest.raises(NotImplementedError, match="images="):  # TRL's client sends token ids only
+        _trainer(path, image_rows(4), processor=processor, max_completion_length=4, ptd_support="teacher",
+                 ptd_teacher_server_url=_serve(monkeypatch, _local_server(qwen3)))
+    trainer = _trainer(path, image_rows(4), processor=processor, max_completion_length=4, ptd_support="teacher")
+    trainer.ptd_teacher_client = _local_server(qwen3)  # set by hand: checked when it is asked
     trainer.model.train()
     with pytest.raises(NotImplementedError, match="images="):
         trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
