@@ -384,3 +384,9 @@ def test_served_divergence_is_trls(beta, tail):
     assert want.sum(-1).min() >= 0 and want.sum() > 0
     torch.testing.assert_close(terms, want, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-7)
+
+
+def test_candidate_outside_the_vocabulary_is_refused():
+    hidden, weight = torch.randn(2, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="candidate id 7 is outside the student's vocabulary"):
+        trl_served.candidate_logprobs(hidden, weight, torch.tensor([[1, 7], [0, 2]]), torch.tensor([1, 0]))

@@ -59,45 +59,45 @@ class _CandidateLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, dtype):
         n, width = ids.shape
-        math = torch.float64 if dtype == torch.float64 else torch.float32
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
         block = max(1, config.GATHER_BYTES // max(1, width * weight.shape[1] * 4))
-        raw = torch.empty((n, width), dtype=math, device=hidden.device)
+        raw = torch.empty((n, width), dtype=compute, device=hidden.device)
         for start in range(0, n, block):
-            rows = hidden[start:start + block].to(dtype).to(math)
-            gathered = weight[ids[start:start + block]].to(dtype).to(math)  # [b, C, H]
+            rows = hidden[start:start + block].to(dtype).to(compute)
+            gathered = weight[ids[start:start + block]].to(dtype).to(compute)  # [b, C, H]
             raw[start:start + block] = torch.einsum("bh,bch->bc", rows, gathered)
         if bias is not None:
-            raw += bias.to(dtype).to(math)[ids]
+            raw += bias.to(dtype).to(compute)[ids]
         ctx.save_for_backward(hidden, weight, ids)
-        ctx.dtype, ctx.math, ctx.block, ctx.has_bias = dtype, math, block, bias is not None
+        ctx.dtype, ctx.compute, ctx.block, ctx.has_bias = dtype, compute, block, bias is not None
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
         return raw
 
     @staticmethod
     def backward(ctx, grad_raw):
         hidden, weight, ids = ctx.saved_tensors
-        dtype, math, block = ctx.dtype, ctx.math, ctx.block
+        dtype, compute, block = ctx.dtype, ctx.compute, ctx.block
         grad_hidden = grad_weight = grad_bias = None
-        grad_raw = grad_raw.to(math)
+        grad_raw = grad_raw.to(compute)
         if ctx.needs_input_grad[0]:
-            grad_hidden = torch.empty(hidden.shape, dtype=math, device=hidden.device)
+            grad_hidden = torch.empty(hidden.shape, dtype=compute, device=hidden.device)
             for start in range(0, ids.shape[0], block):
-                gathered = weight[ids[start:start + block]].to(dtype).to(math)
+                gathered = weight[ids[start:start + block]].to(dtype).to(compute)
                 grad_hidden[start:start + block] = torch.einsum("bc,bch->bh", grad_raw[start:start + block], gathered)
             grad_hidden = grad_hidden.to(hidden.dtype)
         distinct, position = torch.unique(ids.reshape(-1), return_inverse=True)
         if ctx.needs_input_grad[1]:
-            rows = torch.zeros((distinct.shape[0], weight.shape[1]), dtype=math, device=weight.device)
+            rows = torch.zeros((distinct.shape[0], weight.shape[1]), dtype=compute, device=weight.device)
             width = ids.shape[1]
             for start in range(0, ids.shape[0], block):
                 stop = min(start + block, ids.shape[0])
-                contribution = grad_raw[start:stop, :, None] * hidden[start:stop, None, :].to(dtype).to(math)
+                contribution = grad_raw[start:stop, :, None] * hidden[start:stop, None, :].to(dtype).to(compute)
                 rows.index_add_(0, position[start * width:stop * width], contribution.reshape(-1, weight.shape[1]))
             grad_weight = torch.zeros_like(weight)
             grad_weight[distinct] = rows.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             shape, bias_dtype = ctx.bias_meta
-            summed = torch.zeros(distinct.shape[0], dtype=math, device=grad_raw.device)
+            summed = torch.zeros(distinct.shape[0], dtype=compute, device=grad_raw.device)
             summed.index_add_(0, position, grad_raw.reshape(-1))
             grad_bias = torch.zeros(shape, dtype=bias_dtype, device=grad_raw.device)
             grad_bias[distinct] = summed.to(bias_dtype)
@@ -124,6 +124,10 @@ def candidate_logprobs(hidden, weight, candidates, anchor, *, bias=None, tempera
     Under ``torch.autocast`` the operands are read in the autocast dtype, as ptd's fused functions
     read them. Returns ``(logp, entropy)`` with ``entropy`` None unless ``with_entropy``.
     """
+    vocab = weight.shape[0]
+    if candidates.numel() and int(candidates.max()) >= vocab:
+        raise ValueError(f"candidate id {int(candidates.max())} is outside the student's vocabulary [0, {vocab}): the "
+                         "teacher must share the student's vocabulary")
     device_type = hidden.device.type
     dtype = hidden.dtype
     if torch.is_autocast_enabled(device_type) and hidden.dtype != torch.float64:
