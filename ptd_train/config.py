@@ -139,6 +139,14 @@ class TrainConfig:
         default=False,
         metadata={"help": "Let --teacher_hint leak skip the zero-spoiler check (the ptd-leak baseline only)."},
     )
+    teacher_server: str | None = field(
+        default=None,
+        metadata={
+            "help": "Served hinted teacher (its top-K, support 'teacher'): None = the local frozen copy; 'local' = "
+            "that copy answering the served-teacher call in-process (a check, one process); an http(s) URL = a vLLM "
+            "server holding the initial checkpoint (TRL's VLLMClient, text-only models)."
+        },
+    )
     ptd_grad: str = field(
         default="exact",
         metadata={
@@ -176,6 +184,10 @@ class TrainConfig:
                 "teacher_hint: 'leak' states the answer and fails the zero-spoiler check; "
                 "pass --allow_answer_leak true to run the answer-conditioned baseline on purpose"
             )
+        if c.teacher_server is not None:
+            from .teacher_server import check_config
+
+            check_config(c)
         if c.group_size < 2:
             raise ValueError("group_size: GRPO needs at least 2 rollouts per prompt")
         return c

@@ -45,13 +45,30 @@ def k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 
 
 def ptd_groups(rewards: torch.Tensor, has_hint: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
-    """Groups [B] that get PTD: a hint exists and mean reward < ``threshold``."""
-    return has_hint.bool() & (rewards.mean(dim=1) < threshold)
+    """Groups [B] that get PTD: a hint exists and mean reward < ``threshold``.
+
+    ``rewards`` [B, G]; a NaN reward (a rollout no reward function could score) is left out of its
+    group's mean."""
+    return has_hint.bool().to(rewards.device) & (torch.nanmean(rewards, dim=1) < threshold)
 
 
 def ptd_set(rewards: torch.Tensor, has_hint: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
-    """The PTD set F as a bool [B, G]: failed rollouts (reward < 1) of PTD groups."""
+    """The PTD set F as a bool [B, G]: failed rollouts (reward < 1; never a NaN reward) of PTD groups."""
     return ptd_groups(rewards, has_hint, threshold)[:, None] & (rewards < 1.0)
+
+
+def ptd_term(jsd: torch.Tensor, mask: torch.Tensor, in_ptd_set: torch.Tensor,
+             token_count: torch.Tensor | None = None) -> torch.Tensor:
+    """SPEC §3's PTD term without λ: Σ_{i∈F,t} D_K(i,t) / Σ_{i∈F} |y_i|.
+
+    ``jsd`` and ``mask`` (response tokens) [R, T], ``in_ptd_set`` (F) [R]. ``token_count``: the
+    denominator when it is not this batch's own Σ_F |y| (data parallel: the global count; with
+    gradient accumulation: rescaled to one micro-batch), any positive number. 0 when it is 0.
+    """
+    f_mask = mask.bool() & in_ptd_set.bool()[:, None]
+    total = (jsd * f_mask.to(jsd.dtype)).sum()
+    count = f_mask.sum().to(jsd.dtype) if token_count is None else token_count.to(jsd.dtype)
+    return total / torch.where(count > 0, count, torch.ones_like(count))
 
 
 def token_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,12 +139,8 @@ def ptd_po_loss(
         kl = token_mean(kl_terms, mask, token_count)
     else:
         kl = logp.new_zeros(())
-    f_mask = mask & in_ptd_set[:, None]
-    any_f = bool(f_mask.any()) if ptd_token_count is None else bool(ptd_token_count > 0)
-    if ptd_coef != 0.0 and any_f:
-        ptd = token_mean(jsd, f_mask, ptd_token_count)
-    else:
-        ptd = logp.new_zeros(())
+    any_f = bool((mask & in_ptd_set[:, None]).any()) if ptd_token_count is None else bool(ptd_token_count > 0)
+    ptd = ptd_term(jsd, mask, in_ptd_set, ptd_token_count) if ptd_coef != 0.0 and any_f else logp.new_zeros(())
     loss = pg + kl_coef * kl + ptd_coef * ptd
     clip_frac = token_mean(clipped.float(), mask, token_count).detach()
     return LossParts(loss, pg.detach(), kl.detach(), ptd.detach(), clip_frac)

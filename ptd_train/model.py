@@ -25,7 +25,7 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from ptd_kernels import linear_jsd, linear_logprobs, linear_ptd_terms
-from ptd_kernels.integrations.hf import logit_transform
+from ptd_kernels.integrations.hf import logit_transform, sparse_teacher_terms
 
 from .prompts import IMAGE_PAD, PAD, VIDEO_PAD, VISION_END, VISION_START, PromptBatch
 from .vision import VisionBatch
@@ -358,13 +358,14 @@ class ModelWithPTDHead(torch.nn.Module):
         return output_layer(self.model)
 
     def forward(self, env, x: PromptBatch, resp, mask, teacher_hidden=None, teacher_head=None, jsd_mask=None,
-                teacher_transform=None):
+                teacher_transform=None, teacher_topk=None):
         """The student pass → :class:`StudentTerms`, differentiable in the model.
 
         ``teacher_hidden`` [R·T, H'] (None when no rollout is in F, or λ = 0: log-prob and
         entropy only) with ``teacher_head`` = (W', b') the teacher's output layer (None: this
         model's own, the current policy as teacher) and ``teacher_transform`` its logit scale and
-        soft-cap (None: this model's).
+        soft-cap (None: this model's). ``teacher_topk``: a served teacher's (ids, log-probs)
+        [R·T, K] in place of ``teacher_hidden`` (the sparse-teacher JSD, support = its ids).
         """
         cfg = env.cfg
         W, b = self.output_layer()
@@ -380,6 +381,10 @@ class ModelWithPTDHead(torch.nn.Module):
         with_teacher = dict(
             beta=cfg.ptd_beta, bias=b, teacher_bias=bt, temperature=cfg.temperature, backend=env.backend, **transforms
         )
+        if teacher_topk is not None:
+            return StudentTerms(*sparse_teacher_terms(
+                h, W, targets, *teacher_topk, jsd_mask, beta=cfg.ptd_beta, tail=cfg.ptd_tail, bias=b,
+                temperature=cfg.temperature, backend=env.backend, **self.logit_transform))
         if teacher_hidden is not None and not cfg.ptd_full_vocab:
             out = linear_ptd_terms(
                 h,

@@ -82,14 +82,17 @@ def encode_prompt(tok, question: str, n_image_tokens: int | None, hint: str | No
     return out + tok.encode(" answer :", add_special_tokens=False)
 
 
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(s) for s in seqs)
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists → left-padded ids and attention mask ``[len(seqs), longest]`` (int64) on ``device``;
+    an empty list is all padding."""
+    L = max((len(s) for s in seqs), default=0)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     att = torch.zeros((len(seqs), L), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
-        att[i, L - len(s) :] = 1
-    return ids, att
+        if s:
+            ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
+            att[i, L - len(s) :] = 1
+    return ids.to(device), att.to(device)
 
 
 @dataclass

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from . import checkpoint, grpo
+from . import checkpoint, grpo, teacher_server
 from .config import TrainConfig
 from .distributed import SINGLE, Dist, clip_grad_norm, full_model_state, full_output_layer, parallelize, started, unwrap
 from .model import ModelWithPTDHead, build_tiny_model, is_vision_language, load_model_and_tokenizer, stop_token_ids
@@ -140,8 +140,10 @@ def rl_step(
         teacher_head = teacher.output_layer()
     rows = in_f.nonzero().flatten().tolist()
     pass_rows = dist.lockstep_rows(rows)  # FSDP2: every rank calls the teacher when one does
-    teacher_hidden = None
-    if pass_rows:
+    teacher_hidden = teacher_topk = None
+    if cfg.teacher_server is not None:  # served: the teacher's top-K of F's hinted sequences, no local pass
+        teacher_topk = teacher_server.topk_of_rows(unwrap(ref), env, examples, rows, resp, mask)
+    elif pass_rows:
         prompts_f = sorted({r // G for r in pass_rows})  # each prompt (and image) of F once ...
         xh = env.prompts([examples[i] for i in prompts_f], [hint_kind] * len(prompts_f))
         sel = [prompts_f.index(r // G) for r in pass_rows]  # ... then one row per rollout in F
@@ -166,7 +168,7 @@ def rl_step(
     # 3. student pass: backbone hidden states at response positions → kernels (no logits tensor)
     policy.train()
     jsd_mask = in_f[:, None].expand(R, T).reshape(-1)
-    terms = policy(env, x, resp, mask, teacher_hidden, teacher_head, jsd_mask, teacher.logit_transform)
+    terms = policy(env, x, resp, mask, teacher_hidden, teacher_head, jsd_mask, teacher.logit_transform, teacher_topk)
     logp, entropy, jsd = terms.logp.view(R, T), terms.entropy.view(R, T), terms.jsd.view(R, T)
 
     # 4. SPEC §3 loss of the global batch: token means divide by token counts summed over ranks;

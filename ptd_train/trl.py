@@ -9,7 +9,12 @@ for rows without one). Per rollout batch:
 2. the teacher — the frozen initial policy (TRL's reference model when ``beta > 0``, else a
    frozen copy of the policy taken at construction) — reads the prompt with the hint appended
    through the processor's chat template (same images), teacher-forced on the student's
-   completion; only F's sequences are needed (for a VLM batch, the whole micro-batch runs);
+   completion; only F's sequences are needed (for a VLM batch, the whole micro-batch runs).
+   With ``ptd_teacher_server_url`` the teacher is served instead (no local copy): a vLLM server
+   holding the initial checkpoint returns the top-K of F's hinted sequences once per generation
+   batch (``ptd_train.teacher_server``; TRL's ``VLLMClient``, or any object with its
+   ``get_sequence_logprobs`` set as ``trainer.ptd_teacher_client``), and the JSD is the sparse
+   teacher's (support "teacher", ``ptd_kernels.linear_sparse_jsd``);
 3. one ptd sweep per side (``ptd_kernels.linear_ptd_terms``) gives the policy's log-probs and
    entropy — which TRL's loss then uses — and the Top-K JSD, overlap and teacher mass;
 4. loss = TRL's GRPO loss (its ``loss_type``, clipping, KL) + ``ptd_coef`` · Σ_F D_K / Σ_F |y|,
@@ -38,14 +43,17 @@ from accelerate.utils import is_peft_model
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational, prepare_multimodal_messages
 
-from ptd_kernels.integrations.hf import PTDTeacher, add_ptd_head, output_layer
+from ptd_kernels._validate import SUPPORTS
+from ptd_kernels.integrations.hf import PTDSparseTeacher, PTDTeacher, add_ptd_head, output_layer
 from ptd_kernels.integrations.trl import check_trl_version, use_ptd_kernels
 
+from .grpo import ptd_groups, ptd_set, ptd_term
 from .hints import check_hint
+from .prompts import left_pad
+from .teacher_server import accepts_images, served_topk
 
 __all__ = ["PTDGRPOConfig", "PTDGRPOTrainer"]
 
-_SUPPORTS = ("union", "teacher", "student")
 # multimodal inputs that depend on the images only, so the teacher reuses the student's
 _IMAGE_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                "image_position_ids")
@@ -66,6 +74,9 @@ class PTDGRPOConfig(GRPOConfig):
         default=1.0, metadata={"help": "Groups whose mean reward is below this get PTD (failed rollouts only)."})
     ptd_drop_ref_kl: bool = field(default=True, metadata={"help": "No reference-KL term for members of PTD groups."})
     hint_column: str = field(default="hint", metadata={"help": "Dataset column of the privileged hint (None = none)."})
+    ptd_teacher_server_url: str | None = field(
+        default=None, metadata={"help": "Base URL of a vLLM server holding the initial policy: the hinted teacher's "
+                                        "top-K comes from it (no local teacher copy; ptd_support must be 'teacher')."})
     ptd_answer_column: str | None = field(
         default="answer", metadata={"help": "Dataset column the zero-spoiler check compares each hint with."})
     ptd_allow_answer_leak: bool = field(
@@ -79,10 +90,15 @@ class PTDGRPOConfig(GRPOConfig):
             raise ValueError(f"ptd_k must be an int ≥ 1, got {self.ptd_k!r}")
         if not (0.0 <= self.ptd_beta <= 1.0):
             raise ValueError(f"ptd_beta must lie in [0, 1], got {self.ptd_beta!r}")
-        if self.ptd_support not in _SUPPORTS:
-            raise ValueError(f"ptd_support must be one of {_SUPPORTS}, got {self.ptd_support!r}")
+        if self.ptd_support not in SUPPORTS:
+            raise ValueError(f"ptd_support must be one of {SUPPORTS}, got {self.ptd_support!r}")
         if not self.hint_column:
             raise ValueError("hint_column must name a dataset column")
+        if self.ptd_teacher_server_url and self.ptd_support != "teacher":
+            raise ValueError(
+                f"ptd_support={self.ptd_support!r} with a teacher server: 'union' and 'student' need the teacher's "
+                "log-probs at the student's top-K ids, which a vLLM server does not return (its prompt_logprobs give "
+                "its own top-k and the actual token); set ptd_support='teacher'")
 
 
 @dataclass
@@ -90,7 +106,7 @@ class _PendingStep:
     """What one ``_compute_loss`` call hands to the log-prob call inside TRL's loss."""
 
     batch: dict
-    teacher: PTDTeacher | None
+    teacher: PTDTeacher | PTDSparseTeacher | None
     ptd_group: torch.Tensor
     consumed: bool = False
     jsd: torch.Tensor | None = None
@@ -127,18 +143,37 @@ class PTDGRPOTrainer(GRPOTrainer):
         self._ptd_pending: _PendingStep | None = None
         self._ptd_rewards_per_func = None
         self._ptd_checked_hints: set = set()
-        self.ptd_teacher_model = self._build_teacher() if self.ptd_coef > 0 else None
+        self._ptd_enabled = self.ptd_coef > 0
+        #: the served teacher (ptd_train.teacher_server.TeacherServer), or None: a local frozen copy
+        self.ptd_teacher_client = None
+        if self._ptd_enabled:
+            self._check_supported()
+        if self._ptd_enabled and self.args.ptd_teacher_server_url:
+            from trl.generation.vllm_client import VLLMClient
+
+            self.ptd_teacher_client = VLLMClient(base_url=self.args.ptd_teacher_server_url,
+                                                 connection_timeout=self.args.vllm_server_timeout)
+            if self._is_vlm and not accepts_images(self.ptd_teacher_client):
+                raise NotImplementedError(
+                    f"{type(self.ptd_teacher_client).__name__}.get_sequence_logprobs sends token ids only, and this "
+                    "model reads images: a vision-language teacher needs a client that takes images= (set "
+                    "trainer.ptd_teacher_client), or the local teacher (ptd_teacher_server_url=None)")
+        served = self.ptd_teacher_client is not None
+        self.ptd_teacher_model = self._build_teacher() if self._ptd_enabled and not served else None
 
     # ------------------------------------------------------------------ set-up
 
-    def _build_teacher(self):
-        """The frozen initial policy: TRL's reference model if it built one, else a frozen copy."""
+    def _check_supported(self) -> None:
+        """What PTD-PO does not run with here, local or served teacher alike."""
         if is_peft_model(self.model):
             raise NotImplementedError("PTDGRPOTrainer does not support PEFT models yet (the teacher would be the "
                                       "adapter-free base model)")
         if self.environment_factories is not None:
             raise NotImplementedError("PTDGRPOTrainer does not support environment_factory (the teacher prompt "
                                       "would need each environment's observation)")
+
+    def _build_teacher(self):
+        """The frozen initial policy: TRL's reference model if it built one, else a frozen copy."""
         if self.ref_model is not None:
             return self.ref_model  # given a ptd head by use_ptd_kernels
         if self.is_deepspeed_enabled:
@@ -149,7 +184,8 @@ class PTDGRPOTrainer(GRPOTrainer):
             # instance-level forwards (TRL's fused head, its fp32 head cast) close over the original modules
             module.__dict__.pop("forward", None)
         teacher.requires_grad_(False).eval()
-        add_ptd_head(teacher, temperature=self.temperature, flag="fused_lm_head", with_entropy=False)
+        add_ptd_head(teacher, temperature=self.temperature, flag="fused_lm_head", with_entropy=False,
+                     fp32_head=self.args.cast_lm_head_to_fp32)
         if self.is_fsdp_enabled:
             from trl.models.utils import prepare_fsdp
 
@@ -236,12 +272,12 @@ class PTDGRPOTrainer(GRPOTrainer):
             keep = [[True] * len(row) for row in ids]
         device = student_prompt_ids.device
         out = {}
-        out["ptd_teacher_prompt_ids"], out["ptd_teacher_prompt_mask"] = _left_pad(
+        out["ptd_teacher_prompt_ids"], out["ptd_teacher_prompt_mask"] = left_pad(
             [[t for t, k in zip(r, m) if k] for r, m in zip(ids, keep)], self._tokenizer.pad_token_id, device)
         for key in _TOKEN_TYPE_KEYS:
             if key in encoded:
                 rows = [[int(t) for t, k in zip(r, m) if k] for r, m in zip(encoded[key], keep)]
-                out[f"ptd_teacher_{key}"] = _left_pad(rows, 0, device)[0]
+                out[f"ptd_teacher_{key}"] = left_pad(rows, 0, device)[0]
         image_token = self._image_pad_token_id
         if images is not None and image_token is not None:
             teacher_count = (out["ptd_teacher_prompt_ids"] == image_token).sum(1)
@@ -259,7 +295,7 @@ class PTDGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        if self.ptd_teacher_model is None:
+        if not self._ptd_enabled:
             return super()._generate_and_score_completions(inputs)
         hints = self._checked_hints(inputs)
         self._ptd_rewards_per_func = None
@@ -273,12 +309,15 @@ class PTDGRPOTrainer(GRPOTrainer):
         weights = self.reward_weights.to(rewards_per_func.device)
         rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
         rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never in F
-        group_mean = torch.nanmean(rewards.view(-1, group_size), dim=1).repeat_interleave(group_size)
+        # every process's rollouts grouped [prompts, G]; the hints are known for this process's rows only, and
+        # a prompt's hint is the same in all its rows: a group has one if its rows here have one (the groups with
+        # no row here are not used)
         local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
-        rewards, group_mean = rewards[local].to(device), group_mean[local].to(device)
-        has_hint = torch.tensor([h is not None for h in hints], device=device)
-        ptd_group = has_hint & (group_mean < self.args.ptd_threshold)
-        ptd_rollout = ptd_group & (rewards < 1.0)
+        has_hint = torch.ones(rewards.shape[0], dtype=torch.bool, device=device)
+        has_hint[local] = torch.tensor([h is not None for h in hints], device=device)
+        grouped, group_hint = rewards.to(device).view(-1, group_size), has_hint.view(-1, group_size).all(dim=1)
+        ptd_group = ptd_groups(grouped, group_hint, self.args.ptd_threshold).repeat_interleave(group_size)[local]
+        ptd_rollout = ptd_set(grouped, group_hint, self.args.ptd_threshold).reshape(-1)[local]
         loss_mask = output["completion_mask"] if "tool_mask" not in output else output["completion_mask"] * output[
             "tool_mask"]
         local_stats = torch.stack([ptd_rollout.sum(), (loss_mask * ptd_rollout[:, None]).sum()]).float()
@@ -286,7 +325,36 @@ class PTDGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["ptd/rollouts"].append(global_stats[0].item())
         output.update(ptd_rollout=ptd_rollout, ptd_group=ptd_group, ptd_num_tokens=global_stats[1])
         output.update(self._teacher_prompts(inputs, hints, output["prompt_ids"], output["prompt_mask"]))
+        if self.ptd_teacher_client is not None:
+            output.update(self._served_teacher(inputs, output, ptd_rollout))
         return output
+
+    def _served_teacher(self, inputs, output, ptd_rollout) -> dict:
+        """The served teacher's top-K on F's hinted sequences: [B, C, K] ids and log-probs (once per
+        generation batch; the micro-batches and iterations reuse them)."""
+        if self.args.ptd_support != "teacher":
+            raise ValueError(f"ptd_support={self.args.ptd_support!r} with a teacher client: a served teacher gives its "
+                             "own top-K only; set ptd_support='teacher'")
+        rows = ptd_rollout.nonzero().squeeze(-1).tolist()
+        prompt_ids, prompt_mask = output["ptd_teacher_prompt_ids"], output["ptd_teacher_prompt_mask"].bool()
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"].bool()
+        sequences = [prompt_ids[r][prompt_mask[r]].tolist() + completion_ids[r][completion_mask[r]].tolist()
+                     for r in rows]
+        prompt_lengths = [int(prompt_mask[r].sum()) for r in rows]
+        images = None
+        if "images" in inputs[0] or "image" in inputs[0]:
+            images = [inputs[r].get("images") or ([inputs[r]["image"]] if inputs[r].get("image") is not None
+                                                  else None) for r in rows]
+            images = images if any(images) else None
+        vocab = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+        indices, logprobs = served_topk(self.ptd_teacher_client, sequences, prompt_lengths,
+                                        min(self.args.ptd_k, vocab), self.temperature, completion_ids.shape[1],
+                                        completion_ids.device, images=images)
+        full_indices = torch.arange(indices.shape[-1], device=indices.device).expand(
+            completion_ids.shape[0], completion_ids.shape[1], indices.shape[-1]).clone()
+        full_logprobs = torch.full(full_indices.shape, float("-inf"), device=indices.device)
+        full_indices[rows], full_logprobs[rows] = indices, logprobs
+        return {"ptd_teacher_topk_ids": full_indices, "ptd_teacher_topk_logprobs": full_logprobs}
 
     # ------------------------------------------------------------------ loss
 
@@ -352,13 +420,20 @@ class PTDGRPOTrainer(GRPOTrainer):
         return logps, entropies, None
 
     def _compute_loss(self, model, inputs):
-        if self.ptd_teacher_model is None or "ptd_rollout" not in inputs:
+        if not self._ptd_enabled or "ptd_rollout" not in inputs:
             return super()._compute_loss(model, inputs)
         rows = inputs["ptd_rollout"]
-        needs_teacher = rows.any()
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # a sharded teacher runs on every rank or none
-            needs_teacher = self.accelerator.reduce(needs_teacher.float(), reduction="sum") > 0
-        teacher = self._teacher_states(inputs, rows) if bool(needs_teacher) else None
+        if "ptd_teacher_topk_ids" in inputs:  # served: the teacher's top-K came with the rollouts
+            teacher = None
+            if bool(rows.any()):
+                teacher = PTDSparseTeacher(indices=inputs["ptd_teacher_topk_ids"],
+                                           logprobs=inputs["ptd_teacher_topk_logprobs"], rows=rows,
+                                           beta=self.args.ptd_beta, tail=self.args.ptd_tail)
+        else:
+            needs_teacher = rows.any()
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # a sharded teacher runs on every rank or none
+                needs_teacher = self.accelerator.reduce(needs_teacher.float(), reduction="sum") > 0
+            teacher = self._teacher_states(inputs, rows) if bool(needs_teacher) else None
         # TRL's loss reads this shallow copy; the buffered batch (reused when num_iterations > 1) is never changed
         pending = _PendingStep(batch=dict(inputs), teacher=teacher, ptd_group=inputs["ptd_group"])
         self._ptd_pending = pending
@@ -379,7 +454,7 @@ class PTDGRPOTrainer(GRPOTrainer):
             denominator = inputs["ptd_num_tokens"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 denominator = denominator * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            loss = loss + self.ptd_coef * (pending.jsd * f_mask).sum() / denominator
+            loss = loss + self.ptd_coef * ptd_term(pending.jsd, loss_mask, rows, denominator)
             sums = torch.stack([(pending.jsd.detach() * f_mask).sum(), (pending.overlap * f_mask).sum(),
                                 (pending.teacher_mass * f_mask).sum(), f_mask.sum()])
         else:
@@ -390,13 +465,3 @@ class PTDGRPOTrainer(GRPOTrainer):
                 self._metrics[mode][name].append(value)
         return loss
 
-
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)

@@ -56,10 +56,12 @@ def _ids(tok) -> dict:
     return dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
 
 
-def save_tiny_qwen3(path, *, hidden: int = 32, layers: int = 2, seed: int = 0, tie: bool = False) -> str:
-    """A tiny Qwen3 causal LM and its tokenizer, saved to ``path``."""
+def save_tiny_qwen3(path, *, hidden: int = 32, layers: int = 2, seed: int = 0, tie: bool = False,
+                    vocab: int | None = None) -> str:
+    """A tiny Qwen3 causal LM and its tokenizer, saved to ``path`` (``vocab``: a larger output layer than the
+    tokenizer's words, for memory checks)."""
     tok = word_tokenizer()
-    config = Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+    config = Qwen3Config(vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
                          max_position_embeddings=128, tie_word_embeddings=tie, **_ids(tok))
     torch.manual_seed(seed)

@@ -73,9 +73,9 @@ def _assert_same(stock, through_ptd, *, rtol=1e-5):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.05])
-def test_grpo_fixed_batch_equals_stock(qwen3, beta):
-    trainer = _grpo(qwen3, text_rows(4), beta=beta)
+@pytest.mark.parametrize(("beta", "temperature"), [(0.0, 1.0), (0.05, 0.7)])
+def test_grpo_fixed_batch_equals_stock(qwen3, beta, temperature):
+    trainer = _grpo(qwen3, text_rows(4), beta=beta, temperature=temperature)
     inputs = _fixed_batch(trainer)
     assert ("ref_per_token_logps" in inputs) == (beta > 0)
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
@@ -121,15 +121,15 @@ def test_grpo_training_equals_stock(qwen3):
     torch.testing.assert_close(params_b, params_a, rtol=0, atol=2e-4)  # Adam steps of 1e-2 each
 
 
-def _distillation(student, teacher, beta, rows=None):
-    args = trl.DistillationConfig(**_common(beta=beta))
+def _distillation(student, teacher, beta, rows=None, **overrides):
+    args = trl.DistillationConfig(**_common(beta=beta, **overrides))
     return trl.DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                    train_dataset=Dataset.from_list(rows or text_rows(4)))
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_distillation_fixed_batch_equals_stock(qwen3, teacher, beta):
-    trainer = _distillation(qwen3, teacher, beta)
+@pytest.mark.parametrize(("beta", "temperature"), [(0.0, 1.0), (0.5, 0.7), (1.0, 1.0)])
+def test_distillation_fixed_batch_equals_stock(qwen3, teacher, beta, temperature):
+    trainer = _distillation(qwen3, teacher, beta, temperature=temperature)
     inputs = _fixed_batch(trainer)
     stock = _loss_and_grads(trainer, inputs)
     stock_entropy = trainer._metrics["train"]["entropy"][-1]
@@ -169,10 +169,54 @@ def test_bad_options_are_refused(qwen3, teacher):
     grpo = _grpo(qwen3, text_rows(4))
     with pytest.raises(ValueError, match="topk applies to DistillationTrainer"):
         use_ptd_kernels(grpo, topk=4)
-    with pytest.raises(TypeError, match="GRPOTrainer and trl.DistillationTrainer"):
+    with pytest.raises(TypeError, match="GRPOTrainer, trl.DistillationTrainer and trl.experimental"):
         use_ptd_kernels(object())
     distillation = _distillation(qwen3, teacher, 0.5)
     with pytest.raises(ValueError, match="topk must be"):
         use_ptd_kernels(distillation, topk=0)
     with pytest.raises(ValueError, match="support"):
         use_ptd_kernels(distillation, topk=4, support="both")
+
+
+@pytest.mark.parametrize("trainer_class", ["GRPOTrainer", "PTDGRPOTrainer"])
+def test_cast_lm_head_to_fp32_is_honoured(qwen3, trainer_class):
+    """Under bf16 autocast with cast_lm_head_to_fp32, TRL's log-probs are those of a float32 head on the
+    autocast backbone's hidden states; ptd's are too (a bfloat16 head is off by > 1e-4 here)."""
+    from ptd_train.trl import PTDGRPOConfig, PTDGRPOTrainer
+
+    overrides = dict(bf16=True, cast_lm_head_to_fp32=True)
+    if trainer_class == "GRPOTrainer":
+        trainer = _grpo(qwen3, text_rows(4), **overrides)
+        stock_trainer = trainer
+    else:
+        args = PTDGRPOConfig(**_common(num_generations=4, ptd_k=6, **overrides))
+        trainer = PTDGRPOTrainer(model=qwen3, reward_funcs=reward_by_length, args=args,
+                                 train_dataset=Dataset.from_list(text_rows(4)))
+        stock_trainer = _grpo(qwen3, text_rows(4), **overrides)
+    assert trainer.model.lm_head.weight.dtype == torch.float32
+    inputs = _fixed_batch(stock_trainer)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    n = inputs["completion_ids"].shape[1]
+
+    def logps(t):
+        with torch.no_grad():
+            return t._get_per_token_logps_and_entropies(t.model, ids, mask, n)[0]
+
+    stock = logps(stock_trainer)
+    if trainer is stock_trainer:
+        use_ptd_kernels(trainer)
+    got = logps(trainer)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = hf.last_hidden_states(trainer.model, input_ids=ids, attention_mask=mask)[:, -n - 1:-1]
+    weight = trainer.model.lm_head.weight
+    targets = inputs["completion_ids"]
+
+    def head(h, w):
+        return torch.log_softmax(h.double() @ w.double().T, -1).gather(-1, targets[..., None]).squeeze(-1)
+
+    fp32_head, bf16_head = head(hidden.float(), weight.float()), head(hidden.bfloat16(), weight.bfloat16())
+    valid = inputs["completion_mask"].bool()
+    assert (bf16_head - fp32_head)[valid].abs().max() > 1e-4
+    torch.testing.assert_close(stock[valid].double(), fp32_head[valid], rtol=0, atol=2e-5)
+    torch.testing.assert_close(got[valid].double(), fp32_head[valid], rtol=0, atol=2e-5)

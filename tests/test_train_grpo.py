@@ -147,3 +147,33 @@ def test_ptd_coef_zero_is_plain_grpo():
     out, t = _parts(ptd_coef=0.0)
     assert out.ptd == 0
     assert torch.allclose(out.loss, out.pg + 0.1 * out.kl)
+
+
+def test_ptd_term_hand_computed():
+    """Σ_{F,t} D / Σ_F |y|; a given denominator is used as it is (a fraction of a token included: the
+    gradient-accumulation rescale); no F token gives 0 with a finite, zero gradient."""
+    jsd = torch.tensor([[0.2, 0.4, 9.0], [1.0, 3.0, 5.0], [7.0, 7.0, 7.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, False, False], [True, True, True]])
+    in_f = torch.tensor([True, True, False])
+    assert grpo.ptd_term(jsd, mask, in_f).item() == pytest.approx((0.2 + 0.4 + 1.0) / 3)
+    assert grpo.ptd_term(jsd, mask, in_f, torch.tensor(0.75)).item() == pytest.approx(1.6 / 0.75)
+    none = grpo.ptd_term(jsd, mask, torch.zeros(3, dtype=torch.bool))
+    none.backward()
+    assert none.item() == 0.0 and torch.equal(jsd.grad, torch.zeros_like(jsd))
+
+
+def test_ptd_set_leaves_unscored_rollouts_out():
+    """A NaN reward (no reward function scored it) is out of its group's mean and never in F."""
+    rewards = torch.tensor([[1.0, float("nan"), 0.0, 1.0], [1.0, 1.0, float("nan"), 1.0]])
+    has_hint = torch.tensor([True, True])
+    assert grpo.ptd_groups(rewards, has_hint).tolist() == [True, False]  # means 2/3 and 1
+    assert grpo.ptd_set(rewards, has_hint).tolist() == [[False, False, True, False], [False] * 4]
+
+
+def test_left_pad():
+    from ptd_train.prompts import left_pad
+
+    ids, mask = left_pad([[5, 6], [], [7]], pad_id=0)
+    assert ids.tolist() == [[5, 6], [0, 0], [0, 7]] and mask.tolist() == [[1, 1], [0, 0], [0, 1]]
+    ids, mask = left_pad([], pad_id=0)
+    assert ids.shape == mask.shape == (0, 0)

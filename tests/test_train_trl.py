@@ -254,3 +254,84 @@ def test_ddp_two_processes(qwen3, tmp_path):
     for result in results:
         assert result["jsd"] and all(v > 0 for v in result["jsd"])
         assert result["rollouts"] and sum(result["rollouts"]) > 0
+
+
+# ----------------------------------------------------------------------------- served teacher
+
+
+def _serve(monkeypatch, client):
+    """TRL's VLLMClient, which PTDGRPOTrainer builds from ptd_teacher_server_url, is ``client`` here."""
+    import trl.generation.vllm_client as vllm_client
+
+    monkeypatch.setattr(vllm_client, "VLLMClient", lambda *args, **kwargs: client)
+    return "http://teacher.invalid"
+
+
+def _local_server(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ptd_train.teacher_server import LocalTeacherServer
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+    return LocalTeacherServer(model, AutoTokenizer.from_pretrained(path).pad_token_id)
+
+
+def test_served_teacher_equals_local_teacher(qwen3, monkeypatch):
+    """A server holding the initial policy (the in-process stand-in, through the served protocol) gives the
+    local frozen teacher's run with support 'teacher': losses, PTD metrics and parameters over 3 steps."""
+    runs = []
+    for served in (False, True):
+        url = _serve(monkeypatch, _local_server(qwen3)) if served else None
+        trainer = _trainer(qwen3, text_rows(8), max_steps=3, ptd_support="teacher", ptd_teacher_server_url=url)
+        assert (trainer.ptd_teacher_model is None) == served
+        trainer.train()
+        _assert_ptd_ran(trainer, 3)
+        runs.append(([_logged(trainer, key) for key in ("loss", "ptd/jsd", "ptd/overlap", "ptd/teacher_mass")],
+                     flat_params(trainer.model)))
+    (logged_a, params_a), (logged_b, params_b) = runs
+    for a, b in zip(logged_a, logged_b):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(params_b, params_a, rtol=0, atol=2e-4)
+
+
+def test_served_teacher_reads_the_hinted_prompt(qwen3, monkeypatch):
+    """The server is asked for F's sequences only: hinted prompt + completion, K = ptd_k, the trainer's
+    temperature; and a server that answers fewer than K log-probs is refused."""
+    client = _local_server(qwen3)
+    requests = []
+    answer = client.get_sequence_logprobs
+
+    def recording(sequences, prompt_lengths, top_logprobs, temperature):
+        requests.append((sequences, prompt_lengths, top_logprobs, temperature))
+        return answer(sequences, prompt_lengths, top_logprobs, temperature)
+
+    client.get_sequence_logprobs = recording
+    trainer = _trainer(qwen3, text_rows(4), ptd_support="teacher", ptd_k=5, temperature=0.8,
+                       ptd_teacher_server_url=_serve(monkeypatch, client))
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    (sequences, prompt_lengths, k, temperature), = requests
+    assert (k, temperature) == (5, 0.8) and len(sequences) == int(batch["ptd_rollout"].sum()) > 0
+    decode = trainer.processing_class.decode
+    for sequence, length in zip(sequences, prompt_lengths):
+        assert decode(sequence[:length]).endswith("look at the left cells <|im_end|> <|im_start|> assistant")
+    assert batch["ptd_teacher_topk_ids"].shape == (*batch["completion_ids"].shape, 5)
+
+    client.get_sequence_logprobs = lambda *args, **kwargs: {
+        key: [[row[:-1] for row in rows] for rows in value] for key, value in answer(*args, **kwargs).items()}
+    with pytest.raises(ValueError, match="--max-logprobs"):
+        trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+
+
+def test_served_teacher_refusals(qwen3, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="ptd_support='union' with a teacher server"):
+        _config(ptd_teacher_server_url="http://teacher.invalid")
+    path, processor = save_tiny_qwen3_vl(tmp_path)
+    with pytest.raises(NotImplementedError, match="images="):  # TRL's client sends token ids only
+        _trainer(path, image_rows(4), processor=processor, max_completion_length=4, ptd_support="teacher",
+                 ptd_teacher_server_url=_serve(monkeypatch, _local_server(qwen3)))
+    trainer = _trainer(path, image_rows(4), processor=processor, max_completion_length=4, ptd_support="teacher")
+    trainer.ptd_teacher_client = _local_server(qwen3)  # set by hand: checked when it is asked
+    trainer.model.train()
+    with pytest.raises(NotImplementedError, match="images="):
+        trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))

@@ -33,6 +33,7 @@ import ptd_kernels as ptd
 __all__ = [
     "OutputLayer",
     "PTDCausalLMOutput",
+    "PTDSparseTeacher",
     "PTDTeacher",
     "add_ptd_head",
     "backbone",
@@ -43,6 +44,7 @@ __all__ = [
     "ptd_lm_forward",
     "remove_ptd_head",
     "run_as_forward",
+    "sparse_teacher_terms",
 ]
 
 _TRANSFORMERS_5 = Version(transformers.__version__) >= Version("5.0.0")
@@ -234,6 +236,21 @@ class PTDTeacher:
 
 
 @dataclass
+class PTDSparseTeacher:
+    """A served teacher's side of PTD-PO's terms for :func:`ptd_lm_forward`: its top-K ids and their
+    log-probs per completion position, ``indices`` (int) and ``logprobs`` [B, T, K], aligned as
+    :class:`PTDTeacher`'s ``hidden``. The support is those ids (SPEC's sparse teacher,
+    ``ptd_kernels.linear_sparse_jsd``); ``rows``, ``beta``, ``tail`` as in :class:`PTDTeacher`.
+    """
+
+    indices: torch.Tensor
+    logprobs: torch.Tensor
+    rows: torch.Tensor | None = None
+    beta: float = 0.5
+    tail: bool = True
+
+
+@dataclass
 class PTDCausalLMOutput(ModelOutput):
     """Output of :func:`ptd_lm_forward`. Per-token fields are [B, L-1] (next-token positions;
     [B, L] with ``shift_labels``), 0 where the label is -100, float32.
@@ -257,27 +274,60 @@ class PTDCausalLMOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
 
 
-def _teacher_rows(teacher: PTDTeacher, label_mask: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher hidden rows [n, H'] aligned with the student's labelled positions, and the jsd mask [n]."""
+def _teacher_rows(teacher, label_mask: torch.Tensor, device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The teacher's per-position tensors (hidden [n, H'], or top-K ids and log-probs [n, K]) aligned with
+    the student's labelled positions, and the jsd mask [n]."""
+    per_position = (teacher.indices, teacher.logprobs) if isinstance(teacher, PTDSparseTeacher) else (teacher.hidden,)
+    name = "teacher.indices" if isinstance(teacher, PTDSparseTeacher) else "teacher.hidden"
+    first = per_position[0]
     n_seq, n_pos = label_mask.shape
-    if teacher.hidden.dim() != 3 or teacher.hidden.shape[0] != n_seq or teacher.hidden.shape[1] > n_pos:
-        raise ValueError(
-            f"teacher.hidden must be [B={n_seq}, T<={n_pos}, H'], got {tuple(teacher.hidden.shape)}")
-    offset = n_pos - teacher.hidden.shape[1]
+    if first.dim() != 3 or first.shape[0] != n_seq or first.shape[1] > n_pos:
+        raise ValueError(f"{name} must be [B={n_seq}, T<={n_pos}, ...], got {tuple(first.shape)}")
+    if any(t.shape != first.shape for t in per_position):
+        raise ValueError(f"teacher.logprobs {tuple(per_position[-1].shape)} must match {name} {tuple(first.shape)}")
+    offset = n_pos - first.shape[1]
     seq, pos = label_mask.nonzero(as_tuple=True)
     col = pos - offset
     in_window = col >= 0
-    hidden = teacher.hidden.detach().to(device)[seq, col.clamp(min=0)]
+    aligned = tuple(t.detach().to(device)[seq, col.clamp(min=0)] for t in per_position)
     jsd_mask = in_window
     if teacher.rows is not None:
         if teacher.rows.shape != (n_seq,):
             raise ValueError(f"teacher.rows must be a bool tensor [B={n_seq}], got shape {tuple(teacher.rows.shape)}")
         jsd_mask = jsd_mask & teacher.rows.to(device=device, dtype=torch.bool)[seq]
-    return hidden.to(teacher.layer.weight.dtype), jsd_mask
+    if not isinstance(teacher, PTDSparseTeacher):
+        aligned = (aligned[0].to(teacher.layer.weight.dtype),)
+    return aligned, jsd_mask
+
+
+def sparse_teacher_terms(rows, weight, targets, teacher_indices, teacher_logprobs, jsd_mask, *, beta=0.5, tail=True,
+                         bias=None, **kwargs):
+    """(logp, entropy, jsd, overlap, teacher mass) per row [n] against a served teacher's top-K
+    (``teacher_indices``, ``teacher_logprobs`` [n, K]): log-probs and entropy from one
+    ``linear_logprobs`` sweep; on the rows of ``jsd_mask`` whose target is not ``ignore_index`` only,
+    ``linear_sparse_jsd`` (support: the teacher's ids), the overlap with the student's top-K (no
+    gradient) and Σ_S q; 0 on the other rows.
+    ``kwargs``: ``temperature``, ``ignore_index``, ``logit_scale``, ``softcap``, ``backend``.
+    """
+    logp, entropy = ptd.linear_logprobs(rows, weight, targets, bias=bias, with_entropy=True, **kwargs)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    chosen = (jsd_mask & (targets != ignore_index)).nonzero().squeeze(-1)
+    ids, logprobs = teacher_indices[chosen], teacher_logprobs[chosen].float()
+    jsd = overlap = mass = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
+    if chosen.numel():
+        part = ptd.linear_sparse_jsd(rows[chosen], weight, ids, logprobs, beta=beta, tail=tail, bias=bias, **kwargs)
+        jsd = jsd.index_put((chosen,), part)
+        with torch.no_grad():
+            student_top = ptd.linear_topk(rows[chosen].detach(), weight.detach(), ids.shape[1],
+                                          bias=None if bias is None else bias.detach(), **kwargs)
+            overlap = overlap.index_put((chosen,), ptd.topk_overlap(student_top.indices, ids))
+            mass = mass.index_put((chosen,), logprobs.exp().sum(-1))
+    return logp, entropy, jsd, overlap, mass
 
 
 def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: float = 1.0, teacher=None,
-                   with_entropy: bool = True, num_items_in_batch=None, **kwargs) -> PTDCausalLMOutput:
+                   with_entropy: bool = True, num_items_in_batch=None, fp32_head: bool = False,
+                   **kwargs) -> PTDCausalLMOutput:
     """Run the model's backbone and its output layer through ptd.
 
     Meant to run *inside* ``model.forward`` (:func:`add_ptd_head` arranges it): under DDP / FSDP2
@@ -286,7 +336,9 @@ def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: fl
     ``labels`` [B, L] are shifted by one as a causal LM's loss does (position t scores label
     t+1); ``shift_labels`` [B, L] are taken as already aligned. Positions labelled -100 are
     skipped (they cost nothing). Without labels the output carries only ``last_hidden_state``.
-    ``teacher`` (a :class:`PTDTeacher`) adds PTD-PO's Top-K JSD from the same sweep.
+    ``teacher`` (a :class:`PTDTeacher`) adds PTD-PO's Top-K JSD from the same sweep; a
+    :class:`PTDSparseTeacher` (a served teacher's top-K) adds the sparse-teacher JSD.
+    ``fp32_head``: the output layer in float32, autocast off (TRL's ``cast_lm_head_to_fp32``).
     The remaining arguments go to the backbone (``input_ids``, ``attention_mask``,
     ``pixel_values``, ``image_grid_thw``, ...).
     """
@@ -308,30 +360,46 @@ def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: fl
     hidden, targets = hidden.to(device), targets.to(device)
     label_mask = targets != -100
     rows, row_targets = hidden[label_mask], targets[label_mask]
-    teacher_rows = jsd_mask = None
+    teacher_rows, jsd_mask = (), None
     if teacher is not None:
         teacher_rows, jsd_mask = _teacher_rows(teacher, label_mask, device)
 
-    def head_terms(rows, row_targets, teacher_rows, jsd_mask):
+    def head_terms(rows, row_targets, jsd_mask, *teacher_rows):
         # runs as the output layer's forward: its parameters are whole tensors here, even under FSDP2
-        layer = output_layer(model)
+        if fp32_head:
+            with torch.autocast(device.type, enabled=False):
+                return layer_terms(output_layer(model), rows.float(), row_targets, jsd_mask, teacher_rows, True)
+        return layer_terms(output_layer(model), rows, row_targets, jsd_mask, teacher_rows, False)
+
+    def layer_terms(layer, rows, row_targets, jsd_mask, teacher_rows, fp32):
         # under autocast ptd casts rows and layer to its dtype, as the model's nn.Linear would (and keeps
         # the divergence math in float32); outside it the rows take the layer's dtype
+        weight, bias = layer.weight, layer.bias
+        if fp32:
+            weight, bias = weight.float(), None if bias is None else bias.float()
         if not torch.is_autocast_enabled(device.type):
-            rows = rows.to(layer.weight.dtype)
-        common = dict(bias=layer.bias, temperature=temperature, **layer.kernel_kwargs())
+            rows = rows.to(weight.dtype)
+        common = dict(bias=bias, temperature=temperature, **layer.kernel_kwargs())
+        if isinstance(teacher, PTDSparseTeacher):
+            return sparse_teacher_terms(rows, weight, row_targets, *teacher_rows, jsd_mask, beta=teacher.beta,
+                                        tail=teacher.tail, **common)
         if teacher is None:
             if with_entropy:
-                return (*ptd.linear_logprobs(rows, layer.weight, row_targets, with_entropy=True, **common),
+                return (*ptd.linear_logprobs(rows, weight, row_targets, with_entropy=True, **common),
                         None, None, None)
-            return ptd.linear_logprobs(rows, layer.weight, row_targets, **common), None, None, None, None
+            return ptd.linear_logprobs(rows, weight, row_targets, **common), None, None, None, None
+        teacher_weight, teacher_bias = teacher.layer.weight, teacher.layer.bias
+        (teacher_hidden,) = teacher_rows
+        if fp32:
+            teacher_hidden, teacher_weight = teacher_hidden.float(), teacher_weight.float()
+            teacher_bias = None if teacher_bias is None else teacher_bias.float()
         terms = ptd.linear_ptd_terms(
-            rows, layer.weight, row_targets, teacher_rows, teacher.layer.weight, teacher.k, beta=teacher.beta,
-            support=teacher.support, tail=teacher.tail, teacher_bias=teacher.layer.bias, jsd_mask=jsd_mask,
+            rows, weight, row_targets, teacher_hidden, teacher_weight, teacher.k, beta=teacher.beta,
+            support=teacher.support, tail=teacher.tail, teacher_bias=teacher_bias, jsd_mask=jsd_mask,
             **common, **teacher.layer.kernel_kwargs("teacher_"))
         return (*terms, terms.teacher_mass)
 
-    logp, entropy, jsd, overlap, mass = run_as_forward(head, head_terms, rows, row_targets, teacher_rows, jsd_mask)
+    logp, entropy, jsd, overlap, mass = run_as_forward(head, head_terms, rows, row_targets, jsd_mask, *teacher_rows)
 
     def spread(values):
         # masked_scatter keeps the result attached to the graph even when no label is valid
@@ -349,13 +417,15 @@ def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: fl
     )
 
 
-def add_ptd_head(model, *, temperature: float = 1.0, flag: str = "ptd_head", with_entropy: bool = True):
+def add_ptd_head(model, *, temperature: float = 1.0, flag: str = "ptd_head", with_entropy: bool = True,
+                 fp32_head: bool = False):
     """Give this model instance a ptd head: ``model(..., labels=labels, ptd_head=True)`` returns a
     :class:`PTDCausalLMOutput` (see :func:`ptd_lm_forward`; ``ptd_teacher=PTDTeacher(...)`` adds the
     PTD-PO terms). Without the flag the forward is the previous one, so ``generate`` is unchanged.
 
     Only this instance changes (its ``forward`` attribute); other instances and the class do not.
-    ``flag`` renames the switch (TRL's trainers call ``fused_lm_head=True``). Apply it to the
+    ``flag`` renames the switch (TRL's trainers call ``fused_lm_head=True``); ``fp32_head`` runs the
+    output layer in float32 with autocast off (TRL's ``cast_lm_head_to_fp32``). Apply it to the
     transformers model before wrapping it in DDP / FSDP, or to the module inside the wrapper.
     Returns the model.
     """
@@ -369,7 +439,7 @@ def add_ptd_head(model, *, temperature: float = 1.0, flag: str = "ptd_head", wit
             return previous(*args, **kwargs)
         teacher = kwargs.pop("ptd_teacher", None)
         return ptd_lm_forward(self, *args, temperature=temperature, teacher=teacher, with_entropy=with_entropy,
-                              **kwargs)
+                              fp32_head=fp32_head, **kwargs)
 
     forward._ptd_previous_forward = previous
     model.forward = types.MethodType(forward, model)

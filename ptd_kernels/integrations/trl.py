@@ -6,7 +6,14 @@
 - ``GRPOTrainer`` (and subclasses, e.g. ``ptd_train.trl.PTDGRPOTrainer``): the per-token
   log-probs and entropy of the policy, and the log-probs of the reference model. TRL calls
   ``model(..., labels=labels, fused_lm_head=True)``; the policy's and the reference's
-  ``forward`` (instance attributes) answer that call through ptd from then on.
+  ``forward`` (instance attributes) answer that call through ptd from then on, with the
+  trainer's temperature and, under ``cast_lm_head_to_fp32``, a float32 output layer outside
+  autocast, as TRL's own head computes it.
+- ``ServerDistillationTrainer`` and ``AsyncDistillationTrainer`` (``trl.experimental``; the teacher
+  behind a vLLM server): the student's side of TRL's served-teacher divergence, its log-probs at the
+  teacher's candidate ids from one fused sweep, the divergence on those few atoms with TRL's own
+  support, tail bucket and β paths (``ptd_kernels.integrations.trl_served``). The trainer's config
+  decides everything; ``topk``/``support``/``tail`` do not apply.
 - ``DistillationTrainer``: the divergence. ``topk=None`` is TRL's full-vocabulary generalized
   JSD (same β convention, SPEC §2), through ``ptd_kernels.linear_jsd_loss``; ``topk=K`` is
   PTD-PO's Top-K JSD with ``support`` ("union" by default) and a tail atom (``tail=True``),
@@ -24,6 +31,7 @@ TRL version gets a warning.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import types
 import warnings
@@ -35,7 +43,9 @@ from accelerate.utils import is_peft_model
 from packaging.version import Version
 
 import ptd_kernels as ptd
+from ptd_kernels._validate import SUPPORTS
 
+from . import trl_served
 from .hf import add_ptd_head, output_layer, run_as_forward
 
 __all__ = ["SUPPORTED_TRL", "use_ptd_kernels"]
@@ -71,6 +81,27 @@ def use_ptd_kernels(trainer, *, topk: int | None = None, support: str = "union",
     ``GRPOTrainer`` takes no options.
     """
     check_trl_version()
+    served = _served_trainer_kind(trainer)
+    if served is not None:
+        if (topk, support, tail) != (None, "union", True):
+            raise ValueError(f"topk, support and tail do not apply to {type(trainer).__name__}: its support and tail "
+                             "bucket come from its config (loss_top_k / teacher_top_k, beta, loss_add_tail / "
+                             "add_tail_bucket)")
+        if getattr(trainer, "_ptd_kernels_on", False):
+            return trainer
+        if served == "server":
+            if trainer.reverse_kl_top_1_mode != "sampled":
+                raise ValueError(f"reverse_kl_top_1_mode={trainer.reverse_kl_top_1_mode!r}: a teacher server scores "
+                                 "only the sampled token and its own top-k; use 'sampled'")
+            _require(trainer, "_get_teacher_token_logprobs_from_server", ("inputs", "aligned_prompt_length"))
+            _require(trainer, "_compute_prompt_length", ("inputs",))
+            _require(trainer, "_get_last_hidden_state", ("unwrapped_model", "input_ids", "attention_mask"))
+            trl_served.use_on_server_distillation(trainer)
+        else:
+            _require_async_hook(trainer)
+            trl_served.use_on_async_distillation(trainer)
+        trainer._ptd_kernels_on = True
+        return trainer
     if isinstance(trainer, trl.GRPOTrainer):
         if topk is not None:
             raise ValueError("topk applies to DistillationTrainer only (GRPOTrainer has no divergence)")
@@ -81,9 +112,36 @@ def use_ptd_kernels(trainer, *, topk: int | None = None, support: str = "union",
         _require(trainer, "_get_last_hidden_state", ("unwrapped_model", "input_ids", "attention_mask"))
         _use_on_distillation(trainer, topk, support, tail)
     else:
-        raise TypeError(f"use_ptd_kernels supports trl.GRPOTrainer and trl.DistillationTrainer, "
-                        f"got {type(trainer).__name__}")
+        raise TypeError(f"use_ptd_kernels supports trl.GRPOTrainer, trl.DistillationTrainer and trl.experimental's "
+                        f"ServerDistillationTrainer and AsyncDistillationTrainer, got {type(trainer).__name__}")
     return trainer
+
+
+def _served_trainer_kind(trainer) -> str | None:
+    """"server" / "async" for TRL's served-teacher trainers, else None (their modules are imported only
+    when the trainer's class comes from them)."""
+    modules = {cls.__module__ for cls in type(trainer).__mro__}
+    for kind, module, name in (("server", "trl.experimental.server_distillation", "ServerDistillationTrainer"),
+                               ("async", "trl.experimental.async_distillation", "AsyncDistillationTrainer")):
+        if any(m.startswith(module) for m in modules):
+            cls = getattr(importlib.import_module(module), name, None)
+            if cls is not None and isinstance(trainer, cls):
+                return kind
+    return None
+
+
+def _require_async_hook(trainer) -> None:
+    """The async trainer's ``_compute_loss`` must call the module-level ``_chunked_jsd_loss`` with the
+    arguments ptd's replacement takes."""
+    method = getattr(type(trainer), "_compute_loss", None)
+    target = getattr(method, "__globals__", {}).get("_chunked_jsd_loss")
+    expected = ("hidden_valid", "lm_head_weight", "lm_head_bias", "logit_scale", "final_logit_softcapping",
+                "target_ids", "teacher_target_logps", "valid_candidate_mask", "beta", "temperature",
+                "add_tail_bucket", "teacher_id_idx", "num_teachers", "chunk_size")
+    if (method is None or "_chunked_jsd_loss" not in method.__code__.co_names or target is None
+            or tuple(inspect.signature(target).parameters) != expected):
+        raise RuntimeError(f"{type(trainer).__name__}._compute_loss no longer calls _chunked_jsd_loss{expected} "
+                           f"(TRL {trl.__version__}); ptd_kernels.integrations.trl supports TRL {SUPPORTED_TRL}")
 
 
 # ----------------------------------------------------------------------------- GRPO
@@ -98,10 +156,13 @@ def _policy_module(trainer):
 def _use_on_grpo(trainer) -> None:
     if getattr(trainer, "_ptd_kernels_on", False):
         return
-    add_ptd_head(_policy_module(trainer), temperature=trainer.temperature, flag="fused_lm_head", with_entropy=True)
+    # cast_lm_head_to_fp32: TRL casts the head's weight to float32 and runs its GEMM in float32 outside autocast
+    fp32_head = bool(getattr(trainer.args, "cast_lm_head_to_fp32", False))
+    add_ptd_head(_policy_module(trainer), temperature=trainer.temperature, flag="fused_lm_head", with_entropy=True,
+                 fp32_head=fp32_head)
     if trainer.ref_model is not None:
         add_ptd_head(trainer.accelerator.unwrap_model(trainer.ref_model), temperature=trainer.temperature,
-                     flag="fused_lm_head", with_entropy=False)
+                     flag="fused_lm_head", with_entropy=False, fp32_head=fp32_head)
     trainer._ptd_kernels_on = True
 
 
@@ -118,8 +179,8 @@ class _Divergence:
 def _use_on_distillation(trainer, topk, support, tail) -> None:
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
         raise ValueError(f"topk must be a positive int or None, got {topk!r}")
-    if support not in ("union", "teacher", "student"):
-        raise ValueError(f"support must be 'union', 'teacher' or 'student', got {support!r}")
+    if support not in SUPPORTS:
+        raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
     if getattr(trainer, "teacher_model", None) is None:
         raise ValueError("this DistillationTrainer has no teacher_model (a server teacher has no output layer to fuse)")
     options = _Divergence(topk, support, bool(tail))
