@@ -1,0 +1,349 @@
+"""A work model of ptd's CUDA paths and of the peers, counted from the code that runs — a MODEL, not a
+measurement.
+
+    python bench/gpu_model.py            # writes bench/results/gpu_model.json and docs/gpu_model.md
+    python bench/gpu_model.py --quick    # a small shape, nothing written (a smoke run)
+
+Every public op of ptd_kernels (forward and backward; ``linear_topk`` forward only) runs on each CUDA
+path ``backend=`` accepts (``gpu_cases.CUDA_PATHS``) and every peer runs its own code, at N=8192,
+H=4096, V ∈ {151936, 128256}, bf16, K=100, on meta tensors that report a CUDA device
+(``gpu_count``): the aten ops, Triton launches, host syncs and live bytes are counted, not estimated.
+``gpu_kernels`` turns each Triton launch plan into FLOPs, bytes and atomics. This file turns the
+counts into a predicted time per device from published peaks and the efficiencies stated in
+``ASSUMPTIONS`` (a roofline per kernel, summed), compares each op with the GEMMs its form needs at
+cuBLAS speed (its floor) and with the peers, and says which term holds an op back where a target
+of issue 21.5 is not met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from gpu_cases import PEERS, PTD_OPS, Shape, available_paths, run_case  # noqa: E402
+from gpu_count import StandIn, TritonLaunch, Work, counting  # noqa: E402
+from gpu_kernels import Chip, cdiv, launch_work  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results", "gpu_model.json")
+DOC = os.path.join(ROOT, "docs", "gpu_model.md")
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Device:
+    """Published peaks (dense, no sparsity) and the derived per-SM rates of one GPU."""
+
+    name: str
+    sms: int
+    peak_flops: dict  # GEMM operand precision -> FLOP/s
+    hbm_bytes_per_s: float
+    l2_bytes: int
+    memory_bytes: int
+    source: str
+    clock_hz: float = 1.83e9  # the clock of the tensor peak: 989.4 TFLOP/s = 132 SMs × 4096 FLOP/clock
+
+    @property
+    def int32_per_s(self) -> float:
+        return self.sms * 64 * self.clock_hz  # 64 INT32 lanes per Hopper SM
+
+    @property
+    def sfu_per_s(self) -> float:
+        return self.sms * 16 * self.clock_hz  # 16 special-function units per SM
+
+    def chip(self) -> Chip:
+        return Chip(sms=self.sms, l2_bytes=int(self.l2_bytes * ASSUMPTIONS["l2_usable"]))
+
+
+_HOPPER_PEAKS = {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12, "fp64": 66.9e12}
+DEVICES = (
+    Device("H100 SXM", 132, _HOPPER_PEAKS, 3.35e12, 50 * 10**6, 80 * 10**9,
+           "NVIDIA H100 Tensor Core GPU datasheet (SXM5: BF16/FP16 1,979 and TF32 989 TFLOPS with sparsity, "
+           "i.e. 989.4 / 494.7 dense; FP32 67 TFLOPS; FP64 tensor 67 TFLOPS; HBM3 3.35 TB/s, 80 GB) and the "
+           "H100 whitepaper (132 SMs, 50 MB L2)"),
+    Device("H200", 132, _HOPPER_PEAKS, 4.8e12, 50 * 10**6, 141 * 10**9,
+           "NVIDIA H200 Tensor Core GPU datasheet (SXM: the H100 SXM's compute peaks; HBM3e 4.8 TB/s, 141 GB); "
+           "the same GH100 die (132 SMs, 50 MB L2)"),
+)
+
+# Every number the prediction uses besides the published peaks. Change one here and regenerate.
+ASSUMPTIONS = {
+    "cublas_efficiency": 0.75,  # large bf16/fp16/tf32 cuBLAS GEMMs reach this fraction of the tensor peak
+    "cublas_fp32_efficiency": 0.80,  # fp32 (tf32 off, torch's default) SIMT GEMMs: of the FP32 peak
+    "cublas_tile": (128, 256),  # output tile of a tensor-core GEMM, for the wave count (fp32: 128×128)
+    "triton_dot_efficiency": 0.60,  # a fused kernel's tl.dot main loop, when its operands arrive in time
+    "stream_efficiency": 0.80,  # elementwise / reduction / copy kernels: this fraction of HBM bandwidth
+    "l2_bytes_per_s": 7.0e12,  # SM ← L2 bandwidth (H100 and H200 alike)
+    "l2_usable": 0.8,  # of the 50 MB L2 as the LRU capacity of the tile simulation
+    "atomic_bytes_per_s": 3.5e12,  # fp32 red.add payload resolved in L2 (half its bandwidth: read-modify-write)
+    "launch_s": 5e-6,  # host time per launch (eager PyTorch / Triton from Python): a kernel costs at least this
+    "sync_s": 20e-6,  # a host read-back drains the queue and exposes the next launch
+}
+
+ASSUMPTION_TEXT = (
+    ("GEMMs (cuBLAS)", "{cublas_efficiency:.0%} of the bf16/fp16/tf32 tensor peak for large GEMMs, times the "
+     "last wave's occupancy (output tiles of {tile[0]}×{tile[1]} over the SMs); fp32 operands (tf32 off, torch's "
+     "default) run on the FP32 pipe at {cublas_fp32_efficiency:.0%} of its peak; a thin GEMM is held to the "
+     "bandwidth of its operands."),
+    ("Fused Triton kernels", "tl.dot at {triton_dot_efficiency:.0%} of the tensor peak (64×128×64 tiles, one CTA of "
+     "8–16 warps per SM, cp.async loads, no TMA: below cuBLAS), plus the per-logit epilogue on the INT32/FP32 and "
+     "SFU pipes in series with it (one CTA per SM: nothing hides it); their tile loads from L2 at "
+     "{l2_tb:.1f} TB/s (Chips and Cheese measured ≈5.5 TB/s on the 114-SM H100 PCIe; scaled to 132 SMs) and "
+     "fp32 atomics at {atomic_tb:.1f} TB/s of payload (half the L2 bandwidth: each is a read-modify-write; no "
+     "published figure: a GPU run should calibrate it); HBM traffic from a least-recently-used simulation of "
+     "{l2_usable:.0%} of the 50 MB L2 over the programs' tiles in launch order (bench/gpu_kernels.py). A fused "
+     "kernel takes the longest of: dots + epilogue, L2 loads + atomics, HBM."),
+    ("Memory passes", "every other kernel (elementwise, reductions, copies, fills, sorts, gathers; the peers' "
+     "Triton elementwise kernels) moves its operands once at {stream_efficiency:.0%} of HBM bandwidth, with no "
+     "L2 reuse between kernels."),
+    ("Launches and syncs", "each launch costs at least {launch_us:.0f} µs (host-side launch in eager mode; a "
+     "kernel shorter than that is launch-bound) and each host read-back {sync_us:.0f} µs."),
+    ("Data", "modelled data: every row live, every target and id in range, no tie at the k-th place, every "
+     "boolean mask all True, and the running top-K merges on every tile (with 64 rows per tile, some row nearly "
+     "always has a new candidate); the union support holds 2K distinct ids (bench/gpu_count.SCALAR_RULES)."),
+    ("Floor", "an op's floor is the logits GEMMs its form needs (2·N·V·H FLOPs each) at cuBLAS speed in bf16; "
+     "'× floor' divides the predicted time by it. Targets (issue 21.5): every op ≤ 1.2× its floor, teacher top-K "
+     "≤ 1.2× one GEMM, working memory (peak beyond the inputs, less the input gradients) ≤ 1 GiB."),
+)
+
+
+def assumption_lines() -> list[str]:
+    a = ASSUMPTIONS
+    values = dict(a, tile=a["cublas_tile"], l2_tb=a["l2_bytes_per_s"] / 1e12, atomic_tb=a["atomic_bytes_per_s"] / 1e12,
+                  launch_us=a["launch_s"] * 1e6, sync_us=a["sync_s"] * 1e6)
+    return [f"**{title}**: {text.format(**values)}" for title, text in ASSUMPTION_TEXT]
+
+
+# ----------------------------------------------------------------------------- time per kernel
+
+
+def _waves(units: int, slots: int) -> float:
+    """Fraction of the SM-time that works when ``units`` equal pieces run in waves of ``slots``."""
+    return units / (cdiv(units, slots) * slots) if units else 1.0
+
+
+def _gemm_waves(work: Work, device: Device) -> float:
+    m_tile, n_tile = ASSUMPTIONS["cublas_tile"] if work.gemm_dtype != "fp32" else (128, 128)
+    try:
+        left, right = work.detail.split("@")
+        a_shape = tuple(int(s) for s in left.strip("()").split(",") if s.strip())
+        b_shape = tuple(int(s) for s in right.strip("()").split(",") if s.strip()) if right != "vec" else (1,)
+    except ValueError:
+        return 1.0
+    batch = a_shape[0] if len(a_shape) == 3 else 1
+    rows, cols = a_shape[-2], b_shape[-1]
+    return _waves(batch * cdiv(rows, m_tile) * cdiv(cols, n_tile), device.sms)
+
+
+def one_gemm_s(shape: Shape, device: Device) -> float:
+    """A logits GEMM of the shape at cuBLAS speed in bf16: the unit of every floor."""
+    tiles = cdiv(shape.n, ASSUMPTIONS["cublas_tile"][0]) * cdiv(shape.v, ASSUMPTIONS["cublas_tile"][1])
+    rate = device.peak_flops["bf16"] * ASSUMPTIONS["cublas_efficiency"] * _waves(tiles, device.sms)
+    return shape.logits_gemm_flops / rate
+
+
+def kernel_time(work: Work, device: Device) -> tuple[float, dict]:
+    """(seconds, {term: seconds}) of one kernel; the terms say where its time goes beyond its GEMM FLOPs at
+    cuBLAS speed in bf16 (term "gemm"), and sum to the seconds."""
+    a = ASSUMPTIONS
+    ideal = work.gemm_flops / (device.peak_flops["bf16"] * a["cublas_efficiency"])
+    stream = work.hbm_bytes / (device.hbm_bytes_per_s * a["stream_efficiency"])
+    if work.kind == "sync":
+        return a["sync_s"], {"host syncs": a["sync_s"]}
+    if work.kind == "stream":
+        seconds = stream
+        terms = {"memory passes": stream}
+    elif work.kind == "gemm":
+        fp32 = work.gemm_dtype in ("fp32", "fp64")
+        efficiency = a["cublas_fp32_efficiency"] if fp32 else a["cublas_efficiency"]
+        compute = work.gemm_flops / (device.peak_flops[work.gemm_dtype] * efficiency * _gemm_waves(work, device))
+        seconds = max(compute, stream)
+        extra = seconds - ideal
+        label = (f"GEMMs in {work.gemm_dtype}" if work.gemm_dtype != "bf16" and compute >= stream
+                 else "thin GEMMs (bandwidth)" if stream > compute else "GEMM waves")
+        terms = {"gemm": ideal, label: extra}
+    else:  # fused Triton kernel
+        waves = _waves(work.programs, device.chip().sms * device.chip().ctas_per_sm)
+        dots = work.gemm_flops / (device.peak_flops[work.gemm_dtype] * a["triton_dot_efficiency"] * waves)
+        epilogue = work.alu_ops / device.int32_per_s + work.sfu_ops / device.sfu_per_s
+        loads = work.l2_bytes / a["l2_bytes_per_s"]
+        atomics = work.atomic_bytes / a["atomic_bytes_per_s"]
+        hbm = work.hbm_bytes / device.hbm_bytes_per_s
+        limits = {"compute": dots + epilogue, "l2": loads + atomics, "hbm": hbm}
+        binding = max(limits, key=limits.get)
+        seconds = limits[binding]
+        beyond = seconds - ideal
+        if binding == "compute":
+            parts = {"Triton dots below cuBLAS speed": dots - ideal, "epilogue ALU/SFU (incl. top-K merge)": epilogue}
+        elif binding == "l2":
+            parts = {"L2 tile loads": loads, "atomics": atomics}
+        else:
+            parts = {"HBM (tiles missing L2, accumulator write-backs)": hbm}
+        share = sum(parts.values()) or 1.0
+        terms = {"gemm": ideal, **{k: beyond * v / share for k, v in parts.items()}}
+    if seconds < a["launch_s"]:
+        terms["launches"] = a["launch_s"] - seconds
+        seconds = a["launch_s"]
+    return seconds, terms
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def count(call, shape: Shape, stand_in: StandIn):
+    with counting(stand_in) as trace:
+        inputs = run_case(call, shape, trace)
+        grad_bytes = inputs.grad_bytes
+    return trace, grad_bytes
+
+
+def evaluate(trace, grad_bytes: int, shape: Shape, floor: int, devices=DEVICES) -> dict:
+    """Counts and, per device, the predicted time and its terms."""
+    row = {"launches": len(trace.launches()), "syncs": trace.syncs,
+           "peak_bytes": trace.peak_extra_bytes, "working_bytes": trace.peak_extra_bytes - grad_bytes,
+           "peak_allocations": [f"{size / GiB:.2f} GiB {what}" for size, what in trace.peak_allocations],
+           "devices": {}}
+    by_chip = {}
+    for device in devices:
+        chip = device.chip()
+        if chip not in by_chip:
+            by_chip[chip] = [launch_work(w, chip) if isinstance(w, TritonLaunch) else w for w in trace.works]
+        works = by_chip[chip]
+        terms = defaultdict(float)
+        total = 0.0
+        for work in works:
+            seconds, parts = kernel_time(work, device)
+            total += seconds
+            for name, value in parts.items():
+                terms[name] += value
+        gemm = one_gemm_s(shape, device)
+        counted = terms.pop("gemm", 0.0)
+        # the counted GEMM FLOPs split into the floor and the GEMMs beyond it
+        terms = {"floor GEMMs": min(counted, floor * gemm), "extra GEMMs": max(0.0, counted - floor * gemm),
+                 **terms}
+        row["devices"][device.name] = {"predicted_ms": total * 1e3, "floor_ms": floor * gemm * 1e3,
+                                      "x_floor": total / (floor * gemm),
+                                      "terms_ms": {k: v * 1e3 for k, v in terms.items() if abs(v) > 1e-9}}
+    works = next(iter(by_chip.values()))
+    gemm_works = [w for w in works if w.gemm_flops]
+    row.update({
+        "gemm_flops": sum(w.gemm_flops for w in works),
+        "gemm_equivalents": sum(w.gemm_flops for w in works) / shape.logits_gemm_flops,
+        "gemm_precisions": sorted({w.gemm_dtype for w in gemm_works}),
+        "hbm_bytes": sum(w.hbm_bytes for w in works),
+        "l2_bytes": sum(w.l2_bytes for w in works),
+        "atomics": sum(w.atomics for w in works),
+        "atomic_bytes": sum(w.atomic_bytes for w in works),
+        "kernels": _kernel_summary(works),
+    })
+    return row
+
+
+def _kernel_summary(works) -> list[dict]:
+    """The works grouped by (name, phase, kind): counts and sums (the JSON's per-kernel detail)."""
+    groups: dict = {}
+    for w in works:
+        key = (w.name, w.phase, w.kind, w.gemm_dtype)
+        g = groups.setdefault(key, {"kernel": w.name, "phase": w.phase, "kind": w.kind, "precision": w.gemm_dtype,
+                                    "launches": 0, "gemm_flops": 0.0, "hbm_bytes": 0.0, "l2_bytes": 0.0,
+                                    "atomic_bytes": 0.0, "example": w.detail})
+        g["launches"] += 1
+        g["gemm_flops"] += w.gemm_flops
+        g["hbm_bytes"] += w.hbm_bytes
+        g["l2_bytes"] += w.l2_bytes
+        g["atomic_bytes"] += w.atomic_bytes
+    return sorted(groups.values(), key=lambda g: -(g["gemm_flops"] + g["hbm_bytes"]))
+
+
+def holds_back(row: dict, device: str, target: float) -> str:
+    """Where the op misses a target: the terms beyond its floor, largest first, and its memory."""
+    result = row["devices"][device]
+    misses = []
+    if result["x_floor"] > target:
+        terms = sorted(((v, k) for k, v in result["terms_ms"].items() if k != "floor GEMMs" and v > 0), reverse=True)
+        top = ", ".join(f"{k} {v:.1f} ms" for v, k in terms[:3])
+        misses.append(f"{result['x_floor']:.2f}× > {target}×: {top}")
+    if row["working_bytes"] > GiB:
+        what = "; ".join(row["peak_allocations"][:2])
+        misses.append(f"working memory {row['working_bytes'] / GiB:.2f} GiB > 1 GiB ({what})")
+    return " — ".join(misses)
+
+
+# ----------------------------------------------------------------------------- all cases
+
+
+def shapes(quick: bool) -> list[Shape]:
+    if quick:
+        return [Shape(n=256, h=256, v=8192, k=16)]
+    return [Shape(v=151936), Shape(v=128256)]
+
+
+def run(quick: bool = False, log=print) -> dict:
+    logging.getLogger("liger_kernel").setLevel(logging.ERROR)
+    stand_in = StandIn()
+    rows = []
+    paths = available_paths()
+    for shape in shapes(quick):
+        for op in PTD_OPS:
+            for path in paths:
+                started = time.time()
+                trace, grad_bytes = count(lambda x, op=op, path=path: op.call(x, path), shape, stand_in)
+                row = {"op": op.name, "path": path, "library": "ptd", "shape": asdict(shape) | {"dtype": "bf16"},
+                       "floor_gemms": op.floor, "floor_why": op.floor_why, "target": op.target,
+                       "peers": list(op.peers), **evaluate(trace, grad_bytes, shape, op.floor)}
+                rows.append(row)
+                log(f"{shape.label()}  {op.name:22s} {path:7s} counted in {time.time() - started:5.1f} s: "
+                    f"{row['gemm_equivalents']:.2f} GEMM-eq, {row['launches']} launches, "
+                    f"{row['devices'][DEVICES[0].name]['predicted_ms']:.1f} ms on {DEVICES[0].name}")
+        for peer in PEERS:
+            started = time.time()
+            trace, grad_bytes = count(peer.call, shape, stand_in)
+            row = {"op": peer.name, "path": peer.library, "library": peer.library, "what": peer.what,
+                   "shape": asdict(shape) | {"dtype": "bf16"}, "floor_gemms": peer.floor,
+                   **evaluate(trace, grad_bytes, shape, peer.floor)}
+            rows.append(row)
+            log(f"{shape.label()}  {peer.name:32s} counted in {time.time() - started:5.1f} s: "
+                f"{row['gemm_equivalents']:.2f} GEMM-eq, {row['devices'][DEVICES[0].name]['predicted_ms']:.1f} ms")
+    return {"kind": "model", "note": "a work model counted from the code that runs; predicted times, not measured",
+            "devices": [asdict(d) for d in DEVICES], "assumptions": ASSUMPTIONS,
+            "assumption_text": assumption_lines(), "rows": rows}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small shape; writes nothing")
+    args = parser.parse_args(argv)
+    started = time.time()
+    result = run(quick=args.quick, log=lambda line: print(line, flush=True))
+    result["seconds_to_count"] = round(time.time() - started, 1)
+    if args.quick:
+        return result
+    from gpu_report import markdown
+
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        json.dump(result, f, indent=1, default=_json_default)
+    with open(DOC, "w") as f:
+        f.write(markdown(result))
+    print(f"wrote {os.path.relpath(RESULTS, ROOT)} and {os.path.relpath(DOC, ROOT)} "
+          f"({result['seconds_to_count']} s)")
+    return result
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return str(value)
+
+
+if __name__ == "__main__":
+    main()
