@@ -56,8 +56,9 @@ class Inputs:
 
     @property
     def grad_bytes(self) -> int:
-        """Bytes of the input gradients the caller keeps (inside the peak, outside the working memory)."""
-        return sum(t.numel() * t.element_size() for t in (self.hidden, self.weight))
+        """Bytes of the input gradients the call left (the caller keeps them: inside the peak, outside
+        the working memory)."""
+        return sum(t.grad.numel() * t.grad.element_size() for t in (self.hidden, self.weight) if t.grad is not None)
 
 
 def make_inputs(shape: Shape) -> Inputs:

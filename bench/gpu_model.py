@@ -91,9 +91,11 @@ ASSUMPTIONS = {
 
 ASSUMPTION_TEXT = (
     ("GEMMs (cuBLAS)", "{cublas_efficiency:.0%} of the bf16/fp16/tf32 tensor peak for large GEMMs, times the "
-     "last wave's occupancy (output tiles of {tile[0]}×{tile[1]} over the SMs); fp32 operands (tf32 off, torch's "
-     "default) run on the FP32 pipe at {cublas_fp32_efficiency:.0%} of its peak; a thin GEMM is held to the "
-     "bandwidth of its operands."),
+     "occupancy of its waves of {tile[0]}×{tile[1]} output tiles over the SMs (an output of fewer tiles than SMs "
+     "splits its reduction, split-K, as far as that fills the waves); fp32 operands (tf32 off, torch's default) run "
+     "on the FP32 pipe at {cublas_fp32_efficiency:.0%} of its peak; a GEMM is never faster than moving its operands "
+     "at the memory-pass rate, and one with at most 16 output rows or columns (a gather, a GEMV) is priced that "
+     "way."),
     ("Fused Triton kernels", "tl.dot at {triton_dot_efficiency:.0%} of the tensor peak (64×128×64 tiles, one CTA of "
      "8–16 warps per SM, cp.async loads, no TMA: below cuBLAS), plus the per-logit epilogue on the INT32/FP32 and "
      "SFU pipes in series with it (one CTA per SM: nothing hides it); their tile loads from L2 at "
@@ -131,17 +133,30 @@ def _waves(units: int, slots: int) -> float:
     return units / (cdiv(units, slots) * slots) if units else 1.0
 
 
+SMALL_GEMM = 16  # a GEMM whose output has at most this many rows or columns is a gather or a GEMV
+
+
+SPLIT_K_DEPTH = 1024  # a split-K slice keeps at least this much of the reduction
+
+
+def _gemm_output(work: Work) -> tuple[int, int, int, int]:
+    """(batch, rows, columns, reduction depth) of a GEMM, from the shapes the counter recorded."""
+    left, right = work.detail.split("@")
+    a_shape = tuple(int(s) for s in left.strip("()").split(",") if s.strip())
+    b_shape = tuple(int(s) for s in right.strip("()").split(",") if s.strip()) if right != "vec" else (1,)
+    return (a_shape[0] if len(a_shape) == 3 else 1), a_shape[-2], b_shape[-1], a_shape[-1]
+
+
 def _gemm_waves(work: Work, device: Device) -> float:
+    """Occupancy of the GEMM's waves of output tiles; an output of fewer tiles than SMs splits its
+    reduction (split-K) into as many slices as fill the waves best."""
     m_tile, n_tile = ASSUMPTIONS["cublas_tile"] if work.gemm_dtype != "fp32" else (128, 128)
-    try:
-        left, right = work.detail.split("@")
-        a_shape = tuple(int(s) for s in left.strip("()").split(",") if s.strip())
-        b_shape = tuple(int(s) for s in right.strip("()").split(",") if s.strip()) if right != "vec" else (1,)
-    except ValueError:
-        return 1.0
-    batch = a_shape[0] if len(a_shape) == 3 else 1
-    rows, cols = a_shape[-2], b_shape[-1]
-    return _waves(batch * cdiv(rows, m_tile) * cdiv(cols, n_tile), device.sms)
+    batch, rows, cols, depth = _gemm_output(work)
+    tiles = batch * cdiv(rows, m_tile) * cdiv(cols, n_tile)
+    if tiles >= device.sms:
+        return _waves(tiles, device.sms)
+    splits = range(1, max(1, min(depth // SPLIT_K_DEPTH, 4 * device.sms)) + 1)
+    return max(_waves(tiles * split, device.sms) for split in splits)
 
 
 def one_gemm_s(shape: Shape, device: Device) -> float:
@@ -165,12 +180,15 @@ def kernel_time(work: Work, device: Device) -> tuple[float, dict]:
     elif work.kind == "gemm":
         fp32 = work.gemm_dtype in ("fp32", "fp64")
         efficiency = a["cublas_fp32_efficiency"] if fp32 else a["cublas_efficiency"]
-        compute = work.gemm_flops / (device.peak_flops[work.gemm_dtype] * efficiency * _gemm_waves(work, device))
+        _, rows, cols, _ = _gemm_output(work)
+        small = min(rows, cols) <= SMALL_GEMM  # bandwidth-bound whatever its tiles
+        waves = 1.0 if small else _gemm_waves(work, device)
+        compute = work.gemm_flops / (device.peak_flops[work.gemm_dtype] * efficiency * waves)
         seconds = max(compute, stream)
-        extra = seconds - ideal
-        label = (f"GEMMs in {work.gemm_dtype}" if work.gemm_dtype != "bf16" and compute >= stream
+        label = ("small GEMMs (gathers, GEMV)" if small
+                 else f"GEMMs in {work.gemm_dtype}" if work.gemm_dtype != "bf16" and compute >= stream
                  else "thin GEMMs (bandwidth)" if stream > compute else "GEMM waves")
-        terms = {"gemm": ideal, label: extra}
+        terms = {"gemm": ideal, label: seconds - ideal}
     else:  # fused Triton kernel
         waves = _waves(work.programs, device.chip().sms * device.chip().ctas_per_sm)
         dots = work.gemm_flops / (device.peak_flops[work.gemm_dtype] * a["triton_dot_efficiency"] * waves)
@@ -248,9 +266,14 @@ def evaluate(trace, grad_bytes: int, shape: Shape, floor: int, devices=DEVICES) 
     return row
 
 
+KERNEL_GROUPS = 16  # per-kernel groups kept in the JSON per row (the rest summed as "other")
+
+
 def _kernel_summary(works) -> list[dict]:
-    """The works grouped by (name, phase, kind): counts and sums (the JSON's per-kernel detail)."""
+    """The works grouped by (name, phase, kind, precision): launches and sums, the largest launch's shape
+    as the example (the JSON's per-kernel detail)."""
     groups: dict = {}
+    largest: dict = {}
     for w in works:
         key = (w.name, w.phase, w.kind, w.gemm_dtype)
         g = groups.setdefault(key, {"kernel": w.name, "phase": w.phase, "kind": w.kind, "precision": w.gemm_dtype,
@@ -261,7 +284,16 @@ def _kernel_summary(works) -> list[dict]:
         g["hbm_bytes"] += w.hbm_bytes
         g["l2_bytes"] += w.l2_bytes
         g["atomic_bytes"] += w.atomic_bytes
-    return sorted(groups.values(), key=lambda g: -(g["gemm_flops"] + g["hbm_bytes"]))
+        size = w.gemm_flops + w.hbm_bytes
+        if size > largest.get(key, -1.0):
+            largest[key] = size
+            g["example"] = w.detail
+    ordered = sorted(groups.values(), key=lambda g: -(g["gemm_flops"] + g["hbm_bytes"] + g["launches"]))
+    kept, rest = ordered[:KERNEL_GROUPS], ordered[KERNEL_GROUPS:]
+    if rest:
+        kept.append({"kernel": f"other ({len(rest)} groups)", "launches": sum(g["launches"] for g in rest),
+                     **{k: sum(g[k] for g in rest) for k in ("gemm_flops", "hbm_bytes", "l2_bytes", "atomic_bytes")}})
+    return kept
 
 
 def holds_back(row: dict, device: str, target: float) -> str:

@@ -111,8 +111,8 @@ def markdown(result) -> str:
         "times are **predicted** from them with the published peaks and the assumptions listed here. Measured",
         "figures go in their own section at the end, never into these columns.",
         "",
-        "Regenerate: `python bench/gpu_model.py` (about a minute; the JSON with every kernel's counts is",
-        "`bench/results/gpu_model.json`).",
+        f"Regenerate: `python bench/gpu_model.py` ({result.get('seconds_to_count', 0) / 60:.0f} minutes here, on a "
+        "shared 2-core machine; the JSON with the counts per kernel is `bench/results/gpu_model.json`).",
         "",
         "## Assumptions of the model",
         "",
