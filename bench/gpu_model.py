@@ -18,6 +18,7 @@ of issue 21.5 is not met.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -224,8 +225,31 @@ def count(call, shape: Shape, stand_in: StandIn):
     return trace, grad_bytes
 
 
-def evaluate(trace, grad_bytes: int, shape: Shape, floor: int, devices=DEVICES) -> dict:
-    """Counts and, per device, the predicted time and its terms."""
+def costed(trace, chip: Chip) -> list[Work]:
+    """The trace's works with every Triton launch turned into work on ``chip``."""
+    return [launch_work(w, chip) if isinstance(w, TritonLaunch) else w for w in trace.works]
+
+
+def predict(works, shape: Shape, floor: int, device: Device) -> dict:
+    """Predicted time of the works on ``device``, its terms, and the ratio to the floor."""
+    terms = defaultdict(float)
+    total = 0.0
+    for work in works:
+        seconds, parts = kernel_time(work, device)
+        total += seconds
+        for name, value in parts.items():
+            terms[name] += value
+    gemm = one_gemm_s(shape, device)
+    counted = terms.pop("gemm", 0.0)
+    # the counted GEMM FLOPs split into the floor and the GEMMs beyond it
+    terms = {"floor GEMMs": min(counted, floor * gemm), "extra GEMMs": max(0.0, counted - floor * gemm), **terms}
+    return {"predicted_ms": total * 1e3, "floor_ms": floor * gemm * 1e3, "x_floor": total / (floor * gemm),
+            "terms_ms": {k: v * 1e3 for k, v in terms.items() if abs(v) > 1e-9}}
+
+
+def evaluate(trace, grad_bytes: int, shape: Shape, floor: int, devices=DEVICES, keep=None) -> dict:
+    """Counts and, per device, the predicted time and its terms. ``keep``: a dict that receives the
+    costed works per device name (for the sensitivity runs)."""
     row = {"launches": len(trace.launches()), "syncs": trace.syncs,
            "peak_bytes": trace.peak_extra_bytes, "working_bytes": trace.peak_extra_bytes - grad_bytes,
            "peak_allocations": [f"{size / GiB:.2f} GiB {what}" for size, what in trace.peak_allocations],
@@ -234,23 +258,10 @@ def evaluate(trace, grad_bytes: int, shape: Shape, floor: int, devices=DEVICES) 
     for device in devices:
         chip = device.chip()
         if chip not in by_chip:
-            by_chip[chip] = [launch_work(w, chip) if isinstance(w, TritonLaunch) else w for w in trace.works]
-        works = by_chip[chip]
-        terms = defaultdict(float)
-        total = 0.0
-        for work in works:
-            seconds, parts = kernel_time(work, device)
-            total += seconds
-            for name, value in parts.items():
-                terms[name] += value
-        gemm = one_gemm_s(shape, device)
-        counted = terms.pop("gemm", 0.0)
-        # the counted GEMM FLOPs split into the floor and the GEMMs beyond it
-        terms = {"floor GEMMs": min(counted, floor * gemm), "extra GEMMs": max(0.0, counted - floor * gemm),
-                 **terms}
-        row["devices"][device.name] = {"predicted_ms": total * 1e3, "floor_ms": floor * gemm * 1e3,
-                                      "x_floor": total / (floor * gemm),
-                                      "terms_ms": {k: v * 1e3 for k, v in terms.items() if abs(v) > 1e-9}}
+            by_chip[chip] = costed(trace, chip)
+        row["devices"][device.name] = predict(by_chip[chip], shape, floor, device)
+        if keep is not None:
+            keep[device.name] = by_chip[chip]
     works = next(iter(by_chip.values()))
     gemm_works = [w for w in works if w.gemm_flops]
     row.update({
@@ -264,6 +275,48 @@ def evaluate(trace, grad_bytes: int, shape: Shape, floor: int, devices=DEVICES) 
         "kernels": _kernel_summary(works),
     })
     return row
+
+
+@contextlib.contextmanager
+def assumed(**changes):
+    """ASSUMPTIONS with ``changes`` inside the block (the sensitivity runs)."""
+    saved = dict(ASSUMPTIONS)
+    ASSUMPTIONS.update(changes)
+    try:
+        yield
+    finally:
+        ASSUMPTIONS.clear()
+        ASSUMPTIONS.update(saved)
+
+
+# How the predictions move when one uncertain assumption moves (the ones a first GPU run should calibrate).
+SENSITIVITY = (
+    ("atomics 2× faster", {"atomic_bytes_per_s": 7.0e12}),
+    ("L2 1.5× faster", {"l2_bytes_per_s": 10.5e12}),
+    ("Triton dots at cuBLAS efficiency", {"triton_dot_efficiency": 0.75}),
+    ("cuBLAS at 65 %", {"cublas_efficiency": 0.65}),
+    ("launches 2.5 µs", {"launch_s": 2.5e-6}),
+)
+
+
+def sensitivity(kept: dict, shape: Shape, device: Device) -> dict:
+    """{variant: {"op path": predicted ms}} for the kept rows' works on ``device``."""
+    out = {"base": {name: predict(works, shape, floor, device)["predicted_ms"]
+                    for name, (works, floor) in kept.items()}}
+    for label, changes in SENSITIVITY:
+        with assumed(**changes):
+            out[label] = {name: predict(works, shape, floor, device)["predicted_ms"]
+                          for name, (works, floor) in kept.items()}
+    return out
+
+
+def predict_op(op_name: str, path: str, shape: Shape | None = None, device: Device = DEVICES[0]) -> dict:
+    """The model of one ptd op on one path (e.g. for a provisional ``backend="auto"`` rule): counts and
+    the predicted time on ``device`` (default shape: the target one)."""
+    shape = shape or Shape()
+    op = next(op for op in PTD_OPS if op.name == op_name)
+    trace, grad_bytes = count(lambda x: op.call(x, path), shape, StandIn())
+    return evaluate(trace, grad_bytes, shape, op.floor, devices=(device,))
 
 
 KERNEL_GROUPS = 16  # per-kernel groups kept in the JSON per row (the rest summed as "other")
@@ -324,14 +377,19 @@ def run(quick: bool = False, log=print) -> dict:
     stand_in = StandIn()
     rows = []
     paths = available_paths()
+    main_shape, main_device = shapes(quick)[0], DEVICES[0]
+    kept = {}  # the main shape's costed works on the main device, for the sensitivity runs
     for shape in shapes(quick):
         for op in PTD_OPS:
             for path in paths:
                 started = time.time()
                 trace, grad_bytes = count(lambda x, op=op, path=path: op.call(x, path), shape, stand_in)
+                works = {}
                 row = {"op": op.name, "path": path, "library": "ptd", "shape": asdict(shape) | {"dtype": "bf16"},
                        "floor_gemms": op.floor, "floor_why": op.floor_why, "target": op.target,
-                       "peers": list(op.peers), **evaluate(trace, grad_bytes, shape, op.floor)}
+                       "peers": list(op.peers), **evaluate(trace, grad_bytes, shape, op.floor, keep=works)}
+                if shape == main_shape:
+                    kept[f"{op.name} ({path})"] = (works[main_device.name], op.floor)
                 rows.append(row)
                 log(f"{shape.label()}  {op.name:22s} {path:7s} counted in {time.time() - started:5.1f} s: "
                     f"{row['gemm_equivalents']:.2f} GEMM-eq, {row['launches']} launches, "
@@ -339,15 +397,20 @@ def run(quick: bool = False, log=print) -> dict:
         for peer in PEERS:
             started = time.time()
             trace, grad_bytes = count(peer.call, shape, stand_in)
+            works = {}
             row = {"op": peer.name, "path": peer.library, "library": peer.library, "what": peer.what,
                    "shape": asdict(shape) | {"dtype": "bf16"}, "floor_gemms": peer.floor,
-                   **evaluate(trace, grad_bytes, shape, peer.floor)}
+                   **evaluate(trace, grad_bytes, shape, peer.floor, keep=works)}
+            if shape == main_shape:
+                kept[peer.name] = (works[main_device.name], peer.floor)
             rows.append(row)
             log(f"{shape.label()}  {peer.name:32s} counted in {time.time() - started:5.1f} s: "
                 f"{row['gemm_equivalents']:.2f} GEMM-eq, {row['devices'][DEVICES[0].name]['predicted_ms']:.1f} ms")
     return {"kind": "model", "note": "a work model counted from the code that runs; predicted times, not measured",
             "devices": [asdict(d) for d in DEVICES], "assumptions": ASSUMPTIONS,
-            "assumption_text": assumption_lines(), "rows": rows}
+            "assumption_text": assumption_lines(), "rows": rows,
+            "sensitivity": {"device": main_device.name, "shape": asdict(main_shape) | {"dtype": "bf16"},
+                            "predicted_ms": sensitivity(kept, main_shape, main_device)}}
 
 
 def main(argv=None):

@@ -94,6 +94,22 @@ def _terms_table(result, device, v) -> list[str]:
     return lines
 
 
+def _sensitivity_section(result) -> list[str]:
+    table = result.get("sensitivity")
+    if not table:
+        return []
+    variants = list(table["predicted_ms"])
+    names = list(table["predicted_ms"]["base"])
+    lines = [f"## How the predictions move with the uncertain assumptions — {table['device']}, "
+             f"V={table['shape']['v']} (model, ms)", "",
+             "Each column changes one assumption from the list above and keeps the others; the atomics rate and",
+             "the L2 bandwidth have no published figure, so a first GPU run should settle them.", "",
+             "| op | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(_fmt(table["predicted_ms"][v][name]) for v in variants) + " |")
+    return lines + [""]
+
+
 def markdown(result) -> str:
     from gpu_model import holds_back
 
@@ -145,6 +161,7 @@ def markdown(result) -> str:
             "'floor GEMMs' is the op's floor; 'extra GEMMs' the counted GEMM FLOPs beyond it at cuBLAS speed; the",
             "other columns are time beyond the GEMMs' FLOPs at cuBLAS speed, by the term that binds each kernel.",
             "", *_terms_table(result, main, vs[0]), ""]
+    out += _sensitivity_section(result)
     out += [f"## What holds each op back — {main}, V={vs[0]} (model)", "",
             "Where a target of issue 21.5 is not met (≤ 1.2× the floor, teacher top-K ≤ 1.2× one GEMM, working",
             "memory ≤ 1 GiB), the largest terms beyond the floor:", ""]
