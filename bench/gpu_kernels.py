@@ -34,7 +34,7 @@ import textwrap
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
-from gpu_count import TensorArg, TritonLaunch, Work
+from gpu_work import TensorArg, TritonLaunch, Work
 
 
 class UnmodelledKernel(RuntimeError):

@@ -112,7 +112,7 @@ ASSUMPTION_TEXT = (
      "kernel shorter than that is launch-bound) and each host read-back {sync_us:.0f} µs."),
     ("Data", "modelled data: every row live, every target and id in range, no tie at the k-th place, every "
      "boolean mask all True, and the running top-K merges on every tile (with 64 rows per tile, some row nearly "
-     "always has a new candidate); the union support holds 2K distinct ids (bench/gpu_count.SCALAR_RULES)."),
+     "always has a new candidate); the union support holds 2K distinct ids (SCALAR_RULES in bench/gpu_scalars.py)."),
     ("Floor", "an op's floor is the logits GEMMs its form needs (2·N·V·H FLOPs each) at cuBLAS speed in bf16; "
      "'× floor' divides the predicted time by it. Targets (issue 21.5): every op ≤ 1.2× its floor, teacher top-K "
      "≤ 1.2× one GEMM, working memory (peak beyond the inputs, less the input gradients) ≤ 1 GiB."),
