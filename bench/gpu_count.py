@@ -24,6 +24,7 @@ guessed.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import types
 import weakref
@@ -159,6 +160,8 @@ _FILLS = {"zeros": 0, "zeros_like": 0, "new_zeros": 0, "zero_": 0, "ones": 1, "o
 _FILL_VALUE = {"full", "full_like", "new_full", "fill_", "scalar_tensor"}
 _REDUCTIONS = {"any": lambda c, n: bool(c), "all": lambda c, n: bool(c), "sum": lambda c, n: c * n,
                "amax": lambda c, n: c, "amin": lambda c, n: c, "max": lambda c, n: c, "min": lambda c, n: c}
+_COMPARISONS = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt,
+                "ge": operator.ge}
 
 
 class CountingMode(TorchDispatchMode):
@@ -223,6 +226,17 @@ class CountingMode(TorchDispatchMode):
             value = candidates[0] if candidates else None
         elif name in _REDUCTIONS and len(args) == 1 and self._constant(args[0]) is not None:
             value = _REDUCTIONS[name](self._constant(args[0]), args[0].numel())
+        elif name in ("_to_copy", "clone", "lift_fresh_copy") and isinstance(args[0], torch.Tensor):
+            source = args[0]
+            if source.device.type == "cpu" and source.numel():  # a host value moved to the device
+                flat = source.reshape(-1)
+                value = flat[0].item() if bool((flat == flat[0]).all()) else None
+            else:
+                value = self._constant(source)
+        elif name in _COMPARISONS and len(args) == 2 and self._constant(args[0]) is not None:
+            other = self._constant(args[1]) if isinstance(args[1], torch.Tensor) else args[1]
+            if isinstance(other, (bool, int, float)):
+                value = _COMPARISONS[name](self._constant(args[0]), other)
         if value is not None and isinstance(out, torch.Tensor) and out.device.type == "meta":
             self.constants[out.untyped_storage()._cdata] = value
 
@@ -270,7 +284,11 @@ class CountingMode(TorchDispatchMode):
         if name == "_local_scalar_dense":
             self._sync("item")
             return self._scalar(args[0])
-        if name in ("equal", "is_nonzero"):
+        if name == "equal":
+            self._sync(name)
+            left, right = self._constant(args[0]), self._constant(args[1])
+            return left == right if None not in (left, right) else modelled_scalar(args[0])
+        if name == "is_nonzero":
             self._sync(name)
             return self._scalar(args[0])
         if name == "nonzero":

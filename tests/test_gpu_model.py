@@ -147,12 +147,11 @@ def test_fused_kernel_plan_gives_dot_flops_and_atomics():
     tiles = row_tiles * vocab_tiles
     assert work.gemm_flops == 3 * 2 * tiles * bn * bv * gpu_kernels.pad(h, bh)
     assert work.atomics == vocab_tiles * n * h + row_tiles * v * h
-    stats = gpu_kernels.launch_work(launches["_row_stats_kernel"])
-    assert stats.gemm_flops == 2 * row_tiles * triton.cdiv(v, stats_block(launches)) * bn * stats_block(launches) * h
-
-
-def stats_block(launches):
-    return launches["_row_stats_kernel"].args["BLOCK_V"]
+    forward = launches["_row_stats_kernel"]
+    stats_n, stats_v, stats_h = (forward.args[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H"))
+    stats = gpu_kernels.launch_work(forward)
+    assert stats.gemm_flops == (2 * triton.cdiv(n, stats_n) * triton.cdiv(v, stats_v) * stats_n * stats_v
+                                * gpu_kernels.pad(h, stats_h))
 
 
 def test_l2_simulation_reuses_what_fits():
@@ -199,6 +198,10 @@ def test_model_end_to_end_at_a_tiny_shape(monkeypatch, tmp_path):
             assert predicted["predicted_ms"] > 0 and predicted["x_floor"] > 0
             assert sum(predicted["terms_ms"].values()) == pytest.approx(predicted["predicted_ms"], rel=1e-6)
     json.dumps(result, default=str)
+    import gpu_scalars
+
+    unused = [rule for rule in gpu_scalars.SCALAR_RULES if not gpu_scalars.RULE_USES[rule]]
+    assert not unused, f"rules no case needs any more (remove them): {unused}"
     from gpu_report import markdown
 
     text = markdown(result)
