@@ -153,24 +153,24 @@ def _grouped_sweep_hbm(chip: Chip, num_n, num_v, group_n, blocks) -> tuple[int, 
 
 
 def _row_stats(launch: TritonLaunch, chip: Chip) -> Work:
-    a = launch.args
-    n, v, h = a["N"], a["V"], a["H"]
-    bn, bv, bh = a["BLOCK_N"], a["BLOCK_V"], a["BLOCK_H"]
+    args = launch.args
+    n, v, h = args["N"], args["V"], args["H"]
+    bn, bv, bh = args["BLOCK_N"], args["BLOCK_V"], args["BLOCK_H"]
     row_blocks, segments = launch.grid[0], launch.grid[1]
-    tiles_per_segment = a["TILES_PER_SEG"]
+    tiles_per_segment = args["TILES_PER_SEG"]
     num_tiles = cdiv(v, bv)
-    hidden, weight = a["h_ptr"], a["w_ptr"]
+    hidden, weight = args["h_ptr"], args["w_ptr"]
     depth = pad(h, bh)
     tiles = row_blocks * num_tiles
     hidden_tile, weight_tile = bn * depth * hidden.itemsize, bv * depth * weight.itemsize
     logits = tiles * bn * bv
-    per_logit = (EPILOGUE_ALU["row_stats"] + EPILOGUE_ALU["mean"] * bool(a["WITH_MEAN"])
-                 + EPILOGUE_ALU["targets"] * bool(a["HAS_TARGETS"]) + EPILOGUE_ALU["cap"] * bool(a["HAS_CAP"])
-                 + EPILOGUE_ALU["topk"] * bool(a["TOPK"]))
+    per_logit = (EPILOGUE_ALU["row_stats"] + EPILOGUE_ALU["mean"] * bool(args["WITH_MEAN"])
+                 + EPILOGUE_ALU["targets"] * bool(args["HAS_TARGETS"]) + EPILOGUE_ALU["cap"] * bool(args["HAS_CAP"])
+                 + EPILOGUE_ALU["topk"] * bool(args["TOPK"]))
     alu = logits * per_logit
-    if a["TOPK"]:  # every tile merges: with BLOCK_N rows, some row nearly always has a new candidate
-        alu += tiles * topk_merge_instructions(bn, bv, a["K_PAD"])
-    sfu = logits * (EPILOGUE_SFU["row_stats"] + EPILOGUE_SFU["cap"] * bool(a["HAS_CAP"]))
+    if args["TOPK"]:  # every tile merges: with BLOCK_N rows, some row nearly always has a new candidate
+        alu += tiles * topk_merge_instructions(bn, bv, args["K_PAD"])
+    sfu = logits * (EPILOGUE_SFU["row_stats"] + EPILOGUE_SFU["cap"] * bool(args["HAS_CAP"]))
 
     cache = L2(chip.l2_bytes)
     slots = chip.sms * chip.ctas_per_sm
@@ -183,14 +183,14 @@ def _row_stats(launch: TritonLaunch, chip: Chip) -> Work:
                 if tile < num_tiles:
                     cache.touch(("x", rb), hidden_tile)
                     cache.touch(("w", tile), weight_tile)
-    keys = n * segments * a["K_PAD"] * 8 if a["TOPK"] else 0
-    partials = segments * n * _partial_bytes_per_row(a) + keys
+    keys = n * segments * args["K_PAD"] * 8 if args["TOPK"] else 0
+    partials = segments * n * _partial_bytes_per_row(args) + keys
     return Work(launch.kernel, "fused", launch.phase, gemm_flops=2 * tiles * bn * bv * depth,
                 gemm_dtype=_dot_dtype(hidden), hbm_read=cache.read, hbm_write=partials,
                 l2_bytes=tiles * (hidden_tile + weight_tile), alu_ops=alu, sfu_ops=sfu,
                 programs=row_blocks * segments,
                 detail=f"grid {row_blocks}x{segments}, tiles {bn}x{bv}x{bh}, {tiles_per_segment} tiles/program"
-                       + (f", top-{a['K_PAD']} merge" if a["TOPK"] else ""))
+                       + (f", top-{args['K_PAD']} merge" if args["TOPK"] else ""))
 
 
 def _partial_bytes_per_row(args) -> int:
@@ -204,10 +204,10 @@ def _dot_dtype(operand: TensorArg) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}.get(operand.dtype, "tf32")
 
 
-def _gradient_tiles(a, bn, bv, depth, h, n, v, num_n, num_v, x, w):
+def _gradient_tiles(args, bn, bv, depth, h, n, v, num_n, num_v, x, w):
     """Dots, L2 bytes and atomic updates of ``accumulate_head_grads`` over the whole grid (the atomics
     are masked to the valid rows, columns and hidden units)."""
-    need_x, need_w, need_b = bool(a["NEED_X_GRAD"]), bool(a["NEED_W_GRAD"]), bool(a["NEED_B_GRAD"])
+    need_x, need_w, need_b = bool(args["NEED_X_GRAD"]), bool(args["NEED_W_GRAD"]), bool(args["NEED_B_GRAD"])
     tiles = num_n * num_v
     dots = need_x + need_w
     l2 = tiles * (need_x * bv * depth * w.itemsize + need_w * bn * depth * x.itemsize)
@@ -215,8 +215,8 @@ def _gradient_tiles(a, bn, bv, depth, h, n, v, num_n, num_v, x, w):
     return dots, l2, atomics
 
 
-def _gradient_blocks(a, bn, bv, depth, x, w):
-    need_x, need_w = bool(a["NEED_X_GRAD"]), bool(a["NEED_W_GRAD"])
+def _gradient_blocks(args, bn, bv, depth, x, w):
+    need_x, need_w = bool(args["NEED_X_GRAD"]), bool(args["NEED_W_GRAD"])
 
     def blocks(tile_n, tile_v):
         out = []
@@ -230,18 +230,18 @@ def _gradient_blocks(a, bn, bv, depth, x, w):
 
 
 def _head_backward(launch: TritonLaunch, chip: Chip) -> Work:
-    a = launch.args
-    n, v, h = a["N"], a["V"], a["H"]
-    bn, bv, bh, group = a["BLOCK_N"], a["BLOCK_V"], a["BLOCK_H"], a["GROUP_N"]
+    args = launch.args
+    n, v, h = args["N"], args["V"], args["H"]
+    bn, bv, bh, group = args["BLOCK_N"], args["BLOCK_V"], args["BLOCK_H"], args["GROUP_N"]
     num_n, num_v = cdiv(n, bn), cdiv(v, bv)
-    x, w = a["x_ptr"], a["w_ptr"]
+    x, w = args["x_ptr"], args["w_ptr"]
     depth = pad(h, bh)
     tiles = num_n * num_v
-    grad_dots, grad_l2, atomics = _gradient_tiles(a, bn, bv, depth, h, n, v, num_n, num_v, x, w)
-    search = tiles * bn * 2 * a["search_steps"] * 12 if a["HAS_SPARSE"] else 0  # id + coefficient reads
+    grad_dots, grad_l2, atomics = _gradient_tiles(args, bn, bv, depth, h, n, v, num_n, num_v, x, w)
+    search = tiles * bn * 2 * args["search_steps"] * 12 if args["HAS_SPARSE"] else 0  # id + coefficient reads
     logits = tiles * bn * bv
-    per_logit = EPILOGUE_ALU["head_backward"] + EPILOGUE_ALU["cap"] * bool(a["HAS_CAP"])
-    gradient_blocks = _gradient_blocks(a, bn, bv, depth, x, w)
+    per_logit = EPILOGUE_ALU["head_backward"] + EPILOGUE_ALU["cap"] * bool(args["HAS_CAP"])
+    gradient_blocks = _gradient_blocks(args, bn, bv, depth, x, w)
 
     def blocks(tile_n, tile_v):
         return [(("x", tile_n), bn * depth * x.itemsize, False), (("w", tile_v), bv * depth * w.itemsize, False),
@@ -252,19 +252,19 @@ def _head_backward(launch: TritonLaunch, chip: Chip) -> Work:
                 gemm_dtype=_dot_dtype(x), hbm_read=read, hbm_write=written,
                 l2_bytes=tiles * (bn + bv) * depth * x.itemsize + grad_l2 + search,
                 atomics=atomics, atomic_bytes=4 * atomics, alu_ops=logits * per_logit,
-                sfu_ops=logits * (EPILOGUE_SFU["head_backward"] + EPILOGUE_SFU["cap"] * bool(a["HAS_CAP"])),
+                sfu_ops=logits * (EPILOGUE_SFU["head_backward"] + EPILOGUE_SFU["cap"] * bool(args["HAS_CAP"])),
                 programs=tiles, detail=f"grid {tiles} ({num_n}x{num_v} tiles of {bn}x{bv}x{bh}), "
                                        f"{1 + grad_dots} dots/tile, fp32 atomics")
 
 
 def _jsd(launch: TritonLaunch, chip: Chip) -> Work:
-    a = launch.args
-    backward = "NEED_X_GRAD" in a
-    n, v, h, th = a["N"], a["V"], a["H"], a["TH"]
-    bn, bv, bh, group = a["BLOCK_N"], a["BLOCK_V"], a["BLOCK_H"], a["GROUP_N"]
+    args = launch.args
+    backward = "NEED_X_GRAD" in args
+    n, v, h, th = args["N"], args["V"], args["H"], args["TH"]
+    bn, bv, bh, group = args["BLOCK_N"], args["BLOCK_V"], args["BLOCK_H"], args["GROUP_N"]
     num_n, num_v = cdiv(n, bn), cdiv(v, bv)
-    x, w, tx, tw = a["x_ptr"], a["w_ptr"], a["tx_ptr"], a["tw_ptr"]
-    shared = bool(a["SHARED_WEIGHT"])
+    x, w, tx, tw = args["x_ptr"], args["w_ptr"], args["tx_ptr"], args["tw_ptr"]
+    shared = bool(args["SHARED_WEIGHT"])
     depth, teacher_depth = pad(h, bh), pad(th, bh)
     tiles = num_n * num_v
     logits = tiles * bn * bv
@@ -274,10 +274,10 @@ def _jsd(launch: TritonLaunch, chip: Chip) -> Work:
     atomics = 0 if backward else 2 * n * num_v
     grad_blocks = None
     if backward:
-        grad_dots, grad_l2, atomics = _gradient_tiles(a, bn, bv, depth, h, n, v, num_n, num_v, x, w)
+        grad_dots, grad_l2, atomics = _gradient_tiles(args, bn, bv, depth, h, n, v, num_n, num_v, x, w)
         flops += 2 * logits * depth * grad_dots
         l2 += grad_l2
-        grad_blocks = _gradient_blocks(a, bn, bv, depth, x, w)
+        grad_blocks = _gradient_blocks(args, bn, bv, depth, x, w)
 
     def blocks(tile_n, tile_v):
         out = [(("x", tile_n), bn * depth * x.itemsize, False), (("w", tile_v), bv * depth * w.itemsize, False),
@@ -290,7 +290,7 @@ def _jsd(launch: TritonLaunch, chip: Chip) -> Work:
 
     read, written = _grouped_sweep_hbm(chip, num_n, num_v, group, blocks)
     per_logit = EPILOGUE_ALU["jsd_backward" if backward else "jsd_forward"] + EPILOGUE_ALU["cap"] * (
-        bool(a["HAS_CAP"]) + bool(a["T_HAS_CAP"]))
+        bool(args["HAS_CAP"]) + bool(args["T_HAS_CAP"]))
     return Work(launch.kernel, "fused", launch.phase, gemm_flops=flops, gemm_dtype=_dot_dtype(x),
                 hbm_read=read, hbm_write=written, l2_bytes=l2, atomics=atomics, atomic_bytes=4 * atomics,
                 alu_ops=logits * per_logit, sfu_ops=logits * EPILOGUE_SFU["jsd"], programs=tiles,

@@ -120,9 +120,10 @@ ASSUMPTION_TEXT = (
 
 
 def assumption_lines() -> list[str]:
-    a = ASSUMPTIONS
-    values = dict(a, tile=a["cublas_tile"], l2_tb=a["l2_bytes_per_s"] / 1e12, atomic_tb=a["atomic_bytes_per_s"] / 1e12,
-                  launch_us=a["launch_s"] * 1e6, sync_us=a["sync_s"] * 1e6)
+    assume = ASSUMPTIONS
+    values = dict(assume, tile=assume["cublas_tile"], l2_tb=assume["l2_bytes_per_s"] / 1e12,
+                  atomic_tb=assume["atomic_bytes_per_s"] / 1e12, launch_us=assume["launch_s"] * 1e6,
+                  sync_us=assume["sync_s"] * 1e6)
     return [f"**{title}**: {text.format(**values)}" for title, text in ASSUMPTION_TEXT]
 
 
@@ -170,17 +171,17 @@ def one_gemm_s(shape: Shape, device: Device) -> float:
 def kernel_time(work: Work, device: Device) -> tuple[float, dict]:
     """(seconds, {term: seconds}) of one kernel; the terms say where its time goes beyond its GEMM FLOPs at
     cuBLAS speed in bf16 (term "gemm"), and sum to the seconds."""
-    a = ASSUMPTIONS
-    ideal = work.gemm_flops / (device.peak_flops["bf16"] * a["cublas_efficiency"])
-    stream = work.hbm_bytes / (device.hbm_bytes_per_s * a["stream_efficiency"])
+    assume = ASSUMPTIONS
+    ideal = work.gemm_flops / (device.peak_flops["bf16"] * assume["cublas_efficiency"])
+    stream = work.hbm_bytes / (device.hbm_bytes_per_s * assume["stream_efficiency"])
     if work.kind == "sync":
-        return a["sync_s"], {"host syncs": a["sync_s"]}
+        return assume["sync_s"], {"host syncs": assume["sync_s"]}
     if work.kind == "stream":
         seconds = stream
         terms = {"memory passes": stream}
     elif work.kind == "gemm":
         fp32 = work.gemm_dtype in ("fp32", "fp64")
-        efficiency = a["cublas_fp32_efficiency"] if fp32 else a["cublas_efficiency"]
+        efficiency = assume["cublas_fp32_efficiency"] if fp32 else assume["cublas_efficiency"]
         _, rows, cols, _ = _gemm_output(work)
         small = min(rows, cols) <= SMALL_GEMM  # bandwidth-bound whatever its tiles
         waves = 1.0 if small else _gemm_waves(work, device)
@@ -192,10 +193,10 @@ def kernel_time(work: Work, device: Device) -> tuple[float, dict]:
         terms = {"gemm": ideal, label: seconds - ideal}
     else:  # fused Triton kernel
         waves = _waves(work.programs, device.chip().sms * device.chip().ctas_per_sm)
-        dots = work.gemm_flops / (device.peak_flops[work.gemm_dtype] * a["triton_dot_efficiency"] * waves)
+        dots = work.gemm_flops / (device.peak_flops[work.gemm_dtype] * assume["triton_dot_efficiency"] * waves)
         epilogue = work.alu_ops / device.int32_per_s + work.sfu_ops / device.sfu_per_s
-        loads = work.l2_bytes / a["l2_bytes_per_s"]
-        atomics = work.atomic_bytes / a["atomic_bytes_per_s"]
+        loads = work.l2_bytes / assume["l2_bytes_per_s"]
+        atomics = work.atomic_bytes / assume["atomic_bytes_per_s"]
         hbm = work.hbm_bytes / device.hbm_bytes_per_s
         limits = {"compute": dots + epilogue, "l2": loads + atomics, "hbm": hbm}
         binding = max(limits, key=limits.get)
@@ -209,9 +210,9 @@ def kernel_time(work: Work, device: Device) -> tuple[float, dict]:
             parts = {"HBM (tiles missing L2, accumulator write-backs)": hbm}
         share = sum(parts.values()) or 1.0
         terms = {"gemm": ideal, **{k: beyond * v / share for k, v in parts.items()}}
-    if seconds < a["launch_s"]:
-        terms["launches"] = a["launch_s"] - seconds
-        seconds = a["launch_s"]
+    if seconds < assume["launch_s"]:
+        terms["launches"] = assume["launch_s"] - seconds
+        seconds = assume["launch_s"]
     return seconds, terms
 
 
