@@ -14,9 +14,10 @@ their trainers use.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from gpu_count import Trace, cuda_tensor
@@ -215,26 +216,39 @@ def _trl_divergence(x: Inputs):
 class Peer:
     name: str
     library: str
+    module: str  # importing it tells whether the peer is installed (TRL is the trl extra, Liger in dev)
     call: Callable
     floor: int
     what: str
-    notes: tuple = field(default_factory=tuple)
 
 
 PEERS = (
-    Peer("trl_chunked_logprob", "TRL 1.16", _trl_logprob, 4,
+    Peer("trl_chunked_logprob", "TRL 1.16", "trl.kernels.chunked_logprob", _trl_logprob, 4,
          "ChunkedLogProbFunction: log-prob + entropy, 4096-row × 32768-column cuBLAS tiles, Triton folds"),
-    Peer("trl_chunked_divergence", "TRL 1.16", _trl_divergence, 6,
+    Peer("trl_chunked_divergence", "TRL 1.16", "trl.kernels.chunked_divergence", _trl_divergence, 6,
          "ChunkedDivergenceFunction: JSD β=0.5 (statistics sweep, JSD sweep, recomputing backward)"),
-    Peer("liger_fused_linear_jsd", "Liger-Kernel 0.8.5", _liger_jsd, 4,
+    Peer("liger_fused_linear_jsd", "Liger-Kernel 0.8.5", "liger_kernel.ops.fused_linear_jsd", _liger_jsd, 4,
          "LigerFusedLinearJSDFunction: JSD β=0.5 loss, gradients in the forward, Triton JSD kernel"),
-    Peer("liger_fused_linear_cross_entropy", "Liger-Kernel 0.8.5", _liger_cross_entropy, 3,
+    Peer("liger_fused_linear_cross_entropy", "Liger-Kernel 0.8.5", "liger_kernel.ops.fused_linear_cross_entropy",
+         _liger_cross_entropy, 3,
          "LigerFusedLinearCrossEntropyFunction: mean cross-entropy (log-prob only, no entropy), "
          "gradients in the forward"),
-    Peer("liger_fused_linear_grpo", "Liger-Kernel 0.8.5", _liger_grpo, 4,
+    Peer("liger_fused_linear_grpo", "Liger-Kernel 0.8.5", "liger_kernel.chunked_loss", _liger_grpo, 4,
          "LigerFusedLinearGRPOLoss: GRPO (DAPO) loss with given reference and old log-probs, "
          "log-prob only, per-sequence chunks, compiled=False"),
 )
+
+
+def available_peers() -> tuple:
+    """The peers whose library imports here (the others are left out of the tables)."""
+    found = []
+    for peer in PEERS:
+        try:
+            importlib.import_module(peer.module)
+        except Exception:  # noqa: BLE001 - not installed, or its own dependencies are not
+            continue
+        found.append(peer)
+    return tuple(found)
 
 
 def run_case(call, shape: Shape, trace: Trace) -> Inputs:

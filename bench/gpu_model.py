@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_cases import PEERS, PTD_OPS, Shape, available_paths, run_case  # noqa: E402
+from gpu_cases import PTD_OPS, Shape, available_paths, available_peers, run_case  # noqa: E402
 from gpu_count import StandIn, TritonLaunch, Work, counting  # noqa: E402
 from gpu_kernels import Chip, cdiv, launch_work  # noqa: E402
 
@@ -378,6 +378,7 @@ def run(quick: bool = False, log=print) -> dict:
     stand_in = StandIn()
     rows = []
     paths = available_paths()
+    peers = available_peers()
     main_shape, main_device = shapes(quick)[0], DEVICES[0]
     kept = {}  # the main shape's costed works on the main device, for the sensitivity runs
     for shape in shapes(quick):
@@ -395,7 +396,7 @@ def run(quick: bool = False, log=print) -> dict:
                 log(f"{shape.label()}  {op.name:22s} {path:7s} counted in {time.time() - started:5.1f} s: "
                     f"{row['gemm_equivalents']:.2f} GEMM-eq, {row['launches']} launches, "
                     f"{row['devices'][DEVICES[0].name]['predicted_ms']:.1f} ms on {DEVICES[0].name}")
-        for peer in PEERS:
+        for peer in peers:
             started = time.time()
             trace, grad_bytes = count(peer.call, shape, stand_in)
             works = {}

@@ -39,6 +39,7 @@ class ScalarRule:
     fragment: str
     value: object
     why: str
+    library: str = "ptd_kernels"  # the package whose code reads it back
 
 
 SCALAR_RULES = (
@@ -53,7 +54,7 @@ SCALAR_RULES = (
     ScalarRule("head_backward", "row_index.min()", 0, "sparse rows are rows of the call: the range check passes"),
     # peers
     ScalarRule("fused_linear_cross_entropy_forward", ".item()", lambda _f, t: t.numel(),
-               "no ignored target: the count of live rows is the row count"),
+               "no ignored target: the count of live rows is the row count", "liger_kernel"),
 )
 
 
