@@ -3,6 +3,7 @@ measurement.
 
     python bench/gpu_model.py            # writes bench/results/gpu_model.json and docs/gpu_model.md
     python bench/gpu_model.py --quick    # a small shape, nothing written (a smoke run)
+    python bench/gpu_model.py --render   # docs/gpu_model.md again from the JSON (no counting)
 
 Every public op of ptd_kernels (forward and backward; ``linear_topk`` forward only) runs on each CUDA
 path ``backend=`` accepts (``gpu_cases.CUDA_PATHS``) and every peer runs its own code, at N=8192,
@@ -418,7 +419,17 @@ def run(quick: bool = False, log=print) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small shape; writes nothing")
+    parser.add_argument("--render", action="store_true", help=f"rewrite {os.path.relpath(DOC, ROOT)} from the "
+                        "JSON of the last run (no counting)")
     args = parser.parse_args(argv)
+    if args.render:
+        from gpu_report import markdown
+
+        with open(RESULTS) as f:
+            result = json.load(f)
+        with open(DOC, "w") as f:
+            f.write(markdown(result))
+        return result
     started = time.time()
     result = run(quick=args.quick, log=lambda line: print(line, flush=True))
     result["seconds_to_count"] = round(time.time() - started, 1)
