@@ -33,7 +33,7 @@ from unittest import mock
 
 import torch
 from gpu_scalars import SCALAR_RULES, UnmodelledScalar, calling_site, modelled_scalar
-from gpu_work import FREE_OPS, TensorArg, Trace, TritonLaunch, Work, aten_work, tensors_of
+from gpu_work import FREE_OPS, GEMM_OPS, TensorArg, Trace, TritonLaunch, Work, aten_work, tensors_of
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["SCALAR_RULES", "CountingMode", "StandIn", "TensorArg", "Trace", "TritonLaunch", "UnmodelledScalar",
@@ -48,7 +48,7 @@ CUDA = torch.device("cuda", 0)
 
 
 class ModelTensor(torch.Tensor):
-    """A meta tensor that reports a CUDA device to Python code (``.device``, ``.is_cuda``).
+    """A meta tensor that reports a CUDA device to Python code (``.device``, ``.is_cuda``, not ``.is_meta``).
 
     Below Python (dispatch, autograd) it stays a meta tensor, so autograd runs without a CUDA
     runtime. ``data_ptr`` gives distinct addresses per storage, as a real allocation would, so that
@@ -67,6 +67,10 @@ class ModelTensor(torch.Tensor):
 
     @property
     def is_cpu(self):
+        return False
+
+    @property
+    def is_meta(self):  # code that skips its kernels on meta tensors must run them here, to be counted
         return False
 
     def get_device(self):
@@ -183,6 +187,8 @@ class CountingMode(TorchDispatchMode):
         """``func`` on meta tensors, from a cached output template when this op has run on alike arguments."""
         if func.is_view or name in FREE_OPS:
             return func(*args, **kwargs)
+        if name in GEMM_OPS and isinstance(kwargs.get("out"), torch.Tensor):
+            return kwargs["out"]  # a GEMM into out= returns out (torch's meta baddbmm with out_dtype= fails)
         try:
             key = (func, _describe(args), _describe(tuple(sorted(kwargs.items()))))
         except _Uncacheable:
@@ -251,18 +257,19 @@ class CountingMode(TorchDispatchMode):
         if nbytes >= LARGE_ALLOCATION:
             function, _line, _locals, site = calling_site()
             where += f" in {function}() ({os.path.basename(site)})"
-        self.storages[key] = (nbytes, where)
+        self.storages[key] = (nbytes, where, tuple(t.shape), t.dtype)
         self.trace.live_bytes += nbytes
         if self.trace.live_bytes > self.trace.peak_bytes:
             self.trace.peak_bytes = self.trace.live_bytes
             if nbytes >= LARGE_ALLOCATION:  # the peak's large allocations (small ones do not explain it)
                 large = sorted((v for k, v in self.storages.items()
-                                if v[0] >= LARGE_ALLOCATION and k not in self.trace.input_storages), reverse=True)
-                self.trace.peak_allocations = large[:4]
+                                if v[0] >= LARGE_ALLOCATION and k not in self.trace.input_storages),
+                               key=lambda v: -v[0])
+                self.trace.peak_allocations = large
         weakref.finalize(storage, self._release, key)
 
     def _release(self, key):
-        self.trace.live_bytes -= self.storages.pop(key, (0, ""))[0]
+        self.trace.live_bytes -= self.storages.pop(key, (0,))[0]
 
     def _sync(self, what):
         self.trace.syncs += 1

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import torch  # noqa: E402
 from gpu_cases import PTD_OPS, Shape, available_paths, available_peers, run_case  # noqa: E402
 from gpu_count import StandIn, TritonLaunch, Work, counting  # noqa: E402
 from gpu_kernels import Chip, cdiv, launch_work  # noqa: E402
@@ -249,12 +250,20 @@ def predict(works, shape: Shape, floor: int, device: Device) -> dict:
             "terms_ms": {k: v * 1e3 for k, v in terms.items() if abs(v) > 1e-9}}
 
 
+def _accumulator_bytes(trace, shape: Shape) -> int:
+    """Bytes of float32 buffers of an input gradient's shape live at the peak (gradient accumulators)."""
+    gradient_shapes = {(shape.n, shape.h), (shape.v, shape.h)}
+    return sum(size for size, _what, tensor_shape, dtype in trace.peak_allocations
+               if dtype == torch.float32 and tensor_shape in gradient_shapes)
+
+
 def evaluate(trace, grad_bytes: int, shape: Shape, floor: int, devices=DEVICES, keep=None) -> dict:
     """Counts and, per device, the predicted time and its terms. ``keep``: a dict that receives the
     costed works per device name (for the sensitivity runs)."""
     row = {"launches": len(trace.launches()), "syncs": trace.syncs,
            "peak_bytes": trace.peak_extra_bytes, "working_bytes": trace.peak_extra_bytes - grad_bytes,
-           "peak_allocations": [f"{size / GiB:.2f} GiB {what}" for size, what in trace.peak_allocations],
+           "accumulator_bytes": _accumulator_bytes(trace, shape),
+           "peak_allocations": [f"{size / GiB:.2f} GiB {what}" for size, what, *_ in trace.peak_allocations[:4]],
            "devices": {}}
     by_chip = {}
     for device in devices:

@@ -34,6 +34,13 @@ def _met(row, device) -> str:
         w for w, ok in (("time", ok_time), ("memory", ok_memory)) if not ok) + ")"
 
 
+def _memory(row) -> str:
+    """Working memory in GiB, with the fp32 gradient accumulators inside it in brackets."""
+    accumulators = row.get("accumulator_bytes", 0)
+    text = f"{row['working_bytes'] / GiB:.2f}"
+    return text + (f" ({accumulators / GiB:.2f} fp32 grad)" if accumulators else "")
+
+
 def _shape_text(shape) -> str:
     return f"N={shape['n']}, H={shape['h']}, V={shape['v']}, K={shape['k']}, {shape['dtype']}"
 
@@ -48,7 +55,7 @@ def _full_table(result, device, v) -> list[str]:
             f"| {r['op']} | {r['path']} | {r['gemm_equivalents']:.2f} ({r['floor_gemms']}) | "
             f"{', '.join(r['gemm_precisions'])} | {_fmt(r['hbm_bytes'] / 1e9)} | {_fmt(r['l2_bytes'] / 1e9)} | "
             f"{_fmt(r['atomic_bytes'] / 1e9)} | {r['launches']:,} | {r['syncs']} | "
-            f"{r['working_bytes'] / GiB:.2f} | {_fmt(d['predicted_ms'])} | {d['x_floor']:.2f} | "
+            f"{_memory(r)} | {_fmt(d['predicted_ms'])} | {d['x_floor']:.2f} | "
             f"{_peer_ratios(r, result, device)} | {_met(r, device)} |")
     return lines
 
@@ -75,7 +82,7 @@ def _peer_table(result, devices, v) -> list[str]:
             cells += [_fmt(r["devices"][d]["predicted_ms"]), f"{r['devices'][d]['x_floor']:.2f}"]
         lines.append(f"| {r['op']} ({r['library']}) | {r['what']} | {r['gemm_equivalents']:.2f} ({r['floor_gemms']}) "
                      f"| {', '.join(r['gemm_precisions'])} | {_fmt(r['hbm_bytes'] / 1e9)} | {r['launches']:,} | "
-                     f"{r['syncs']} | {r['working_bytes'] / GiB:.2f} | " + " | ".join(cells) + " |")
+                     f"{r['syncs']} | {_memory(r)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -164,7 +171,9 @@ def markdown(result) -> str:
         "op's floor in brackets; HBM GB = bytes every kernel moves to or from HBM; L2 loads = a fused kernel's",
         "tile loads from L2; atomics = fp32 atomic payload; launches = kernels launched (views and",
         "allocations launch none); syncs = host read-backs; working memory = peak live bytes beyond the",
-        "inputs, less the input gradients; ÷ peer = ptd's predicted time ÷ the peer's (below 1: ptd faster).",
+        "inputs, less the input gradients the call returns, with the float32 gradient accumulators (buffers of",
+        "∂weight's or ∂hidden's shape) inside it in brackets; ÷ peer = ptd's predicted time ÷ the peer's",
+        "(below 1: ptd faster).",
         "",
         "Floors (logits GEMMs each op's form needs):",
         "",

@@ -23,7 +23,7 @@ _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 _MACHINERY = {os.path.join(_BENCH_DIR, name) for name in ("gpu_count.py", "gpu_scalars.py", "gpu_work.py")}
 
 
-class UnmodelledScalar(RuntimeError):
+class UnmodelledScalar(Exception):  # not a RuntimeError: library code catching those must not swallow it
     """A value read back to the host at a site with no rule: the modelled branch is unknown."""
 
 
@@ -52,6 +52,8 @@ SCALAR_RULES = (
     ScalarRule("pad_sparse", "counts.max()", lambda f, _t: f["rows"].numel() // max(1, f["n"]),
                "every row has all its sparse terms (distinct support ids: |S| = 2K for the union)"),
     ScalarRule("head_backward", "row_index.min()", 0, "sparse rows are rows of the call: the range check passes"),
+    ScalarRule("_baddbmm_accumulates", "float(c[0, 0])", 11.5,
+               "cuBLAS adds 16-bit products into a float32 output in place (the cublas backend's probe passes)"),
     # peers
     ScalarRule("fused_linear_cross_entropy_forward", ".item()", lambda _f, t: t.numel(),
                "no ignored target: the count of live rows is the row count", "liger_kernel"),

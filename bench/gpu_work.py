@@ -85,7 +85,8 @@ class Trace:
     baseline_bytes: int = 0
     peak_bytes: int = 0
     syncs: int = 0
-    peak_allocations: list = field(default_factory=list)  # the largest live allocations at the peak
+    peak_allocations: list = field(default_factory=list)  # live allocations ≥ 64 MiB at the peak: (bytes,
+    # what made them, shape, dtype), largest first
     storages: dict = field(default_factory=dict)  # live storage -> (bytes, what made it); the mode's
     input_storages: frozenset = frozenset()
 
@@ -113,7 +114,7 @@ def view_bytes(t: torch.Tensor) -> int:
     return distinct_elements(t.shape, t.stride()) * t.element_size()
 
 
-_GEMMS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "addbmm", "addbmm_", "mv", "addmv", "addmv_",
+GEMM_OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "addbmm", "addbmm_", "mv", "addmv", "addmv_",
           "_addmm_activation"}
 _ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"}
 # ops that launch nothing (aliases and metadata)
@@ -202,7 +203,7 @@ def aten_work(func, args, kwargs, out, phase) -> Work | None:
     tensors = read + written
     if not any(_on_device(t) for t in tensors):
         return None  # host-side work (CPU scalars)
-    if name in _GEMMS:
+    if name in GEMM_OPS:
         flops, operand, detail = _gemm_flops(name, args)
         return Work(f"aten.{name}", "gemm", phase, gemm_flops=flops, gemm_dtype=_gemm_dtype(operand.dtype),
                     hbm_read=sum(view_bytes(t) for t in read), hbm_write=sum(view_bytes(t) for t in written),

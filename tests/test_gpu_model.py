@@ -184,8 +184,12 @@ def test_torch_path_gemm_count_matches_issue_21(op):
     assert op.floor == EXPECTED_GEMMS[op.name]
 
 
-def test_model_end_to_end_at_a_tiny_shape(monkeypatch, tmp_path):
+def test_model_end_to_end_at_a_tiny_shape(monkeypatch):
+    import ptd_kernels
+
     monkeypatch.setattr(gpu_model, "shapes", lambda quick: [gpu_cases.Shape(n=32, h=32, v=1024, k=4)])
+    # blocks of a few rows or columns, as at the target shape: every block loop and accumulation runs
+    monkeypatch.setattr(ptd_kernels.config, "CUDA_BLOCK_BYTES", 16 << 10)
     result = gpu_model.run(quick=True, log=lambda line: None)
     names = {(r["op"], r["path"]) for r in result["rows"]}
     for op in gpu_cases.PTD_OPS:
