@@ -257,7 +257,7 @@ class CountingMode(TorchDispatchMode):
         if nbytes >= LARGE_ALLOCATION:
             function, _line, _locals, site = calling_site()
             where += f" in {function}() ({os.path.basename(site)})"
-        self.storages[key] = (nbytes, where, tuple(t.shape), t.dtype)
+        self.storages[key] = (nbytes, where, tuple(t.shape), t.dtype, op_name)
         self.trace.live_bytes += nbytes
         if self.trace.live_bytes > self.trace.peak_bytes:
             self.trace.peak_bytes = self.trace.live_bytes

@@ -250,11 +250,15 @@ def predict(works, shape: Shape, floor: int, device: Device) -> dict:
             "terms_ms": {k: v * 1e3 for k, v in terms.items() if abs(v) > 1e-9}}
 
 
+_NEW_BUFFERS = {"empty", "empty_like", "empty_strided", "new_empty", "zeros", "zeros_like", "new_zeros", "full"}
+
+
 def _accumulator_bytes(trace, shape: Shape) -> int:
-    """Bytes of float32 buffers of an input gradient's shape live at the peak (gradient accumulators)."""
+    """Bytes of the float32 buffers of an input gradient's shape live at the peak: the gradient
+    accumulators (made empty or zeroed; a cast copy of the weight has the same shape but is no buffer)."""
     gradient_shapes = {(shape.n, shape.h), (shape.v, shape.h)}
-    return sum(size for size, _what, tensor_shape, dtype in trace.peak_allocations
-               if dtype == torch.float32 and tensor_shape in gradient_shapes)
+    return sum(size for size, _what, tensor_shape, dtype, op_name in trace.peak_allocations
+               if dtype == torch.float32 and tensor_shape in gradient_shapes and op_name in _NEW_BUFFERS)
 
 
 def evaluate(trace, grad_bytes: int, shape: Shape, floor: int, devices=DEVICES, keep=None) -> dict:

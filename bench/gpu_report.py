@@ -38,7 +38,7 @@ def _memory(row) -> str:
     """Working memory in GiB, with the fp32 gradient accumulators inside it in brackets."""
     accumulators = row.get("accumulator_bytes", 0)
     text = f"{row['working_bytes'] / GiB:.2f}"
-    return text + (f" ({accumulators / GiB:.2f} fp32 grad)" if accumulators else "")
+    return text + (f" (fp32 grad buffers {accumulators / GiB:.2f})" if accumulators else "")
 
 
 def _shape_text(shape) -> str:

@@ -86,7 +86,7 @@ class Trace:
     peak_bytes: int = 0
     syncs: int = 0
     peak_allocations: list = field(default_factory=list)  # live allocations ≥ 64 MiB at the peak: (bytes,
-    # what made them, shape, dtype), largest first
+    # description, shape, dtype, op that made them), largest first
     storages: dict = field(default_factory=dict)  # live storage -> (bytes, what made it); the mode's
     input_storages: frozenset = frozenset()
 
