@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import UsageError
+
 # A rank waits in a collective while rank 0 trains the warm start alone.
 TIMEOUT = datetime.timedelta(minutes=60)
 
@@ -116,14 +118,14 @@ def started(cfg, device: torch.device):
 
 def check_batch(prompts_per_step: int, world: int) -> None:
     if world > prompts_per_step:
-        raise ValueError(
-            f"prompts_per_step: {prompts_per_step} prompts cannot be shared by {world} processes; "
-            "each rank needs at least one prompt (use prompts_per_step ≥ world size)"
+        raise UsageError(
+            f"--prompts_per_step {prompts_per_step}: {prompts_per_step} prompts cannot be shared by {world} "
+            "processes; each rank needs at least one prompt (use prompts_per_step ≥ world size)"
         )
     if prompts_per_step % world:
-        raise ValueError(
-            f"prompts_per_step: {prompts_per_step} prompts do not divide evenly over {world} processes; "
-            "use a multiple of the world size"
+        raise UsageError(
+            f"--prompts_per_step {prompts_per_step}: {prompts_per_step} prompts do not divide evenly over {world} "
+            "processes; use a multiple of the world size"
         )
 
 

@@ -1,5 +1,7 @@
-"""GRPO + PTD-PO, read top to bottom.  ``python -m ptd_train.run [--flags]``  (SPEC §1, §3)
-Data parallel: ``torchrun --nproc_per_node N -m ptd_train.run [--fsdp true] [--flags]``.
+"""GRPO + PTD-PO, read top to bottom: the set-up, one RL step, the run.
+
+``train(cfg)`` is a whole run; ``python -m ptd_train.run`` (``run.py``) is its command line, and
+``torchrun --nproc_per_node N -m ptd_train.run [--fsdp true]`` runs it data parallel.
 
 One RL step (each rank on its share of the step's prompts):
   1. G rollouts per prompt from the policy on the hint-free prompt x (temperature sampling,
@@ -10,16 +12,19 @@ One RL step (each rank on its share of the step's prompts):
   3. student pass: the policy's backbone on x + y; its last hidden states at response positions
      go with the output-layer weights to ``ptd_kernels.linear_ptd_terms`` (log-prob, entropy,
      Top-K JSD, overlap in one sweep; no batch×length×vocab logits are ever formed);
-  4. loss of SPEC §3 over the global batch (clipped GRPO, k3 reference KL except in PTD groups,
+  4. the PTD-PO loss over the global batch (clipped GRPO, k3 reference KL except in PTD groups,
      λ·JSD on F), AdamW, clipping on the global gradient norm; log the step.
-Before step 1 (embedded model only) a cached supervised warm start (``warmstart.py``) brings the
-tiny model to where RL has rewards to work with; held-out greedy accuracy is measured before and
-after (``rollout.py``). Process groups, sharding and lockstep live in ``distributed.py``,
+
+A run has six phases, each announced by a line on stderr: set-up (device, data, model), warm start
+(embedded task: a cached supervised warm start, ``warmstart.py``, brings the tiny model to where RL
+has rewards to work with), evaluation before RL (held-out greedy accuracy, ``rollout.py``), RL,
+evaluation after RL, saving. Process groups, sharding and lockstep live in ``distributed.py``,
 checkpoints in ``checkpoint.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -31,7 +36,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, grpo, teacher_server
-from .config import TrainConfig
+from .config import TRAINED_MARKER, TrainConfig, UsageError, trained_marker
 from .distributed import SINGLE, Dist, clip_grad_norm, full_model_state, full_output_layer, parallelize, started, unwrap
 from .model import ModelWithPTDHead, build_tiny_model, is_vision_language, load_model_and_tokenizer, stop_token_ids
 from .prompts import Env, build_tokenizer
@@ -40,30 +45,64 @@ from .tasks import Example, GridCountTask, load_jsonl, reward
 from .vision import VisionGeometry
 from .warmstart import warm_start
 
-# ============================================================================ setup
+PHASES = ("set-up", "warm start", "evaluation before RL", "RL", "evaluation after RL", "saving")
+
+
+class Report:
+    """The run's lines on stderr (rank 0, unless ``--quiet``): one per phase, ``[i/6] phase: what
+    (seconds)``, details indented below it; the seconds of each phase are kept for the summary."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.seconds, self.t0 = enabled, {}, time.time()
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+    def phase(self, name: str, text: str, seconds: float | None = None) -> None:
+        if seconds is not None:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 1)
+            text += f" ({seconds:.1f} s)"
+        self.line(f"[{PHASES.index(name) + 1}/{len(PHASES)}] {name}: {text}")
+
+    def detail(self, text: str) -> None:
+        self.line("      " + text)
+
+
+# ============================================================================ set-up
 
 
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, str]:
     """(device, kernel backend); under torchrun each process takes the GPU of its local rank."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA device here; use --device cpu (or auto)")
     kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if kind == "cuda" else torch.device(kind)
     backend = cfg.backend
     if backend == "auto":  # the Triton interpreter on CPU would be slow: use the chunked torch path
         backend = "auto" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError("--backend triton: Triton kernels need a CUDA device (or TRITON_INTERPRET=1, very slow); "
+                         "use --backend torch on CPU")
     return device, backend
 
 
 def load_data(cfg: TrainConfig):
-    """(task or None, train examples or None, held-out examples, dev examples)."""
+    """(task or None, train examples or None, held-out examples, dev examples). With ``--dataset``
+    and no ``--eval_dataset`` the last ``eval_size`` lines are held out, at most half of the file
+    (``eval_size`` 0: none)."""
     if cfg.dataset is None:
         task = GridCountTask(eval_size=cfg.eval_size)
         return task, None, task.test, task.dev
     train = load_jsonl(cfg.dataset)
     if cfg.eval_dataset is not None:
         test = load_jsonl(cfg.eval_dataset)
+    elif cfg.eval_size == 0:
+        test = []
     else:
         if len(train) < 2:
-            raise ValueError(f"dataset: {cfg.dataset} needs at least 2 lines to hold some out")
+            raise UsageError(f"--dataset {cfg.dataset}: one example cannot be split into training and held-out "
+                             "prompts; add lines, give --eval_dataset, or pass --eval_size 0")
         n = min(cfg.eval_size, len(train) // 2)
         train, test = train[:-n], train[-n:]
     return None, train, test, test
@@ -76,7 +115,14 @@ def load_model(cfg: TrainConfig, device: torch.device, backend: str):
         tok = build_tokenizer(GridCountTask.words)
         model, processor = build_tiny_model(tok, seed=cfg.warmstart_seed), None
     else:
-        model, tok, processor = load_model_and_tokenizer(cfg.model_name_or_path)
+        try:
+            with _no_hf_progress_bar():
+                model, tok, processor = load_model_and_tokenizer(cfg.model_name_or_path)
+        except (OSError, ValueError, KeyError) as e:  # a folder that passed the checks but does not load
+            if isinstance(e, UsageError):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"--model_name_or_path {cfg.model_name_or_path}: cannot load it ({first})") from e
     model.to(device)
     geo = VisionGeometry.of(model, cfg.model_name_or_path) if is_vision_language(model) else None
     env = Env(cfg, tok, geo, device, backend, processor=processor, stop_ids=stop_token_ids(model, tok))
@@ -98,6 +144,46 @@ def step_seed(seed: int, step: int, rank: int = 0) -> None:
     draws what a single process draws."""
     base = seed * 1_000_003 + step
     torch.manual_seed(base if rank == 0 else int(np.random.SeedSequence([base, rank]).generate_state(1)[0]))
+
+
+# the fields that define the prompt stream: a resumed run must have the checkpoint's
+SAME_STREAM = ("seed", "prompts_per_step", "group_size", "dataset", "model_name_or_path")
+
+
+def check_resume(cfg: TrainConfig) -> dict | None:
+    """The trainer state to resume from (None: start at step 0), or a :class:`UsageError` when the
+    run cannot continue as asked: another prompt stream, or already at ``max_steps``."""
+    if not cfg.resume:
+        return None
+    state = checkpoint.trainer_state(os.path.join(cfg.output_dir, "checkpoints"))
+    if state is None:
+        return None
+    saved = state.get("config", {})
+    for name in SAME_STREAM:
+        if saved.get(name) != getattr(cfg, name):
+            shown = "the default" if saved.get(name) is None else saved.get(name)
+            raise UsageError(f"--resume: {cfg.output_dir} was trained with --{name} {shown}, not "
+                             f"{getattr(cfg, name)}; resume with the same --{name}, or start a new run in another "
+                             "--output_dir")
+    if state["step"] >= cfg.max_steps:
+        raise UsageError(f"--resume: {cfg.output_dir} already finished {state['step']} RL steps (--max_steps "
+                         f"{cfg.max_steps}); to train it further, pass a larger --max_steps, e.g. --max_steps "
+                         f"{2 * state['step']} --resume true")
+    return state
+
+
+def describe_model(cfg: TrainConfig, model) -> str:
+    size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters"
+    if cfg.model_name_or_path is None:
+        return f"the embedded tiny Qwen3-VL ({size}, built from a config)"
+    return f"{cfg.model_name_or_path} ({type(model).__name__}, {size})"
+
+
+def describe_data(cfg: TrainConfig, train_set, test_set) -> str:
+    held_out = f"{len(test_set)} held-out prompts" if test_set else "no held-out prompts"
+    if cfg.dataset is None:
+        return f"the embedded grid-count task ({held_out})"
+    return f"{cfg.dataset} ({len(train_set)} training examples, {held_out})"
 
 
 # ============================================================================ one RL step
@@ -171,7 +257,7 @@ def rl_step(
     terms = policy(env, x, resp, mask, teacher_hidden, teacher_head, jsd_mask, teacher.logit_transform, teacher_topk)
     logp, entropy, jsd = terms.logp.view(R, T), terms.entropy.view(R, T), terms.jsd.view(R, T)
 
-    # 4. SPEC §3 loss of the global batch: token means divide by token counts summed over ranks;
+    # 4. the PTD-PO loss of the global batch: token means divide by token counts summed over ranks;
     #    one update per batch, so the behaviour policy's log-probs are logp.detach()
     #    (ptd_grad="released": the authors' surrogate, same D_K value, zero gradient)
     f_tok = mask & in_f[:, None]
@@ -223,31 +309,51 @@ def rl_step(
     }
 
 
-# ============================================================================ main
+# ============================================================================ the run
 
 
 def train(cfg: TrainConfig) -> dict:
+    """A whole run (every rank calls it under torchrun); the evaluations, as in ``eval.json``."""
     cfg = cfg.resolved()
+    state = check_resume(cfg)
     device, backend = resolve_device(cfg)
     with started(cfg, device) as dist:
-        return _train(cfg, dist, backend)
+        return _train(cfg, dist, backend, state)
 
 
-def _train(cfg: TrainConfig, dist: Dist, backend: str) -> dict:
-    if dist.main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
+def _train(cfg: TrainConfig, dist: Dist, backend: str, state: dict | None) -> dict:
+    report = Report(enabled=dist.main and not cfg.quiet)
     if dist.device.type == "cpu":
         torch.set_num_threads(cfg.num_threads)
-    verbose = cfg.progress and dist.main
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
-    t_start = time.time()
 
+    # 1. set-up
+    t = time.time()
     task, train_set, test_set, dev_set = load_data(cfg)
     model, tok, processor, env = load_model(cfg, dist.device, backend)
+    processes = f", {dist.world} processes ({'FSDP2' if dist.fsdp else 'DDP'})" if dist.world > 1 else ""
+    report.phase("set-up", f"{describe_model(cfg, model)}; {describe_data(cfg, train_set, test_set)}; "
+                 f"{dist.device.type}, {backend} kernels{processes}", time.time() - t)  # fmt: skip
+
+    # 2. warm start (computed once, on rank 0, and shared)
+    t = time.time()
     warm = None
-    if task is not None and cfg.warmstart_max_steps > 0:  # computed once, on rank 0, and shared
-        warm = warm_start(model, env, task, log) if dist.main else None
+    if state is not None:
+        report.phase("warm start", "none (resuming a run)")
+    elif task is None:
+        report.phase("warm start", "none (it is for the embedded task)")
+    elif not cfg.warmstart:
+        why = "a checkpoint is not warm-started again; --warmstart true does it" if (
+            cfg.model_name_or_path is not None and cfg.warmstart_max_steps > 0) else "turned off"
+        report.phase("warm start", f"none ({why})")
+    else:
+        report.phase("warm start", f"supervised on hinted and hint-free prompts until the hinted dev accuracy "
+                     f"reaches {cfg.warmstart_hinted_min} (at most {cfg.warmstart_max_steps} steps)")
+        warm = warm_start(model, env, task, report.detail) if dist.main else None
         warm = dist.broadcast_model(model, warm)
+        seconds = time.time() - t
+        report.seconds["warm start"] = round(seconds, 1)
+        report.detail(f"done: {warm['steps']} steps; dev accuracy {warm['dev_accuracy']:.2f} without hint, "
+                      f"{warm['dev_accuracy_hinted']:.2f} with the spatial hint ({seconds:.1f} s)")
     ref = ModelWithPTDHead(copy.deepcopy(model).eval().requires_grad_(False))  # frozen initial policy: KL, teacher
     vision_unused = is_vision_language(model) and task is None and train_set[0].image is None  # a text task
     policy = parallelize(ModelWithPTDHead(model), dist, trainable=True, unused_params=vision_unused)
@@ -255,11 +361,12 @@ def _train(cfg: TrainConfig, dist: Dist, backend: str) -> dict:
     teacher_head = full_output_layer(ref) if cfg.teacher == "ref" else None
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+    # 3. evaluation before RL (or the state of the run resumed)
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    state = checkpoint.load(ckpt_dir, unwrap(policy), opt) if cfg.resume else None
+    t = time.time()
     if state is not None:
-        check_same_stream(cfg, state["config"])
+        state = checkpoint.load(ckpt_dir, unwrap(policy), opt)
         start, evals = state["step"], state["evals"]
         if dist.main:  # drop the lines of steps after the checkpoint
             kept = []
@@ -267,85 +374,152 @@ def _train(cfg: TrainConfig, dist: Dist, backend: str) -> dict:
                 with open(metrics_path) as f:
                     kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
             checkpoint.atomic_write_text("".join(kept), metrics_path)
-        log(f"resumed from step {start} (saved by {state['world_size']} process(es), now {dist.world})")
+        report.phase("evaluation before RL", f"from the checkpoint at step {start} (written by {state['world_size']} "
+                     f"process(es), resumed by {dist.world}): {held_out_words(evals, 'before')}",
+                     time.time() - t)  # fmt: skip
     else:
         start = 0
-        before = evaluate(unwrap(policy), env, test_set, dist=dist)
-        evals = {"accuracy_before": before["accuracy"], "p_correct_before": before["p_correct"]}
-        if cfg.teacher_hint != "none" and (task is not None or any(ex.hints for ex in test_set)):
-            hinted = evaluate(unwrap(policy), env, test_set, hint_kind=cfg.teacher_hint, dist=dist)
-            evals["accuracy_hinted_before"] = hinted["accuracy"]
+        evals = {"steps": 0, "eval_size": len(test_set)}
+        if test_set:
+            before = evaluate(unwrap(policy), env, test_set, dist=dist)
+            evals.update(accuracy_before=before["accuracy"], p_correct_before=before["p_correct"],
+                         held_out=[[0, before["accuracy"], before["p_correct"]]])  # fmt: skip
+            if cfg.teacher_hint != "none" and (task is not None or any(ex.hints for ex in test_set)):
+                hinted = evaluate(unwrap(policy), env, test_set, hint_kind=cfg.teacher_hint, dist=dist)
+                evals["accuracy_hinted_before"] = hinted["accuracy"]
+                evals["teacher_hint"] = f"the {cfg.teacher_hint}" if task is not None else "the dataset's"
         if warm is not None:
             evals["warmstart"] = warm
-        log(f"before: {evals}")
         if dist.main:
+            os.makedirs(cfg.output_dir, exist_ok=True)  # the first write: a failed set-up leaves no folder
             checkpoint.atomic_write_text("", metrics_path)
+        report.phase("evaluation before RL", held_out_words(evals, "before"), time.time() - t)
 
+    # 4. RL
+    t = time.time()
+    report.phase("RL", f"steps {start + 1} to {cfg.max_steps}, {cfg.prompts_per_step} prompts × {cfg.group_size} "
+                 f"rollouts each" if cfg.max_steps > start else "none (--max_steps 0)")  # fmt: skip
     bar = None
-    if verbose:
+    if report.enabled and cfg.progress and cfg.max_steps > start:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=start, desc="rl", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=cfg.max_steps, initial=start, desc="      RL", dynamic_ncols=True, file=sys.stderr)
+    rollouts = cfg.prompts_per_step * cfg.group_size
+    eval_seconds = 0.0
     for step in range(start + 1, cfg.max_steps + 1):
         step_seed(cfg.seed, step, dist.rank)
         examples = sample_prompts(cfg, task, train_set, np.random.default_rng([cfg.seed, step]))
         m = rl_step(policy, ref, opt, env, dist.share(examples), teacher_head=teacher_head, dist=dist)
         m = {"step": step, **m}
-        if cfg.eval_steps and step % cfg.eval_steps == 0 and step != cfg.max_steps:
+        if test_set and cfg.eval_steps and step % cfg.eval_steps == 0 and step != cfg.max_steps:
+            te = time.time()
             e = evaluate(unwrap(policy), env, test_set, dist=dist)
             m["eval_accuracy"], m["eval_p_correct"] = e["accuracy"], e["p_correct"]
+            evals["held_out"].append([step, e["accuracy"], e["p_correct"]])
+            eval_seconds += time.time() - te
         if dist.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(reward=f"{m['reward_mean']:.2f}", ptd=m["ptd_rollouts"], jsd=f"{m['jsd']:.3f}")
-        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
-            trainer_state = {"step": step, "evals": evals, "world_size": dist.world, "config": dataclasses.asdict(cfg)}
-            checkpoint.save(ckpt_dir, unwrap(policy), opt, trainer_state, dist)
+            fields = dict(reward=f"{m['reward_mean']:.2f}", ptd=f"{m['ptd_rollouts']}/{rollouts}",
+                          jsd=f"{m['jsd']:.3f}")  # fmt: skip
+            if "eval_accuracy" in m:
+                fields["held_out"] = f"{m['eval_accuracy']:.2f}"
+            bar.set_postfix(fields, refresh=False)
+        if cfg.save_steps and step % cfg.save_steps == 0 and step != cfg.max_steps:
+            save_checkpoint(ckpt_dir, policy, opt, step, evals, cfg, dist)
     if bar is not None:
         bar.close()
+    if cfg.max_steps > start:
+        rl_seconds = time.time() - t - eval_seconds
+        report.seconds["RL"] = round(rl_seconds, 1)
+        report.seconds["evaluations during RL"] = round(eval_seconds, 1)
+        report.detail(f"done: {cfg.max_steps - start} steps in {rl_seconds:.1f} s "
+                      f"({rl_seconds / (cfg.max_steps - start):.2f} s a step)")  # fmt: skip
 
-    after = evaluate(unwrap(policy), env, test_set, dist=dist)
-    evals.update(
-        accuracy_after=after["accuracy"],
-        p_correct_after=after["p_correct"],
-        steps=cfg.max_steps,
-        seconds_this_process=round(time.time() - t_start, 1),
-    )
+    # 5. evaluation after RL
+    t = time.time()
+    if test_set and cfg.max_steps > start:
+        after = evaluate(unwrap(policy), env, test_set, dist=dist)
+        evals.update(accuracy_after=after["accuracy"], p_correct_after=after["p_correct"])
+        evals["held_out"].append([cfg.max_steps, after["accuracy"], after["p_correct"]])
+    elif test_set:  # no RL step: the model before is the model after
+        evals.update(accuracy_after=evals["accuracy_before"], p_correct_after=evals["p_correct_before"])
+    evals["steps"] = cfg.max_steps
+    report.phase("evaluation after RL", held_out_words(evals, "after"), time.time() - t)
+
+    # 6. saving: the last checkpoint (with the evaluation after RL), final/, curves.png, eval.json
+    t = time.time()
+    if cfg.max_steps > start:
+        save_checkpoint(ckpt_dir, policy, opt, cfg.max_steps, evals, cfg, dist)
     state_dict = full_model_state(unwrap(policy), dist)  # every rank takes part under FSDP2
+    written = []
     if dist.main:
-        checkpoint.atomic_write_text(json.dumps(evals, indent=2) + "\n", os.path.join(cfg.output_dir, "eval.json"))
         final = os.path.join(cfg.output_dir, "final")
-        model.save_pretrained(final, state_dict=state_dict)
-        (processor or tok).save_pretrained(final)
+        with _no_hf_progress_bar():  # its "Writing model shards" bar would interleave with the phase lines
+            model.save_pretrained(final, state_dict=state_dict)
+            (processor or tok).save_pretrained(final)
+        warm_started = warm is not None or trained_marker(cfg.model_name_or_path or "").get("warm_started", False)
+        marker = {"embedded": cfg.embedded_model(), "rl_steps": cfg.max_steps, "warm_started": warm_started,
+                  "trained_by": dataclasses.asdict(cfg)}  # fmt: skip
+        checkpoint.atomic_write_text(json.dumps(marker, indent=2) + "\n", os.path.join(final, TRAINED_MARKER))
+        written = ["final/", "eval.json", "metrics.jsonl"]
         if cfg.plot:
             try:
                 from .plots import plot_curves
 
-                plot_curves(metrics_path, os.path.join(cfg.output_dir, "curves.png"), evals)
+                plot_curves(metrics_path, os.path.join(cfg.output_dir, "curves.png"), evals, run_title(cfg))
+                written.append("curves.png")
             except Exception as e:  # a plot must never cost a finished run
-                log(f"plot failed: {e!r}")
-    log(
-        f"after: accuracy {evals['accuracy_before']:.3f} → {evals['accuracy_after']:.3f} "
-        f"({time.time() - t_start:.0f} s)"
-    )
+                report.detail(f"plot failed: {e!r}")
+    report.phase("saving", f"{', '.join(written)} in {cfg.output_dir}", time.time() - t)
+    evals["seconds"] = dict(report.seconds)
+    evals["seconds_this_process"] = round(time.time() - report.t0, 1)
+    if dist.main:
+        checkpoint.atomic_write_text(json.dumps(evals, indent=2) + "\n", os.path.join(cfg.output_dir, "eval.json"))
     return evals
 
 
-def check_same_stream(cfg: TrainConfig, saved: dict) -> None:
-    """A resumed run continues the saved prompt stream: the fields that define it must match."""
-    for name in ("seed", "prompts_per_step", "group_size", "dataset", "model_name_or_path"):
-        if saved.get(name) != getattr(cfg, name):
-            raise ValueError(f"{name}: the checkpoint was written with {saved.get(name)!r}, not {getattr(cfg, name)!r}")
+@contextlib.contextmanager
+def _no_hf_progress_bar():
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from transformers import HfArgumentParser
-
-    (cfg,) = HfArgumentParser(TrainConfig).parse_args_into_dataclasses(args=argv)
-    return train(cfg)
+def save_checkpoint(ckpt_dir: str, policy, opt, step: int, evals: dict, cfg: TrainConfig, dist: Dist) -> None:
+    state = {"step": step, "evals": evals, "world_size": dist.world, "config": dataclasses.asdict(cfg)}
+    checkpoint.save(ckpt_dir, unwrap(policy), opt, state, dist)
 
 
-if __name__ == "__main__":
-    main()
+def held_out_words(evals: dict, when: str) -> str:
+    """The held-out numbers ``before`` or ``after`` RL, in words."""
+    if evals.get(f"accuracy_{when}") is None:
+        return "none (--eval_size 0)"
+    text = (f"held-out accuracy {evals[f'accuracy_{when}']:.3f}, p(correct) {evals[f'p_correct_{when}']:.3f} "
+            f"({evals.get('eval_size', '?')} prompts, greedy)")  # fmt: skip
+    if when == "before" and "accuracy_hinted_before" in evals:
+        text += f"; the teacher, with {evals.get('teacher_hint', 'its')} hint: {evals['accuracy_hinted_before']:.3f}"
+    return text
+
+
+def run_title(cfg: TrainConfig) -> str:
+    """The run's setting in one line (the title of curves.png)."""
+    model = "embedded tiny Qwen3-VL" if cfg.model_name_or_path is None else os.path.basename(
+        os.path.normpath(cfg.model_name_or_path))
+    task = "grid-count task" if cfg.dataset is None else os.path.basename(cfg.dataset)
+    if cfg.ptd_coef == 0:
+        method = "GRPO"
+    else:
+        jsd = "full-vocabulary JSD" if cfg.ptd_full_vocab else f"Top-{cfg.ptd_k} JSD"
+        hint = f", {cfg.teacher_hint} hint" if cfg.dataset is None else ""
+        method = f"PTD-PO (λ = {cfg.ptd_coef:g}, {jsd}{hint})"
+    return (f"{method} · {model} · {task} · {cfg.prompts_per_step}×{cfg.group_size} rollouts/step, lr {cfg.lr:g}, "
+            f"seed {cfg.seed}")
