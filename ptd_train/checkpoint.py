@@ -176,7 +176,8 @@ def load(root: str, lm: torch.nn.Module, opt: torch.optim.Optimizer) -> dict | N
     if state is None:
         return None
     path = latest(root)
-    with _one_process_is_fine():
+    SafeReader(path).read_metadata()  # refused here, the error is this one line (inside dcp.load, a wrapped one)
+    with _one_process_is_fine(), _one_line_errors(path):
         model_sd, optim_sd = get_state_dict(lm, opt)
         dcp.load({"model": model_sd}, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
         # parameters that never had a gradient (e.g. a vision tower on a text task) have no optimizer state
@@ -184,6 +185,24 @@ def load(root: str, lm: torch.nn.Module, opt: torch.optim.Optimizer) -> dict | N
                  planner=SafeLoadPlanner(allow_partial_load=True))  # fmt: skip
         set_state_dict(lm, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
     return state
+
+
+@contextlib.contextmanager
+def _one_line_errors(path: str):
+    """DCP reports a failure as a CheckpointException holding every rank's traceback; a refused or
+    unreadable file is the user's to fix: its own message, one line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        causes = [failure[0] for failure in e.failures.values()]
+        refused = next((c for c in causes if isinstance(c, UsageError)), None)
+        if refused is not None:
+            raise refused from None
+        first = str(causes[0]).strip().splitlines()[0] if causes and str(causes[0]).strip() else "unreadable"
+        raise UsageError(f"{path}: cannot load the checkpoint ({first}); delete it to resume from an earlier one, or "
+                         "start a new run") from None
 
 
 # environment variables that change which float kernels run (instruction set, BLAS code path)

@@ -165,6 +165,7 @@ def check_resume(cfg: TrainConfig) -> dict | None:
             raise UsageError(f"--resume: {cfg.output_dir} was trained with --{name} {shown}, not "
                              f"{getattr(cfg, name)}; resume with the same --{name}, or start a new run in another "
                              "--output_dir")
+    checkpoint.SafeReader(checkpoint.latest(os.path.join(cfg.output_dir, "checkpoints"))).read_metadata()
     if state["step"] >= cfg.max_steps:
         raise UsageError(f"--resume: {cfg.output_dir} already finished {state['step']} RL steps (--max_steps "
                          f"{cfg.max_steps}); to train it further, pass a larger --max_steps, e.g. --max_steps "
