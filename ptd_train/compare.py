@@ -80,9 +80,8 @@ DEFAULT_DIR = "runs/compare"
 STUDY_HINT_MIX = "none:0.25,spatial:0.5,coarse:0.125,leak:0.125"
 # --quick: what it changes (unless given explicitly), and the warning it prints
 QUICK = dict(seeds="2", steps=20, methods="grpo,ptd")
-QUICK_TRAIN = dict(eval_size=50, eval_steps=10, output_dir="runs/compare-quick")
-QUICK_WARNING = ("quick form: a smoke test of the pipeline (2 seeds × 20 steps, 50 held-out prompts); its numbers "
-                 "mean nothing")
+QUICK_TRAIN = dict(eval_steps=10, output_dir="runs/compare-quick")  # the study's warm start, from the cache
+QUICK_WARNING = "quick form: a smoke test of the pipeline (2 seeds × 20 steps of grpo and ptd); its numbers mean nothing"
 # trainer flags compare sets itself for each run: not forwarded
 NOT_FORWARDED = ("seed", "resume", "save_steps", "progress", "plot", "quiet", "max_steps")
 
@@ -98,9 +97,9 @@ class CompareConfig:
     rerun: bool = field(default=False, metadata={"help": "Train again the runs that already finished (else they "
                                                           "are reused when their configuration and build match)."})
     quick: bool = field(default=False, metadata={"help": "A smoke test of the whole pipeline: 2 seeds × 20 steps of "
-                                                         "grpo and ptd, 50 held-out prompts, in runs/compare-quick "
-                                                         "(flags given explicitly still win). Its numbers mean "
-                                                         "nothing."})
+                                                         "grpo and ptd, evaluated every 10 steps, in "
+                                                         "runs/compare-quick (flags given explicitly still win). "
+                                                         "Its numbers mean nothing."})
     replot: str | None = field(default=None, metadata={
         "help": "No training: redraw DIR/curves.png from DIR/runs.jsonl (e.g. docs/compare).", "metavar": "DIR",
         "default_text": "off"})

@@ -56,15 +56,15 @@ def plot_curves(metrics_path: str, out_path: str, evals: dict | None = None, tit
     steps = [r["step"] for r in rows]
     w = max(1, len(rows) // 15)
     ptd = any(r["ptd_rollouts"] > 0 for r in rows)
-    panels = [("accuracy", "accuracy"), ("entropy", "student token entropy (nats)")]
+    panels = [("accuracy", "accuracy: the step's rollouts, and held-out prompts (red)"),
+              ("entropy", "student token entropy (nats)")]  # fmt: skip
     if ptd:
         panels += [("jsd", "JSD to the hinted teacher, on the rollouts that get it (nats)"),
                    ("ptd_rollouts", "rollouts pulled toward the teacher, per step")]  # fmt: skip
-    fig, axes = plt.subplots(2 if ptd else 1, 2, figsize=(11, 7.5 if ptd else 4.2), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(2 if ptd else 1, 2, figsize=(11, 7.6 if ptd else 4.4), sharex=True, squeeze=False)
     for ax, (key, panel_title) in zip(axes.flat, panels):
         y = [float(r[key]) if not (key == "jsd" and r["ptd_rollouts"] == 0) else float("nan") for r in rows]
-        label = "training rollouts, per step" if key == "accuracy" else "per step"
-        ax.plot(steps, y, color="0.7", lw=0.8, label=label)
+        ax.plot(steps, y, color="0.7", lw=0.8, label="per step")
         if w > 1:
             ax.plot(steps, _smooth(y, w), color="C0", lw=1.8, label=f"mean of the last {w} steps")
         ax.set_title(panel_title, fontsize=10)
@@ -74,15 +74,17 @@ def plot_curves(metrics_path: str, out_path: str, evals: dict | None = None, tit
     if not curve:  # a run written before the curve was kept: the points of metrics.jsonl
         curve = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
     if curve:
-        acc_ax.plot(*zip(*curve), "o-", color="C3", ms=4, label="held-out prompts, greedy")
+        acc_ax.plot(*zip(*curve), "o-", color="C3", ms=4, label="held-out accuracy (greedy)")
     acc_ax.set_ylim(-0.02, 1.02)
-    acc_ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.08), ncol=3, frameon=False)
-    acc_ax.set_title("accuracy", fontsize=10, pad=24)
     for ax in axes[-1]:
         ax.set_xlabel("RL step")
+    # one legend for every panel, between the title and the panels: it covers no data
+    handles, labels = acc_ax.get_legend_handles_labels()
+    top = 0.925 if ptd else 0.85
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, top), ncol=3, frameon=False, fontsize=9)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=10, y=0.99)
+    fig.tight_layout(rect=(0, 0, 1, top + (0.03 if ptd else 0.06)))  # the padding above the panel titles
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
 

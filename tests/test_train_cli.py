@@ -185,7 +185,7 @@ def test_compare_mistakes(tmp_path, capsys):
 def test_quick_form_fills_in_what_was_not_given():
     study, base = compare.parse_args(["--quick", "--steps", "5"])
     assert (study.seeds, study.steps, study.methods) == ("2", 5, "grpo,ptd")
-    assert (base.eval_size, base.output_dir) == (50, "runs/compare-quick")
+    assert (base.eval_steps, base.output_dir) == (10, "runs/compare-quick")
     study, base = compare.parse_args([])
     assert (study.steps, base.output_dir) == (150, "runs/compare")
 
