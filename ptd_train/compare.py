@@ -81,7 +81,8 @@ STUDY_HINT_MIX = "none:0.25,spatial:0.5,coarse:0.125,leak:0.125"
 # --quick: what it changes (unless given explicitly), and the warning it prints
 QUICK = dict(seeds="2", steps=20, methods="grpo,ptd")
 QUICK_TRAIN = dict(eval_steps=10, output_dir="runs/compare-quick")  # the study's warm start, from the cache
-QUICK_WARNING = "quick form: a smoke test of the pipeline (2 seeds × 20 steps of grpo and ptd); its numbers mean nothing"
+QUICK_WARNING = ("quick form: a smoke test of the pipeline (2 seeds × 20 steps of grpo and ptd); its numbers mean "
+                 "nothing")
 # trainer flags compare sets itself for each run: not forwarded
 NOT_FORWARDED = ("seed", "resume", "save_steps", "progress", "plot", "quiet", "max_steps")
 
