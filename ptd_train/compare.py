@@ -202,11 +202,12 @@ def shared_warm_start(base: TrainConfig, log) -> dict | None:
     device, backend = resolve_device(cfg)
     if device.type == "cpu":
         torch.set_num_threads(max(1, cfg.num_threads))
+    log(f"compare: the warm start shared by every run (cache: {cfg.warmstart_dir if cfg.warmstart_cache else 'off'})")
     task = GridCountTask(eval_size=cfg.eval_size)
     tok = build_tokenizer(GridCountTask.words)
     policy = build_tiny_model(tok, seed=cfg.warmstart_seed).to(device)
     env = Env(cfg, tok, VisionGeometry.of(policy), device, backend)
-    return warm_start(policy, env, task, lambda text: log(f"warm start: {text}"))
+    return warm_start(policy, env, task, lambda text: log(f"  warm start {text}"))
 
 
 # ============================================================================ measures

@@ -51,7 +51,7 @@ class TrainConfig:
 
     - ``ptd_coef`` (λ): 0.05 on a checkpoint; 1.0 on the embedded model, where with AdamW and
       clipping at 1.0 a λ of 0.05 leaves the JSD term too weak to change training.
-    - ``ptd_k``: 100 on a checkpoint; 8 on the embedded model, whose ~90-token vocabulary K = 100
+    - ``ptd_k``: 100 on a checkpoint; 8 on the embedded model, whose 71-token vocabulary K = 100
       would cover whole (D_K = the full JSD, the overlap trivially 1).
     - ``lr``: 1e-6 on a checkpoint, 5e-4 on the embedded model.
     - ``warmstart``: on for the embedded model built from scratch on the embedded task, off for a
