@@ -62,10 +62,10 @@ def _show(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _add_field(group, f: dataclasses.Field, kind, default) -> list[str]:
+def _add_field(group, f: dataclasses.Field, kind, default, help_text: str | None = None) -> list[str]:
     """Add the flag(s) of one field; returns their option strings."""
     meta = f.metadata
-    help_text = meta.get("help", "")
+    help_text = meta.get("help", "") if help_text is None else help_text
     shown = meta.get("default_text") if default is None else _show(default)
     if shown is not None:
         help_text += f" (default: {shown})"
@@ -92,13 +92,14 @@ def _add_field(group, f: dataclasses.Field, kind, default) -> list[str]:
 
 @dataclasses.dataclass
 class Section:
-    """One group of flags in ``--help``: the fields ``names`` of ``config`` (None: all of them not
-    placed elsewhere), with ``defaults`` overriding the dataclass defaults."""
+    """One group of flags in ``--help``: the fields ``names`` of ``config`` (None: all of them), with
+    ``defaults`` and ``helps`` overriding the dataclass defaults and help texts."""
 
     title: str
     config: type
     names: list[str] | None = None
     defaults: dict = dataclasses.field(default_factory=dict)
+    helps: dict = dataclasses.field(default_factory=dict)  # help texts that differ from the field's own
 
 
 class Command:
@@ -120,7 +121,7 @@ class Command:
             for name in names:
                 f = by_name[name]
                 default = section.defaults.get(name, f.default)
-                self.options += _add_field(group, f, hints[name], default)
+                self.options += _add_field(group, f, hints[name], default, section.helps.get(name))
                 self.fields.setdefault(section.config, []).append(name)
         self.parser.add_argument("--debug", action="store_true",
                                  help="Show the full traceback of an error (also: environment variable PTD_DEBUG=1).")

@@ -284,6 +284,8 @@ def compare(study: CompareConfig, base: TrainConfig) -> dict:
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.time()
     study.check()
+    if base.eval_size < 1:
+        raise UsageError(f"--eval_size {base.eval_size}: the study compares held-out curves; give at least 1")
     seeds, methods = study.seed_list(), study.method_list()
     base = dataclasses.replace(base, max_steps=study.steps)
     study_dir = base.output_dir
@@ -433,7 +435,9 @@ def command():
     from .run import command as trainer_command
 
     study = [Section("study options", CompareConfig),
-             Section("study options", TrainConfig, ["output_dir"], {"output_dir": DEFAULT_DIR})]  # fmt: skip
+             Section("study options", TrainConfig, ["output_dir"], {"output_dir": DEFAULT_DIR},
+                     {"output_dir": "Folder of the study: summary.md, runs.jsonl, curves.png, and runs/<method>/"
+                                    "seed<s>/ for each run."})]  # fmt: skip
     return trainer_command(PROG, defaults={"warmstart_hint_mix": STUDY_HINT_MIX},
                            exclude=("output_dir", *NOT_FORWARDED), extra=study,
                            title_suffix=" — trainer options, applied to every run", description=DESCRIPTION,
