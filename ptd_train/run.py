@@ -73,7 +73,7 @@ def command(prog: str = PROG, defaults: dict | None = None, exclude: tuple[str, 
 def summary(evals: dict, cfg: TrainConfig) -> str:
     """The results of a run in words (what ``main`` prints on stdout)."""
     lines = []
-    if evals.get("accuracy_before") is None:
+    if evals.get("accuracy_before") is None or evals.get("accuracy_after") is None:
         lines.append("No held-out evaluation (--eval_size 0).")
     else:
         before, after = evals["accuracy_before"], evals["accuracy_after"]

@@ -334,6 +334,8 @@ def _train(cfg: TrainConfig, dist: Dist, backend: str, state: dict | None) -> di
     processes = f", {dist.world} processes ({'FSDP2' if dist.fsdp else 'DDP'})" if dist.world > 1 else ""
     report.phase("set-up", f"{describe_model(cfg, model)}; {describe_data(cfg, train_set, test_set)}; "
                  f"{dist.device.type}, {backend} kernels{processes}", time.time() - t)  # fmt: skip
+    if cfg.resume and state is None:
+        report.detail(f"--resume: no checkpoint in {cfg.output_dir} yet, so the run starts at step 0")
 
     # 2. warm start (computed once, on rank 0, and shared)
     t = time.time()
@@ -369,6 +371,9 @@ def _train(cfg: TrainConfig, dist: Dist, backend: str, state: dict | None) -> di
     if state is not None:
         state = checkpoint.load(ckpt_dir, unwrap(policy), opt)
         start, evals = state["step"], state["evals"]
+        if "held_out" not in evals:  # a checkpoint written before the curve was kept: its first point
+            before = evals.get("accuracy_before")
+            evals["held_out"] = [[0, before, evals["p_correct_before"]]] if before is not None else []
         if dist.main:  # drop the lines of steps after the checkpoint
             kept = []
             if os.path.exists(metrics_path):
