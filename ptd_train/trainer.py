@@ -337,12 +337,10 @@ def _train(cfg: TrainConfig, dist: Dist, backend: str, state: dict | None) -> di
     if cfg.resume and state is None:
         report.detail(f"--resume: no checkpoint in {cfg.output_dir} yet, so the run starts at step 0")
 
-    # 2. warm start (computed once, on rank 0, and shared)
+    # 2. warm start (computed once, on rank 0, and shared; resuming too: it is the frozen reference and teacher)
     t = time.time()
     warm = None
-    if state is not None:
-        report.phase("warm start", "none (resuming a run)")
-    elif task is None:
+    if task is None:
         report.phase("warm start", "none (it is for the embedded task)")
     elif not cfg.warmstart:
         why = "a checkpoint is not warm-started again; --warmstart true does it" if (

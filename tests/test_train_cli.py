@@ -246,6 +246,20 @@ def test_finished_run_says_how_to_continue_and_resumed_curves_keep_every_point(t
         assert [json.loads(x)["step"] for x in f] == [1, 2, 3]
 
 
+def test_a_resumed_run_has_the_warm_started_reference(tmp_path, monkeypatch):
+    """The frozen reference (KL and teacher) of a resumed run is the warm-started model, as in the run
+    that was not interrupted: the step after the checkpoint has the same loss."""
+    monkeypatch.setenv("PTD_CACHE", str(tmp_path / "cache"))
+    args = [*TINY, *TINY_WARM, "--eval_steps", "0"]
+    run.main(["--output_dir", str(tmp_path / "whole"), "--max_steps", "2", *args])
+    run.main(["--output_dir", str(tmp_path / "parts"), "--max_steps", "1", *args])
+    run.main(["--output_dir", str(tmp_path / "parts"), "--max_steps", "2", "--resume", "true", *args])
+    whole, parts = ([json.loads(x) for x in open(tmp_path / d / "metrics.jsonl")] for d in ("whole", "parts"))
+    assert [m["step"] for m in parts] == [1, 2]
+    for key in ("loss", "kl", "jsd", "grad_norm"):
+        assert whole[1][key] == parts[1][key], key
+
+
 def test_a_trained_model_is_not_warm_started_again_unless_asked(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PTD_CACHE", str(tmp_path / "cache"))
     first = str(tmp_path / "first")
