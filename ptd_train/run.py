@@ -9,6 +9,7 @@ go to stderr). Data parallel: ``torchrun --nproc_per_node N -m ptd_train.run [--
 from __future__ import annotations
 
 import os
+import sys
 
 from .cli import Command, Section, run_command
 from .config import SECTIONS, TrainConfig
@@ -103,6 +104,9 @@ def _seconds(s: float) -> str:
 def _main(argv: list[str]) -> dict:
     cfg = command().parse(argv)[TrainConfig]
     cfg.resolved()  # every check that needs no torch, before importing it
+    if not cfg.quiet and os.environ.get("RANK", "0") == "0":  # a first line at once: importing torch takes seconds
+        print(f"ptd_train.run: a run in {cfg.output_dir}; importing torch and transformers ...", file=sys.stderr,
+              flush=True)  # fmt: skip
     from .trainer import train
 
     evals = train(cfg)

@@ -197,6 +197,7 @@ def test_phases_on_stderr_results_on_stdout(tmp_path, capsys):
     out = str(tmp_path / "run")
     evals = run.main(["--output_dir", out, "--max_steps", "2", "--eval_steps", "1", *TINY])
     captured = capsys.readouterr()
+    assert captured.err.startswith(f"ptd_train.run: a run in {out}; importing torch")
     phases = [line.split("]")[0] + "]" for line in captured.err.splitlines() if line.startswith("[")]
     assert phases == [f"[{i}/6]" for i in range(1, 7)]
     assert "[1/6] set-up: the embedded tiny Qwen3-VL" in captured.err
