@@ -174,7 +174,9 @@ def check_resume(cfg: TrainConfig) -> dict | None:
 
 
 def describe_model(cfg: TrainConfig, model) -> str:
-    size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters"
+    n = sum(p.numel() for p in model.parameters())
+    size = f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
+    size += " parameters"
     if cfg.model_name_or_path is None:
         return f"the embedded tiny Qwen3-VL ({size}, built from a config)"
     return f"{cfg.model_name_or_path} ({type(model).__name__}, {size})"
