@@ -267,6 +267,17 @@ class TrainConfig:
                              "--dataset")
         if os.path.isfile(self.output_dir):
             raise UsageError(f"--output_dir {self.output_dir}: is a file; give a folder")
+        check_world_size(self.prompts_per_step, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def check_world_size(prompts_per_step: int, world: int) -> None:
+    """Under torchrun every rank takes an equal, non-empty share of the step's prompts."""
+    if world > prompts_per_step:
+        raise UsageError(f"--prompts_per_step {prompts_per_step}: {prompts_per_step} prompts cannot be shared by "
+                         f"{world} processes; each rank needs at least one prompt (use prompts_per_step ≥ world size)")
+    if prompts_per_step % world:
+        raise UsageError(f"--prompts_per_step {prompts_per_step}: {prompts_per_step} prompts do not divide evenly "
+                         f"over {world} processes; use a multiple of the world size")
 
 
 def parse_hint_mix(mix: str) -> tuple[list[str], list[float]]:
