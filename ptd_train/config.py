@@ -76,7 +76,8 @@ class TrainConfig:
     device: str = _opt("auto", "Where to train: auto (CUDA when available, else CPU), cpu or cuda.",
                        choices=("auto", "cpu", "cuda"))
     backend: str = _opt("auto", "Kernel backend of the output layer: auto (Triton on CUDA, the chunked torch path "
-                        "on CPU), triton or torch.", choices=("auto", "triton", "torch"))
+                        "on CPU), triton, cublas (cuBLAS GEMMs with Triton elementwise kernels; CUDA) or torch.",
+                        choices=("auto", "triton", "cublas", "torch"))
     num_threads: int = _opt(1, "torch CPU threads per process (1 is fastest for the tiny model).")
     fsdp: bool = _opt(False, "Under torchrun: shard the policy and the reference with FSDP2 (else DDP with full "
                       "replicas); one process ignores it.")

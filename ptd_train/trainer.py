@@ -81,8 +81,8 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, str]:
     backend = cfg.backend
     if backend == "auto":  # the Triton interpreter on CPU would be slow: use the chunked torch path
         backend = "auto" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UsageError("--backend triton: Triton kernels need a CUDA device (or TRITON_INTERPRET=1, very slow); "
+    if backend in ("triton", "cublas") and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError(f"--backend {backend}: its kernels need a CUDA device (or TRITON_INTERPRET=1, very slow); "
                          "use --backend torch on CPU")
     return device, backend
 
