@@ -128,5 +128,17 @@ def train(cfg: TrainConfig) -> dict:
     return train_(cfg)
 
 
+# the loop's parts, reachable as run.<name> as well (trainer is imported on first use)
+TRAINER_NAMES = ("rl_step", "step_seed", "sample_prompts", "load_data", "load_model", "resolve_device")
+
+
+def __getattr__(name: str):
+    if name in TRAINER_NAMES:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'ptd_train.run' has no attribute {name!r}")
+
+
 if __name__ == "__main__":
     main()
