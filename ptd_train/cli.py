@@ -1,9 +1,9 @@
 """Command lines built from dataclasses: ``python -m ptd_train.run`` and ``python -m ptd_train.compare``.
 
 Each field of a config dataclass is a flag ``--<name>``; its metadata gives the help text
-(``help``; ``no_help`` for the ``--no_<name>`` form of a flag that defaults to true), the allowed
-values (``choices``), what a ``None`` default means (``default_text``) and the placeholder
-(``metavar``). On top of argparse:
+(``help``), the allowed values (``choices``) and the placeholder (``metavar``), and a
+:class:`Section` the rest: ``no_help`` for the ``--no_<name>`` form of a flag that defaults to true,
+``default_text`` for what a ``None`` default means. On top of argparse:
 
 - a mistake is one line, ``<prog>: error: ...``, and exit code 2; the traceback only with
   ``--debug`` or ``PTD_DEBUG=1`` (:func:`run_command`);
@@ -62,11 +62,12 @@ def _show(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _add_field(group, f: dataclasses.Field, kind, default, help_text: str | None = None) -> list[str]:
-    """Add the flag(s) of one field; returns their option strings."""
+def _add_field(group, f: dataclasses.Field, kind, default, help_text: str | None, text: dict) -> list[str]:
+    """Add the flag(s) of one field (``text``: its ``no_help`` and ``default_text``); returns their
+    option strings."""
     meta = f.metadata
     help_text = meta.get("help", "") if help_text is None else help_text
-    shown = meta.get("default_text") if default is None else _show(default)
+    shown = text.get("default_text") if default is None else _show(default)
     if shown is not None:
         help_text += f" (default: {shown})"
     flag = f"--{f.name}"
@@ -77,7 +78,7 @@ def _add_field(group, f: dataclasses.Field, kind, default, help_text: str | None
                            default=default, metavar="true|false|auto" if optional else "true|false", help=help_text,
                            dest=f.name)  # fmt: skip
         if default is True:
-            no_help = meta.get("no_help", f"The opposite of {flag}.")
+            no_help = text.get("no_help", f"The opposite of {flag}.")
             group.add_argument(f"--no_{f.name}", action="store_false", dest=f.name, help=no_help)
             return [flag, f"--no_{f.name}"]
         return [flag]
@@ -100,6 +101,7 @@ class Section:
     names: list[str] | None = None
     defaults: dict = dataclasses.field(default_factory=dict)
     helps: dict = dataclasses.field(default_factory=dict)  # help texts that differ from the field's own
+    texts: dict = dataclasses.field(default_factory=dict)  # name → {"no_help": ..., "default_text": ...}
 
 
 class Command:
@@ -121,7 +123,8 @@ class Command:
             for name in names:
                 f = by_name[name]
                 default = section.defaults.get(name, f.default)
-                self.options += _add_field(group, f, hints[name], default, section.helps.get(name))
+                self.options += _add_field(group, f, hints[name], default, section.helps.get(name),
+                                           section.texts.get(name, {}))
                 self.fields.setdefault(section.config, []).append(name)
         self.parser.add_argument("--debug", action="store_true",
                                  help="Show the full traceback of an error (also: environment variable PTD_DEBUG=1).")

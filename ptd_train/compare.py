@@ -102,11 +102,9 @@ class CompareConfig:
                                                          "runs/compare-quick (flags given explicitly still win). "
                                                          "Its numbers mean nothing."})
     replot: str | None = field(default=None, metadata={
-        "help": "No training: redraw DIR/curves.png from DIR/runs.jsonl (e.g. docs/compare).", "metavar": "DIR",
-        "default_text": "off"})
+        "help": "No training: redraw DIR/curves.png from DIR/runs.jsonl (e.g. docs/compare).", "metavar": "DIR"})
     spread: str | None = field(default=None, metadata={
-        "help": "No training: finished studies side by side, label=dir,label=dir,...", "metavar": "LIST",
-        "default_text": "off"})
+        "help": "No training: finished studies side by side, label=dir,label=dir,...", "metavar": "LIST"})
 
     def seed_list(self) -> list[int]:
         s = self.seeds.strip()
@@ -289,6 +287,7 @@ def compare(study: CompareConfig, base: TrainConfig) -> dict:
     seeds, methods = study.seed_list(), study.method_list()
     base = dataclasses.replace(base, max_steps=study.steps)
     study_dir = base.output_dir
+    base.resolved().check_files()
     for m in methods:  # fail fast on a bad combination before any training
         run_config(base, study_dir, m, 0).resolved()
     if study.quick:
@@ -434,7 +433,8 @@ Exit code 2 and one line for a mistake; --debug (or PTD_DEBUG=1) shows the trace
 def command():
     from .run import command as trainer_command
 
-    study = [Section("study options", CompareConfig),
+    off = {"default_text": "off"}
+    study = [Section("study options", CompareConfig, texts={"replot": off, "spread": off}),
              Section("study options", TrainConfig, ["output_dir"], {"output_dir": DEFAULT_DIR},
                      {"output_dir": "Folder of the study: summary.md, runs.jsonl, curves.png, and runs/<method>/"
                                     "seed<s>/ for each run."})]  # fmt: skip

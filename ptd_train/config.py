@@ -7,7 +7,8 @@ starts and raises :class:`UsageError` naming the value and what to do; the comma
 that as one line. Fields left at ``None`` resolve per setting (:meth:`TrainConfig.resolved`).
 
 This module imports nothing heavy (no torch, no transformers): ``--help`` and every check of the
-configuration run before those are imported.
+configuration run before those are imported. :meth:`TrainConfig.check` reads values only,
+:meth:`TrainConfig.check_files` the files and folders they name.
 """
 
 from __future__ import annotations
@@ -38,8 +39,19 @@ def cache_root() -> str:
     return os.path.join(base, "ptd")
 
 
-def _opt(default, help: str, **meta):
-    return field(default=default, metadata={"help": help, **meta})
+# --help's texts beyond a field's own help (filled by _opt, read through FLAG_TEXT below): the
+# --no_ form of a flag that defaults to true, and what a None default means. They stay out of the
+# fields' metadata, which other parsers (transformers' HfArgumentParser) pass to argparse as is.
+_EXTRA_TEXT: dict[int, dict[str, str]] = {}
+
+
+def _opt(default, help: str, *, no_help: str | None = None, default_text: str | None = None, **argparse_kwargs):
+    """A field with its help (and argparse's ``choices`` / ``metavar``)."""
+    f = field(default=default, metadata={"help": help, **argparse_kwargs})
+    extra = {key: text for key, text in (("no_help", no_help), ("default_text", default_text)) if text}
+    if extra:
+        _EXTRA_TEXT[id(f)] = extra  # dataclass() keeps this very Field object: FLAG_TEXT finds it by name
+    return f
 
 
 @dataclass
@@ -186,7 +198,7 @@ class TrainConfig:
         return self.model_name_or_path is None or trained_marker(self.model_name_or_path).get("embedded", False)
 
     def resolved(self) -> TrainConfig:
-        """A copy with every ``None`` field resolved for its setting, checked (:meth:`check`)."""
+        """A copy with every ``None`` field resolved for its setting, its values checked (:meth:`check`)."""
         self.check()
         embedded = self.embedded_model()
         c = dataclasses.replace(self)
@@ -205,8 +217,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """Every value, before any work: raise :class:`UsageError` naming the first bad one and what
-        to do. Looks at the files and folders named (existence, a model folder's config.json), nothing
-        more."""
+        to do (the files and folders named: :meth:`check_files`)."""
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -252,23 +263,28 @@ class TrainConfig:
             raise UsageError("--teacher_hint leak states the answer and fails the zero-spoiler check; pass "
                              "--allow_answer_leak true to run the answer-conditioned baseline on purpose")
         parse_hint_mix(self.warmstart_hint_mix)
+        if self.eval_dataset is not None and self.dataset is None:
+            raise UsageError("--eval_dataset needs --dataset (the embedded task has its own held-out split)")
+        if self.eval_dataset is not None and self.eval_size == 0:
+            raise UsageError("--eval_size 0 turns the held-out evaluation off, but --eval_dataset was given; drop one")
+        if self.warmstart and self.dataset is not None:
+            raise UsageError("--warmstart true: the warm start trains on the embedded task; it cannot run with "
+                             "--dataset")
+        check_world_size(self.prompts_per_step, int(os.environ.get("WORLD_SIZE", "1")))
+
+    def check_files(self) -> None:
+        """The files and folders named exist and are what they should be (a :class:`UsageError`
+        otherwise): the datasets, the model folder (config.json, weights, tokenizer; nothing more is
+        read), the output folder."""
         for name in ("dataset", "eval_dataset"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
                 raise UsageError(f"--{name} {path}: {what}; give a JSONL file")
-        if self.eval_dataset is not None and self.dataset is None:
-            raise UsageError("--eval_dataset needs --dataset (the embedded task has its own held-out split)")
-        if self.eval_dataset is not None and self.eval_size == 0:
-            raise UsageError("--eval_size 0 turns the held-out evaluation off, but --eval_dataset was given; drop one")
         if self.model_name_or_path is not None:
             check_model_folder(self.model_name_or_path)
-        if self.warmstart and self.dataset is not None:
-            raise UsageError("--warmstart true: the warm start trains on the embedded task; it cannot run with "
-                             "--dataset")
         if os.path.isfile(self.output_dir):
             raise UsageError(f"--output_dir {self.output_dir}: is a file; give a folder")
-        check_world_size(self.prompts_per_step, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def check_world_size(prompts_per_step: int, world: int) -> None:
@@ -279,6 +295,11 @@ def check_world_size(prompts_per_step: int, world: int) -> None:
     if prompts_per_step % world:
         raise UsageError(f"--prompts_per_step {prompts_per_step}: {prompts_per_step} prompts do not divide evenly "
                          f"over {world} processes; use a multiple of the world size")
+
+
+FLAG_TEXT: dict[str, dict[str, str]] = {
+    f.name: _EXTRA_TEXT[id(f)] for f in dataclasses.fields(TrainConfig) if id(f) in _EXTRA_TEXT
+}
 
 
 def parse_hint_mix(mix: str) -> tuple[list[str], list[float]]:

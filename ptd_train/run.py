@@ -12,7 +12,7 @@ import os
 import sys
 
 from .cli import Command, Section, run_command
-from .config import SECTIONS, TrainConfig
+from .config import FLAG_TEXT, SECTIONS, TrainConfig
 
 PROG = "python -m ptd_train.run"
 
@@ -67,7 +67,7 @@ def command(prog: str = PROG, defaults: dict | None = None, exclude: tuple[str, 
     for title, names in SECTIONS + [("other options", [n for n in fields if n not in placed])]:
         keep = [n for n in names if n not in exclude]
         if keep:
-            sections.append(Section(title + title_suffix, TrainConfig, keep, defaults or {}))
+            sections.append(Section(title + title_suffix, TrainConfig, keep, defaults or {}, texts=FLAG_TEXT))
     return Command(prog, description, sections, epilog)
 
 
@@ -103,7 +103,7 @@ def _seconds(s: float) -> str:
 
 def _main(argv: list[str]) -> dict:
     cfg = command().parse(argv)[TrainConfig]
-    cfg.resolved()  # every check that needs no torch, before importing it
+    cfg.resolved().check_files()  # every check that needs no torch, before importing it
     if not cfg.quiet and os.environ.get("RANK", "0") == "0":  # a first line at once: importing torch takes seconds
         print(f"ptd_train.run: a run in {cfg.output_dir}; importing torch and transformers ...", file=sys.stderr,
               flush=True)  # fmt: skip

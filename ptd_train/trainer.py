@@ -318,6 +318,7 @@ def rl_step(
 def train(cfg: TrainConfig) -> dict:
     """A whole run (every rank calls it under torchrun); the evaluations, as in ``eval.json``."""
     cfg = cfg.resolved()
+    cfg.check_files()
     state = check_resume(cfg)
     device, backend = resolve_device(cfg)
     with started(cfg, device) as dist:

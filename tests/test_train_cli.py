@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ptd_train import compare, run, trainer, warmstart
-from ptd_train.config import SECTIONS, TrainConfig, UsageError
+from ptd_train.config import FLAG_TEXT, SECTIONS, TrainConfig, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--warmstart_max_steps", "0", "--eval_size", "4", "--prompts_per_step", "2", "--group_size", "2",
@@ -58,11 +58,19 @@ def test_help_describes_every_option_and_its_default():
     text = done.stdout
     assert text.startswith("usage: python -m ptd_train.run [options]") and "GRPO plus PTD-PO" in text
     blocks = _option_blocks(text)
+    squeezed = {flag: "".join(block.split()) for flag, block in blocks.items()}  # wrapping aside (even at hyphens)
+
+    def shows(flag: str, words: str) -> bool:
+        return "".join(words.split()) in squeezed[flag]
+
     for f in dataclasses.fields(TrainConfig):
-        assert f.metadata.get("help") and f.metadata["help"] in blocks[f"--{f.name}"], f.name
+        assert f.metadata.get("help") and shows(f"--{f.name}", f.metadata["help"]), f.name
         assert "(default: " in blocks[f"--{f.name}"], f.name
         if f.default is True:  # the --no_ form is worded as the negation, not the positive text again
-            assert f.metadata["no_help"] in blocks[f"--no_{f.name}"] and f.metadata["no_help"] != f.metadata["help"]
+            no_help = FLAG_TEXT[f.name]["no_help"]
+            assert shows(f"--no_{f.name}", no_help) and no_help != f.metadata["help"]
+        if f.default is None:  # what None means, in words
+            assert shows(f"--{f.name}", FLAG_TEXT[f.name]["default_text"]), f.name
     assert blocks["--no_progress"] == "--no_progress Hide the progress bar (the phase lines and the summary stay)."
     for field_name in ("reward=", "ptd=", "jsd=", "held_out="):  # the progress bar's fields
         assert f"  {field_name}" in text
@@ -378,3 +386,11 @@ def test_study_figure_redrawn_from_runs_jsonl(tmp_path, capsys):
     result = compare.main(["--replot", str(tmp_path)])
     assert result["replot"] == str(tmp_path / "curves.png") and os.path.getsize(tmp_path / "curves.png") > 20_000
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'curves.png'}"
+
+
+def test_transformers_parser_reads_the_config_too():
+    """The fields' metadata is what argparse takes: HfArgumentParser still parses TrainConfig."""
+    from transformers import HfArgumentParser
+
+    (cfg,) = HfArgumentParser(TrainConfig).parse_args_into_dataclasses(args=["--max_steps", "3", "--no_progress"])
+    assert cfg.max_steps == 3 and cfg.progress is False
