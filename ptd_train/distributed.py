@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import check_world_size
+
 # A rank waits in a collective while rank 0 trains the warm start alone.
 TIMEOUT = datetime.timedelta(minutes=60)
 
@@ -102,7 +104,7 @@ def started(cfg, device: torch.device):
     if world == 1:
         yield Dist(device=device)
         return
-    check_batch(cfg.prompts_per_step, world)
+    check_world_size(cfg.prompts_per_step, world)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local)
@@ -112,19 +114,6 @@ def started(cfg, device: torch.device):
         yield Dist(rank=rank, world=world, fsdp=cfg.fsdp, device=device)
     finally:
         dist.destroy_process_group()
-
-
-def check_batch(prompts_per_step: int, world: int) -> None:
-    if world > prompts_per_step:
-        raise ValueError(
-            f"prompts_per_step: {prompts_per_step} prompts cannot be shared by {world} processes; "
-            "each rank needs at least one prompt (use prompts_per_step ≥ world size)"
-        )
-    if prompts_per_step % world:
-        raise ValueError(
-            f"prompts_per_step: {prompts_per_step} prompts do not divide evenly over {world} processes; "
-            "use a multiple of the world size"
-        )
 
 
 def parallelize(lm: torch.nn.Module, d: Dist, *, trainable: bool, unused_params: bool = False) -> torch.nn.Module:

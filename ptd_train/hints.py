@@ -1,4 +1,4 @@
-"""Privileged hints (SPEC §1 step 2) and the zero-spoiler check.
+"""Privileged hints and the zero-spoiler check.
 
 A hint teaches *the way*, not the answer: spatial guidance (which cells to look at, what to
 ignore) and reasoning directions (the procedure). It never contains the final answer, nor
@@ -20,6 +20,7 @@ Only the teacher context x^h = [x ; h] carries a hint; the student prompt is bui
 
 from __future__ import annotations
 
+import math
 import re
 
 # Hint kinds of the embedded task. "none" = no hint (the student's context, or the
@@ -38,10 +39,15 @@ HINT_WORDS = sorted(
     | set(_COARSE_HEAD[1] + _COARSE_HEAD[2] + ROW_WORDS)  # words the lists above already hold: same vocabulary
 )
 
+# number words the leak check reads (with "minus"/"negative", compounds such as "twenty-one" or
+# "one hundred and five", and "point" decimals such as "three point five")
 NUMBER_WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen twenty"
+    "fifteen sixteen seventeen eighteen nineteen"
 ).split()
+TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+SCALE_WORDS = {"hundred": 100, "thousand": 1000, "million": 1_000_000}
+SIGN_WORDS = ("minus", "negative")
 
 
 class HintLeakError(ValueError):
@@ -70,42 +76,121 @@ def make_hints(red_cells: list[str], rows: list[str]) -> dict[str, str]:
     }
 
 
+# a word (a cell name like b3 is one: letters, then digits), or a number: sign (ASCII or Unicode
+# minus), digits with optional thousands commas, optional decimals — what ``tasks.reward`` reads,
+# and a little more
+_TOKEN = re.compile(r"[a-z]+\d*|[-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-\u2212]?\.\d+")
+
+
+def _digits(token: str) -> float | None:
+    try:
+        value = float(token.replace("\u2212", "-").replace(",", ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None  # "inf" and "nan" are words here
+
+
 def _numbers(text: str) -> list[float]:
-    """Standalone numbers in ``text`` (digits or number words); digits glued after letters
-    (cell names like ``b3``) are names, not quantities."""
+    """Every number ``text`` states: digits (signed, decimal, with thousands commas) and number
+    words (signed, compound, with "point" decimals). Digits glued after letters (cell names like
+    ``b3``) are names, not quantities."""
     out: list[float] = []
-    for tok in re.findall(r"[A-Za-z]+\d*|\d+(?:\.\d+)?", text):
-        if tok[0].isdigit():
-            out.append(float(tok))
-        elif tok.lower() in NUMBER_WORDS:
-            out.append(float(NUMBER_WORDS.index(tok.lower())))
+    tokens = _TOKEN.findall(text.lower())
+    i = 0
+    while i < len(tokens):
+        sign = 1.0
+        j = i
+        if tokens[j] in SIGN_WORDS and j + 1 < len(tokens):
+            sign, j = -1.0, j + 1
+        value = _digits(tokens[j]) if not tokens[j][0].isalpha() else None
+        if value is not None:
+            out.append(sign * value)
+            i = j + 1
+            continue
+        value, j = _word_number(tokens, j)
+        if value is not None:
+            out.append(sign * value)
+            i = j
+        else:
+            i += 1
     return out
+
+
+def _word_number(tokens: list[str], i: int) -> tuple[float | None, int]:
+    """The number spelled by the words from ``tokens[i]`` on, and the index after it; (None, i)
+    when ``tokens[i]`` starts none. A unit after a unit starts a new number ("one two" is 1 and 2);
+    a unit after a tens word joins it ("twenty one" is 21)."""
+    total, current, last, j = 0.0, 0.0, None, i
+    while j < len(tokens):
+        word = tokens[j]
+        if word in NUMBER_WORDS and last in (None, "tens", "scale"):
+            if last == "tens" and NUMBER_WORDS.index(word) >= 10:
+                break
+            current += NUMBER_WORDS.index(word)
+            last = "unit" if last != "tens" else "done"
+        elif word in TENS_WORDS and last in (None, "scale"):
+            current += 10 * (TENS_WORDS.index(word) + 2)
+            last = "tens"
+        elif word in SCALE_WORDS and last in ("unit", "tens", "done"):
+            if SCALE_WORDS[word] == 100:
+                current *= 100
+            else:
+                total, current = total + current * SCALE_WORDS[word], 0.0
+            last = "scale"
+        elif word == "and" and last == "scale" and j + 1 < len(tokens) and (
+                tokens[j + 1] in NUMBER_WORDS or tokens[j + 1] in TENS_WORDS):
+            pass
+        elif word == "point" and last in ("unit", "done", "tens") and j + 1 < len(tokens) and tokens[j + 1] in (
+                NUMBER_WORDS[:10]):
+            digits = ""
+            while j + 1 < len(tokens) and tokens[j + 1] in NUMBER_WORDS[:10]:
+                digits += str(NUMBER_WORDS.index(tokens[j + 1]))
+                j += 1
+            return total + current + float("0." + digits), j + 1
+        else:
+            break
+        j += 1
+    if last is None:
+        return None, i
+    return total + current, j
+
+
+def number_value(text: str) -> float | None:
+    """The number ``text`` is, written in digits or in words ("-3", "3.0", "minus three"), or None."""
+    value = _digits(text.strip().lower())
+    if value is not None:
+        return value
+    tokens = _TOKEN.findall(text.lower())
+    nums = _numbers(text)
+    if len(nums) == 1 and all(t in (*NUMBER_WORDS, *TENS_WORDS, *SCALE_WORDS, *SIGN_WORDS, "and", "point")
+                              for t in tokens):
+        return nums[0]
+    return None
 
 
 def leak_reason(hint: str, answer: str) -> str | None:
     """Why ``hint`` spoils ``answer``, or None when it is zero-spoiler.
 
-    Rejected: the answer itself (as a word, or spelled out when it is a small whole number),
-    and for numeric answers any number in the hint that equals it, or numbers that add up to it
-    (per-row counts); a hint that states a result ("total", "answer is").
+    Rejected: a hint that states a result ("total", "the answer"); a non-numeric answer written in
+    the hint as a word; for an answer that is a number (in digits or words), any number in the hint
+    equal to it — read as the verifier reads numbers, and more widely: signed ("-3", "minus
+    three"), decimal ("3.0" for "3"), with thousands commas, in words — or numbers in the hint that
+    add up to it (per-row counts).
     """
     h = " " + re.sub(r"\s+", " ", hint.lower()) + " "
     a = answer.strip().lower()
     if re.search(r"\btotal\b|\banswer is\b|\bthe answer\b", h):
         return "states a result ('total' / 'the answer')"
-    try:
-        value = float(a)
-    except ValueError:
-        value = None
+    value = number_value(a)
     if value is None:
         if a and re.search(r"(?<![a-z0-9])" + re.escape(a) + r"(?![a-z0-9])", h):
             return f"contains the answer {answer!r}"
         return None
     nums = _numbers(hint)
-    if value in nums:
-        return f"contains the answer {answer!r}"
-    if len(nums) >= 2 and abs(sum(nums) - value) < 1e-9:
-        return f"its numbers {nums} add up to the answer {answer!r}"
+    if any(abs(n - value) <= 1e-9 * max(1.0, abs(value)) for n in nums):
+        return f"contains the answer {answer!r} (as a number)"
+    if len(nums) >= 2 and abs(sum(nums) - value) <= 1e-9 * max(1.0, abs(value)):
+        return f"its numbers {[float(n) if n % 1 else int(n) for n in nums]} add up to the answer {answer!r}"
     return None
 
 

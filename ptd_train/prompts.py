@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from .config import TrainConfig
+from .config import TrainConfig, UsageError
 from .hints import HintLeakError, check_hint, leak_hint
 from .tasks import Example
 from .vision import VisionBatch, VisionGeometry, patchify, resize_for_model, stack_images
@@ -143,7 +143,8 @@ class ChatPrompts:
         text = ex.question if hint is None else f"{ex.question}\nHint: {hint}"
         if self.processor is None:
             if ex.image is not None:
-                raise ValueError("dataset: an example has an image but the model is text-only")
+                raise UsageError("--dataset: an example has an image but the model is text-only; give a "
+                                 "vision-language checkpoint or a text dataset")
             ids = self.tok.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
             )
@@ -182,8 +183,8 @@ class Env:
         if processor is not None or (geo is None and getattr(tok, "chat_template", None)):
             self.format = ChatPrompts(tok, processor, cfg.max_pixels)
         elif geo is not None and getattr(tok, "chat_template", None):
-            raise ValueError(
-                "model_name_or_path: a vision-language checkpoint with a chat template needs its image processor "
+            raise UsageError(
+                "--model_name_or_path: a vision-language checkpoint with a chat template needs its image processor "
                 "(preprocessor_config.json or processor_config.json) to build prompts"
             )
         else:

@@ -5,11 +5,14 @@ before the tests import ptd_kernels.
 """
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# the trainer's shared cache (warm starts) goes to a temporary folder, never the user's ~/.cache/ptd
+os.environ["PTD_CACHE"] = tempfile.mkdtemp(prefix="ptd-test-cache-")
 
 import pytest  # noqa: E402
 

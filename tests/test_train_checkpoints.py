@@ -11,7 +11,7 @@ import pytest
 import torch
 from _tiny_checkpoints import make_checkpoint, make_dataset
 
-from ptd_train import run
+from ptd_train import run, trainer
 from ptd_train.config import TrainConfig
 from ptd_train.model import image_processor_of, load_model_and_tokenizer
 from ptd_train.prompts import ChatPrompts
@@ -32,9 +32,9 @@ def test_checkpoint_family_builds_prompts_with_its_processor_and_trains(tmp_path
                                     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                                     "qwen3_vl": "Qwen3VLForConditionalGeneration"}[family]  # fmt: skip
     cfg = TrainConfig(output_dir=str(tmp_path / "out"), model_name_or_path=path, dataset=data).resolved()
-    _, _, _, env = run.load_model(cfg, torch.device("cpu"), "torch")
+    _, _, _, env = trainer.load_model(cfg, torch.device("cpu"), "torch")
     assert isinstance(env.format, ChatPrompts)
-    ex = run.load_data(cfg)[1][0]
+    ex = trainer.load_data(cfg)[1][0]
     student, teacher = env.prompts([ex]), env.prompts([ex], ["default"])
     hint_id = tok.convert_tokens_to_ids("Hint:")
     s_tokens = tok.convert_ids_to_tokens(student.ids[0].tolist())
@@ -59,14 +59,16 @@ def test_checkpoint_family_builds_prompts_with_its_processor_and_trains(tmp_path
     assert type(reloaded) is type(model) and (reprocessor is None) == (family == "text")
 
 
-def test_vision_checkpoint_with_a_chat_template_needs_its_image_processor(tmp_path):
+def test_vision_checkpoint_with_a_chat_template_needs_its_image_processor(tmp_path, capsys):
     path = make_checkpoint(tmp_path, "qwen2_vl")
     for name in ("processor_config.json", "preprocessor_config.json"):
         if os.path.exists(os.path.join(path, name)):
             os.remove(os.path.join(path, name))
-    with pytest.raises(ValueError, match="image processor"):
+    with pytest.raises(SystemExit) as exit_:
         run.main(["--output_dir", str(tmp_path / "out"), "--model_name_or_path", path, "--dataset",
                   make_dataset(tmp_path, text=False), *FLAGS])  # fmt: skip
+    assert exit_.value.code == 2 and "image processor" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")  # a failed start leaves no folder
 
 
 def test_max_pixels_caps_the_image_processor(tmp_path):

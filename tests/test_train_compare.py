@@ -63,9 +63,11 @@ def test_compare_two_methods_one_seed(tmp_path):
     assert "2 runs trained, 0 reused" in open(os.path.join(out, "summary.md")).read()
 
 
-def test_compare_rejects_unknown_method(tmp_path):
-    with pytest.raises(ValueError, match="methods"):
-        compare.main(["--output_dir", str(tmp_path), "--methods", "grpo,ppo"])
+def test_compare_rejects_unknown_method(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        compare.main(["--output_dir", str(tmp_path / "study"), "--methods", "grpo,ppo"])
+    assert exit_.value.code == 2 and "--methods grpo,ppo: unknown ppo" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "study")
 
 
 def test_leak_hint_only_with_the_explicit_flag(tmp_path):

@@ -6,7 +6,6 @@ norm); a run checkpointed on 2 ranks resumes on 1 and the reverse; bad setups fa
 import copy
 import json
 import os
-import shutil
 import socket
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from _tiny_checkpoints import make_checkpoint, make_dataset
 
-from ptd_train import checkpoint, distributed, run
+from ptd_train import checkpoint, distributed, run, trainer
 from ptd_train.config import TrainConfig
 from ptd_train.model import ModelWithPTDHead, TinyVLSpec, build_tiny_model
 from ptd_train.prompts import Env, build_tokenizer
@@ -77,7 +76,7 @@ def _one_step(d: distributed.Dist):
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)  # the update is the (clipped) gradient itself
     mine = d.share(list(range(len(examples))))
     rows = [r for r in range(16) if r // 4 in mine]
-    m = run.rl_step(
+    m = trainer.rl_step(
         policy,
         ref,
         opt,
@@ -144,10 +143,19 @@ def _resume_worker(rank: int, ports: list[int], a: str, b: str, b_flags: list[st
     _as_rank(rank, 2, ports[0])
     run.main(["--output_dir", a, "--max_steps", "2", "--fsdp", "true", *RUN])  # a fresh 2-rank run
     os.environ["MASTER_PORT"] = str(ports[1])
-    run.main(["--output_dir", b, "--max_steps", "2", "--resume", "true", *RUN, *b_flags])  # loads the 1-process one
-    if rank == 0:  # the weights both ranks loaded, before any further step
-        shutil.copytree(os.path.join(b, "final"), os.path.join(b, "loaded"))
-    os.environ["MASTER_PORT"] = str(ports[2])
+    real_step, kept = trainer.rl_step, []
+
+    def keep_what_was_loaded(policy, *args, dist, **kwargs):  # the weights both ranks loaded, before step 3
+        if not kept:
+            kept.append(True)
+            lm = distributed.unwrap(policy)
+            state = distributed.full_model_state(lm, dist)  # every rank takes part under FSDP2
+            if dist.main:
+                lm.model.save_pretrained(os.path.join(b, "loaded"), state_dict=state)
+            dist.barrier()
+        return real_step(policy, *args, dist=dist, **kwargs)
+
+    trainer.rl_step = keep_what_was_loaded
     run.main(["--output_dir", b, "--max_steps", "3", "--resume", "true", "--fsdp", "true", *RUN, *b_flags])
 
 
@@ -161,7 +169,7 @@ def test_resume_at_another_world_size(tmp_path):
     ports = [_free_port() for _ in range(3)]
     mp.start_processes(_resume_worker, args=(ports, a, b, b_flags), nprocs=2, start_method="spawn")
 
-    # 1 → 2: both ranks loaded the step-2 weights (their final/ before any further step) and went on
+    # 1 → 2: both ranks loaded the step-2 weights (before any further step) and went on
     loaded, b_step3 = _weights(b, "loaded"), _weights(b)
     assert _steps(b) == [1, 2, 3]
     assert all(torch.equal(loaded[k], v) for k, v in b_step2.items())
@@ -189,8 +197,11 @@ def test_resume_at_another_world_size(tmp_path):
     "world, prompts, message",
     [(3, 4, "4 prompts do not divide evenly over 3 processes"), (8, 4, "4 prompts cannot be shared by 8 processes")],
 )
-def test_bad_world_size_is_a_clear_error(tmp_path, monkeypatch, world, prompts, message):
+def test_bad_world_size_is_a_clear_error(tmp_path, monkeypatch, capsys, world, prompts, message):
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ValueError, match=f"prompts_per_step: {message}"):
-        run.main(["--output_dir", str(tmp_path), "--prompts_per_step", str(prompts), "--progress", "false"])
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--output_dir", str(tmp_path / "out"), "--prompts_per_step", str(prompts), "--progress", "false"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--prompts_per_step {prompts}: {message}" in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out")

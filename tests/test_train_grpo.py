@@ -1,4 +1,4 @@
-"""ptd_train.grpo: advantages, clipped loss, k3, PTD-set selection and the SPEC §3 total,
+"""ptd_train.grpo: advantages, clipped loss, k3, PTD-set selection and the PTD-PO total,
 against hand-computed numbers."""
 
 import math

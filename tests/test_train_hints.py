@@ -23,6 +23,21 @@ from ptd_train.tasks.grid_count import ROWS, cell_name
         ("the answer is blue", "blue"),
         ("look left: the object is a Cat", "cat"),
         ("count rows ; then the total", "9"),
+        # numbers read as the verifier compares answers (tasks.reward: the float value of the number)
+        ("the result is -3", "-3"),
+        ("the result is −3", "-3"),  # a Unicode minus
+        ("the result is minus three", "-3"),
+        ("negative 3 degrees", "-3"),
+        ("it comes to 3.0", "3"),
+        ("it comes to 3", "3.0"),
+        ("about 0.5 of them", ".5"),
+        ("three point five metres", "3.5"),
+        ("twenty-one cars", "21"),
+        ("twenty one cars", "21"),
+        ("one hundred and five cars", "105"),
+        ("1,000 cars", "1000"),
+        ("there are three of them", "three"),  # an answer in words is a number too
+        ("-1 on the left and 4 on the right", "3"),  # signed numbers that add up to it
     ],
 )
 def test_leak_check_rejects_spoilers(hint, answer):
@@ -38,6 +53,10 @@ def test_leak_check_rejects_spoilers(hint, answer):
         ("count the red cells in row a , then rows b c d , then add the rows .", "4"),
         ("look at the 3 cars on the left", "7"),
         ("the object is on the left, next to a table", "cat"),
+        ("look at the 3 cars", "-3"),  # 3 is not -3: the verifier would not accept it either
+        ("look at cells a1 b3 c4", "3"),  # cell names, not quantities
+        ("one car , then two more", "4"),  # 1 and 2, not 12 or 3 = 4
+        ("look at the signs , not the minus", "-3"),
     ],
 )
 def test_leak_check_accepts_zero_spoiler_hints(hint, answer):
@@ -105,3 +124,23 @@ def test_hint_words_are_in_the_vocabulary_and_the_coarse_hint_adds_none():
     before = set(hints.CELL_WORDS + hints._SPATIAL_HEAD + hints._SPATIAL_TAIL + hints._SPATIAL_EMPTY)
     before |= set(hints._PROCEDURE + [";"])
     assert set(hints.HINT_WORDS) == before
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("-3", -3.0), ("3.0", 3.0), ("minus three", -3.0), ("twenty-one", 21.0), ("one hundred and five", 105.0),
+     ("three point five", 3.5), ("1,000", 1000.0), ("cat", None), ("three cats", None), ("inf", None)],
+)
+def test_number_value_reads_digits_and_words(text, value):
+    assert hints.number_value(text) == value
+
+
+def test_leak_check_agrees_with_the_verifier():
+    """Whenever the verifier would accept a hint's number as the answer, the leak check rejects the hint."""
+    from ptd_train.tasks import reward
+
+    for answer in ("-3", "3", "3.0", "0.5", "12", "-0.25"):
+        for number in ("-3", "3", "3.0", "3.00", "0.5", ".5", "12", "12.0", "-0.25", "-.25", "4"):
+            hint = f"look at the {number} objects"
+            if reward(number, answer) == 1.0:
+                assert leak_reason(hint, answer) is not None, (hint, answer)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ptd_train import rollout, run, warmstart
+from ptd_train import rollout, run, trainer, warmstart
 from ptd_train.config import TrainConfig
 from ptd_train.hints import HintLeakError
 from ptd_train.model import ModelWithPTDHead, TinyVLSpec, build_tiny_model
@@ -76,7 +76,7 @@ def test_resume_gives_the_same_next_step_loss(tmp_path, monkeypatch):
     run.main(["--output_dir", full, *args])
 
     part = str(tmp_path / "part")
-    real = run.sample_prompts
+    real = trainer.sample_prompts
     calls = {"n": 0}
 
     def crash_on_third(*a, **k):
@@ -85,10 +85,10 @@ def test_resume_gives_the_same_next_step_loss(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed during step 3, after step 2 was checkpointed
         return real(*a, **k)
 
-    monkeypatch.setattr(run, "sample_prompts", crash_on_third)
+    monkeypatch.setattr(trainer, "sample_prompts", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         run.main(["--output_dir", part, *args])
-    monkeypatch.setattr(run, "sample_prompts", real)
+    monkeypatch.setattr(trainer, "sample_prompts", real)
     assert [m["step"] for m in _metrics(part)] == [1, 2]
     run.main(["--output_dir", part, "--resume", "true", *args])
     a, b = _metrics(full), _metrics(part)
@@ -102,6 +102,7 @@ def test_resume_gives_the_same_next_step_loss(tmp_path, monkeypatch):
 
 
 def _setup(tmp_path, spec=None, words=(), **overrides):
+    overrides = {"warmstart_dir": str(tmp_path / "warmstart"), **overrides}
     cfg = TrainConfig(output_dir=str(tmp_path), **{**TINY, **overrides}).resolved()
     task = GridCountTask(eval_size=4, dev_size=2)
     tok = build_tokenizer(list(task.words) + list(words))
@@ -130,7 +131,8 @@ def test_student_never_sees_the_hint(tmp_path, teacher):
 
     policy.model.register_forward_pre_hook(spy("policy"), with_kwargs=True)
     ref.model.register_forward_pre_hook(spy("ref"), with_kwargs=True)
-    m = run.rl_step(ModelWithPTDHead(policy), ModelWithPTDHead(ref), opt, env, task.sample(np.random.default_rng(0), 2))
+    examples = task.sample(np.random.default_rng(0), 2)
+    m = trainer.rl_step(ModelWithPTDHead(policy), ModelWithPTDHead(ref), opt, env, examples)
     assert m["ptd_rollouts"] > 0  # a teacher pass happened
     assert seen["policy_with_grad"] and not any(seen["policy_with_grad"])  # the student's passes: no hint
     if teacher == "ref":
@@ -301,7 +303,7 @@ def test_jsonl_errors_name_the_line(tmp_path):
     with pytest.raises(ValueError, match=r"broken\.jsonl:1: .*leaks the answer"):
         load_jsonl(str(p))
     p.write_text('{"image": "img/missing.png", "question": "q", "answer": 1}\n')
-    with pytest.raises(ValueError, match=r"broken\.jsonl:1: cannot read image"):
+    with pytest.raises(ValueError, match=r"broken\.jsonl:1: image 'img/missing.png' not found"):
         load_jsonl(str(p))
     p.write_text('{"question": "q", "answer": 1}\n')
     with pytest.raises(ValueError, match=r"broken\.jsonl:1: missing field 'image'"):
@@ -328,7 +330,7 @@ def test_warm_start_mixes_hints_and_is_cached(tmp_path):
     handle = policy.model.register_forward_pre_hook(hook, with_kwargs=True)
     info = warmstart.warm_start(policy, env, task, log=lambda *a: None)
     handle.remove()
-    assert info["steps"] == 2 and len(rows) == 32
+    assert info["steps"] == 2 and len(rows) == 32 and not info["cached"]
     assert 0 < sum(rows) < 32  # hinted and hint-free prompts both present
     assert 0 < sum(leaks) < sum(rows)  # some hints state the answer, most do not
     assert 0 <= info["dev_accuracy_leak"] <= 1
@@ -337,7 +339,8 @@ def test_warm_start_mixes_hints_and_is_cached(tmp_path):
     trained = {k: v.clone() for k, v in policy.state_dict().items()}
     fresh = build_tiny_model(tok, seed=1)
     info2 = warmstart.warm_start(fresh, env, task, log=lambda *a: None)  # from the cache: no training
-    assert info2 == info
+    assert info2["cached"] and {**info2, "cached": False} == info
+    assert sorted(os.listdir(info["cache"])) == ["info.json", "model.safetensors"]  # no pickle
     assert all(torch.equal(trained[k], v) for k, v in fresh.state_dict().items())
 
 
@@ -363,9 +366,11 @@ def test_switches_run_one_step(tmp_path, flags):
         assert m["overlap"] == 0  # no Top-K support in the full-vocabulary path
 
 
-def test_bad_switch_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="teacher_hint"):
-        run.main(["--output_dir", str(tmp_path), "--teacher_hint", "answer"])
+def test_bad_switch_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--output_dir", str(tmp_path / "out"), "--teacher_hint", "answer"])
+    assert exit_.value.code == 2 and "--teacher_hint answer: expected one of" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.parametrize("greedy", [False, True])
@@ -414,6 +419,5 @@ def test_warm_start_waits_for_the_answer_conditioned_teacher(tmp_path, monkeypat
 
 
 def test_warm_start_rejects_unknown_hint_kind(tmp_path):
-    cfg, task, tok, env, policy, ref, opt = _setup(tmp_path, warmstart_max_steps=1, warmstart_hint_mix="none:1,hnt:1")
-    with pytest.raises(ValueError, match="hnt"):
-        warmstart.warm_start(policy, env, task, log=lambda *a: None)
+    with pytest.raises(ValueError, match="hnt"):  # the configuration is refused before any work
+        _setup(tmp_path, warmstart_max_steps=1, warmstart_hint_mix="none:1,hnt:1")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..config import UsageError
 from ..hints import HintLeakError, check_hint
 
 
@@ -49,51 +50,58 @@ def load_jsonl(path: str) -> list[Example]:
     """A JSONL dataset: one object per line with ``image`` (a path, relative to the file's
     folder or absolute; null for a text-only task), ``question``, ``answer``, ``hint`` (string or
     null) and optionally ``completion``. Any problem raises ``ValueError`` naming the file and
-    line number, and so does a file that mixes examples with and without an image."""
+    line number (a :class:`~ptd_train.config.UsageError`), and so does a file that mixes examples
+    with and without an image."""
     from PIL import Image
 
     root = os.path.dirname(os.path.abspath(path))
     examples: list[Example] = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a dataset is JSONL") from None
+        for lineno, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+                raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                raise UsageError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             for key in ("image", "question", "answer"):
                 if key not in obj:
-                    raise ValueError(f"{where}: missing field {key!r}")
+                    raise UsageError(f"{where}: missing field {key!r}")
             if not isinstance(obj["image"], str) and obj["image"] is not None:
-                raise ValueError(f"{where}: field 'image' must be a string (a path) or null")
+                raise UsageError(f"{where}: field 'image' must be a string (a path) or null")
             if not isinstance(obj["question"], str):
-                raise ValueError(f"{where}: field 'question' must be a string")
+                raise UsageError(f"{where}: field 'question' must be a string")
             if not isinstance(obj["answer"], (str, int, float)) or isinstance(obj["answer"], bool):
-                raise ValueError(f"{where}: field 'answer' must be a string or a number")
+                raise UsageError(f"{where}: field 'answer' must be a string or a number")
             hint = obj.get("hint")
             if hint is not None and not isinstance(hint, str):
-                raise ValueError(f"{where}: field 'hint' must be a string or null")
+                raise UsageError(f"{where}: field 'hint' must be a string or null")
             answer = str(obj["answer"])
             if hint:
                 try:
                     check_hint(hint, answer)
                 except HintLeakError as e:
-                    raise ValueError(f"{where}: {e}") from None
+                    raise UsageError(f"{where}: {e}") from None
             image = None
             if obj["image"] is not None:
                 image_path = obj["image"] if os.path.isabs(obj["image"]) else os.path.join(root, obj["image"])
+                if not os.path.isfile(image_path):
+                    raise UsageError(f"{where}: image {obj['image']!r} not found (looked for {image_path})")
                 try:
                     with Image.open(image_path) as im:
                         image = np.asarray(im.convert("RGB"))
                 except (OSError, ValueError) as e:
-                    raise ValueError(f"{where}: cannot read image {obj['image']!r} ({e})") from None
+                    raise UsageError(f"{where}: cannot read image {obj['image']!r} ({e})") from None
             if examples and (examples[0].image is None) != (image is None):
                 kind = "has no image" if image is None else "has an image"
-                raise ValueError(f"{where}: {kind}, unlike the first example (a dataset is all images or all text)")
+                raise UsageError(f"{where}: {kind}, unlike the first example (a dataset is all images or all text)")
             examples.append(
                 Example(
                     image=image,
@@ -104,5 +112,5 @@ def load_jsonl(path: str) -> list[Example]:
                 )
             )
     if not examples:
-        raise ValueError(f"{path}: no examples")
+        raise UsageError(f"{path}: no examples (an empty file?)")
     return examples
