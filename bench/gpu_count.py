@@ -24,8 +24,10 @@ guessed.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import operator
 import os
+import pkgutil
 import types
 import weakref
 from dataclasses import dataclass
@@ -395,6 +397,26 @@ def _device_properties(stand_in: StandIn):
                                  warp_size=32)
 
 
+# Modules whose @triton.jit kernels a counted call may run. A kernel is decorated once, for the
+# interpreter or for the compiler, by the TRITON_INTERPRET of the moment its module is first imported:
+# they are imported before ``counting`` sets it to 0, so that a process running under the interpreter
+# (the test suite) keeps interpreter kernels after a count.
+KERNEL_PACKAGES = ("ptd_kernels.backends", "liger_kernel.ops", "trl.kernels")
+
+
+def _import_kernel_modules() -> None:
+    for package_name in KERNEL_PACKAGES:
+        try:
+            package = importlib.import_module(package_name)
+        except ImportError:  # a peer that is not installed is not counted either
+            continue
+        for module in pkgutil.walk_packages(package.__path__, package_name + "."):
+            try:
+                importlib.import_module(module.name)
+            except Exception:  # a peer module that cannot load here is not counted either
+                continue
+
+
 @contextlib.contextmanager
 def counting(stand_in: StandIn = StandIn()):
     """Count everything run inside the block; yields the ``Trace``. Make inputs with ``cuda_tensor``."""
@@ -402,6 +424,7 @@ def counting(stand_in: StandIn = StandIn()):
     import triton.runtime.interpreter as interpreter
     import triton.runtime.jit as jit
 
+    _import_kernel_modules()
     trace = Trace()
     original_tensor = torch.tensor
 
