@@ -218,5 +218,3 @@ def test_module_repr_shows_the_configuration():
     assert text == ("LinearTopKJSDLoss(k=64, beta=0.3, support='teacher', tail=False, temperature=1.0, "
                     "logit_scale=1.0, softcap=None, teacher_logit_scale=1.0, teacher_softcap=None, backend='auto')")
     assert "with_entropy=True" in repr(ptd.LinearLogprobs(with_entropy=True))
-    with pytest.warns(DeprecationWarning, match="LinearTopKJSDLoss"):
-        assert isinstance(ptd.PTDTopKJSDLoss(k=3), ptd.LinearTopKJSDLoss)
