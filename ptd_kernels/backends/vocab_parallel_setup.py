@@ -19,12 +19,12 @@ that differ by rank, β or k set per rank) is a clear error on every rank rather
 the collective library, or a silently wrong value.
 
 The fingerprint of a replicated tensor is two float64 numbers computed on its device without copying it:
-each row is projected on a fixed ±1 pattern (one matrix-vector product in the tensor's own dtype), and
+each row is projected on fixed weights 1..7 (one matrix-vector product in the tensor's own dtype), and
 the row projections are summed with two sets of weights. It catches rows that differ by rank (other
-samples, another order, another dtype or shape), and any change of a row larger than the rounding of
-its projection in that dtype; it cannot catch a change that the projection cancels (e.g. two entries of
-one row with the same sign of the pattern swapped) or one below that rounding (about 1 part in 256 of a
-bfloat16 row's projection). Integer and small tensors are summed exactly in float64.
+samples, another order, a shifted or scaled row, another dtype or shape), and any change of a row larger
+than the rounding of its projection in that dtype; it cannot catch a change that the projection cancels
+(e.g. two entries of one row with the same weight swapped) or one below that rounding (about 1 part in
+256 of a bfloat16 row's projection). Integer and small tensors are summed exactly in float64.
 """
 
 from __future__ import annotations
@@ -109,17 +109,19 @@ def resolve_layers(process_group, layers: dict):
         if is_dtensor(layers.get(name)):
             local[name] = _local_shard(name, layers[name], mesh)
     for name in ("hidden", "teacher_hidden"):
-        local[name] = _local_replica(name, layers.get(name))
+        if name in layers:
+            local[name] = _local_replica(name, layers[name])
     return group, local
 
 
 # ----------------------------------------------------------------------------- fingerprints
 
 
-def _pattern(length: int, dtype, device) -> torch.Tensor:
-    """A fixed ±1 pattern of ``length`` entries (a multiplicative hash of the index), made on the device."""
+def _pattern(length: int, dtype, device, scale: float = 1.0) -> torch.Tensor:
+    """Fixed weights 1..7 (a multiplicative hash of the index) times ``scale``, made on the device: a
+    shift of a whole row, a swap of two entries of unequal weight or a scaled row all change the projection."""
     index = torch.arange(length, device=device, dtype=torch.int64)
-    return (1 - 2 * ((index * 40503) % 65536 >= 32768).to(torch.int64)).to(dtype)
+    return ((index * 40503) % 7 + 1).to(dtype).mul_(scale)
 
 
 def fingerprint(t) -> torch.Tensor:
@@ -128,7 +130,9 @@ def fingerprint(t) -> torch.Tensor:
     x = t.detach()
     rows = x.reshape(x.shape[0] if x.dim() else 1, -1)
     if x.is_floating_point() and rows.shape[1] > 1 and x.dtype != torch.float64 and rows.numel() > (1 << 16):
-        projected = torch.mv(rows, _pattern(rows.shape[1], x.dtype, x.device)).to(torch.float64)
+        # in the tensor's own dtype, weights ≤ 7/(8·H): the projection stays within the entries' range
+        pattern = _pattern(rows.shape[1], x.dtype, x.device, 1.0 / (8 * rows.shape[1]))
+        projected = torch.mv(rows, pattern).to(torch.float64)
     else:
         wide = rows.to(torch.float64)
         projected = wide @ _pattern(wide.shape[1], torch.float64, x.device)
