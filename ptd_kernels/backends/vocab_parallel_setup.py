@@ -298,8 +298,6 @@ def _raise_on_disagreement(table, rank: int, function: str, agreement, failure, 
     if len({row[1] for row in table}) > 1:
         raise ValueError(f"the ranks of the process group called different functions in one vocabulary-parallel "
                          f"call (this rank, {rank}, called {function}): every rank must make the same call")
-    if len({(row[2], row[4], row[5]) for row in table}) > 1:  # same function, so the same layout: a defect
-        raise AssertionError(f"the ranks of the process group laid out their {function} records differently")
     for i, (name, aspect, _) in enumerate(agreement.fields):
         values = [tuple(row[_HEADER + 2 * i: _HEADER + 2 * i + 2]) for row in table]
         if not all(_same(a, b) for value in values[1:] for a, b in zip(values[0], value)):
@@ -309,6 +307,9 @@ def _raise_on_disagreement(table, rank: int, function: str, agreement, failure, 
             raise ValueError(f"{subject} differs across the ranks of the process group "
                              f"({_by_value(values, lambda v: _decode(*v, words))}): in a vocabulary-parallel call "
                              f"{rule}")
+    # Same function and same fields (a tensor's presence included): the same layout, unless ptd has a defect.
+    if len({(row[2], row[4], row[5]) for row in table}) > 1:
+        raise AssertionError(f"the ranks of the process group laid out their {function} records differently")
     for i, (name, _) in enumerate(agreement.replicated):
         values = [tuple(row[_HOST_SLOTS + 2 * i: _HOST_SLOTS + 2 * i + 2]) for row in table]
         if not all(_same(a, b) for value in values[1:] for a, b in zip(values[0], value)):
