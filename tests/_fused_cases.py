@@ -54,7 +54,9 @@ TRITON = pytest.param(
     "triton", id="triton",
     marks=pytest.mark.skipif(_TRITON_MISSING is not None,
                              reason=f"Triton kernels not importable: {_TRITON_MISSING}"))
-BOTH = ["torch", TRITON]
+#: Every registered backend that runs on this process's test tensors (the registry decides: Triton only
+#: under the interpreter on a CPU).
+BOTH = [TRITON if name == "triton" else pytest.param(name, id=name) for name in ptd.backends_for("cpu")]
 
 
 _SHORT = {F64: "f64", F32: "f32", BF16: "bf16"}
