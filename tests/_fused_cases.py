@@ -18,7 +18,7 @@ from ptd_kernels import reference as ref
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 BETAS = (0.0, 0.5, 1.0)
-SUPPORTS = ("union", "teacher", "student")
+SUPPORTS = ptd.SUPPORTS
 TAU = 0.7
 N, H, TH, V, K = 6, 20, 28, 130, 5
 

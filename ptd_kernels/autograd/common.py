@@ -69,7 +69,7 @@ class Rows:
     def put(self, values: torch.Tensor, *, live: torch.Tensor | None = None) -> torch.Tensor:
         """Per-row values of the rows that went in, as [N, ...] with zeros at masked rows (differentiable)."""
         if self.index is not None:
-            return put(values, self.index, self.count)
+            return values.new_zeros((self.count, *values.shape[1:])).index_copy(0, self.index, values)
         live = self.live if live is None else live
         if live is None:
             return values
@@ -99,18 +99,6 @@ class Call:
 
 
 # ----------------------------------------------------------------------------- rows and dtypes
-
-
-def take(x, index):
-    return x if (x is None or index is None) else x.index_select(0, index)
-
-
-def put(values, index, n):
-    """Scatter per-live-row values [n_live, ...] back to [n, ...] with zeros elsewhere (differentiable)."""
-    if index is None:
-        return values
-    out = values.new_zeros((n,) + tuple(values.shape[1:]))
-    return out.index_copy(0, index, values)
 
 
 def cast_grads(grads: HeadGrads, hidden, weight, bias):
