@@ -44,8 +44,9 @@ CUDA_BLOCK_BYTES = 896 << 20
 #: Host synchronizations. By default a call reads a few device values once (one transfer): the live-row
 #: counts, so that masked rows are left out of every sweep, and the id ranges, so that a target or a sparse
 #: teacher id outside [0, V) is a clear error. With ``SYNC_FREE = True`` no call reads the device (nothing
-#: waits for queued GPU work, and a call can be captured in a CUDA graph): ids are not checked (an id outside
-#: [0, V) gives an undefined value in its row, not an error), and masked rows are computed with their hidden
-#: states replaced by zeros, then zeroed (a copy of the hidden states when some row may be masked). A
+#: waits for queued GPU work): ids are not checked (an id outside [0, V) gives an undefined value in its row,
+#: or a failed gather, instead of a clear error), and masked rows are computed with their hidden states
+#: replaced by zeros, then zeroed (a copy of the hidden states when some row may be masked). A
 #: vocabulary-parallel call still reads its one exchange (the ranks' slice sizes and agreement).
+#: docs/host_syncs.md counts the synchronizations of every function on both paths.
 SYNC_FREE = False

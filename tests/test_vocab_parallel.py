@@ -197,3 +197,30 @@ def test_an_agreed_mistake_is_the_same_error_everywhere_and_the_group_still_work
         kind, message = results["agreement"]["targets_out_of_range"]
         assert kind == "ValueError" and f"targets must lie in [0, {V})" in message, message
         _close(results["after_errors"], want, "a call after the errors")
+
+
+def test_the_fingerprint_tells_apart_what_ranks_get_wrong_without_copying_the_hidden_states():
+    """Equal tensors give equal fingerprints; rows of another batch, another order, shifted or scaled rows
+    and another dtype do not; a [N, H] fingerprint allocates O(N), not a copy of the tensor."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from ptd_kernels.backends.vocab_parallel_setup import fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = torch.randn(512, 256, generator=g).to(dtype)
+        same = fingerprint(x.clone())
+        assert torch.equal(fingerprint(x), same), dtype
+        row = torch.arange(512)[:, None]
+        changed = {"another batch": torch.randn(512, 256, generator=g), "rows swapped": x[[1, 0, *range(2, 512)]],
+                   "a row shifted": x + (row == 7), "a row scaled": x * (1 + (row == 9)),
+                   "a column shifted": x + (torch.arange(256) == 5)}
+        for what, other in changed.items():
+            assert not torch.equal(fingerprint(other.to(dtype)), same), (dtype, what)
+    x = torch.randn(4096, 512, generator=g)
+    tracker = MemTracker()
+    tracker.track_external(x)
+    with tracker:
+        fingerprint(x)
+    peak = sum(stats.get("Total", 0) for stats in tracker.get_tracker_snapshot("peak").values()) - x.numel() * 4
+    assert peak < x.numel() * 4 // 32, peak  # a float64 copy would be 2× the tensor

@@ -5,7 +5,15 @@ registry that names them (``registry``).
 ``TRITON_INTERPRET=1``), else the chunked PyTorch path. With a process group, the selected backend runs
 on this rank's vocabulary slice inside ``vocab_parallel.VocabParallelBackend`` (``open_call``).
 
-A new backend registers here with one line (see ``registry``); its factory runs on first use.
+A new backend registers here with one line (see ``registry``); its factory runs on first use, so nothing
+of it is imported until a call selects it. The cuBLAS backend (cuBLAS GEMMs with fused Triton elementwise
+kernels), for example, is::
+
+    register_backend("cublas", "ptd_kernels.backends.cublas:CublasBackend", devices=("cuda",),
+                     requires=("triton",), auto=False)
+
+``auto=False`` keeps ``auto``'s rule (Triton for CUDA tensors); ``backend="cublas"`` selects it, and the
+tests that iterate over ``registered_backends()`` / ``backends_for(device)`` pick it up.
 """
 
 from __future__ import annotations
