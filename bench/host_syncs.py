@@ -289,7 +289,7 @@ def one_rank_group():
             dist.destroy_process_group()
 
 
-def measure(backends=("torch", "triton"), p: Problem | None = None) -> list[dict]:
+def measure(backends, p: Problem | None = None) -> list[dict]:
     """Every public function's syncs: rows of {function, backend, path, forward, backward} (Counts)."""
     p = p or problem()
     rows = []
@@ -307,9 +307,14 @@ def measure(backends=("torch", "triton"), p: Problem | None = None) -> list[dict
     return rows
 
 
+#: The packages of the kernel backends, whose launchers' syncs are counted apart (their owners' to remove).
+KERNEL_PACKAGES = ("triton", "cublas")
+
+
 def in_launchers(counts: Counts) -> int:
-    """How many of ``counts`` the Triton launchers make (``backends/triton/``)."""
-    return sum(s.where.startswith(os.path.join("ptd_kernels", "backends", "triton")) for s in counts.syncs)
+    """How many of ``counts`` the kernel backends' launchers make (``backends/triton/``, ``backends/cublas/``)."""
+    prefixes = tuple(os.path.join("ptd_kernels", "backends", name) + os.sep for name in KERNEL_PACKAGES)
+    return sum(s.where.startswith(prefixes) for s in counts.syncs)
 
 
 def _cell(counts: Counts) -> str:
@@ -347,8 +352,8 @@ def markdown(rows: list[dict]) -> str:
         "  default path reads. 1 sync per call, also under `SYNC_FREE`. The logits-level functions take no",
         "  process group.",
         "",
-        "\"(+n in launchers)\": syncs made inside the Triton launchers (`ptd_kernels/backends/triton/`), listed",
-        "below with the rest.",
+        "\"(+n in launchers)\": syncs made inside a kernel backend's launchers (`ptd_kernels/backends/triton/`,",
+        "`ptd_kernels/backends/cublas/`), listed below with the rest.",
         "",
     ]
     backends = list(dict.fromkeys(r["backend"] for r in rows))
@@ -380,12 +385,16 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "host_syncs.md"))
-    parser.add_argument("--backends", default="torch,triton")
+    parser.add_argument("--backends", default=None, help="comma-separated (default: every registered backend that "
+                        "runs here; on a CPU, under Triton's interpreter)")
     args = parser.parse_args(argv)
-    if "triton" in args.backends and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    import ptd_kernels
+
+    backends = args.backends.split(",") if args.backends else ptd_kernels.backends_for("cpu")
     torch.set_num_threads(1)
-    text = markdown(measure(tuple(args.backends.split(","))))
+    text = markdown(measure(tuple(backends)))
     with open(args.out, "w") as f:
         f.write(text)
     print(text)

@@ -53,8 +53,12 @@ def _operations():
     return dict(zip(OPS, (logprobs, ptd_terms, topk_jsd_loss, jsd_loss)))
 
 
-def worker(shape) -> None:
+def worker(shape, threads: int) -> None:
     """Read op names from stdin, run each once, answer {"wall": s, "cpu": s} per line."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     sys.path.insert(0, HERE)
     from conftest import Inputs
 
@@ -73,10 +77,11 @@ def worker(shape) -> None:
 
 
 class _Side:
-    def __init__(self, name, tree, shape):
+    def __init__(self, name, tree, shape, threads):
         env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
         self.name = name
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", ",".join(map(str, shape))],
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", ",".join(map(str, shape)),
+                                      "--threads", str(threads)],
                                      env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.package = json.loads(self.proc.stdout.readline())["ready"]
         if not self.package.startswith(os.path.abspath(tree) + os.sep):
@@ -102,16 +107,18 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default); "
+                        "on a machine others load, 1 makes the CPU-time ratio the steadier figure")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(tuple(int(v) for v in args.worker.split(",")))
+        worker(tuple(int(v) for v in args.worker.split(",")), args.threads)
         return 0
     if not (args.old and args.new):
         parser.error("--old and --new are required")
     shape = tuple(int(v) for v in args.shape.split(","))
     ops = args.ops.split(",")
-    old, new = _Side("old", args.old, shape), _Side("new", args.new, shape)
+    old, new = _Side("old", args.old, shape, args.threads), _Side("new", args.new, shape, args.threads)
     print(f"old: {old.package}\nnew: {new.package}\nshape N,H,V = {shape}, fp32, fwd+bwd; load before: "
           f"{os.getloadavg()}", flush=True)
     times = {op: {"old": [], "new": []} for op in ops}
@@ -140,7 +147,8 @@ def main(argv=None) -> int:
             ratios=[n["wall"] / o["wall"] for o, n in pairs]))
     load = os.getloadavg()
     lines = [f"Paired timings (measured), N,H,V = {shape} fp32, fwd+bwd, {args.rounds} rounds after a warm-up, "
-             f"load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", "",
+             f"torch threads {args.threads or 'default'}, load average after {load[0]:.2f} {load[1]:.2f} "
+             f"{load[2]:.2f}", "",
              f"old: `{old.package}`  ", f"new: `{new.package}`", "",
              "| op | old (median s) | new (median s) | new/old wall (median of rounds) | new/old CPU |",
              "| --- | ---: | ---: | ---: | ---: |"]

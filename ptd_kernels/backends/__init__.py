@@ -7,13 +7,9 @@ on this rank's vocabulary slice inside ``vocab_parallel.VocabParallelBackend`` (
 
 A new backend registers here with one line (see ``registry``); its factory runs on first use, so nothing
 of it is imported until a call selects it. The cuBLAS backend (cuBLAS GEMMs with fused Triton elementwise
-kernels), for example, is::
-
-    register_backend("cublas", "ptd_kernels.backends.cublas:CublasBackend", devices=("cuda",),
-                     requires=("triton",), auto=False)
-
-``auto=False`` keeps ``auto``'s rule (Triton for CUDA tensors); ``backend="cublas"`` selects it, and the
-tests that iterate over ``registered_backends()`` / ``backends_for(device)`` pick it up.
+kernels) is registered with ``auto=False``: ``auto`` keeps its rule (Triton for CUDA tensors, the torch
+path on a CPU) and ``backend="cublas"`` selects it; tests that iterate over ``registered_backends()`` or
+``backends_for(device)`` pick up every registered backend.
 """
 
 from __future__ import annotations
