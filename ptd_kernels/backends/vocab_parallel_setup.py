@@ -14,7 +14,8 @@ float64 record (``exchange``) and every rank reads every record once:
 - its vocabulary slice size, and the few device values the call reads anyway (live-row counts, id ranges).
 
 Then every rank raises the same error — the failing rank's own, or one naming the argument and the ranks
-that differ — or every rank proceeds. A mistake (an FSDP2 shard passed as a tensor-parallel slice, rows
+that differ — or every rank proceeds. (What no exchange can catch: a rank that passes no process group at
+all while the others pass one never joins them.) A mistake (an FSDP2 shard passed as a tensor-parallel slice, rows
 that differ by rank, β or k set per rank) is a clear error on every rank rather than a hang, an abort in
 the collective library, or a silently wrong value.
 
