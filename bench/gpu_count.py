@@ -300,6 +300,11 @@ class CountingMode(TorchDispatchMode):
         if name == "is_nonzero":
             self._sync(name)
             return self._scalar(args[0])
+        if name == "_to_copy" and args[0].device.type == "meta" and kwargs.get("device") is not None \
+                and torch.device(kwargs["device"]).type == "cpu":  # a copy to the host: ``tolist``, ``cpu``
+            self._sync("copy to host")
+            values = modelled_scalar(args[0])
+            return torch.tensor(values, dtype=kwargs.get("dtype") or args[0].dtype).reshape(args[0].shape)
         if name == "nonzero":
             self._sync("nonzero")
             mask = args[0]

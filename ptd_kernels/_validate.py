@@ -1,7 +1,12 @@
-"""Input checks shared by every backend and by the reference.
+"""Input checks shared by the public functions and by the reference.
 
 Each error names the offending argument (SPEC §4): ValueError for bad values and shapes,
-TypeError for bad types and dtypes.
+TypeError for bad types and dtypes. Checks of types, shapes, devices and Python values read no
+device memory. The checks of id values (targets and sparse-teacher ids in [0, V), no repeated
+id) come in two forms: on host numbers the caller read once (``check_target_range``,
+``check_sparse_teacher_ids``: the public functions read them with the rest of a call's one host
+read) and eager ones that read the tensors themselves (``check_targets``, ``check_sparse_teacher``:
+the reference).
 """
 
 from __future__ import annotations
@@ -12,13 +17,15 @@ import numbers
 import numpy as np
 import torch
 
-BACKENDS = ("auto", "triton", "torch", "cublas")
+from .backends.registry import check_backend_name
+
+#: The supports of the Top-K JSD (SPEC §2): TopK(p) ∪ TopK(q), TopK(q), TopK(p).
 SUPPORTS = ("union", "teacher", "student")
 
 
-def check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def check_backend(backend) -> None:
+    """"auto" or a registered backend's name (``backends.registry``)."""
+    check_backend_name(backend)
 
 
 def _check_tensor(name: str, x, ndim: int) -> None:
@@ -159,23 +166,33 @@ def check_support(support) -> str:
     return support
 
 
-def check_targets(targets, n: int, vocab: int, ignore_index: int, device: torch.device) -> torch.Tensor:
-    """Integer targets of the rows, each in [0, V) or ``ignore_index``. Returns them as int64: compared
-    in a narrow dtype, ``ignore_index`` and V would wrap (−100 is 156 in uint8, 200 is −56 in int8)."""
+def check_targets_tensor(targets, n: int, device: torch.device) -> torch.Tensor:
+    """Integer targets of the rows (their values are checked by ``check_target_range``). Returns them as
+    int64: compared in a narrow dtype, ``ignore_index`` and V would wrap (−100 is 156 in uint8, 200 is −56
+    in int8)."""
     _check_tensor("targets", targets, 1)
     if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
     check_same_rows("targets", targets, n)
     if targets.device != device:
         raise ValueError(f"targets is on {targets.device} but the student inputs are on {device}")
+    return targets.long()
+
+
+def check_target_range(low: int, high: int, vocab: int, ignore_index: int) -> None:
+    """The smallest and largest target of the rows that are not ``ignore_index`` lie in [0, V)."""
+    if low < 0 or high >= vocab:
+        bad = int(low if low < 0 else high)
+        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}")
+
+
+def check_targets(targets, n: int, vocab: int, ignore_index: int, device: torch.device) -> torch.Tensor:
+    """``check_targets_tensor`` and ``check_target_range``, reading the targets (the reference's form)."""
     ignore_index = check_ignore_index(ignore_index)
-    targets = targets.long()
+    targets = check_targets_tensor(targets, n, device)
     live = targets[targets != ignore_index]
-    if live.numel() and (bool((live < 0).any()) or bool((live >= vocab).any())):
-        bad = live[(live < 0) | (live >= vocab)][0].item()
-        raise ValueError(
-            f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {bad}"
-        )
+    if live.numel():
+        check_target_range(int(live.min()), int(live.max()), vocab, ignore_index)
     return targets
 
 
@@ -200,7 +217,8 @@ def check_weights(weights, n: int, device: torch.device) -> None:
         raise ValueError(f"weights is on {weights.device} but the student inputs are on {device}")
 
 
-def check_sparse_teacher(teacher_indices, teacher_logprobs, n: int, vocab: int, device: torch.device) -> int:
+def check_sparse_teacher_tensors(teacher_indices, teacher_logprobs, n: int, device: torch.device) -> int:
+    """Types, shapes and devices of a sparse teacher (its id values: ``check_sparse_teacher_ids``). Returns K."""
     _check_tensor("teacher_indices", teacher_indices, 2)
     _check_tensor("teacher_logprobs", teacher_logprobs, 2)
     if teacher_indices.dtype.is_floating_point or teacher_indices.dtype == torch.bool:
@@ -215,16 +233,31 @@ def check_sparse_teacher(teacher_indices, teacher_logprobs, n: int, vocab: int, 
     for name, t in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but the student inputs are on {device}")
-    teacher_indices = teacher_indices.long()  # compared in a narrow dtype, V would wrap
-    k = teacher_indices.shape[1]
-    if k < 1:
+    if teacher_indices.shape[1] < 1:
         raise ValueError("teacher_indices must hold at least one id per row")
+    return teacher_indices.shape[1]
+
+
+def sparse_teacher_id_facts(teacher_indices: torch.Tensor) -> torch.Tensor:
+    """[smallest id, largest id, whether a row repeats an id] of non-empty ids, on their device (no host read)."""
+    ordered = teacher_indices.long().sort(dim=-1).values  # compared as int64: V would wrap in a narrow dtype
+    repeats = (ordered[:, 1:] == ordered[:, :-1]).any() if ordered.shape[1] > 1 else ordered.new_zeros((), dtype=bool)
+    return torch.stack([ordered[:, 0].min(), ordered[:, -1].max(), repeats.long()])
+
+
+def check_sparse_teacher_ids(low: int, high: int, repeats: bool, vocab: int) -> None:
+    if low < 0 or high >= vocab:
+        raise ValueError(f"teacher_indices must lie in [0, {vocab})")
+    if repeats:
+        raise ValueError("teacher_indices must not repeat an id within a row")
+
+
+def check_sparse_teacher(teacher_indices, teacher_logprobs, n: int, vocab: int, device: torch.device) -> int:
+    """``check_sparse_teacher_tensors`` and ``check_sparse_teacher_ids``, reading the ids (the reference's form)."""
+    k = check_sparse_teacher_tensors(teacher_indices, teacher_logprobs, n, device)
     if teacher_indices.numel():
-        if bool((teacher_indices < 0).any()) or bool((teacher_indices >= vocab).any()):
-            raise ValueError(f"teacher_indices must lie in [0, {vocab})")
-        ordered = teacher_indices.sort(dim=-1).values
-        if k > 1 and bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-            raise ValueError("teacher_indices must not repeat an id within a row")
+        low, high, repeats = sparse_teacher_id_facts(teacher_indices).tolist()
+        check_sparse_teacher_ids(low, high, bool(repeats), vocab)
     return k
 
 

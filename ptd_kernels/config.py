@@ -1,4 +1,5 @@
-"""Public knobs: the memory budgets of the chunked PyTorch backend and of the cuBLAS backend.
+"""Public knobs: the memory budgets of the chunked PyTorch backend and of the cuBLAS backend, and host
+synchronizations.
 
 Logits exist only as blocks of these sizes; they are constants (nothing grows with N·V). Each is
 read when a function is called, so setting one takes effect on the next call::
@@ -39,3 +40,13 @@ FUSED_LOSS_MIN_ROWS = 128
 #: d weight. At the default, a sweep at N = 8192, V = 151936, H = 4096, K = 100 holds ≤ 1 GiB of working
 #: memory in all (this block, plus O(N·K) row state); see docs/cublas.md.
 CUDA_BLOCK_BYTES = 896 << 20
+
+#: Host synchronizations. By default a call reads a few device values once (one transfer): the live-row
+#: counts, so that masked rows are left out of every sweep, and the id ranges, so that a target or a sparse
+#: teacher id outside [0, V) is a clear error. With ``SYNC_FREE = True`` no call reads the device (nothing
+#: waits for queued GPU work): ids are not checked (an id outside [0, V) gives an undefined value in its row,
+#: or a failed gather, instead of a clear error), and masked rows are computed with their hidden states
+#: replaced by zeros, then zeroed (a copy of the hidden states when some row may be masked). A
+#: vocabulary-parallel call still reads its one exchange (the ranks' slice sizes and agreement).
+#: docs/host_syncs.md counts the synchronizations of every function on both paths.
+SYNC_FREE = False

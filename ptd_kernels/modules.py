@@ -9,14 +9,12 @@ They take the output-layer weight at call time, so they work with any model's ``
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from . import _validate as V
-from . import functional as F
+from . import _validate as validate
+from . import functional
 
-__all__ = ["LinearLogprobs", "LinearPTDTerms", "LinearJSDLoss", "LinearTopKJSDLoss", "PTDTopKJSDLoss"]
+__all__ = ["LinearLogprobs", "LinearPTDTerms", "LinearJSDLoss", "LinearTopKJSDLoss"]
 
 
 class _Wrapper(torch.nn.Module):
@@ -26,15 +24,15 @@ class _Wrapper(torch.nn.Module):
 
     def _configure(self, *, temperature, backend, logit_scale, softcap, process_group, teacher=None, **fields):
         """Check and store the configuration; ``teacher`` = (teacher_logit_scale, teacher_softcap) or None."""
-        V.check_backend(backend)
-        self.temperature, self.backend = V.check_temperature(temperature), backend
+        validate.check_backend(backend)
+        self.temperature, self.backend = validate.check_temperature(temperature), backend
         self.process_group = process_group  # a vocabulary-parallel output layer (weight: this rank's slice)
-        self.logit_scale = V.check_logit_scale("logit_scale", logit_scale)
-        self.softcap = V.check_softcap("softcap", softcap)
+        self.logit_scale = validate.check_logit_scale("logit_scale", logit_scale)
+        self.softcap = validate.check_softcap("softcap", softcap)
         transforms = ("logit_scale", "softcap")
         if teacher is not None:
-            self.teacher_logit_scale = V.check_logit_scale("teacher_logit_scale", teacher[0])
-            self.teacher_softcap = V.check_softcap("teacher_softcap", teacher[1])
+            self.teacher_logit_scale = validate.check_logit_scale("teacher_logit_scale", teacher[0])
+            self.teacher_softcap = validate.check_softcap("teacher_softcap", teacher[1])
             transforms += ("teacher_logit_scale", "teacher_softcap")
         for name, value in fields.items():
             setattr(self, name, value)
@@ -68,12 +66,12 @@ class LinearLogprobs(_Wrapper):
         super().__init__()
         self._configure(temperature=temperature, backend=backend, logit_scale=logit_scale, softcap=softcap,
                         process_group=process_group,
-                        ignore_index=V.check_ignore_index(ignore_index),
-                        with_entropy=V.check_bool("with_entropy", with_entropy))
+                        ignore_index=validate.check_ignore_index(ignore_index),
+                        with_entropy=validate.check_bool("with_entropy", with_entropy))
 
     def forward(self, hidden, weight, targets, bias=None):
-        return F.linear_logprobs(hidden, weight, targets, bias=bias, **self._transforms(),
-                                 **self._kwargs("temperature", "ignore_index", "with_entropy", "backend"))
+        return functional.linear_logprobs(hidden, weight, targets, bias=bias, **self._transforms(),
+                                          **self._kwargs("temperature", "ignore_index", "with_entropy", "backend"))
 
 
 class LinearPTDTerms(_Wrapper):
@@ -84,15 +82,17 @@ class LinearPTDTerms(_Wrapper):
                  backend="auto"):
         super().__init__()
         self._configure(temperature=temperature, backend=backend, logit_scale=logit_scale, softcap=softcap,
-                        process_group=process_group, teacher=(teacher_logit_scale, teacher_softcap), k=V.check_k(k),
-                        beta=V.check_beta(beta), support=V.check_support(support), tail=V.check_bool("tail", tail),
-                        ignore_index=V.check_ignore_index(ignore_index))
+                        process_group=process_group, teacher=(teacher_logit_scale, teacher_softcap),
+                        k=validate.check_k(k), beta=validate.check_beta(beta),
+                        support=validate.check_support(support), tail=validate.check_bool("tail", tail),
+                        ignore_index=validate.check_ignore_index(ignore_index))
 
     def forward(self, hidden, weight, targets, teacher_hidden, teacher_weight, *, bias=None, teacher_bias=None,
                 mask=None, jsd_mask=None):
-        return F.linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, self.k, bias=bias,
-                                  teacher_bias=teacher_bias, mask=mask, jsd_mask=jsd_mask, **self._transforms(),
-                                  **self._kwargs("beta", "support", "tail", "temperature", "ignore_index", "backend"))
+        return functional.linear_ptd_terms(
+            hidden, weight, targets, teacher_hidden, teacher_weight, self.k, bias=bias, teacher_bias=teacher_bias,
+            mask=mask, jsd_mask=jsd_mask, **self._transforms(),
+            **self._kwargs("beta", "support", "tail", "temperature", "ignore_index", "backend"))
 
 
 class LinearJSDLoss(_Wrapper):
@@ -103,13 +103,13 @@ class LinearJSDLoss(_Wrapper):
         super().__init__()
         self._configure(temperature=temperature, backend=backend, logit_scale=logit_scale, softcap=softcap,
                         process_group=process_group, teacher=(teacher_logit_scale, teacher_softcap),
-                        beta=V.check_beta(beta))
+                        beta=validate.check_beta(beta))
 
     def forward(self, hidden, weight, teacher_hidden, teacher_weight, *, bias=None, teacher_bias=None, mask=None,
                 weights=None):
-        return F.linear_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, bias=bias, teacher_bias=teacher_bias,
-                                 mask=mask, weights=weights, **self._transforms(),
-                                 **self._kwargs("beta", "temperature", "backend"))
+        return functional.linear_jsd_loss(
+            hidden, weight, teacher_hidden, teacher_weight, bias=bias, teacher_bias=teacher_bias, mask=mask,
+            weights=weights, **self._transforms(), **self._kwargs("beta", "temperature", "backend"))
 
 
 class LinearTopKJSDLoss(_Wrapper):
@@ -119,19 +119,12 @@ class LinearTopKJSDLoss(_Wrapper):
                  teacher_logit_scale=1.0, teacher_softcap=None, process_group=None, backend="auto"):
         super().__init__()
         self._configure(temperature=temperature, backend=backend, logit_scale=logit_scale, softcap=softcap,
-                        process_group=process_group, teacher=(teacher_logit_scale, teacher_softcap), k=V.check_k(k),
-                        beta=V.check_beta(beta), support=V.check_support(support), tail=V.check_bool("tail", tail))
+                        process_group=process_group, teacher=(teacher_logit_scale, teacher_softcap),
+                        k=validate.check_k(k), beta=validate.check_beta(beta),
+                        support=validate.check_support(support), tail=validate.check_bool("tail", tail))
 
     def forward(self, hidden, weight, teacher_hidden, teacher_weight, *, bias=None, teacher_bias=None, mask=None,
                 weights=None):
-        return F.linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, self.k, bias=bias,
-                                      teacher_bias=teacher_bias, mask=mask, weights=weights, **self._transforms(),
-                                      **self._kwargs("beta", "support", "tail", "temperature", "backend"))
-
-
-class PTDTopKJSDLoss(LinearTopKJSDLoss):
-    """Deprecated name of ``LinearTopKJSDLoss`` (all wrappers are named ``Linear*``)."""
-
-    def __init__(self, *args, **kwargs):
-        warnings.warn("PTDTopKJSDLoss is renamed LinearTopKJSDLoss", DeprecationWarning, stacklevel=2)
-        super().__init__(*args, **kwargs)
+        return functional.linear_topk_jsd_loss(
+            hidden, weight, teacher_hidden, teacher_weight, self.k, bias=bias, teacher_bias=teacher_bias, mask=mask,
+            weights=weights, **self._transforms(), **self._kwargs("beta", "support", "tail", "temperature", "backend"))

@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+from torch.nn.functional import kl_div
 
-from . import _validate as V
+from . import _validate as validate
 from ._types import PTDTerms, TopK
 
 TAIL_FLOOR = 1e-12
@@ -58,7 +58,8 @@ def _logits(hidden, weight, bias, temperature, dtype, logit_scale=1.0, softcap=N
 
 
 def _check_transform(logit_scale, softcap, prefix=""):
-    return (V.check_logit_scale(prefix + "logit_scale", logit_scale), V.check_softcap(prefix + "softcap", softcap))
+    return (validate.check_logit_scale(prefix + "logit_scale", logit_scale),
+            validate.check_softcap(prefix + "softcap", softcap))
 
 
 def _scatter_rows(values: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -83,12 +84,12 @@ def _generalized_jsd(logp, logq, beta, valid=None):
         logp = torch.where(valid, logp, torch.zeros_like(logp))
         logq = torch.where(valid, logq, torch.zeros_like(logq))
     if beta == 0.0:
-        terms = F.kl_div(logp, logq, reduction="none", log_target=True)
+        terms = kl_div(logp, logq, reduction="none", log_target=True)
     elif beta == 1.0:
-        terms = F.kl_div(logq, logp, reduction="none", log_target=True)
+        terms = kl_div(logq, logp, reduction="none", log_target=True)
     else:
         log_mix = torch.logsumexp(torch.stack([logq + math.log(beta), logp + math.log(1.0 - beta)]), dim=0)
-        terms = beta * F.kl_div(log_mix, logq, reduction="none", log_target=True) + (1.0 - beta) * F.kl_div(
+        terms = beta * kl_div(log_mix, logq, reduction="none", log_target=True) + (1.0 - beta) * kl_div(
             log_mix, logp, reduction="none", log_target=True
         )
     if valid is not None:
@@ -124,11 +125,11 @@ def _support_jsd(logp, logq, in_support, beta, tail, log_q_mass=None):
 
 def logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, with_entropy=False, backend="auto"):
     """log p(target) [N] (and the entropy H(p) [N]) of softmax(logits / τ); 0 at ignored rows."""
-    V.check_backend(backend)
-    n, vocab = V.check_logits("logits", logits)
-    temperature = V.check_temperature(temperature)
-    targets = V.check_targets(targets, n, vocab, ignore_index, logits.device)
-    live = V.row_mask(n, logits.device, targets, ignore_index)
+    validate.check_backend(backend)
+    n, vocab = validate.check_logits("logits", logits)
+    temperature = validate.check_temperature(temperature)
+    targets = validate.check_targets(targets, n, vocab, ignore_index, logits.device)
+    live = validate.row_mask(n, logits.device, targets, ignore_index)
     dtype = _compute_dtype(logits)
     z = logits[live].to(dtype) / temperature
     log_probs = torch.log_softmax(z, dim=-1)
@@ -142,11 +143,11 @@ def logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, with_entrop
 
 def jsd(logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None, backend="auto"):
     """Full-vocabulary JSD_β(softmax(logits/τ), softmax(teacher_logits/τ)) per row [N]."""
-    V.check_backend(backend)
-    n, vocab = V.check_logits_pair(logits, teacher_logits)
-    beta, temperature = V.check_beta(beta), V.check_temperature(temperature)
-    V.check_mask("mask", mask, n, logits.device)
-    live = V.row_mask(n, logits.device, mask=mask)
+    validate.check_backend(backend)
+    n, vocab = validate.check_logits_pair(logits, teacher_logits)
+    beta, temperature = validate.check_beta(beta), validate.check_temperature(temperature)
+    validate.check_mask("mask", mask, n, logits.device)
+    live = validate.row_mask(n, logits.device, mask=mask)
     dtype = _compute_dtype(logits, teacher_logits)
     logp = torch.log_softmax(logits[live].to(dtype) / temperature, dim=-1)
     logq = torch.log_softmax(teacher_logits[live].detach().to(dtype) / temperature, dim=-1)
@@ -174,12 +175,12 @@ def _topk_jsd_rows(z, teacher_z, k, beta, support, tail):
 def topk_jsd(logits, teacher_logits, k, *, beta=0.5, support="union", tail=True, temperature=1.0, mask=None,
              backend="auto"):
     """Top-K JSD with tail compensation (SPEC §2) per row [N], on given logits."""
-    V.check_backend(backend)
-    n, vocab = V.check_logits_pair(logits, teacher_logits)
-    k, beta, support = V.check_k(k), V.check_beta(beta), V.check_support(support)
-    temperature = V.check_temperature(temperature)
-    V.check_mask("mask", mask, n, logits.device)
-    live = V.row_mask(n, logits.device, mask=mask)
+    validate.check_backend(backend)
+    n, vocab = validate.check_logits_pair(logits, teacher_logits)
+    k, beta, support = validate.check_k(k), validate.check_beta(beta), validate.check_support(support)
+    temperature = validate.check_temperature(temperature)
+    validate.check_mask("mask", mask, n, logits.device)
+    live = validate.row_mask(n, logits.device, mask=mask)
     dtype = _compute_dtype(logits, teacher_logits)
     z = logits[live].to(dtype) / temperature
     teacher_z = teacher_logits[live].detach().to(dtype) / temperature
@@ -189,7 +190,7 @@ def topk_jsd(logits, teacher_logits, k, *, beta=0.5, support="union", tail=True,
 
 def topk_overlap(indices_a, indices_b, *, backend="auto"):
     """|A ∩ B| / k per row for two [N, k] id sets (float32 [N])."""
-    V.check_backend(backend)
+    validate.check_backend(backend)
     if not isinstance(indices_a, torch.Tensor) or not isinstance(indices_b, torch.Tensor):
         raise TypeError("indices_a and indices_b must be tensors")
     if indices_a.dim() != 2 or indices_a.shape != indices_b.shape:
@@ -209,10 +210,10 @@ def topk_overlap(indices_a, indices_b, *, backend="auto"):
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100, with_entropy=False,
                     logit_scale=1.0, softcap=None, backend="auto"):
     """log p(target) (and entropy) of softmax((hidden @ weight.T + bias) / τ), materializing logits."""
-    V.check_backend(backend)
-    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
-    targets = V.check_targets(targets, n, vocab, ignore_index, hidden.device)
-    live = V.row_mask(n, hidden.device, targets, ignore_index)
+    validate.check_backend(backend)
+    n, vocab, temperature = validate.check_student(hidden, weight, bias, temperature)
+    targets = validate.check_targets(targets, n, vocab, ignore_index, hidden.device)
+    live = validate.row_mask(n, hidden.device, targets, ignore_index)
     dtype = _compute_dtype(hidden)
     z = _logits(hidden[live], weight, bias, temperature, dtype, *_check_transform(logit_scale, softcap))
     log_probs = torch.log_softmax(z, dim=-1)
@@ -227,13 +228,13 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
 def linear_topk(hidden, weight, k, *, bias=None, temperature=1.0, targets=None, ignore_index=-100, logit_scale=1.0,
                 softcap=None, backend="auto"):
     """Top-k ids, their log-probs, the row logsumexp and the targets' log-probs. No gradient."""
-    V.check_backend(backend)
-    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
-    k = V.check_k(k)
+    validate.check_backend(backend)
+    n, vocab, temperature = validate.check_student(hidden, weight, bias, temperature)
+    k = validate.check_k(k)
     if k > vocab:
         raise ValueError(f"k={k} exceeds the vocabulary size {vocab}")
     if targets is not None:
-        targets = V.check_targets(targets, n, vocab, ignore_index, hidden.device)
+        targets = validate.check_targets(targets, n, vocab, ignore_index, hidden.device)
     dtype = _compute_dtype(hidden)
     z = _logits(hidden, weight, bias, temperature, dtype, *_check_transform(logit_scale, softcap))
     lse = torch.logsumexp(z, dim=-1)
@@ -268,12 +269,12 @@ def linear_jsd(hidden, weight, teacher_hidden, teacher_weight, *, beta=0.5, bias
                temperature=1.0, mask=None, logit_scale=1.0, softcap=None, teacher_logit_scale=1.0,
                teacher_softcap=None, backend="auto"):
     """Full-vocabulary JSD_β between the student and the (detached) teacher output layers, per row."""
-    V.check_backend(backend)
-    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
-    V.check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
-    beta = V.check_beta(beta)
-    V.check_mask("mask", mask, n, hidden.device)
-    live = V.row_mask(n, hidden.device, mask=mask)
+    validate.check_backend(backend)
+    n, vocab, temperature = validate.check_student(hidden, weight, bias, temperature)
+    validate.check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
+    beta = validate.check_beta(beta)
+    validate.check_mask("mask", mask, n, hidden.device)
+    live = validate.row_mask(n, hidden.device, mask=mask)
     z, teacher_z = _student_teacher_logits(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
                                            temperature, live, _check_transforms(logit_scale, softcap,
                                                                                 teacher_logit_scale, teacher_softcap))
@@ -285,12 +286,12 @@ def linear_topk_jsd(hidden, weight, teacher_hidden, teacher_weight, k, *, beta=0
                     bias=None, teacher_bias=None, temperature=1.0, mask=None, logit_scale=1.0, softcap=None,
                     teacher_logit_scale=1.0, teacher_softcap=None, backend="auto"):
     """Top-K JSD with tail compensation between the student and the (detached) teacher, per row."""
-    V.check_backend(backend)
-    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
-    V.check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
-    k, beta, support = V.check_k(k), V.check_beta(beta), V.check_support(support)
-    V.check_mask("mask", mask, n, hidden.device)
-    live = V.row_mask(n, hidden.device, mask=mask)
+    validate.check_backend(backend)
+    n, vocab, temperature = validate.check_student(hidden, weight, bias, temperature)
+    validate.check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
+    k, beta, support = validate.check_k(k), validate.check_beta(beta), validate.check_support(support)
+    validate.check_mask("mask", mask, n, hidden.device)
+    live = validate.row_mask(n, hidden.device, mask=mask)
     z, teacher_z = _student_teacher_logits(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,
                                            temperature, live, _check_transforms(logit_scale, softcap,
                                                                                 teacher_logit_scale, teacher_softcap))
@@ -301,12 +302,12 @@ def linear_topk_jsd(hidden, weight, teacher_hidden, teacher_weight, k, *, beta=0
 def linear_sparse_jsd(hidden, weight, teacher_indices, teacher_logprobs, *, beta=0.5, tail=True, bias=None,
                       temperature=1.0, mask=None, logit_scale=1.0, softcap=None, backend="auto"):
     """Top-K JSD against a sparse teacher given as its top-K ids and log-probs (support = those ids)."""
-    V.check_backend(backend)
-    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
-    V.check_sparse_teacher(teacher_indices, teacher_logprobs, n, vocab, hidden.device)
-    beta = V.check_beta(beta)
-    V.check_mask("mask", mask, n, hidden.device)
-    live = V.row_mask(n, hidden.device, mask=mask)
+    validate.check_backend(backend)
+    n, vocab, temperature = validate.check_student(hidden, weight, bias, temperature)
+    validate.check_sparse_teacher(teacher_indices, teacher_logprobs, n, vocab, hidden.device)
+    beta = validate.check_beta(beta)
+    validate.check_mask("mask", mask, n, hidden.device)
+    live = validate.row_mask(n, hidden.device, mask=mask)
     dtype = _compute_dtype(hidden)
     z = _logits(hidden[live], weight, bias, temperature, dtype, *_check_transform(logit_scale, softcap))
     ids = teacher_indices[live].long()
@@ -327,14 +328,14 @@ def linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, k,
     Rows with target == ignore_index or mask False: every output 0. Rows with jsd_mask False:
     jsd, overlap and teacher_mass are 0 and the teacher rows are not read.
     """
-    V.check_backend(backend)
-    n, vocab, temperature = V.check_student(hidden, weight, bias, temperature)
-    V.check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
-    k, beta, support = V.check_k(k), V.check_beta(beta), V.check_support(support)
-    targets = V.check_targets(targets, n, vocab, ignore_index, hidden.device)
-    V.check_mask("mask", mask, n, hidden.device)
-    V.check_mask("jsd_mask", jsd_mask, n, hidden.device)
-    live = V.row_mask(n, hidden.device, targets, ignore_index, mask)
+    validate.check_backend(backend)
+    n, vocab, temperature = validate.check_student(hidden, weight, bias, temperature)
+    validate.check_teacher(hidden, vocab, teacher_hidden, teacher_weight, teacher_bias)
+    k, beta, support = validate.check_k(k), validate.check_beta(beta), validate.check_support(support)
+    targets = validate.check_targets(targets, n, vocab, ignore_index, hidden.device)
+    validate.check_mask("mask", mask, n, hidden.device)
+    validate.check_mask("jsd_mask", jsd_mask, n, hidden.device)
+    live = validate.row_mask(n, hidden.device, targets, ignore_index, mask)
     logp, entropy = linear_logprobs(hidden, weight, torch.where(live, targets, ignore_index), bias=bias,
                                     temperature=temperature, ignore_index=ignore_index, with_entropy=True,
                                     logit_scale=logit_scale, softcap=softcap)
@@ -362,8 +363,8 @@ def linear_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, *, beta=0.5,
     per_row = linear_jsd(hidden, weight, teacher_hidden, teacher_weight, beta=beta, bias=bias,
                          teacher_bias=teacher_bias, temperature=temperature, mask=mask, logit_scale=logit_scale,
                          softcap=softcap, teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
-    V.check_weights(weights, hidden.shape[0], hidden.device)
-    return _weighted_sum(per_row, V.row_mask(hidden.shape[0], hidden.device, mask=mask), weights)
+    validate.check_weights(weights, hidden.shape[0], hidden.device)
+    return _weighted_sum(per_row, validate.row_mask(hidden.shape[0], hidden.device, mask=mask), weights)
 
 
 def linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, k, *, beta=0.5, support="union", tail=True,
@@ -374,5 +375,5 @@ def linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, k, *, b
                               tail=tail, bias=bias, teacher_bias=teacher_bias, temperature=temperature, mask=mask,
                               logit_scale=logit_scale, softcap=softcap, teacher_logit_scale=teacher_logit_scale,
                               teacher_softcap=teacher_softcap)
-    V.check_weights(weights, hidden.shape[0], hidden.device)
-    return _weighted_sum(per_row, V.row_mask(hidden.shape[0], hidden.device, mask=mask), weights)
+    validate.check_weights(weights, hidden.shape[0], hidden.device)
+    return _weighted_sum(per_row, validate.row_mask(hidden.shape[0], hidden.device, mask=mask), weights)

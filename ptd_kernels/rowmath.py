@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._host_reads import free_to_read
+
 TAIL_FLOOR = 1e-12  # floor of a tail atom, in probability (SPEC §2)
 
 
@@ -320,6 +322,15 @@ def overlap_fraction(ids_a: torch.Tensor, ids_b: torch.Tensor, dtype: torch.dtyp
     return duplicates.to(dtype) / k
 
 
+def merge_topk(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k of [n, m] candidate (values, ids) under the tie rule (larger value, then smaller id):
+    exact in any dtype, by two stable sorts (by id, then by value). Returns (values, ids) [n, k]."""
+    by_id = ids.argsort(dim=-1, stable=True)
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    by_value = values.argsort(dim=-1, descending=True, stable=True)[:, :k]
+    return values.gather(1, by_value), ids.gather(1, by_value)
+
+
 def pack_topk_keys(values: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
     """int64 keys whose order is (value descending, id ascending): top-K with ties to the smaller id.
 
@@ -358,10 +369,15 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
         values, ids = torch.topk(logits, k, dim=-1)
         ambiguous = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     ambiguous |= torch.isnan(values).any(-1)
-    if bool(ambiguous.any()):
-        rows = ambiguous.nonzero().squeeze(-1)
-        top = torch.topk(pack_topk_keys(logits[rows]), k, dim=-1).values
-        ids[rows] = _ids_from_keys(top)
-        values[rows] = logits[rows].gather(1, ids[rows])
+    if free_to_read(ambiguous):  # a CPU block: check, and redo only the rows that need it
+        if bool(ambiguous.any()):
+            rows = ambiguous.nonzero().squeeze(-1)
+            top = torch.topk(pack_topk_keys(logits[rows]), k, dim=-1).values
+            ids[rows] = _ids_from_keys(top)
+            values[rows] = logits[rows].gather(1, ids[rows])
+    else:  # on a device, a check would wait for the queue: redo every row, keep the redone ambiguous ones
+        exact = _ids_from_keys(torch.topk(pack_topk_keys(logits), k, dim=-1).values)
+        ids = torch.where(ambiguous[:, None], exact, ids)
+        values = logits.gather(1, ids)
     order = torch.sort(pack_topk_keys(values, ids), dim=-1, descending=True).values
     return _ids_from_keys(order)

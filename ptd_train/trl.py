@@ -43,7 +43,7 @@ from accelerate.utils import is_peft_model
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational, prepare_multimodal_messages
 
-from ptd_kernels._validate import SUPPORTS
+from ptd_kernels import SUPPORTS
 from ptd_kernels.integrations.hf import PTDSparseTeacher, PTDTeacher, add_ptd_head, output_layer
 from ptd_kernels.integrations.trl import check_trl_version, use_ptd_kernels
 

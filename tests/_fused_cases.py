@@ -18,7 +18,7 @@ from ptd_kernels import reference as ref
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 BETAS = (0.0, 0.5, 1.0)
-SUPPORTS = ("union", "teacher", "student")
+SUPPORTS = ptd.SUPPORTS
 TAU = 0.7
 N, H, TH, V, K = 6, 20, 28, 130, 5
 
@@ -54,7 +54,12 @@ TRITON = pytest.param(
     "triton", id="triton",
     marks=pytest.mark.skipif(_TRITON_MISSING is not None,
                              reason=f"Triton kernels not importable: {_TRITON_MISSING}"))
-BOTH = ["torch", TRITON]
+#: Backends with a public-function suite of their own (with shrunk blocks), left out of BOTH.
+OWN_SUITE = {"cublas": "tests/test_cublas_fused.py"}
+#: Every other registered backend that runs on this process's test tensors (the registry decides: Triton
+#: only under the interpreter on a CPU).
+BOTH = [TRITON if name == "triton" else pytest.param(name, id=name) for name in ptd.backends_for("cpu")
+        if name not in OWN_SUITE]
 
 
 _SHORT = {F64: "f64", F32: "f32", BF16: "bf16"}

@@ -4,6 +4,7 @@ with the single-process results. The problems are built here and in the test fro
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 
@@ -97,9 +98,10 @@ def main(rank: int, world: int, port: int, out_dir: str, backends: str) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a hang is a failure: a collective that waits over a minute raises instead of blocking the test
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        import ptd_kernels as ptd  # noqa: F401
+        import ptd_kernels as ptd
 
         local = local_layers(world, rank, sizes=SPLITS[world])
         results = {}
@@ -108,6 +110,10 @@ def main(rank: int, world: int, port: int, out_dir: str, backends: str) -> None:
                 results[(backend, name)] = run_case(fn, local, dist.group.WORLD)
         results["dtensor"] = dtensor_case(world)
         results["errors"] = error_cases(local, world)
+        results["agreement"] = agreement_cases(local, world)
+        # the group still works after all those errors
+        results["after_errors"] = ptd.linear_logprobs(local["hidden"], local["weight"], local["targets"],
+                                                      bias=local["bias"], process_group=dist.group.WORLD)
         results["bytes"] = communication(world)
         results["memory"] = memory(world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -164,6 +170,74 @@ def error_cases(local, world):
     except ValueError as exc:
         messages["fsdp"] = str(exc)
     return messages
+
+
+def agreement_cases(x, world):
+    """Calls in which the last rank passes one argument unlike the others (or fails its own checks): name →
+    (exception type, message) on this rank, ("none", "") when the call returned."""
+    import ptd_kernels as ptd
+
+    rank, pg = dist.get_rank(), dist.group.WORLD
+    odd = rank == world - 1
+    h, w, b, th, tw, tb = (x[k] for k in ("hidden", "weight", "bias", "teacher_hidden", "teacher_weight",
+                                          "teacher_bias"))
+    targets, mask = x["targets"], x["mask"]
+    ids = torch.tensor([[14, 15, 0, 36]] * N)
+    logprobs = torch.log(torch.tensor([[0.3, 0.3, 0.1, 0.1]] * N))
+    jsd_mask = torch.tensor([True, False, True, True, True, True, True])
+
+    def pair(fn, *args, teacher_hidden=th, **kw):
+        return getattr(ptd, fn)(h, w, teacher_hidden, tw, *args, bias=b, teacher_bias=tb, process_group=pg,
+                                backend="torch", **kw)
+
+    cases = {
+        # numbers, strings and flags
+        "beta": lambda: pair("linear_topk_jsd", K, beta=0.1 if odd else 0.5),
+        "temperature": lambda: pair("linear_jsd", temperature=0.9 if odd else 0.8),
+        "softcap": lambda: pair("linear_jsd", softcap=3.0 if odd else None),
+        "logit_scale": lambda: ptd.linear_logprobs(h, w, targets, logit_scale=2.0 if odd else 1.0, process_group=pg),
+        "teacher_logit_scale": lambda: pair("linear_topk_jsd_loss", K, teacher_logit_scale=0.5 if odd else 1.0),
+        "teacher_softcap": lambda: pair("linear_jsd_loss", teacher_softcap=2.0 if odd else 4.0),
+        "support": lambda: pair("linear_topk_jsd", K, support="teacher" if odd else "union"),
+        "k": lambda: pair("linear_topk_jsd", K - 1 if odd else K),
+        "k_topk": lambda: ptd.linear_topk(h, w, K + 1 if odd else K, process_group=pg),
+        "tail": lambda: ptd.linear_ptd_terms(h, w, targets, th, tw, K, tail=not odd, process_group=pg),
+        "ignore_index": lambda: ptd.linear_logprobs(h, w, targets, ignore_index=-1 if odd else -100, process_group=pg),
+        "with_entropy": lambda: ptd.linear_logprobs(h, w, targets, with_entropy=odd, process_group=pg),
+        "backend": lambda: ptd.linear_logprobs(h, w, targets, process_group=pg, backend="triton" if odd else "torch"),
+        # tensors: presence, values, dtype
+        "mask_presence": lambda: pair("linear_jsd", mask=None if odd else mask),
+        "mask_values": lambda: pair("linear_jsd", mask=~mask if odd else mask),
+        "jsd_mask": lambda: ptd.linear_ptd_terms(h, w, targets, th, tw, K, jsd_mask=None if odd else jsd_mask,
+                                                 process_group=pg),
+        "weights": lambda: pair("linear_jsd_loss", weights=torch.full((N,), 2.0 if odd else 1.0)),
+        "targets": lambda: ptd.linear_ptd_terms(h, w, targets.roll(1) if odd else targets, th, tw, K,
+                                                process_group=pg),
+        "teacher_hidden": lambda: pair("linear_jsd", teacher_hidden=th * 2 if odd else th),
+        "teacher_indices": lambda: ptd.linear_sparse_jsd(h, w, ids.flip(-1) if odd else ids, logprobs,
+                                                         process_group=pg),
+        "teacher_logprobs": lambda: ptd.linear_sparse_jsd(h, w, ids, logprobs - 0.1 * odd, process_group=pg),
+        "hidden_dtype": lambda: ptd.linear_logprobs(h.double() if odd else h, w.double() if odd else w, targets,
+                                                    process_group=pg),
+        "function": lambda: pair("linear_topk_jsd", K) if odd else pair("linear_jsd"),
+        # one rank's own checks fail: every rank hears of it
+        "local_dtype": lambda: ptd.linear_logprobs(h.double() if odd else h, w, targets, process_group=pg),
+        "local_temperature": lambda: pair("linear_jsd", temperature=0.0 if odd else 1.0),
+        "local_bias": lambda: ptd.linear_logprobs(h, w, targets, bias=b[:-1] if odd else b, process_group=pg),
+        # module wrappers
+        "module_k": lambda: ptd.LinearTopKJSDLoss(K + 1 if odd else K, process_group=pg)(h, w, th, tw),
+        "module_beta": lambda: ptd.LinearPTDTerms(K, beta=1.0 if odd else 0.5, process_group=pg)(h, w, targets, th, tw),
+        # agreed, and wrong on every rank alike: the same error everywhere, after the exchange
+        "targets_out_of_range": lambda: ptd.linear_logprobs(h, w, torch.full((N,), V), process_group=pg),
+    }
+    out = {}
+    for name, call in cases.items():
+        try:
+            call()
+            out[name] = ("none", "")
+        except Exception as exc:  # noqa: BLE001 - the test reads the type and message
+            out[name] = (type(exc).__name__, str(exc))
+    return out
 
 
 def local_layers(world, rank, vocab=V, sizes=None):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ptd_kernels as ptd
-from ptd_kernels.backends import Backend, select_backend
+from ptd_kernels.backends import Backend, registry, select_backend
 from ptd_kernels.backends.base import DivergenceSpec, GradNeeds, Head, HeadGradCoefs
 from ptd_kernels.backends.torch import TorchBackend
 from ptd_kernels.backends.triton import TritonBackend, _launch
@@ -171,7 +171,8 @@ def test_bf16_one_sweep_loss_gradients_are_scaled_before_their_one_rounding(monk
 
 
 def test_backends_implement_the_interface():
-    for backend in (select_backend("torch"), TritonBackend()):
+    for backend in (select_backend("torch"), TritonBackend(), *(e.instance() for e in ptd.registered_backends()
+                                                                 if e.available())):
         assert isinstance(backend, Backend) and not getattr(type(backend), "__abstractmethods__", None)
     assert select_backend("torch").fused_loss_pays(Head(torch.zeros(1, 4), torch.zeros(1000, 4), None))
     assert not TritonBackend().fused_loss_pays(Head(torch.zeros(1, 4), torch.zeros(1000, 4), None))
@@ -218,5 +219,69 @@ def test_module_repr_shows_the_configuration():
     assert text == ("LinearTopKJSDLoss(k=64, beta=0.3, support='teacher', tail=False, temperature=1.0, "
                     "logit_scale=1.0, softcap=None, teacher_logit_scale=1.0, teacher_softcap=None, backend='auto')")
     assert "with_entropy=True" in repr(ptd.LinearLogprobs(with_entropy=True))
-    with pytest.warns(DeprecationWarning, match="LinearTopKJSDLoss"):
-        assert isinstance(ptd.PTDTopKJSDLoss(k=3), ptd.LinearTopKJSDLoss)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def test_the_registry_names_the_backends_and_where_they_run(monkeypatch):
+    entries = {e.name: e for e in ptd.registered_backends()}
+    assert list(entries)[:2] == ["triton", "torch"]  # auto's order of preference
+    assert ptd.backend_names()[0] == "auto" and set(ptd.backend_names()[1:]) == set(entries)
+    assert entries["torch"].devices == {"cpu", "cuda"}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert entries["triton"].devices == {"cpu", "cuda"} and "triton" in ptd.backends_for("cpu")
+    assert select_backend("auto", torch.zeros(1)).name == "triton"  # auto under the interpreter: Triton
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert entries["triton"].devices == {"cuda"} and ptd.backends_for(torch.zeros(1)) == ("torch",)
+    assert select_backend("auto", torch.zeros(1)).name == "torch"
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors \(or TRITON_INTERPRET=1"):
+        select_backend("triton", torch.zeros(1))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ptd.linear_logprobs(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, dtype=torch.long), backend="cuda")
+
+
+def test_a_backend_plugs_in_with_one_registration(monkeypatch):
+    """A new backend is one register_backend call: backend= accepts its name, its factory runs on first use
+    only, auto passes it over unless registered with auto=True, and the functions run on it."""
+    made = []
+
+    class Recording(TorchBackend):
+        name = "recording"
+
+        def __init__(self):
+            made.append(self)
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    ptd.register_backend("recording", Recording, devices=("cpu",), auto=False)
+    assert "recording" in ptd.backend_names() and "recording" in ptd.backends_for("cpu") and not made
+    hidden, weight, targets = torch.randn(3, 5), torch.randn(7, 5), torch.tensor([1, 2, 3])
+    assert select_backend("auto", hidden).name != "recording" and not made
+    got = ptd.linear_logprobs(hidden, weight, targets, backend="recording")
+    assert len(made) == 1
+    torch.testing.assert_close(got, ptd.linear_logprobs(hidden, weight, targets, backend="torch"))
+    ptd.linear_logprobs(hidden, weight, targets, backend="recording")
+    assert len(made) == 1  # made once
+    with pytest.raises(ValueError, match="already registered"):
+        ptd.register_backend("recording", Recording, devices=("cpu",))
+    ptd.register_backend("not-a-backend", lambda: object(), devices=("cpu",), auto=False)
+    with pytest.raises(TypeError, match="not a Backend"):
+        ptd.linear_logprobs(hidden, weight, targets, backend="not-a-backend")
+    ptd.register_backend("missing", "ptd_kernels.backends.torch:TorchBackend", devices=("cpu",), auto=False,
+                         requires=("a_module_that_does_not_exist",))
+    assert "missing" not in ptd.backends_for("cpu")
+    with pytest.raises(RuntimeError, match="a_module_that_does_not_exist"):
+        ptd.linear_logprobs(hidden, weight, targets, backend="missing")
+
+
+def test_importing_and_running_on_the_cpu_never_imports_triton():
+    """The registry's factories are lazy: without the interpreter, a CPU call imports no Triton."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, ptd_kernels as ptd; assert 'triton' not in sys.modules; "
+            "ptd.linear_ptd_terms(torch.randn(3, 4), torch.randn(9, 4), torch.tensor([1, 2, 3]), torch.randn(3, 4), "
+            "torch.randn(9, 4), 2).jsd.sum(); assert 'triton' not in sys.modules, 'triton imported'")
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from ptd_kernels import config
-from ptd_kernels.backends import selection
+from ptd_kernels.backends import registry
 from ptd_kernels.backends.base import (
     ALL_GRADS,
     DivergenceSpec,
     GradNeeds,
     Head,
     HeadGradCoefs,
+    LogitSpec,
     SparseTerms,
 )
 from ptd_kernels.backends.cublas import CublasBackend, _blocks, _work, fused_loss, statement
@@ -50,7 +51,7 @@ def head(n=9, h=24, v=150, dtype=F32, bias=True, softcap=None, scale=1.0, seed=0
     hidden = torch.randn(n, h, generator=g).to(dtype)
     weight = (torch.randn(v, h, generator=g) * 0.6).to(dtype)
     b = torch.randn(v, generator=g).to(dtype) if bias else None
-    return Head(hidden, weight, b, temperature, scale, softcap)
+    return Head(hidden, weight, b, LogitSpec(temperature, scale, softcap))
 
 
 def dense_logits(hd: Head) -> torch.Tensor:
@@ -300,6 +301,6 @@ def test_fused_loss_pays_only_with_enough_rows_per_block(monkeypatch):
 
 
 def test_cublas_needs_cuda_tensors_without_the_interpreter(monkeypatch):
-    monkeypatch.setattr(selection, "interpreting", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='cublas' needs CUDA tensors"):
-        selection.select_backend("cublas", torch.zeros(2, 3))
+        registry.select_backend("cublas", torch.zeros(2, 3))

@@ -30,7 +30,7 @@ def test_modules_match_functions():
     loss = ptd.LinearJSDLoss(beta=0.2, backend="torch")(hidden, weight, teacher_hidden, teacher_weight)
     torch.testing.assert_close(loss, ptd.reference.linear_jsd_loss(hidden, weight, teacher_hidden, teacher_weight,
                                                                   beta=0.2))
-    loss = ptd.PTDTopKJSDLoss(k=4, support="teacher", tail=False, backend="torch")(
+    loss = ptd.LinearTopKJSDLoss(k=4, support="teacher", tail=False, backend="torch")(
         hidden, weight, teacher_hidden, teacher_weight)
     torch.testing.assert_close(loss, ptd.reference.linear_topk_jsd_loss(
         hidden, weight, teacher_hidden, teacher_weight, 4, support="teacher", tail=False))

@@ -139,3 +139,88 @@ def test_memory_per_rank_is_the_single_process_bound_for_the_slice(world_results
         m = results["memory"]
         allowance = 4 * m["rows"] * m["k"] * world * 16 + (64 << 10)
         assert m["vocab_parallel"] <= m["one_process"] + allowance, m
+
+
+# What each agreement case must name: the argument (or what failed), on every rank.
+AGREEMENT = {
+    "beta": "beta", "temperature": "temperature", "softcap": "softcap", "logit_scale": "logit_scale",
+    "teacher_logit_scale": "teacher_logit_scale", "teacher_softcap": "teacher_softcap", "support": "support",
+    "k": "k differs", "k_topk": "k differs", "tail": "tail", "ignore_index": "ignore_index",
+    "with_entropy": "with_entropy", "backend": "backend", "mask_presence": "mask", "mask_values": "mask differs",
+    "jsd_mask": "jsd_mask", "weights": "weights differs", "targets": "targets differs",
+    "teacher_hidden": "teacher_hidden differs", "teacher_indices": "teacher_indices differs",
+    "teacher_logprobs": "teacher_logprobs differs", "hidden_dtype": "dtype of hidden",
+    "function": "different functions", "module_k": "k differs", "module_beta": "beta",
+}
+LOCAL_FAILURES = {"local_dtype": ("TypeError", "hidden"), "local_temperature": ("ValueError", "temperature"),
+                  "local_bias": ("ValueError", "bias")}
+
+
+def test_ranks_that_disagree_all_raise_an_error_naming_the_argument(world_results):
+    """The last rank passes one argument unlike the others: every rank raises (no hang, no abort in the
+    collective library, no silently wrong value), naming the argument and the ranks on each side."""
+    world, ranks = world_results
+    last = world - 1
+    for name, needle in AGREEMENT.items():
+        for rank, results in enumerate(ranks):
+            kind, message = results["agreement"][name]
+            assert kind == "ValueError" and needle in message, (world, rank, name, kind, message)
+            if name != "function":
+                assert "differs across the ranks" in message, (name, message)
+                others = "rank 0" if world == 2 else "ranks 0, 1"
+                assert f"rank {last}" in message and others in message, (world, rank, name, message)
+    # numbers are shown by value: "ranks 0, 1: 0.5; rank 2: 0.1"
+    beta = ranks[0]["agreement"]["beta"][1]
+    assert f"{'rank 0' if world == 2 else 'ranks 0, 1'}: 0.5; rank {last}: 0.1" in beta, beta
+
+
+def test_a_rank_whose_own_checks_fail_takes_every_rank_with_it(world_results):
+    """A rank whose own arguments are wrong raises its own error; every other rank raises the same type,
+    naming that rank and quoting its message."""
+    world, ranks = world_results
+    last = world - 1
+    for name, (kind, needle) in LOCAL_FAILURES.items():
+        for rank, results in enumerate(ranks):
+            got_kind, message = results["agreement"][name]
+            assert got_kind == kind and needle in message, (world, rank, name, got_kind, message)
+            if rank != last:
+                assert f"rank {last} of the process group failed" in message, (name, message)
+
+
+def test_an_agreed_mistake_is_the_same_error_everywhere_and_the_group_still_works(world_results):
+    world, ranks = world_results
+    hidden, weight, bias, *_, targets, _ = problem()
+    import ptd_kernels as ptd
+
+    want = ptd.linear_logprobs(hidden, weight, targets, bias=bias, backend="torch")
+    for results in ranks:
+        kind, message = results["agreement"]["targets_out_of_range"]
+        assert kind == "ValueError" and f"targets must lie in [0, {V})" in message, message
+        _close(results["after_errors"], want, "a call after the errors")
+
+
+def test_the_fingerprint_tells_apart_what_ranks_get_wrong_without_copying_the_hidden_states():
+    """Equal tensors give equal fingerprints; rows of another batch, another order, shifted or scaled rows
+    and another dtype do not; a [N, H] fingerprint allocates O(N), not a copy of the tensor."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from ptd_kernels.backends.vocab_parallel_setup import fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = torch.randn(512, 256, generator=g).to(dtype)
+        same = fingerprint(x.clone())
+        assert torch.equal(fingerprint(x), same), dtype
+        row = torch.arange(512)[:, None]
+        changed = {"another batch": torch.randn(512, 256, generator=g), "rows swapped": x[[1, 0, *range(2, 512)]],
+                   "a row shifted": x + (row == 7), "a row scaled": x * (1 + (row == 9)),
+                   "a column shifted": x + (torch.arange(256) == 5)}
+        for what, other in changed.items():
+            assert not torch.equal(fingerprint(other.to(dtype)), same), (dtype, what)
+    x = torch.randn(4096, 512, generator=g)
+    tracker = MemTracker()
+    tracker.track_external(x)
+    with tracker:
+        fingerprint(x)
+    peak = sum(stats.get("Total", 0) for stats in tracker.get_tracker_snapshot("peak").values()) - x.numel() * 4
+    assert peak < x.numel() * 4 // 32, peak  # a float64 copy would be 2× the tensor

@@ -1,4 +1,5 @@
-"""What every autograd Function shares: the typed configs, masked-row stripping and the one gradient cast."""
+"""What every autograd Function shares: the sweep config, the prepared call and its rows, masked-row
+handling and the one gradient cast."""
 
 from __future__ import annotations
 
@@ -7,77 +8,97 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.base import DivergenceSpec, GradNeeds, HeadGrads, LogitSpec
+from ..backends.base import Backend, DivergenceSpec, GradNeeds, Head, HeadGrads, LogitSpec
 
-# ----------------------------------------------------------------------------- configs
+# ----------------------------------------------------------------------------- what a call computes
 
 
 @dataclass(frozen=True)
-class PTDHeadConfig:
-    """log-prob, entropy and (optionally) a divergence against a teacher, from one sweep per side."""
+class SweepConfig:
+    """What one call computes from its sweeps over the vocabulary.
+
+    ``student`` (and ``teacher``): how each side's logits come from its output layer (or, for the
+    logits-level functions, from the given logits: only the temperature). ``divergence``: the
+    divergence between them (None: none; ``k`` None: the full JSD — a K ≥ V arrives here as None).
+    ``logprobs``: return the targets' log-probs and the entropy; ``overlap``: return the top-K overlap
+    and the teacher mass the support covers.
+    """
 
     student: LogitSpec
-    teacher: LogitSpec = LogitSpec()
-    divergence: DivergenceSpec | None = None  # None: log-probs and entropy only; k ≥ V: the full JSD
-    want_overlap: bool = False
+    teacher: LogitSpec | None = None
+    divergence: DivergenceSpec | None = None
+    logprobs: bool = False
+    overlap: bool = False
 
 
 @dataclass(frozen=True)
-class SparseJSDConfig:
-    """Top-K JSD against a teacher given as ids and log-probs (the support is the ids)."""
+class Rows:
+    """Which rows of a call produce output, and how the sweeps leave the others out.
 
-    student: LogitSpec
-    beta: float
-    tail: bool
+    ``live`` (bool [N], None: every row): the rows that produce output (target ≠ ignore_index, mask
+    True). On the default path the live rows are stripped before any sweep (``index``: their int64
+    ids; None when all rows are live), so masked rows cost nothing and a NaN in one cannot reach a
+    gradient. On the sync-free path (``ptd_kernels.config.SYNC_FREE``) ``index`` is None although
+    some rows may be masked: every row goes in with the hidden state of masked rows replaced by
+    zeros, and their outputs are zeroed after.
+
+    ``jsd_live`` (bool [N], None: the live rows): the rows that also get a divergence
+    (``linear_ptd_terms``' jsd_mask); ``jsd_rows``: those rows as int64 positions among the rows that
+    go in (None: all of them).
+    """
+
+    count: int
+    live: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    jsd_live: torch.Tensor | None = None
+    jsd_rows: torch.Tensor | None = None
+
+    def take(self, x: torch.Tensor | None, *, live: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The rows of ``x`` [N, ...] that go in: the live ones, or every row with the masked ones zeroed
+        (``live``: the mask to zero by; default the call's)."""
+        if x is None:
+            return None
+        if self.index is not None:
+            return x.index_select(0, self.index)
+        live = self.live if live is None else live
+        if live is None:
+            return x
+        return torch.where(live.reshape(-1, *([1] * (x.dim() - 1))), x, torch.zeros((), dtype=x.dtype,
+                                                                                      device=x.device))
+
+    def put(self, values: torch.Tensor, *, live: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-row values of the rows that went in, as [N, ...] with zeros at masked rows (differentiable)."""
+        if self.index is not None:
+            return values.new_zeros((self.count, *values.shape[1:])).index_copy(0, self.index, values)
+        live = self.live if live is None else live
+        if live is None:
+            return values
+        return torch.where(live.reshape(-1, *([1] * (values.dim() - 1))), values,
+                           torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 @dataclass(frozen=True)
-class JSDConfig:
-    """Full-vocabulary JSD_β between two output layers."""
+class Call:
+    """One public call once prepared (``ptd_kernels._prepare``): every argument checked, the backend
+    selected (and wrapped for a vocabulary-parallel output layer), both sides' output layers as heads."""
 
-    student: LogitSpec
-    teacher: LogitSpec
-    beta: float
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Σ_n weights_n·D_n with the gradients formed in the forward sweep."""
-
-    student: LogitSpec
-    teacher: LogitSpec
-    divergence: DivergenceSpec  # k None: the full JSD (k ≥ V arrives as None)
-    grad: bool  # whether the caller records a graph (the forward runs under no_grad inside apply)
-
-
-@dataclass(frozen=True)
-class LogitsDivergenceConfig:
-    """A divergence on given logits: the full JSD (k None) or the Top-K JSD (k < V)."""
-
-    temperature: float
-    divergence: DivergenceSpec
+    backend: Backend | None
+    config: SweepConfig
+    rows: Rows
+    vocab: int  # the full vocabulary size V (a vocabulary-parallel rank holds a slice of it)
+    student: Head | None = None
+    teacher: Head | None = None
+    targets: torch.Tensor | None = None  # int64 [N]; masked rows hold 0 (a valid id)
+    k: int | None = None  # linear_topk's k
+    teacher_indices: torch.Tensor | None = None  # int64 [N, K] (linear_sparse_jsd)
+    teacher_logprobs: torch.Tensor | None = None
+    weights: torch.Tensor | None = None  # the loss functions' row weights
+    logits: torch.Tensor | None = None  # the logits-level functions'
+    teacher_logits: torch.Tensor | None = None
+    with_entropy: bool = False
 
 
 # ----------------------------------------------------------------------------- rows and dtypes
-
-
-def live_index(live: torch.Tensor) -> torch.Tensor | None:
-    """None when every row is live (no copy needed), else the int64 indices of the live rows."""
-    if bool(live.all()):
-        return None
-    return live.nonzero().squeeze(-1)
-
-
-def take(x, index):
-    return x if (x is None or index is None) else x.index_select(0, index)
-
-
-def put(values, index, n):
-    """Scatter per-live-row values [n_live, ...] back to [n, ...] with zeros elsewhere (differentiable)."""
-    if index is None:
-        return values
-    out = values.new_zeros((n,) + tuple(values.shape[1:]))
-    return out.index_copy(0, index, values)
 
 
 def cast_grads(grads: HeadGrads, hidden, weight, bias):

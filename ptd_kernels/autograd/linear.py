@@ -1,39 +1,33 @@
 """The autograd Functions of the fused (output-layer) functions: they compose a backend's primitives
-(``backends.base.Backend``) and never look inside them."""
+(``backends.base.Backend``) and never look inside them. Each entry point takes a prepared ``Call``
+(``ptd_kernels._prepare``) and runs it on the rows that go in (``Rows``)."""
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 
 from .. import rowmath
 from .._dtypes import compute_dtype
+from .._host_reads import free_to_read
 from .._types import TopK
-from ..backends.base import (
-    Backend,
-    DivergenceSpec,
-    GradNeeds,
-    Head,
-    HeadGradCoefs,
-    JSDStats,
-    LogitSpec,
-    RowStats,
-    SparseTerms,
-)
-from .common import (
-    JSDConfig,
-    LossConfig,
-    PTDHeadConfig,
-    SparseJSDConfig,
-    cast_grads,
-    detached,
-    grad_needs,
-    live_index,
-    once_differentiable,
-    put,
-    take,
-)
+from ..backends.base import Backend, GradNeeds, Head, HeadGradCoefs, JSDStats, RowStats, SparseTerms
+from .common import Call, SweepConfig, cast_grads, detached, grad_needs, once_differentiable
 
-# ----------------------------------------------------------------------------- the PTD head
+# ----------------------------------------------------------------------------- the sweep
+
+
+class SweepResults(NamedTuple):
+    """Per-row results of ``sweep``, each [N]: the targets' log-probs and the entropy (0 unless the config
+    asks for them), the divergence, and the top-K overlap and teacher mass (0 unless asked for)."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    jsd: torch.Tensor
+    overlap: torch.Tensor
+    teacher_mass: torch.Tensor
 
 
 def _own_where_known(values, ids, top: RowStats | None, dtype):
@@ -75,29 +69,42 @@ def _support_logits(backend: Backend, student: Head, teacher: Head, student_top:
     return ids, torch.ones_like(ids, dtype=torch.bool), student_z, teacher_z
 
 
-class _PTDHead(torch.autograd.Function):
-    """log-prob, entropy and a divergence of live rows from one student sweep and one teacher sweep.
+def _at(values: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``values[rows]`` (None: every row)."""
+    return values if rows is None else values.index_select(0, rows)
 
-    Inputs are live rows only. ``jsd_rows`` (int64, into the live rows) selects the rows that
-    get a divergence; ``teacher_hidden`` holds exactly those rows. Outputs, all [n]: logp, entropy,
-    jsd (differentiable), overlap, teacher_mass (not differentiable).
+
+def _write(out: torch.Tensor, rows: torch.Tensor | None, values) -> None:
+    """``out[rows] = values`` (None: every row)."""
+    if rows is None:
+        out[:] = values
+    else:
+        out[rows] = values
+
+
+class _Sweep(torch.autograd.Function):
+    """log-prob, entropy and a divergence of the rows that go in, from one student sweep and one teacher sweep.
+
+    ``jsd_rows`` (int64 positions among the rows that go in; None: all of them) selects the rows that get
+    a divergence; ``teacher_hidden`` holds exactly those rows (None: no row gets one). Outputs, all [n]:
+    logp, entropy, jsd (differentiable), overlap, teacher_mass (not differentiable).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias, jsd_rows,
-                cfg: PTDHeadConfig, backend: Backend):
-        student = Head.of(hidden, weight, bias, cfg.student)
-        n, vocab = student.rows, backend.vocab_size(student)
-        want_logp = targets is not None
-        div = cfg.divergence
-        n_jsd = 0 if div is None else jsd_rows.numel()
-        full = div is not None and (div.k is None or div.k >= vocab)  # S is the whole vocabulary (SPEC §2)
+                config: SweepConfig, backend: Backend):
+        student = Head(hidden, weight, bias, config.student)
+        n = student.rows
+        div = config.divergence
+        want_logp = config.logprobs
+        n_jsd = 0 if div is None or teacher_hidden is None else teacher_hidden.shape[0]
+        full = div is not None and div.k is None  # S is the whole vocabulary (SPEC §2)
         k = 0 if div is None or full else div.k
         # float64 logsumexps: log-probs z − lse of each side's own logits are then exact whatever the
         # logits' magnitude, so Σ_S p ≤ 1 holds to rounding on near-one-hot rows (a rounded lse shifts
         # a whole row). Outputs and the backward's coefficients stay in the compute dtype.
         wide = torch.float64
-        stats = backend.row_stats(student, targets=targets, k=k if n_jsd and not full else 0,
+        stats = backend.row_stats(student, targets=targets if want_logp else None, k=k if n_jsd else 0,
                                   with_mean_logit=want_logp, lse_dtype=wide)
         dtype = student.dtype
         lse = stats.lse.to(dtype)
@@ -107,29 +114,29 @@ class _PTDHead(torch.autograd.Function):
         jsd, overlap, teacher_mass = zeros.clone(), zeros.clone(), zeros.clone()
         jsd_saved = []
         if n_jsd:
-            teacher = Head.of(teacher_hidden, teacher_weight, teacher_bias, cfg.teacher)
+            teacher = Head(teacher_hidden, teacher_weight, teacher_bias, config.teacher)
             student_j = student.take_rows(jsd_rows)
             if full:
                 jsd_stats = backend.jsd_forward(student_j, teacher, div.beta)
-                jsd[jsd_rows] = jsd_stats.value.to(dtype)
-                overlap[jsd_rows] = 1.0
-                teacher_mass[jsd_rows] = 1.0
+                _write(jsd, jsd_rows, jsd_stats.value.to(dtype))
+                _write(overlap, jsd_rows, 1.0)
+                _write(teacher_mass, jsd_rows, 1.0)
                 jsd_saved = [jsd_stats.value, jsd_stats.w_sum, jsd_stats.lse, jsd_stats.teacher_lse]
             else:
                 teacher_top = backend.row_stats(teacher, k=k, with_mean_logit=False, lse_dtype=wide)
-                student_top = stats.take_rows(jsd_rows)
+                student_top = stats if jsd_rows is None else stats.take_rows(jsd_rows)
                 ids, valid, student_z, teacher_z = _support_logits(backend, student_j, teacher, student_top,
                                                                    teacher_top, div.support, dtype)
                 student_logp = (student_z.to(wide) - student_top.lse[:, None]).to(dtype)
                 teacher_logq = (teacher_z.to(wide) - teacher_top.lse[:, None]).to(dtype)
                 terms = rowmath.topk_jsd_terms(student_logp, teacher_logq, valid, div.beta, div.tail)
-                jsd[jsd_rows] = terms.value
-                teacher_mass[jsd_rows] = terms.teacher_mass
-                if cfg.want_overlap:
-                    overlap[jsd_rows] = rowmath.overlap_fraction(student_top.topk_indices, teacher_top.topk_indices,
-                                                                 dtype)
+                _write(jsd, jsd_rows, terms.value)
+                _write(teacher_mass, jsd_rows, terms.teacher_mass)
+                if config.overlap:
+                    _write(overlap, jsd_rows, rowmath.overlap_fraction(student_top.topk_indices,
+                                                                        teacher_top.topk_indices, dtype))
                 jsd_saved = [ids, terms.row_coef, terms.support_coef]
-        ctx.cfg, ctx.backend, ctx.full, ctx.n_jsd, ctx.want_logp = cfg, backend, full, n_jsd, want_logp
+        ctx.config, ctx.backend, ctx.full, ctx.n_jsd = config, backend, full, n_jsd
         ctx.save_for_backward(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias, jsd_rows,
                               lse, stats.mean_logit.to(dtype) if want_logp else None, *jsd_saved)
         ctx.mark_non_differentiable(overlap, teacher_mass)
@@ -140,12 +147,12 @@ class _PTDHead(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy, grad_jsd, _grad_overlap, _grad_mass):
         (hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias, jsd_rows, lse, mean_logit,
          *jsd_saved) = ctx.saved_tensors
-        cfg, backend = ctx.cfg, ctx.backend
-        student = Head.of(hidden, weight, bias, cfg.student)
+        config, backend = ctx.config, ctx.backend
+        student = Head(hidden, weight, bias, config.student)
         needs = grad_needs(ctx, bias)
         row_coef = torch.zeros_like(lse)
         logit_coef = logit_shift = target_coef = None
-        if ctx.want_logp:
+        if config.logprobs:
             if grad_logp is not None:
                 grad_logp = grad_logp.to(lse.dtype)
                 row_coef -= grad_logp
@@ -157,48 +164,67 @@ class _PTDHead(torch.autograd.Function):
         with_jsd = ctx.n_jsd and grad_jsd is not None
         if with_jsd and not ctx.full:
             ids, jsd_row_coef, support_coef = jsd_saved
-            grad_j = grad_jsd.to(lse.dtype)[jsd_rows]
-            row_coef.index_add_(0, jsd_rows, grad_j * jsd_row_coef)
-            sparse = (SparseTerms(jsd_rows, ids, grad_j[:, None] * support_coef),)
+            grad_j = _at(grad_jsd.to(lse.dtype), jsd_rows)
+            if jsd_rows is None:
+                row_coef += grad_j * jsd_row_coef
+                sparse = (SparseTerms.every_row(ids, grad_j[:, None] * support_coef),)
+            else:
+                row_coef.index_add_(0, jsd_rows, grad_j * jsd_row_coef)
+                sparse = (SparseTerms(jsd_rows, ids, grad_j[:, None] * support_coef, distinct_rows=True),)
         coefs = HeadGradCoefs(row_coef, logit_coef, logit_shift, targets if target_coef is not None else None,
                               target_coef, sparse)
         grads = backend.head_backward(student, lse, coefs, needs)
         if with_jsd and ctx.full:
-            teacher = Head.of(teacher_hidden, teacher_weight, teacher_bias, cfg.teacher)
-            part = backend.jsd_backward(student.take_rows(jsd_rows), teacher, cfg.divergence.beta,
-                                        JSDStats(*jsd_saved), grad_jsd.to(lse.dtype)[jsd_rows], needs)
+            teacher = Head(teacher_hidden, teacher_weight, teacher_bias, config.teacher)
+            part = backend.jsd_backward(student.take_rows(jsd_rows), teacher, config.divergence.beta,
+                                        JSDStats(*jsd_saved), _at(grad_jsd.to(lse.dtype), jsd_rows), needs)
             grads.add_(part, hidden_rows=jsd_rows)
         return (*cast_grads(grads, hidden, weight, bias), None, None, None, None, None, None, None)
 
 
-def ptd_head(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias, live, jsd_live,
-             cfg: PTDHeadConfig, backend: Backend):
-    """Strip masked rows, run ``_PTDHead``, scatter back. Returns (logp, entropy, jsd, overlap, teacher_mass)."""
-    n = hidden.shape[0]
-    index = live_index(live)
-    jsd_in_live = jsd_live if index is None else jsd_live[index]
-    jsd_rows = jsd_in_live.nonzero().squeeze(-1)
-    teacher_rows = jsd_rows if index is None else index[jsd_rows]
-    teacher_hidden_j = teacher_hidden.detach().index_select(0, teacher_rows) if teacher_rows.numel() else None
-    outs = _PTDHead.apply(take(hidden, index), weight, bias, take(targets, index), teacher_hidden_j,
-                          detached(teacher_weight), detached(teacher_bias), jsd_rows, cfg, backend)
-    return tuple(put(o, index, n) for o in outs)
+def _teacher_rows(call: Call) -> torch.Tensor | None:
+    """The rows of the call's teacher_hidden that get a divergence (None: every row that goes in)."""
+    rows = call.rows
+    if rows.index is None:
+        return rows.jsd_rows
+    return rows.index if rows.jsd_rows is None else rows.index.index_select(0, rows.jsd_rows)
+
+
+def sweep(call: Call) -> SweepResults:
+    """``_Sweep`` on the rows of a prepared call; results scattered back to all N rows."""
+    rows, student, teacher, config = call.rows, call.student, call.teacher, call.config
+    jsd_live = rows.jsd_live if rows.jsd_live is not None else rows.live
+    teacher_hidden = None
+    if config.divergence is not None:
+        teacher_rows = _teacher_rows(call)
+        if teacher_rows is None:  # every row goes in (rows without a divergence zeroed on the sync-free path)
+            teacher_hidden = rows.take(teacher.hidden.detach(), live=jsd_live)
+        elif teacher_rows.numel():
+            teacher_hidden = teacher.hidden.detach().index_select(0, teacher_rows)
+    outs = _Sweep.apply(rows.take(student.hidden), student.weight, student.bias, rows.take(call.targets),
+                        teacher_hidden, None if teacher is None else detached(teacher.weight),
+                        None if teacher is None else detached(teacher.bias), rows.jsd_rows, config, call.backend)
+    logp, entropy = (rows.put(o) for o in outs[:2])
+    jsd, overlap, teacher_mass = (rows.put(o, live=jsd_live) for o in outs[2:])
+    return SweepResults(logp, entropy, jsd, overlap, teacher_mass)
 
 
 @torch.no_grad()
-def topk(hidden, weight, bias, k: int, spec: LogitSpec, targets, live, backend: Backend) -> TopK:
-    """``linear_topk`` once validated: targets with ignored rows already replaced by a valid id."""
-    head = Head.of(hidden, weight, bias, spec)
+def topk(call: Call) -> TopK:
+    """``linear_topk``: the top-k of every row (and the targets' log-probs, 0 at masked rows)."""
+    head, backend, live = call.student, call.backend, call.rows.live
     wide = torch.float64
-    stats = backend.row_stats(head, targets=targets, k=k, with_mean_logit=False, lse_dtype=wide)
-    out_dtype = compute_dtype(hidden)
+    stats = backend.row_stats(head, targets=call.targets, k=call.k, with_mean_logit=False, lse_dtype=wide)
+    out_dtype = compute_dtype(head.hidden)
     top_logits = stats.topk_logits
     if out_dtype == torch.float64:  # kernels rank on float32 keys; recompute float64 logits at the ids
         top_logits = backend.gather_logits(head, stats.topk_indices, out_dtype)
     target_logprobs = None
-    if targets is not None:
-        target_logprobs = torch.where(live, (stats.target_logit.to(wide) - stats.lse).to(out_dtype),
-                                      torch.zeros((), dtype=out_dtype, device=hidden.device))
+    if call.targets is not None:
+        target_logprobs = (stats.target_logit.to(wide) - stats.lse).to(out_dtype)
+        if live is not None:
+            target_logprobs = torch.where(live, target_logprobs, torch.zeros((), dtype=out_dtype,
+                                                                                 device=live.device))
     logprobs = (top_logits.to(wide) - stats.lse[:, None]).to(out_dtype)
     return TopK(stats.topk_indices, logprobs, stats.lse.to(out_dtype), target_logprobs)
 
@@ -207,20 +233,21 @@ def topk(hidden, weight, bias, k: int, spec: LogitSpec, targets, live, backend: 
 
 
 class _SparseJSD(torch.autograd.Function):
-    """Top-K JSD against a teacher given as ids + log-probs (support = those ids), live rows only."""
+    """Top-K JSD against a teacher given as ids + log-probs (support = those ids), on the rows that go in."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_indices, teacher_logprobs, cfg: SparseJSDConfig, backend: Backend):
-        student = Head.of(hidden, weight, bias, cfg.student)
+    def forward(ctx, hidden, weight, bias, teacher_indices, teacher_logprobs, config: SweepConfig, backend: Backend):
+        student = Head(hidden, weight, bias, config.student)
         stats = backend.row_stats(student, with_mean_logit=False, lse_dtype=torch.float64)
         dtype = student.dtype
         lse = stats.lse.to(dtype)
         student_logp = (backend.gather_logits(student, teacher_indices, torch.float64) - stats.lse[:, None]).to(dtype)
         given = teacher_logprobs.to(dtype)
         valid = torch.ones_like(teacher_indices, dtype=torch.bool)
-        terms = rowmath.topk_jsd_terms(student_logp, given, valid, cfg.beta, cfg.tail,
+        div = config.divergence
+        terms = rowmath.topk_jsd_terms(student_logp, given, valid, div.beta, div.tail,
                                         teacher_log_mass=torch.logsumexp(given, dim=-1))
-        ctx.cfg, ctx.backend = cfg, backend
+        ctx.config, ctx.backend = config, backend
         ctx.save_for_backward(hidden, weight, bias, teacher_indices, lse, terms.row_coef, terms.support_coef)
         return terms.value
 
@@ -230,27 +257,39 @@ class _SparseJSD(torch.autograd.Function):
         hidden, weight, bias, ids, lse, row_coef, support_coef = ctx.saved_tensors
         grad = grad.to(lse.dtype)
         coefs = HeadGradCoefs(grad * row_coef, sparse=(SparseTerms.every_row(ids, grad[:, None] * support_coef),))
-        grads = ctx.backend.head_backward(Head.of(hidden, weight, bias, ctx.cfg.student), lse, coefs,
+        grads = ctx.backend.head_backward(Head(hidden, weight, bias, ctx.config.student), lse, coefs,
                                           grad_needs(ctx, bias))
         return (*cast_grads(grads, hidden, weight, bias), None, None, None, None)
 
 
-def sparse_jsd(hidden, weight, bias, teacher_indices, teacher_logprobs, live, cfg: SparseJSDConfig, backend: Backend):
-    index = live_index(live)
-    value = _SparseJSD.apply(take(hidden, index), weight, bias, take(teacher_indices.long(), index),
-                             take(teacher_logprobs.detach(), index), cfg, backend)
-    return put(value, index, hidden.shape[0])
+def sparse_jsd(call: Call) -> torch.Tensor:
+    """``_SparseJSD`` on the rows of a prepared call. On the sync-free path a masked row's teacher becomes
+    K distinct ids at probability e^{-1}/K each (finite terms, zeroed after)."""
+    rows = call.rows
+    ids, logprobs = call.teacher_indices, call.teacher_logprobs.detach()
+    if rows.index is None and rows.live is not None:
+        live, k = rows.live[:, None], ids.shape[1]
+        ids = torch.where(live, ids, torch.arange(k, device=ids.device))
+        logprobs = torch.where(live, logprobs, torch.full((), -1.0 - math.log(k), dtype=logprobs.dtype,
+                                                          device=logprobs.device))
+    elif rows.index is not None:
+        ids, logprobs = ids.index_select(0, rows.index), logprobs.index_select(0, rows.index)
+    student = call.student
+    value = _SparseJSD.apply(rows.take(student.hidden), student.weight, student.bias, ids, logprobs, call.config,
+                             call.backend)
+    return rows.put(value)
 
 
 class _LinearJSD(torch.autograd.Function):
-    """Full-vocabulary JSD_β per live row: two sweeps forward, one recomputing sweep backward."""
+    """Full-vocabulary JSD_β of the rows that go in: two sweeps forward, one recomputing sweep backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, cfg: JSDConfig,
+    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, config: SweepConfig,
                 backend: Backend):
-        stats = backend.jsd_forward(Head.of(hidden, weight, bias, cfg.student),
-                                    Head.of(teacher_hidden, teacher_weight, teacher_bias, cfg.teacher), cfg.beta)
-        ctx.cfg, ctx.backend = cfg, backend
+        beta = config.divergence.beta
+        stats = backend.jsd_forward(Head(hidden, weight, bias, config.student),
+                                    Head(teacher_hidden, teacher_weight, teacher_bias, config.teacher), beta)
+        ctx.config, ctx.backend = config, backend
         ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, stats.value,
                               stats.w_sum, stats.lse, stats.teacher_lse)
         return stats.value
@@ -259,20 +298,27 @@ class _LinearJSD(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, *stats = ctx.saved_tensors
-        cfg = ctx.cfg
+        config = ctx.config
         stats = JSDStats(*stats)
-        grads = ctx.backend.jsd_backward(Head.of(hidden, weight, bias, cfg.student),
-                                         Head.of(teacher_hidden, teacher_weight, teacher_bias, cfg.teacher),
-                                         cfg.beta, stats, grad.to(stats.lse.dtype), grad_needs(ctx, bias))
+        grads = ctx.backend.jsd_backward(Head(hidden, weight, bias, config.student),
+                                         Head(teacher_hidden, teacher_weight, teacher_bias, config.teacher),
+                                         config.divergence.beta, stats, grad.to(stats.lse.dtype),
+                                         grad_needs(ctx, bias))
         return (*cast_grads(grads, hidden, weight, bias), None, None, None, None, None)
 
 
-def full_jsd(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, live, cfg: JSDConfig,
-             backend: Backend):
-    index = live_index(live)
-    value = _LinearJSD.apply(take(hidden, index), weight, bias, take(teacher_hidden.detach(), index),
-                             teacher_weight.detach(), detached(teacher_bias), cfg, backend)
-    return put(value, index, hidden.shape[0])
+def full_jsd(call: Call) -> torch.Tensor:
+    """``_LinearJSD`` on the rows of a prepared call."""
+    rows, student, teacher = call.rows, call.student, call.teacher
+    value = _LinearJSD.apply(rows.take(student.hidden), student.weight, student.bias,
+                             rows.take(teacher.hidden.detach()), teacher.weight.detach(), detached(teacher.bias),
+                             call.config, call.backend)
+    return rows.put(value)
+
+
+def divergence(call: Call) -> torch.Tensor:
+    """The per-row divergence of a two-layer call: the full JSD, or the Top-K JSD from the sweep."""
+    return full_jsd(call) if call.config.divergence.k is None else sweep(call).jsd
 
 
 # ----------------------------------------------------------------------------- loss level
@@ -290,16 +336,16 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, row_weights,
-                cfg: LossConfig, backend: Backend):
+                config: SweepConfig, record_grad: bool, backend: Backend):
         # (forward runs under no_grad: whether the caller wants gradients was read before apply)
-        needs = GradNeeds(cfg.grad and hidden.requires_grad, cfg.grad and weight.requires_grad,
-                          cfg.grad and bias is not None and bias.requires_grad)
-        value, grads = backend.fused_loss(Head.of(hidden, weight, bias, cfg.student),
-                                          Head.of(teacher_hidden, teacher_weight, teacher_bias, cfg.teacher),
-                                          cfg.divergence, row_weights.detach(), needs)
+        needs = GradNeeds(record_grad and hidden.requires_grad, record_grad and weight.requires_grad,
+                          record_grad and bias is not None and bias.requires_grad)
+        value, grads = backend.fused_loss(Head(hidden, weight, bias, config.student),
+                                          Head(teacher_hidden, teacher_weight, teacher_bias, config.teacher),
+                                          config.divergence, row_weights.detach(), needs)
         # kept in the compute dtype: the incoming gradient scales them before their one cast
         ctx.grads, ctx.dtypes = grads, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.save_for_backward(value if cfg.grad and row_weights.requires_grad else None)
+        ctx.save_for_backward(value if record_grad and row_weights.requires_grad else None)
         return (value * row_weights.to(value.dtype)).sum()
 
     @staticmethod
@@ -311,29 +357,35 @@ class _FusedLoss(torch.autograd.Function):
                 "linear_jsd_loss / linear_topk_jsd_loss formed their gradients in the forward sweep and handed "
                 "them over on the first backward; a second backward through the same graph (retain_graph=True) "
                 "is not supported: call the loss again")
-        scale = None if bool(grad == 1) else grad
+        # On a CPU, skip the V×H multiply when the incoming gradient is 1; on a device that check would wait
+        # for the queue, so the gradients are scaled whatever it is.
+        scale = None if free_to_read(grad) and bool(grad == 1) else grad
         grads = [None if g is None else (g if scale is None else g.mul_(scale.to(g.dtype))).to(dtype)
                  for g, dtype in zip(grads, ctx.dtypes)]
         (value,) = ctx.saved_tensors
         grad_row_weights = None if value is None else grad * value
-        return (*grads, None, None, None, grad_row_weights, None, None)
+        return (*grads, None, None, None, grad_row_weights, None, None, None)
 
 
-def weighted_loss(per_row_fn, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, weights, live,
-                  divergence: DivergenceSpec, student: LogitSpec, teacher: LogitSpec, backend: Backend):
-    """Σ_n weights_n·D_n: the backend's one-sweep loss where it pays, else the per-row function.
-    ``weights`` may require grad (∂/∂weights_n = D_n); masked rows weigh 0."""
-    dtype = compute_dtype(hidden)
-    if weights is None:
-        weights = live.to(dtype) / max(int(live.sum()), 1)
+def weighted_loss(call: Call) -> torch.Tensor:
+    """Σ_n weights_n·D_n of a prepared loss call: the backend's one-sweep loss where it pays, else the
+    per-row function. ``weights`` may require grad (∂/∂weights_n = D_n); masked rows weigh 0."""
+    rows, student, teacher = call.rows, call.student, call.teacher
+    dtype = compute_dtype(student.hidden)
+    device = student.hidden.device
+    if call.weights is None:  # the mean over live rows, counted on the device
+        if rows.live is None:
+            weights = torch.full((rows.count,), 1.0 / max(rows.count, 1), dtype=dtype, device=device)
+        else:
+            live = rows.live.to(dtype)
+            weights = live / live.sum().clamp_min(1.0)
     else:
-        weights = torch.where(live, weights.to(dtype), torch.zeros((), dtype=dtype, device=hidden.device))
-    if not backend.fused_loss_pays(Head.of(hidden, weight, bias, student)):
+        weights = call.weights.to(dtype)
+        if rows.live is not None:
+            weights = torch.where(rows.live, weights, torch.zeros((), dtype=dtype, device=device))
+    if not call.backend.fused_loss_pays(student):
         # per-row function, then the weighted sum (backward recomputes, in efficient vocabulary blocks)
-        return (per_row_fn() * weights).sum()
-    index = live_index(live)
-    if divergence.k is not None and divergence.k >= backend.vocab_size(Head.of(hidden, weight, bias, student)):
-        divergence = DivergenceSpec(divergence.beta)  # K ≥ V: the full JSD (SPEC §2)
-    cfg = LossConfig(student, teacher, divergence, torch.is_grad_enabled())
-    return _FusedLoss.apply(take(hidden, index), weight, bias, take(teacher_hidden.detach(), index),
-                            teacher_weight.detach(), detached(teacher_bias), take(weights, index), cfg, backend)
+        return (divergence(call) * weights).sum()
+    return _FusedLoss.apply(rows.take(student.hidden), student.weight, student.bias,
+                            rows.take(teacher.hidden.detach()), teacher.weight.detach(), detached(teacher.bias),
+                            rows.take(weights), call.config, torch.is_grad_enabled(), call.backend)

@@ -47,18 +47,29 @@ class LogitSpec:
 
 @dataclass(frozen=True)
 class Head:
-    """One side's output layer on the rows of a call: z = cap_c(s · (hidden @ weightᵀ + bias)) / τ."""
+    """One side's output layer on the rows of a call and how its logits are formed from it:
+    z = cap_c(s · (hidden @ weightᵀ + bias)) / τ (``spec``; a number alone is taken as τ)."""
 
     hidden: torch.Tensor  # [n, H]
     weight: torch.Tensor  # [V, H]
     bias: torch.Tensor | None  # [V] or None
-    temperature: float = 1.0
-    logit_scale: float = 1.0
-    softcap: float | None = None
+    spec: LogitSpec = LogitSpec()
 
-    @classmethod
-    def of(cls, hidden, weight, bias, spec: LogitSpec) -> Head:
-        return cls(hidden, weight, bias, spec.temperature, spec.logit_scale, spec.softcap)
+    def __post_init__(self):
+        if not isinstance(self.spec, LogitSpec):
+            object.__setattr__(self, "spec", LogitSpec(float(self.spec)))
+
+    @property
+    def temperature(self) -> float:
+        return self.spec.temperature
+
+    @property
+    def logit_scale(self) -> float:
+        return self.spec.logit_scale
+
+    @property
+    def softcap(self) -> float | None:
+        return self.spec.softcap
 
     def transform_scalars(self) -> tuple[float, float, float]:
         """(s/τ, s/c, c/τ): z = a·s/τ without a cap, z = tanh(a·s/c)·c/τ with one (a = hidden·weight + bias).
@@ -74,6 +85,7 @@ class Head:
 
     @property
     def vocab(self) -> int:
+        """The vocabulary rows this head holds (a vocabulary-parallel rank's slice)."""
         return self.weight.shape[0]
 
     @property
@@ -81,9 +93,9 @@ class Head:
         """The compute dtype of this side's statistics."""
         return compute_dtype(self.hidden, self.weight)
 
-    def take_rows(self, index: torch.Tensor) -> Head:
-        """The same output layer on ``hidden[index]``."""
-        return replace(self, hidden=self.hidden.index_select(0, index))
+    def take_rows(self, index: torch.Tensor | None) -> Head:
+        """The same output layer on ``hidden[index]`` (None: every row)."""
+        return self if index is None else replace(self, hidden=self.hidden.index_select(0, index))
 
     def shares_layer_with(self, other: Head) -> bool:
         """Whether ``other`` uses this output layer (same weight and bias data; ``detach()`` and
@@ -94,8 +106,6 @@ class Head:
 def same_data(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     """Whether two tensors (or two Nones) are views of the same data, laid out alike."""
     if a is None or b is None:
-        return a is b
-    if type(a) is not torch.Tensor or type(b) is not torch.Tensor:  # e.g. DTensors: compared as objects
         return a is b
     return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
             and a.dtype == b.dtype and a.device == b.device)
@@ -132,6 +142,7 @@ class SparseTerms:
     row_index: torch.Tensor  # int64 [m], rows of the call
     ids: torch.Tensor  # integer [m, M]
     coef: torch.Tensor  # float [m, M]
+    distinct_rows: bool = False  # row_index names each row at most once (its layout then needs no host read)
 
     def __post_init__(self):
         for name, t in (("row_index", self.row_index), ("ids", self.ids), ("coef", self.coef)):
@@ -151,7 +162,7 @@ class SparseTerms:
     @classmethod
     def every_row(cls, ids: torch.Tensor, coef: torch.Tensor) -> SparseTerms:
         """Terms for rows 0..n−1 of ids/coef [n, M]."""
-        return cls(torch.arange(ids.shape[0], device=ids.device), ids, coef)
+        return cls(torch.arange(ids.shape[0], device=ids.device), ids, coef, distinct_rows=True)
 
 
 @dataclass(frozen=True)
@@ -261,10 +272,6 @@ class Backend(abc.ABC):
         """lse, Σ p·z (``with_mean_logit``), the logit at ``targets`` (int64 ids in [0, V)) and the
         top-``k`` ids/logits (0 ≤ k ≤ V) of every row, from one sweep. ``lse_dtype`` (default: the
         compute dtype): float64 keeps lse unrounded, so that z − lse of the sweep's own logits is exact."""
-
-    def vocab_size(self, head: Head) -> int:
-        """The vocabulary size V of the head's logits (a vocabulary-parallel head holds a slice of it)."""
-        return head.vocab
 
     def gather_logits(self, head: Head, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """z at ``ids`` [n, M] (ids in [0, V)), in ``dtype``: O(n·M·H) work, no sweep."""

@@ -22,7 +22,13 @@ def pad_sparse(n: int, vocab: int, sparse: tuple[SparseTerms, ...], dtype: torch
     holding id ``vocab`` (it matches no column) and coefficient 0; or None when no term is left.
     Terms with coefficient 0 are dropped (they add nothing); a NaN coefficient is kept. A repeated
     (row, id) keeps both terms.
+
+    When every triple names each of its rows once (``distinct_rows``, as the library's own terms do),
+    the layout is built without reading the device: M is the sum of the triples' widths, and terms
+    with coefficient 0 keep their slots (they add 0). Otherwise the merge reads row counts (host syncs).
     """
+    if all(terms.distinct_rows for terms in sparse):
+        return _pad_distinct_rows(n, vocab, sparse, dtype)
     rows, ids, coefs = [], [], []
     for terms in sparse:
         if terms.ids.numel() == 0:
@@ -49,4 +55,26 @@ def pad_sparse(n: int, vocab: int, sparse: tuple[SparseTerms, ...], dtype: torch
     out_coef = torch.zeros((n, width), dtype=dtype, device=rows.device)
     out_ids[rows, slot] = ids
     out_coef[rows, slot] = coefs
+    return out_ids, out_coef
+
+
+def _pad_distinct_rows(n: int, vocab: int, sparse: tuple[SparseTerms, ...], dtype: torch.dtype):
+    """``pad_sparse`` for triples that name each row at most once: each triple gets its own columns,
+    then one sort per row orders the ids (padding id ``vocab`` sorts after every id of the vocabulary)."""
+    sparse = [terms for terms in sparse if terms.ids.numel()]
+    if not sparse:
+        return None
+    width = sum(terms.ids.shape[1] for terms in sparse)
+    device = sparse[0].ids.device
+    out_ids = torch.full((n, width), vocab, dtype=torch.int64, device=device)
+    out_coef = torch.zeros((n, width), dtype=dtype, device=device)
+    start = 0
+    for terms in sparse:
+        columns = slice(start, start + terms.ids.shape[1])
+        out_ids[:, columns].index_copy_(0, terms.row_index.to(torch.int64), terms.ids.to(torch.int64))
+        out_coef[:, columns].index_copy_(0, terms.row_index.to(torch.int64), terms.coef.to(dtype))
+        start = columns.stop
+    if width > 1:
+        out_ids, order = out_ids.sort(dim=-1)
+        out_coef = out_coef.gather(1, order)
     return out_ids, out_coef

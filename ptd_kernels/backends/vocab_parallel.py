@@ -16,8 +16,9 @@ and every rank holds it:
 - the full JSD: local sums of its atoms with the global logsumexps, one SUM all-reduce.
 
 Communication per row: O(1) floats for everything but the top-K parts, O(K·world) for those;
-never O(V). There is no one-sweep loss here (its blocks are full vocabulary rows): the loss
-functions take the per-row path.
+never O(V). There is no one-sweep loss here (its blocks are full vocabulary rows): the loss functions
+take the per-row path. The set-up — DTensor layers, the process group, and the one exchange in which
+the ranks check that they agree — is ``vocab_parallel_setup``'s.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .base import Backend, GradNeeds, Head, HeadGradCoefs, HeadGrads, JSDStats, RowStats, SparseTerms
+from .. import rowmath
+from .base import Backend, GradNeeds, HeadGradCoefs, HeadGrads, JSDStats, RowStats, SparseTerms
 
 
 class VocabParallelBackend(Backend):
@@ -37,10 +39,8 @@ class VocabParallelBackend(Backend):
         self.sizes = tuple(int(s) for s in sizes)
         self.offset = sum(self.sizes[: self.rank])
         self.local = self.sizes[self.rank]
+        self.vocab = sum(self.sizes)
         self.name = f"vocab-parallel {inner.name}"
-
-    def vocab_size(self, head: Head) -> int:
-        return sum(self.sizes)
 
     # ------------------------------------------------------------------------- helpers
 
@@ -60,11 +60,7 @@ class VocabParallelBackend(Backend):
         gathered_ids = [torch.empty_like(ids) for _ in range(world)]
         dist.all_gather(gathered_values, values.contiguous(), group=self.group)
         dist.all_gather(gathered_ids, ids.contiguous(), group=self.group)
-        values, ids = torch.cat(gathered_values, dim=1), torch.cat(gathered_ids, dim=1)
-        by_id = ids.argsort(dim=-1, stable=True)
-        values, ids = values.gather(1, by_id), ids.gather(1, by_id)
-        by_value = values.argsort(dim=-1, descending=True, stable=True)[:, :k]
-        return values.gather(1, by_value), ids.gather(1, by_value)
+        return rowmath.merge_topk(torch.cat(gathered_values, dim=1), torch.cat(gathered_ids, dim=1), k)
 
     # ------------------------------------------------------------------------- primitives
 
@@ -96,7 +92,7 @@ class VocabParallelBackend(Backend):
         if k:
             n = head.rows
             values = torch.full((n, k), -torch.inf, dtype=stats.topk_logits.dtype, device=local_lse.device)
-            ids = torch.full((n, k), self.vocab_size(head), dtype=torch.int64, device=local_lse.device)
+            ids = torch.full((n, k), self.vocab, dtype=torch.int64, device=local_lse.device)
             values[:, :local_k], ids[:, :local_k] = stats.topk_logits, stats.topk_indices + self.offset
             top_logits, top_ids = self._merge_topk(values, ids, k)
         return RowStats(lse, mean_logit, target_logit, top_ids, top_logits)
@@ -109,7 +105,7 @@ class VocabParallelBackend(Backend):
     def head_backward(self, head, lse, coefs: HeadGradCoefs, needs: GradNeeds) -> HeadGrads:
         # Global ids become local ones; ids another rank owns fall outside [0, V_r) and match no column.
         targets = None if coefs.targets is None else coefs.targets - self.offset
-        sparse = tuple(SparseTerms(t.row_index, t.ids - self.offset, t.coef) for t in coefs.sparse)
+        sparse = tuple(SparseTerms(t.row_index, t.ids - self.offset, t.coef, t.distinct_rows) for t in coefs.sparse)
         local = HeadGradCoefs(coefs.row_coef, coefs.logit_coef, coefs.logit_shift, targets, coefs.target_coef, sparse)
         grads = self.inner.head_backward(head, lse, local, needs)
         if grads.hidden is not None:

@@ -29,6 +29,7 @@ from packaging.version import Version
 from transformers.utils import ModelOutput
 
 import ptd_kernels as ptd
+from ptd_kernels.backends.vocab_parallel_setup import is_dtensor
 
 __all__ = [
     "OutputLayer",
@@ -137,19 +138,11 @@ def output_layer(model) -> OutputLayer:
     """
     head = _head_module(model)
     weight, bias = head.weight, getattr(head, "bias", None)
-    if _is_dtensor(weight):
+    if is_dtensor(weight):
         weight = weight.full_tensor()
         bias = bias.full_tensor() if bias is not None else None
     scale, softcap, source = logit_transform(model.config)
     return OutputLayer(weight, bias, scale, softcap, source)
-
-
-def _is_dtensor(x) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(x, DTensor)
 
 
 def _head_module(model):

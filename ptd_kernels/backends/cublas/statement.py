@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..base import ALL_GRADS, DivergenceSpec, Head, HeadGradCoefs, JSDStats, SparseTerms
+from ..base import ALL_GRADS, DivergenceSpec, Head, HeadGradCoefs, JSDStats, LogitSpec, SparseTerms
 from . import CublasBackend, _work
 
 # Published peaks (dense bf16 tensor-core FLOP/s, HBM bytes/s) and the stated efficiencies of the model.
@@ -80,7 +80,7 @@ class OpWork:
 
 def _head(n, h, v, dtype, softcap=None):
     meta = dict(device="meta", dtype=dtype)
-    return Head(torch.empty(n, h, **meta), torch.empty(v, h, **meta), None, 1.0, 1.0, softcap)
+    return Head(torch.empty(n, h, **meta), torch.empty(v, h, **meta), None, LogitSpec(1.0, 1.0, softcap))
 
 
 def _ops(n: int, h: int, v: int, k: int, dtype: torch.dtype):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import config
 from ..base import GradNeeds, Head, HeadGradCoefs, HeadGrads, SparseTerms
 from ..sparse_layout import pad_sparse
 from ._blocks import block_length, itemsize, logits_into, prepare, scale_grads_, shift, sub_blocks, to_logits_, view
@@ -19,12 +20,18 @@ from ._blocks import block_length, itemsize, logits_into, prepare, scale_grads_,
 def _add_sparse(dz, rows: slice, cols: slice, merged):
     """Add the sparse terms (``pad_sparse``'s layout) of rows × cols into dz, the ∂L/∂z of those rows
     and columns, before the cap's derivative and the GEMMs (so that dense and sparse parts of a logit
-    cancel before they multiply hidden)."""
-    ids, coef = merged[0][rows], merged[1][rows]
-    inside = (ids >= cols.start) & (ids < cols.stop) & (coef != 0)
-    if bool(inside.any()):
-        block_rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)[inside]
-        dz.index_put_((block_rows, ids[inside] - cols.start), coef[inside].to(dz.dtype), accumulate=True)
+    cancel before they multiply hidden). A term outside the columns adds 0 at column 0: no host read.
+    Rows go in cache-sized runs, so that the temporaries stay small beside the logits block."""
+    ids, coef = merged
+    width = cols.stop - cols.start
+    step = max(1, config.SUB_BLOCK_BYTES // max(1, ids.shape[1] * ids.element_size()))
+    zero = torch.zeros((), dtype=dz.dtype, device=dz.device)
+    for r0 in range(rows.start, rows.stop, step):
+        run = slice(r0, min(rows.stop, r0 + step))
+        local = ids[run] - cols.start
+        inside = (local >= 0) & (local < width)
+        dz[run.start - rows.start: run.stop - rows.start].scatter_add_(
+            1, local.masked_fill_(~inside, 0), torch.where(inside, coef[run].to(dz.dtype), zero))
 
 
 def dense_backward(head: Head, dz_rows, needs: GradNeeds, sparse: tuple[SparseTerms, ...] = (),

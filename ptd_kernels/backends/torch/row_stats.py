@@ -20,14 +20,6 @@ from ..base import Head, RowStats
 from ._blocks import block_length, itemsize, logits_into, prepare, sub_blocks, to_logits_, view
 
 
-def _merge_topk(values, ids, k):
-    """Top-k of [n, m] candidates with ties to the smaller id (exact in any dtype: two stable sorts)."""
-    by_id = ids.argsort(dim=-1, stable=True)
-    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
-    by_value = values.argsort(dim=-1, descending=True, stable=True)[:, :k]
-    return values.gather(1, by_value), ids.gather(1, by_value)
-
-
 @torch.no_grad()
 def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, with_mean_logit: bool = True,
               lse_dtype: torch.dtype | None = None) -> RowStats:
@@ -75,7 +67,7 @@ def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, wi
                 if run_ids is not None:
                     block_values = torch.cat([run_values, block_values], dim=-1)
                     block_ids = torch.cat([run_ids, block_ids], dim=-1)
-                run_values, run_ids = _merge_topk(block_values, block_ids, k)
+                run_values, run_ids = rowmath.merge_topk(block_values, block_ids, k)
             for sub in sub_blocks(z.shape[0], c1 - c0, size):
                 z_sub, m_sub, e_sub = z[sub], m[sub], e_sum[sub]
                 m_new = torch.maximum(m_sub, z_sub.amax(-1, keepdim=True))
