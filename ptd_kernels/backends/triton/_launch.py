@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import os
+from dataclasses import dataclass
 
 import torch
+import triton
 
 from ..._dtypes import compute_dtype
 
@@ -15,6 +16,27 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 def interpreting() -> bool:
     """True when Triton runs under its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def device_properties() -> dict:
+    """The current GPU's properties as Triton's active driver reports them (CUDA's names:
+    ``multiprocessor_count``, ``max_shared_mem``, ``max_num_regs``, ...).
+
+    The one place where a launcher learns about the device: a stand-in driver
+    (``launch_plan.recording``) answers here for a GPU this machine does not have.
+    """
+    from triton.runtime import driver
+
+    active = driver.active
+    return active.utils.get_device_properties(active.get_current_device())
+
+
+def multiprocessor_count() -> int:
+    """SMs of the current GPU; under the interpreter, 2 (a CPU runs programs one after another,
+    and 2 keeps the code that splits work across programs exercised)."""
+    if interpreting():
+        return 2
+    return device_properties()["multiprocessor_count"]
 
 
 def dot_upcast(dtype: torch.dtype) -> bool:
@@ -58,17 +80,23 @@ def tl_dtype(dtype: torch.dtype):
 
 
 # Tiles of the (rows × vocabulary) programs, sized for an H100 (BLOCK_N × BLOCK_V fp32 logits in
-# registers, 64-wide H steps); float64 has no tensor cores and twice the register footprint.
+# registers, BLOCK_H-wide steps along H) and read back from the launch plan (``launch_plan``): no
+# register spills, shared memory within 227 KiB, wgmma for 16-bit dots. float64 has no tensor cores
+# and twice the register footprint.
 BLOCK_N, BLOCK_V, BLOCK_H, NUM_WARPS = 64, 128, 64, 8
 FP64_TILES = (32, 64, 32, 4)
-GROUP_N = 8  # row tiles that share one sweep of weight tiles (L2 reuse)
 
 
 def default_tiles(dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps) for ``dtype``."""
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps) of the forward sweeps for ``dtype``."""
     if dtype == torch.float64:
         return FP64_TILES
     return BLOCK_N, BLOCK_V, BLOCK_H, NUM_WARPS
+
+
+def check_tile(name: str, size: int) -> None:
+    if size < 16 or size & (size - 1):
+        raise ValueError(f"{name} must be a power of 2 and at least 16, got {size}")
 
 
 def resolve_tiles(dtype, block_n, block_v, block_h):
@@ -76,31 +104,159 @@ def resolve_tiles(dtype, block_n, block_v, block_h):
     bn, bv, bh, warps = default_tiles(dtype)
     tiles = (block_n or bn, block_v or bv, block_h or bh)
     for name, size in zip(("block_n", "block_v", "block_h"), tiles):
-        if size < 16 or size & (size - 1):
-            raise ValueError(f"{name} must be a power of 2 and at least 16, got {size}")
+        check_tile(name, size)
     return (*tiles, warps)
 
 
+@dataclass(frozen=True)
+class BackwardTiles:
+    """Tiles of the backward sweeps (``head_backward``, ``jsd_backward``).
+
+    block_n × block_v: the logits tile (block_h: its step along H); chunk: the swept entries a
+    program buffers before it adds buffer @ operand into its gradient rows, in steps of block_c
+    entries and block_k gradient columns.
+    """
+
+    block_n: int
+    block_v: int
+    block_h: int
+    chunk: int
+    block_c: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict:
+        return dict(BLOCK_N=self.block_n, BLOCK_V=self.block_v, BLOCK_H=self.block_h, CHUNK=self.chunk,
+                    BLOCK_C=self.block_c, BLOCK_K=self.block_k)
+
+
+def backward_tiles(dtype, block_n=None, block_v=None, block_h=None, chunk=None) -> BackwardTiles:
+    """The backward sweeps' tiles for ``dtype`` operands, with the caller's overrides.
+
+    The chunk buffer of one program is max(block_n, block_v) × chunk entries in the operands' dtype;
+    1024 entries keep it at 128-256 KiB (in L2 for one program per SM) while the gradient rows a
+    program owns are read and written once per 1024 swept entries instead of once per tile. Under
+    the interpreter the chunk is two tiles, so that tests cross chunk boundaries at small shapes.
+    """
+    if dtype == torch.float64:
+        bn, bv, bh, warps, stages = 32, 64, 32, 4, 2
+        block_c, block_k = 32, 64
+    elif dtype == torch.float32:
+        bn, bv, bh, warps, stages = 64, 128, 32, 8, 3
+        block_c, block_k = 32, 128
+    else:
+        bn, bv, bh, warps, stages = 64, 128, 64, 8, 3
+        block_c, block_k = 64, 128
+    bn, bv, bh = block_n or bn, block_v or bv, block_h or bh
+    for name, size in (("block_n", bn), ("block_v", bv), ("block_h", bh)):
+        check_tile(name, size)
+    sweep_tile = max(bn, bv)
+    chunk = chunk or (2 * sweep_tile if interpreting() else max(1024, sweep_tile))
+    check_tile("chunk", chunk)
+    if chunk % bn or chunk % bv:
+        raise ValueError(f"chunk ({chunk}) must be a multiple of block_n ({bn}) and block_v ({bv})")
+    return BackwardTiles(bn, bv, bh, chunk, min(block_c, chunk), block_k, warps, stages)
+
+
+MAX_SEGMENTS = 8  # partial gradients a sweep may sum (memory: segments × owned rows × H)
+
+
+def segments_to_fill(blocks: int, tiles: int, max_segments: int | None = None) -> int:
+    """Segments of the swept axis per owned block, so that blocks × segments programs (one per SM at
+    a time: the tiles take most of an SM's registers) fill the GPU's waves: the fewest segments whose
+    waves are at least 90 % busy, else the best filled. At most ``tiles`` (no empty segment)."""
+    sms = multiprocessor_count()
+    cap = max(1, min(tiles, max_segments or tiles))
+    best, best_fill = 1, 0.0
+    for segments in range(1, cap + 1):
+        programs = blocks * segments
+        fill = programs / (triton.cdiv(programs, sms) * sms)
+        if fill >= 0.9:
+            return segments
+        if fill > best_fill + 1e-9:
+            best, best_fill = segments, fill
+    return best
+
+
+@dataclass
+class GradSweep:
+    """One launch of a backward kernel: what its programs own, its grid and its buffers.
+
+    own_rows: programs own rows of grad_hidden (else rows of grad_weight and grad_bias). grid:
+    (programs, segments): about one program per SM, each looping over the owned blocks
+    pid, pid + programs, ...; segments split the swept axis when the owned blocks cannot fill the
+    GPU, each writing its own partial gradient. out/out_bias: [segments, owned, H] / [segments, V].
+    """
+
+    own_rows: bool
+    grid: tuple[int, int]
+    tiles_per_segment: int
+    out: torch.Tensor
+    out_bias: torch.Tensor
+    scratch: torch.Tensor
+    need_out: bool
+    need_bias: bool
+
+    def collect(self, grads) -> None:
+        """Sum the segments' partial gradients into ``grads`` (HeadGrads)."""
+        out = self.out[0] if self.out.shape[0] == 1 else self.out.sum(0)
+        if self.own_rows:
+            grads.hidden = out
+            return
+        if self.need_out:
+            grads.weight = out
+        if self.need_bias:
+            grads.bias = self.out_bias[0] if self.out_bias.shape[0] == 1 else self.out_bias.sum(0)
+
+
+def grad_sweeps(tiles: BackwardTiles, n: int, v: int, h: int, needs, acc_dtype, operand_dtype, device):
+    """The launches that form the gradients in ``needs``: rows-owned for grad_hidden, then
+    vocabulary-owned for grad_weight and grad_bias (each only if needed)."""
+    programs_wanted = multiprocessor_count()
+    sweeps = []
+    for own_rows in (True, False):
+        need_out = needs.hidden if own_rows else needs.weight
+        need_bias = not own_rows and needs.bias
+        if not (need_out or need_bias):
+            continue
+        own_len, sweep_len = (n, v) if own_rows else (v, n)
+        block_own, block_sweep = (tiles.block_n, tiles.block_v) if own_rows else (tiles.block_v, tiles.block_n)
+        owned_blocks = triton.cdiv(own_len, block_own)
+        sweep_tiles = triton.cdiv(sweep_len, block_sweep)
+        programs = min(owned_blocks, programs_wanted)
+        segments = segments_to_fill(owned_blocks, sweep_tiles, MAX_SEGMENTS) if owned_blocks < programs_wanted else 1
+        tiles_per_segment = triton.cdiv(sweep_tiles, segments)
+        segments = triton.cdiv(sweep_tiles, tiles_per_segment)  # no empty segment
+        # Accumulated by read-modify-write from zero (a program owns its rows: no atomics).
+        out = torch.zeros((segments, own_len, h) if need_out else (1, 1, 1), dtype=acc_dtype, device=device)
+        out_bias = torch.zeros((segments, v) if need_bias else (1,), dtype=acc_dtype, device=device)
+        scratch = torch.empty((segments * programs, block_own, tiles.chunk) if need_out else (1,),
+                              dtype=operand_dtype, device=device)
+        sweeps.append(GradSweep(own_rows, (programs, segments), tiles_per_segment, out, out_bias, scratch,
+                                need_out, need_bias))
+    return sweeps
+
+
 def check_operand(name: str, tensor, ndim: int) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(tensor.shape)}")
     if tensor.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}")
 
 
-def check_row_vector(name: str, tensor, n: int, device: torch.device) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+def check_row_vector(name: str, tensor, n: int) -> None:
     if tuple(tensor.shape) != (n,):
         raise ValueError(f"{name} must have shape ({n},), got {tuple(tensor.shape)}")
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device}, expected {device}")
 
 
 def check_head(head, prefix: str = "") -> tuple[int, int, int]:
-    """Validates one output layer for the kernels; returns (N, V, H)."""
+    """The shapes and dtypes the kernels read one output layer with; returns (N, V, H).
+
+    Values, devices and the logit transform are the public layer's checks (``_validate``), made
+    once per call; this checks what a direct caller of a launcher could get wrong in a way the
+    kernel would not report itself.
+    """
     hidden, weight, bias = head.hidden, head.weight, head.bias
     check_operand(prefix + "hidden", hidden, 2)
     check_operand(prefix + "weight", weight, 2)
@@ -108,23 +264,13 @@ def check_head(head, prefix: str = "") -> tuple[int, int, int]:
         raise TypeError(f"{prefix}hidden ({hidden.dtype}) and {prefix}weight ({weight.dtype}) must share a dtype")
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"{prefix}hidden has H={hidden.shape[1]} but {prefix}weight has H={weight.shape[1]}")
-    if weight.device != hidden.device:
-        raise ValueError(f"{prefix}weight is on {weight.device}, {prefix}hidden on {hidden.device}")
-    if bias is not None:
-        check_operand(prefix + "bias", bias, 1)
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"{prefix}bias ({bias.dtype}) and {prefix}weight ({weight.dtype}) must share a dtype")
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{prefix}bias has {bias.shape[0]} entries, {prefix}weight has V={weight.shape[0]}")
-        if bias.device != hidden.device:
-            raise ValueError(f"{prefix}bias is on {bias.device}, {prefix}hidden on {hidden.device}")
-    if not (head.temperature > 0 and math.isfinite(head.temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {head.temperature}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{prefix}bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     return hidden.shape[0], weight.shape[0], hidden.shape[1]
 
 
 def gradient_buffers(head, needs, acc_dtype):
-    """Zeroed compute-dtype accumulators (hidden, weight, bias) for the gradients in ``needs``."""
+    """Zeroed compute-dtype gradients (hidden, weight, bias) for the gradients in ``needs``."""
     from ..base import HeadGrads
 
     n, v, h = head.rows, head.vocab, head.hidden.shape[1]

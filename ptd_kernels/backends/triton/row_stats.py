@@ -203,16 +203,6 @@ def _default_tiles(k_pad: int) -> tuple[int, int, int, int]:
     return 32, 256, 32, 8
 
 
-def _num_segments(device: torch.device, row_blocks: int, num_tiles: int) -> int:
-    if device.type == "cuda":
-        # Aim at two programs per SM: few rows (decoding, small batches) split the vocabulary.
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-        want = triton.cdiv(target, row_blocks)
-    else:
-        want = 2  # interpreter: keep the segment merge exercised at little cost
-    return max(1, min(want, num_tiles))
-
-
 def row_stats(
     head: Head,
     *,
@@ -286,7 +276,7 @@ def row_stats(
         raise ValueError("block_n and block_h must be ≥ 16 on a GPU (tl.dot)")
     row_blocks = triton.cdiv(n, block_n)
     num_tiles = triton.cdiv(v, block_v)
-    num_seg = num_segments or _num_segments(device, row_blocks, num_tiles)
+    num_seg = num_segments or _launch.segments_to_fill(row_blocks, num_tiles)
     num_seg = max(1, min(num_seg, num_tiles))
     tiles_per_seg = triton.cdiv(num_tiles, num_seg)
     num_seg = triton.cdiv(num_tiles, tiles_per_seg)  # no empty segment
