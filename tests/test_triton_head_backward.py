@@ -234,7 +234,7 @@ def test_bad_inputs_are_rejected():
 
 
 def test_many_row_tiles():
-    """N = 150 rows in 16-row tiles: 10 row blocks looped over by the interpreter's 2 programs, each
+    """N = 150 rows in 16-row tiles: 10 row blocks looped over by the interpreter's 4 programs, each
     sweeping V = 200 in two chunks (the second partial); the vocabulary-owned sweep crosses row chunks."""
     hidden, weight, bias = make_inputs(torch.float32, True, n=150)
     run_and_compare(hidden, weight, bias, random_coefs(n=150), dict(block_n=16, block_v=64, block_h=64),
@@ -243,7 +243,7 @@ def test_many_row_tiles():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_segments_of_the_swept_axis(dtype):
-    """V = 50 columns are one vocabulary block, fewer than the interpreter's 2 programs: the
+    """V = 50 columns are one vocabulary block, too few for the interpreter's 4 stand-in SMs: the
     vocabulary-owned sweep splits the N = 40 rows into segments that write partial grad_weight and
     grad_bias, summed by the launcher (the rows-owned sweep does the same with V at N = 7 in the
     other tests); chunk = one tile."""
@@ -252,7 +252,7 @@ def test_segments_of_the_swept_axis(dtype):
     tiles = dict(block_n=16, block_v=64, block_h=16, chunk=64)
     sweeps = _launch.grad_sweeps(_launch.backward_tiles(dtype, **tiles), 40, 50, H, GradNeeds(), torch.float32,
                                  dtype, "cpu")
-    assert [s.grid for s in sweeps] == [(2, 1), (1, 2)]
+    assert [s.grid for s in sweeps] == [(3, 1), (1, 3)]
     hidden, weight, bias = make_inputs(dtype, True, n=40, v=50)
     run_and_compare(hidden, weight, bias, random_coefs(n=40, v=50), tiles, GRAD_TOL[dtype])
 

@@ -232,6 +232,6 @@ def test_bad_inputs_are_rejected():
 
 
 def test_many_row_tiles():
-    """N = 150 rows in 16-row tiles: 10 row blocks looped over by the interpreter's 2 programs; the
+    """N = 150 rows in 16-row tiles: 10 row blocks looped over by the interpreter's 4 programs; the
     backward's sweeps cross chunk boundaries both ways."""
     Case(torch.float32, with_bias=True, n=150).check(0.5, dict(block_n=16, block_v=64, block_h=64))

@@ -32,10 +32,10 @@ def device_properties() -> dict:
 
 
 def multiprocessor_count() -> int:
-    """SMs of the current GPU; under the interpreter, 2 (a CPU runs programs one after another,
-    and 2 keeps the code that splits work across programs exercised)."""
+    """SMs of the current GPU; under the interpreter, 4 (a CPU runs programs one after another;
+    4 keeps the code that splits work across programs exercised at the tests' small shapes)."""
     if interpreting():
-        return 2
+        return 4
     return device_properties()["multiprocessor_count"]
 
 
@@ -79,38 +79,48 @@ def tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-# Tiles of the (rows × vocabulary) programs, sized for an H100 (BLOCK_N × BLOCK_V fp32 logits in
-# registers, BLOCK_H-wide steps along H) and read back from the launch plan (``launch_plan``): no
-# register spills, shared memory within 227 KiB, wgmma for 16-bit dots. float64 has no tensor cores
-# and twice the register footprint.
-BLOCK_N, BLOCK_V, BLOCK_H, NUM_WARPS = 64, 128, 64, 8
-FP64_TILES = (32, 64, 32, 4)
-
-
-def default_tiles(dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps) of the forward sweeps for ``dtype``."""
-    if dtype == torch.float64:
-        return FP64_TILES
-    return BLOCK_N, BLOCK_V, BLOCK_H, NUM_WARPS
-
-
 def check_tile(name: str, size: int) -> None:
     if size < 16 or size & (size - 1):
         raise ValueError(f"{name} must be a power of 2 and at least 16, got {size}")
 
 
-def resolve_tiles(dtype, block_n, block_v, block_h):
-    """Default tiles with the caller's overrides; checks tl.dot's constraints (powers of 2, ≥ 16)."""
-    bn, bv, bh, warps = default_tiles(dtype)
-    tiles = (block_n or bn, block_v or bv, block_h or bh)
-    for name, size in zip(("block_n", "block_v", "block_h"), tiles):
-        check_tile(name, size)
-    return (*tiles, warps)
+# The tiles below are read back from the launch plan at N = 8192, H = 4096 (``launch_plan``,
+# ``bench/results/kernel_plan_sm90.md``): for every configuration of a launcher on an H100 they
+# take as much of the 255 registers per thread as they can without spilling, keep shared memory
+# within 227 KiB, and their 16-bit and TF32 dots become wgmma. Float32 without TF32 runs its dots
+# on FMAs, whose operands live in registers: smaller steps along H. Float64 has no tensor cores
+# and twice the register footprint.
+
+
+@dataclass(frozen=True)
+class ForwardTiles:
+    """Tiles of the forward sweep (``row_stats``): a block_n × block_v logits tile, block_h steps along H."""
+
+    block_n: int
+    block_v: int
+    block_h: int
+    num_warps: int
+    num_stages: int
+
+
+def forward_tiles(dtype: torch.dtype, k_pad: int = 0) -> ForwardTiles:
+    """The forward sweep's tiles for ``dtype`` operands with a running top-K of ``k_pad`` keys per row
+    (0: none). The top-K holds block_n × k_pad int64 keys next to the logits tile and its own
+    block_n × block_v keys: a narrower tile leaves it the registers."""
+    if dtype == torch.float64:
+        return ForwardTiles(32, 64, 32, 4, 2)
+    if dot_precision(dtype) == "ieee":  # float32 on FMAs
+        return ForwardTiles(64, 64, 16 if k_pad else 32, 8, 3)
+    if k_pad:
+        return ForwardTiles(64, 64, 64, 8, 3)
+    # 128 × 128: each weight tile serves 128 rows and each hidden tile 128 columns.
+    return ForwardTiles(128, 128, 32 if dtype == torch.float32 else 64, 8, 3)
 
 
 @dataclass(frozen=True)
 class BackwardTiles:
-    """Tiles of the backward sweeps (``head_backward``, ``jsd_backward``).
+    """Tiles of the backward sweeps (``head_backward``, ``jsd_backward``; ``jsd_forward`` uses their
+    logits tile too, so that the JSD's sweeps round the logits alike).
 
     block_n × block_v: the logits tile (block_h: its step along H); chunk: the swept entries a
     program buffers before it adds buffer @ operand into its gradient rows, in steps of block_c
@@ -131,23 +141,25 @@ class BackwardTiles:
                     BLOCK_C=self.block_c, BLOCK_K=self.block_k)
 
 
-def backward_tiles(dtype, block_n=None, block_v=None, block_h=None, chunk=None) -> BackwardTiles:
+def backward_tiles(dtype, block_n=None, block_v=None, block_h=None, chunk=None, *, dense=False) -> BackwardTiles:
     """The backward sweeps' tiles for ``dtype`` operands, with the caller's overrides.
 
-    The chunk buffer of one program is max(block_n, block_v) × chunk entries in the operands' dtype;
-    1024 entries keep it at 128-256 KiB (in L2 for one program per SM) while the gradient rows a
-    program owns are read and written once per 1024 swept entries instead of once per tile. Under
-    the interpreter the chunk is two tiles, so that tests cross chunk boundaries at small shapes.
+    ``dense``: the tile's ∂L/∂z has only per-row coefficients (``head_backward`` without sparse
+    terms); the sparse terms' search and the JSD's two logits tiles need more registers per
+    entry: a narrower tile. The chunk buffer of a program is max(block_n, block_v) × chunk
+    entries in the operands' dtype: 1024 entries keep it at 64-256 KiB (in L2 with one program
+    per SM) while a program's gradient rows are rewritten once per 1024 swept entries instead of
+    once per tile. Under the interpreter the chunk is two tiles, so that tests cross chunk
+    boundaries at small shapes.
     """
     if dtype == torch.float64:
-        bn, bv, bh, warps, stages = 32, 64, 32, 4, 2
-        block_c, block_k = 32, 64
-    elif dtype == torch.float32:
-        bn, bv, bh, warps, stages = 64, 128, 32, 8, 3
-        block_c, block_k = 32, 128
+        bn, bv, bh, block_c, block_k, warps, stages = 32, 64, 32, 32, 64, 4, 2
+    elif dot_precision(dtype) == "ieee":  # float32 on FMAs
+        bn, bv, bh, block_c, block_k, warps, stages = 64, 64, 32 if dense else 16, 32, 64, 8, 3
+    elif dense and dtype != torch.float32:
+        bn, bv, bh, block_c, block_k, warps, stages = 64, 128, 64, 64, 128, 8, 3
     else:
-        bn, bv, bh, warps, stages = 64, 128, 64, 8, 3
-        block_c, block_k = 64, 128
+        bn, bv, bh, block_c, block_k, warps, stages = 64, 64, 64, 64, 128, 8, 3
     bn, bv, bh = block_n or bn, block_v or bv, block_h or bh
     for name, size in (("block_n", bn), ("block_v", bv), ("block_h", bh)):
         check_tile(name, size)
@@ -177,6 +189,16 @@ def segments_to_fill(blocks: int, tiles: int, max_segments: int | None = None) -
         if fill > best_fill + 1e-9:
             best, best_fill = segments, fill
     return best
+
+
+def grad_segments(blocks: int, tiles: int) -> int:
+    """Segments of a backward sweep: each adds a partial gradient as large as the owned one, so
+    they are only for owned blocks that leave more than half the SMs idle, and only as many as it
+    takes to give 90 % of the SMs a program (at most MAX_SEGMENTS)."""
+    sms = multiprocessor_count()
+    if 2 * blocks >= sms:
+        return 1
+    return max(1, min(triton.cdiv(9 * sms, 10 * blocks), tiles, MAX_SEGMENTS))
 
 
 @dataclass
@@ -225,7 +247,7 @@ def grad_sweeps(tiles: BackwardTiles, n: int, v: int, h: int, needs, acc_dtype, 
         owned_blocks = triton.cdiv(own_len, block_own)
         sweep_tiles = triton.cdiv(sweep_len, block_sweep)
         programs = min(owned_blocks, programs_wanted)
-        segments = segments_to_fill(owned_blocks, sweep_tiles, MAX_SEGMENTS) if owned_blocks < programs_wanted else 1
+        segments = grad_segments(owned_blocks, sweep_tiles)
         tiles_per_segment = triton.cdiv(sweep_tiles, segments)
         segments = triton.cdiv(sweep_tiles, tiles_per_segment)  # no empty segment
         # Accumulated by read-modify-write from zero (a program owns its rows: no atomics).

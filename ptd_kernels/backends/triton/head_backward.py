@@ -224,7 +224,7 @@ def head_backward(
     m = sparse_ids.shape[1] if padded is not None else 0
     bias = head.bias.contiguous() if head.bias is not None else None
     hidden, weight = head.hidden, head.weight
-    tiles = _launch.backward_tiles(hidden.dtype, block_n, block_v, block_h, chunk)
+    tiles = _launch.backward_tiles(hidden.dtype, block_n, block_v, block_h, chunk, dense=padded is None)
     inputs = (
         hidden, weight, bias if bias is not None else dummy, scalars,
         vec(lse), vec(coefs.row_coef),
