@@ -250,8 +250,8 @@ def test_segments_of_the_swept_axis(dtype):
     from ptd_kernels.backends.triton import _launch
 
     tiles = dict(block_n=16, block_v=64, block_h=16, chunk=64)
-    sweeps = _launch.grad_sweeps(_launch.backward_tiles(dtype, **tiles), 40, 50, H, GradNeeds(), torch.float32,
-                                 dtype, "cpu")
+    sweeps = _launch.grad_sweeps(lambda own_rows: _launch.backward_tiles(dtype, **tiles), 40, 50, H, GradNeeds(),
+                                 torch.float32, dtype, "cpu")
     assert [s.grid for s in sweeps] == [(3, 1), (1, 3)]
     hidden, weight, bias = make_inputs(dtype, True, n=40, v=50)
     run_and_compare(hidden, weight, bias, random_coefs(n=40, v=50), tiles, GRAD_TOL[dtype])

@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import triton
 
 from ..._dtypes import compute_dtype
+
+# The oldest Triton with every language feature the kernels use: tl.dot's input_precision (Triton 3.0;
+# 2.3 has only allow_tf32). The kernels were compiled for sm_90a with 3.0.0, 3.2.0 and 3.9.0
+# (docs/gpu.md); tests/test_triton_floor.py keeps them to the tl names that 3.0 has.
+TRITON_FLOOR = (3, 0)
+
+
+def check_triton(version: str) -> None:
+    """Raise ImportError, naming the version needed, when ``version`` is older than the floor."""
+    release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if release < TRITON_FLOOR:
+        floor = ".".join(map(str, TRITON_FLOOR))
+        raise ImportError(f"ptd's Triton kernels need triton>={floor} (tl.dot's input_precision); this is triton "
+                          f"{version}: install triton>={floor}, or pass backend='torch'")
+
+
+# Every kernel module imports this one before it defines a kernel: the check runs on first use.
+check_triton(triton.__version__)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -110,7 +129,7 @@ def forward_tiles(dtype: torch.dtype, k_pad: int = 0) -> ForwardTiles:
     if dtype == torch.float64:
         return ForwardTiles(32, 64, 32, 4, 2)
     if dot_precision(dtype) == "ieee":  # float32 on FMAs
-        return ForwardTiles(64, 64, 16 if k_pad else 32, 8, 3)
+        return ForwardTiles(64, 64, 16, 8, 3)
     if k_pad:
         return ForwardTiles(64, 64, 64, 8, 3)
     # 128 × 128: each weight tile serves 128 rows and each hidden tile 128 columns.
@@ -141,12 +160,14 @@ class BackwardTiles:
                     BLOCK_C=self.block_c, BLOCK_K=self.block_k)
 
 
-def backward_tiles(dtype, block_n=None, block_v=None, block_h=None, chunk=None, *, dense=False) -> BackwardTiles:
+def backward_tiles(dtype, block_n=None, block_v=None, block_h=None, chunk=None, *, dense=False,
+                   own_rows=True) -> BackwardTiles:
     """The backward sweeps' tiles for ``dtype`` operands, with the caller's overrides.
 
     ``dense``: the tile's ∂L/∂z has only per-row coefficients (``head_backward`` without sparse
-    terms); the sparse terms' search and the JSD's two logits tiles need more registers per
-    entry: a narrower tile. The chunk buffer of a program is max(block_n, block_v) × chunk
+    terms): the rows-owned sweep (``own_rows``) affords a 64 × 128 logits tile; the sparse terms'
+    search, the JSD's two logits tiles and the vocabulary-owned sweep (whose gradient block is 64
+    weight rows wide) take 64 × 64. The chunk buffer of a program is max(block_n, block_v) × chunk
     entries in the operands' dtype: 1024 entries keep it at 64-256 KiB (in L2 with one program
     per SM) while a program's gradient rows are rewritten once per 1024 swept entries instead of
     once per tile. Under the interpreter the chunk is two tiles, so that tests cross chunk
@@ -155,8 +176,11 @@ def backward_tiles(dtype, block_n=None, block_v=None, block_h=None, chunk=None, 
     if dtype == torch.float64:
         bn, bv, bh, block_c, block_k, warps, stages = 32, 64, 32, 32, 64, 4, 2
     elif dot_precision(dtype) == "ieee":  # float32 on FMAs
-        bn, bv, bh, block_c, block_k, warps, stages = 64, 64, 32 if dense else 16, 32, 64, 8, 3
-    elif dense and dtype != torch.float32:
+        if dense:
+            bn, bv, bh, block_c, block_k, warps, stages = 64, 64, 32, 32, 64, 8, 3
+        else:
+            bn, bv, bh, block_c, block_k, warps, stages = 64, 64, 16, 32, 32, 8, 2
+    elif dense and own_rows and dtype != torch.float32:
         bn, bv, bh, block_c, block_k, warps, stages = 64, 128, 64, 64, 128, 8, 3
     else:
         bn, bv, bh, block_c, block_k, warps, stages = 64, 64, 64, 64, 128, 8, 3
@@ -212,6 +236,7 @@ class GradSweep:
     """
 
     own_rows: bool
+    tiles: BackwardTiles
     grid: tuple[int, int]
     tiles_per_segment: int
     out: torch.Tensor
@@ -232,21 +257,22 @@ class GradSweep:
             grads.bias = self.out_bias[0] if self.out_bias.shape[0] == 1 else self.out_bias.sum(0)
 
 
-def grad_sweeps(tiles: BackwardTiles, n: int, v: int, h: int, needs, acc_dtype, operand_dtype, device):
+def grad_sweeps(tile_for, n: int, v: int, h: int, needs, acc_dtype, operand_dtype, device):
     """The launches that form the gradients in ``needs``: rows-owned for grad_hidden, then
-    vocabulary-owned for grad_weight and grad_bias (each only if needed)."""
-    programs_wanted = multiprocessor_count()
+    vocabulary-owned for grad_weight and grad_bias (each only if needed). ``tile_for(own_rows)``
+    gives a sweep's tiles."""
     sweeps = []
     for own_rows in (True, False):
         need_out = needs.hidden if own_rows else needs.weight
         need_bias = not own_rows and needs.bias
         if not (need_out or need_bias):
             continue
+        tiles = tile_for(own_rows)
         own_len, sweep_len = (n, v) if own_rows else (v, n)
         block_own, block_sweep = (tiles.block_n, tiles.block_v) if own_rows else (tiles.block_v, tiles.block_n)
         owned_blocks = triton.cdiv(own_len, block_own)
         sweep_tiles = triton.cdiv(sweep_len, block_sweep)
-        programs = min(owned_blocks, programs_wanted)
+        programs = min(owned_blocks, multiprocessor_count())
         segments = grad_segments(owned_blocks, sweep_tiles)
         tiles_per_segment = triton.cdiv(sweep_tiles, segments)
         segments = triton.cdiv(sweep_tiles, tiles_per_segment)  # no empty segment
@@ -255,7 +281,7 @@ def grad_sweeps(tiles: BackwardTiles, n: int, v: int, h: int, needs, acc_dtype, 
         out_bias = torch.zeros((segments, v) if need_bias else (1,), dtype=acc_dtype, device=device)
         scratch = torch.empty((segments * programs, block_own, tiles.chunk) if need_out else (1,),
                               dtype=operand_dtype, device=device)
-        sweeps.append(GradSweep(own_rows, (programs, segments), tiles_per_segment, out, out_bias, scratch,
+        sweeps.append(GradSweep(own_rows, tiles, (programs, segments), tiles_per_segment, out, out_bias, scratch,
                                 need_out, need_bias))
     return sweeps
 

@@ -224,7 +224,11 @@ def head_backward(
     m = sparse_ids.shape[1] if padded is not None else 0
     bias = head.bias.contiguous() if head.bias is not None else None
     hidden, weight = head.hidden, head.weight
-    tiles = _launch.backward_tiles(hidden.dtype, block_n, block_v, block_h, chunk, dense=padded is None)
+
+    def tile_for(own_rows):
+        return _launch.backward_tiles(hidden.dtype, block_n, block_v, block_h, chunk, dense=padded is None,
+                                      own_rows=own_rows)
+
     inputs = (
         hidden, weight, bias if bias is not None else dummy, scalars,
         vec(lse), vec(coefs.row_coef),
@@ -237,16 +241,16 @@ def head_backward(
     meta = dict(
         HAS_BIAS=bias is not None, HAS_CAP=head.softcap is not None, HAS_LOGIT_COEF=coefs.logit_coef is not None,
         HAS_TARGETS=coefs.targets is not None, HAS_SPARSE=padded is not None,
-        ACC_DTYPE=_launch.tl_dtype(acc_dtype), **_launch.dot_meta(hidden.dtype), **tiles.meta(),
+        ACC_DTYPE=_launch.tl_dtype(acc_dtype), **_launch.dot_meta(hidden.dtype),
     )
     grads = HeadGrads()
-    for sweep in _launch.grad_sweeps(tiles, n, v, h, needs, acc_dtype, hidden.dtype, device):
+    for sweep in _launch.grad_sweeps(tile_for, n, v, h, needs, acc_dtype, hidden.dtype, device):
         _head_backward_kernel[sweep.grid](
             *inputs, sweep.out, sweep.out_bias, sweep.scratch,
             n, v, h, m, m.bit_length(), sweep.tiles_per_segment,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             OWN_ROWS=sweep.own_rows, NEED_OUT=sweep.need_out, NEED_BIAS_GRAD=sweep.need_bias, **meta,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            **sweep.tiles.meta(), num_warps=sweep.tiles.num_warps, num_stages=sweep.tiles.num_stages,
         )
         sweep.collect(grads)
     return grads

@@ -156,15 +156,19 @@ def jsd_backward(
     needs = needs.of(student)
     if n == 0 or v == 0 or not needs.any:
         return _launch.gradient_buffers(student, needs, acc_dtype)
-    tiles = _launch.backward_tiles(operand_dtype(student, teacher), block_n, block_v, block_h, chunk)
+    dtype = operand_dtype(student, teacher)
+
+    def tile_for(own_rows):
+        return _launch.backward_tiles(dtype, block_n, block_v, block_h, chunk)
+
     hidden = student.hidden
     grads = HeadGrads()
-    for sweep in _launch.grad_sweeps(tiles, n, v, hidden.shape[1], needs, acc_dtype, hidden.dtype, hidden.device):
+    for sweep in _launch.grad_sweeps(tile_for, n, v, hidden.shape[1], needs, acc_dtype, hidden.dtype, hidden.device):
         _jsd_backward_kernel[sweep.grid](
             *launch.inputs, stats.w_sum.to(acc_dtype).contiguous(), grad.to(acc_dtype).contiguous(),
             sweep.out, sweep.out_bias, sweep.scratch, *launch.sizes, sweep.tiles_per_segment,
             OWN_ROWS=sweep.own_rows, NEED_OUT=sweep.need_out, NEED_BIAS_GRAD=sweep.need_bias, **launch.meta,
-            **tiles.meta(), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            **sweep.tiles.meta(), num_warps=sweep.tiles.num_warps, num_stages=sweep.tiles.num_stages,
         )
         sweep.collect(grads)
     return grads

@@ -259,16 +259,22 @@ class StandInDriver:
         raise RuntimeError("the stand-in driver launches nothing, so it cannot time anything")
 
 
-def _plan_cache_manager(cache: dict, scratch_dir: str):
+class PlanCacheMiss(Exception):
+    """A kernel is not in the plan cache and the recording may not compile it."""
+
+
+def _plan_cache_manager(cache: dict, scratch_dir: str, compile_missing: bool):
     """A Triton cache manager that answers a compile whose hash is in ``cache`` with the kernel's
     metadata and a placeholder binary (so Triton does not compile it), and defers to Triton's file
-    cache otherwise."""
+    cache otherwise (or raises ``PlanCacheMiss`` unless ``compile_missing``)."""
     from triton.runtime.cache import FileCacheManager
 
     class PlanCacheManager(FileCacheManager):
         def get_group(self, filename):
             padded = self.key + "=" * (-len(self.key) % 8)
             entry = cache.get(base64.b32decode(padded).hex())
+            if entry is None and not compile_missing and filename.endswith(".json"):
+                raise PlanCacheMiss(filename[: -len(".json")])
             if entry is None or not filename.endswith(".json"):
                 return super().get_group(filename)
             folder = os.path.join(scratch_dir, self.key)
@@ -285,11 +291,12 @@ def _plan_cache_manager(cache: dict, scratch_dir: str):
 
 
 @contextlib.contextmanager
-def recording(gpu: GPU = H100, cache: dict | None = None):
+def recording(gpu: GPU = H100, cache: dict | None = None, compile_missing: bool = True):
     """Within: Triton targets ``gpu``, and kernel launches are compiled and recorded, not run.
 
     Yields the stand-in driver: ``.launches`` (in launch order) and ``.compiled`` (the plan cache
-    entries of every kernel launched). ``cache``: a plan cache (compile hash → figures). Triton's
+    entries of every kernel launched). ``cache``: a plan cache (compile hash → figures); without
+    ``compile_missing`` a kernel that is not in it raises ``PlanCacheMiss`` instead of compiling. Triton's
     own pre-launch check of shared memory (it raises ``OutOfResources``) is lifted inside, so that
     a kernel over the limit is recorded with its figure and a caller checks it against
     ``gpu.max_shared_mem``.
@@ -305,7 +312,7 @@ def recording(gpu: GPU = H100, cache: dict | None = None):
     with tempfile.TemporaryDirectory(prefix="ptd-plan-") as scratch:
         driver.set_active(stand_in)
         triton_compiler.max_shared_mem = lambda device: 1 << 31
-        triton.knobs.cache.manager_class = _plan_cache_manager(stand_in.cache, scratch)
+        triton.knobs.cache.manager_class = _plan_cache_manager(stand_in.cache, scratch, compile_missing)
         try:
             yield stand_in
         finally:
@@ -448,11 +455,12 @@ def call(config: Configuration) -> None:
         torch.backends.cuda.matmul.allow_tf32 = previous_tf32
 
 
-def plan(configs, gpu: GPU = H100, cache: dict | None = None) -> tuple[list[dict], dict]:
+def plan(configs, gpu: GPU = H100, cache: dict | None = None, compile_missing: bool = True
+         ) -> tuple[list[dict], dict]:
     """Each configuration's launches as rows (``as_row`` + the configuration's fields), and the plan
     cache entries of the kernels launched. In this process: the interpreter must be off."""
     rows = []
-    with recording(gpu, cache) as stand_in:
+    with recording(gpu, cache, compile_missing) as stand_in:
         for config in configs:
             first = len(stand_in.launches)
             call(config)
@@ -462,10 +470,12 @@ def plan(configs, gpu: GPU = H100, cache: dict | None = None) -> tuple[list[dict
     return rows, stand_in.compiled
 
 
-def run_plan(configs, gpu: str = "sm90", cache: dict | None = None, jobs: int = 1,
-             timeout: float = 3600) -> tuple[list[dict], dict]:
+def run_plan(configs, gpu: str = "sm90", cache: dict | None = None, jobs: int = 1, timeout: float = 3600,
+             compile_missing: bool = True) -> tuple[list[dict], dict, list[str]]:
     """``plan`` in ``jobs`` worker processes with the interpreter off (configurations dealt out by
-    launcher and dtype, so that a kernel is compiled by one worker); rows in the order given."""
+    launcher and dtype, so that a kernel is compiled by one worker). Returns the rows in the order
+    given, the plan cache entries, and (without ``compile_missing``) the labels of the
+    configurations that launch a kernel not in ``cache``."""
     configs = list(configs)
     groups: dict = {}
     for index, config in enumerate(configs):
@@ -486,14 +496,14 @@ def run_plan(configs, gpu: str = "sm90", cache: dict | None = None, jobs: int = 
                 continue
             request = os.path.join(folder, f"request{number}.json")
             with open(request, "w") as file:
-                json.dump({"gpu": gpu, "cache": cache_path, "indices": share,
+                json.dump({"gpu": gpu, "cache": cache_path, "indices": share, "compile_missing": compile_missing,
                            "configs": [dataclasses.asdict(configs[i]) for i in share]}, file)
             out = os.path.join(folder, f"out{number}.json")
             workers.append((subprocess.Popen([sys.executable, "-m", __name__, request, out], env=env,
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out))
         rows_by_index: dict = {}
         compiled: dict = {}
-        errors = []
+        errors, missing = [], []
         for process, out in workers:
             stdout, stderr = process.communicate(timeout=timeout)
             if process.returncode != 0:
@@ -502,11 +512,13 @@ def run_plan(configs, gpu: str = "sm90", cache: dict | None = None, jobs: int = 
             with open(out) as file:
                 result = json.load(file)
             compiled.update(result["compiled"])
+            missing.extend(result["missing"])
             for row in result["rows"]:
                 rows_by_index.setdefault(row.pop("index"), []).append(row)
         if errors:
             raise RuntimeError("launch plan worker failed:\n" + "\n".join(errors))
-    return [row for index in range(len(configs)) for row in rows_by_index.get(index, [])], compiled
+    rows = [row for index in range(len(configs)) for row in rows_by_index.get(index, [])]
+    return rows, compiled, missing
 
 
 def _worker(request_path: str, out_path: str) -> None:
@@ -514,13 +526,18 @@ def _worker(request_path: str, out_path: str) -> None:
         request = json.load(file)
     with open(request["cache"]) as file:
         cache = json.load(file)
-    rows, compiled = [], {}
+    rows, compiled, missing = [], {}, []
     for index, fields in zip(request["indices"], request["configs"]):
-        config_rows, config_compiled = plan([Configuration(**fields)], GPUS[request["gpu"]], cache)
+        config = Configuration(**fields)
+        try:
+            config_rows, config_compiled = plan([config], GPUS[request["gpu"]], cache, request["compile_missing"])
+        except PlanCacheMiss:
+            missing.append(config.label)
+            continue
         rows.extend({"index": index, **row} for row in config_rows)
         compiled.update(config_compiled)
     with open(out_path, "w") as file:
-        json.dump({"rows": rows, "compiled": compiled}, file)
+        json.dump({"rows": rows, "compiled": compiled, "missing": missing}, file)
 
 
 def check(rows: list[dict], gpu: GPU = H100) -> list[str]:

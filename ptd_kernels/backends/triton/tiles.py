@@ -1,9 +1,10 @@
-"""``@triton.jit`` helpers shared by the output-layer kernels (``row_stats``, ``head_backward``, ``jsd``).
+"""``@triton.jit`` helpers shared by the output-layer kernels (``row_stats``, ``head_backward``,
+``jsd_forward``, ``jsd_backward``).
 
-- ``tile_ids``: the (row tile, vocabulary tile) of a program, grouped for weight-tile reuse in L2;
 - ``logits_tile``: the one tile a = x @ wᵀ + b of every kernel — and, for a shared output layer, a
   second side's tile from the same weight loads; ``to_logits`` turns it into z = cap_c(s·a)/τ;
-- ``accumulate_head_grads``: dz @ w, dzᵀ @ x and Σ dz, atomically added into the gradients;
+- ``store_chunk_tile`` and ``add_chunk_product``: a backward program's chunk buffer of da tiles, and
+  buffer @ operand added into the gradient rows the program owns (no atomics);
 - ``add_sparse_terms``: the few per-row sparse terms of ∂L/∂z added into a dz tile.
 
 Every ``tl.dot`` takes its ``input_precision`` from ``_launch.dot_precision`` (the launchers pass
@@ -46,7 +47,7 @@ def logits_tile(
         mask_k = offs_k < K
         mask_nk = mask_n[:, None] & mask_k[None, :]
         x = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk, mask=mask_nk, other=0.0)
-        # The weight tile is loaded transposed ([BLOCK_K, BLOCK_V]) so the dot needs no tl.trans.
+        # The weight tile is loaded transposed ([BLOCK_K, BLOCK_V]) so the dot needs no transpose.
         wt = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_v[None, :] * stride_wv,
                      mask=mask_k[:, None] & mask_v[None, :], other=0.0)
         if DOT_UPCAST:  # the interpreter's bf16 tl.dot is wrong; upcast there only
