@@ -15,7 +15,8 @@ Liger-Kernel's (fused linear cross-entropy and JSD) and cut-cross-entropy's Trit
 compiled the same way beside them (their launchers on meta tensors; their GEMMs are torch
 matmuls, i.e. cuBLAS, and not in a Triton plan).
 
-Writes ``<out>/kernel_plan_<gpu>.{json,md}``; the JSON also holds the compile figures of every
+Writes ``<out>/kernel_plan_<gpu>.{json,md}`` (``--ops``/``--dtypes``: a part of it, for a quick look
+elsewhere than the committed results); the JSON also holds the compile figures of every
 kernel by Triton's compile hash, which the launch-plan test reads as a cache (a kernel whose
 source, constexprs, options or compiler changed has another hash and is compiled again there).
 Re-run after changing a kernel or its launcher. Exits 1 if a configuration breaks a limit
@@ -36,8 +37,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-
-from report_data import write_results  # noqa: E402
 
 from ptd_kernels.backends.triton import launch_plan  # noqa: E402
 
@@ -151,14 +150,12 @@ def peer_rows(gpu: launch_plan.GPU, vocabs, cache: dict) -> tuple[list[dict], di
 
 # ----------------------------------------------------------------------------- table
 
-_TILE_KEYS = ("BLOCK_N", "BLOCK_V", "BLOCK_H", "CHUNK", "BLOCK_B", "BLOCK_D", "BLOCK_SIZE", "K_PAD")
-
-
 def _tiles(row) -> str:
-    c = row["constexprs"]
-    parts = [f"{k.replace('BLOCK_', '')}{c[k]}" for k in _TILE_KEYS if k in c]
-    if "OWN_ROWS" in c:
-        parts.insert(0, "rows" if c["OWN_ROWS"] else "vocab")
+    tiles = row["tiles"]
+    parts = [f"{k.replace('BLOCK_', '')}{v}" for k, v in tiles.items()
+             if k != "OWN_ROWS" and not (k == "K_PAD" and not row.get("k"))]
+    if "OWN_ROWS" in tiles:
+        parts.insert(0, "rows" if tiles["OWN_ROWS"] else "vocab")
     return " ".join(parts)
 
 
@@ -181,8 +178,8 @@ def _figures(row, gpu) -> list[str]:
             f"**{shared:,}**" if shared > gpu.max_shared_mem else f"{shared:,}", _dots(row)]
 
 
-def markdown(data: dict, gpu: launch_plan.GPU) -> str:
-    rows, peers, problems = data["rows"], data["peers"], data["problems"]
+def markdown(data: dict, rows: list[dict], gpu: launch_plan.GPU) -> str:
+    peers, problems = data["peers"], data["problems"]
     vocabs = data["shape"]["vocabs"]
     lines = [
         f"# Triton launch plan on {gpu.name}: compiled, not run",
@@ -201,7 +198,7 @@ def markdown(data: dict, gpu: launch_plan.GPU) -> str:
         + (f"**{len(problems)} configuration(s) break a limit** (listed at the end)." if problems
            else "Every configuration is within them."),
         "",
-        f"{data['configurations']} configurations, {data['kernels']} distinct compiled kernels, "
+        f"{data['configurations']} configurations, {data['distinct_kernels']} distinct compiled kernels, "
         f"{data['compile_s']:.0f} s to plan ({data['cached']} kernels from the plan cache).",
         "",
         "Columns: the configuration (op, dtype, soft-cap, bias, K or β), the launch (in launch order), the "
@@ -258,6 +255,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--no-peers", action="store_true", help="only ptd's kernels")
+    parser.add_argument("--ops", nargs="*", choices=list(launch_plan.OPS), help="only these ops (a quick look)")
+    parser.add_argument("--dtypes", nargs="*", choices=list(launch_plan.DTYPES), help="only these dtypes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the plan compiles the kernels")
@@ -269,24 +268,30 @@ def main(argv=None):
     previous = os.path.join(args.out, stem + ".json")
     if os.path.exists(previous):
         with open(previous) as file:
-            cache = json.load(file).get("compiled", {})
-    configs = list(launch_plan.configurations())
+            cache = json.load(file).get("kernels", {})
+    configs = [c for c in launch_plan.configurations()
+               if (not args.ops or c.op in args.ops) and (not args.dtypes or c.dtype in args.dtypes)]
     start = time.time()
     rows, compiled, _ = launch_plan.run_plan(configs, args.gpu, cache, args.jobs)
     peers, peer_compiled = ([], {}) if args.no_peers else peer_rows(gpu, launch_plan.VOCABS, cache)
     elapsed = time.time() - start
-    compiled.update(peer_compiled)
     problems = launch_plan.check(rows, gpu)
     data = {
         "gpu": args.gpu, "device": dataclasses.asdict(gpu), "triton": triton.__version__,
         "shape": {"rows": launch_plan.ROWS, "hidden": launch_plan.HIDDEN, "teacher_hidden": launch_plan.TEACHER_HIDDEN,
                   "vocabs": list(launch_plan.VOCABS)},
-        "configurations": len(configs), "kernels": len({r["compile_hash"] for r in rows}),
+        "configurations": len(configs), "distinct_kernels": len({r["compile_hash"] for r in rows}),
         "cached": len({r["compile_hash"] for r in rows if r["cached"]}), "compile_s": round(elapsed, 1),
-        "problems": problems, "rows": rows, "peers": peers, "compiled": compiled,
+        "problems": problems, "peers": peers, **launch_plan.pack(rows, compiled),
     }
-    write_results(args.out, stem, data, markdown(data, gpu))
-    print(f"{len(configs)} configurations, {data['kernels']} kernels ({data['cached']} cached), {elapsed:.0f} s; "
+    data["kernels"].update({k: v for k, v in peer_compiled.items() if k not in data["kernels"]})
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, stem + ".json"), "w") as file:  # compact: a kernel's figures once
+        json.dump(data, file, separators=(",", ":"))
+    with open(os.path.join(args.out, stem + ".md"), "w") as file:
+        file.write(markdown(data, rows, gpu))
+    print(f"{len(configs)} configurations, {data['distinct_kernels']} kernels ({data['cached']} cached), "
+          f"{elapsed:.0f} s; "
           f"{len(problems)} over a limit; wrote {os.path.join(args.out, stem)}.{{json,md}}")
     for problem in problems:
         print("  " + problem)

@@ -76,7 +76,7 @@ def _plan(gpu: str):
         with open(path) as file:
             table = json.load(file)
     same_triton = table is not None and table["triton"] == triton.__version__
-    cache = table["compiled"] if same_triton else {}
+    cache = table["kernels"] if same_triton else {}
     jobs = min(2, os.cpu_count() or 1)
     covering = list(covering_configurations())
     rows, _, _ = launch_plan.run_plan(covering, gpu, cache, jobs)
@@ -112,11 +112,11 @@ def _assert_table_is_current(plan, gpu_name):
         f"{len(plan['missing'])} configurations launch kernels that bench/results/kernel_plan_{gpu_name}.json "
         f"does not have (a kernel or its launcher changed): run python bench/kernel_plan.py --gpu {gpu_name}; "
         f"first: {plan['missing'][:5]}")
-    committed = {(r["config"], r["launch"]): r for r in plan["table"]["rows"]}
+    committed = {(r["config"], r["launch"]): r for r in launch_plan.unpack(plan["table"])}
     for row in plan["rows"]:
         old = committed.get((row["config"], row["launch"]))
         assert old is not None, f"{row['config']} launch {row['launch']} is not in the committed table"
-        for key in ("kernel", "grid", "constexprs", "num_warps", "num_stages", "compile_hash"):
+        for key in ("kernel", "grid", "tiles", "num_warps", "num_stages", "compile_hash"):
             assert old[key] == row[key], f"{row['config']} launch {row['launch']}: {key} {old[key]} → {row[key]}"
 
 

@@ -65,11 +65,14 @@ B200 = GPU("B200 (sm_100a)", 100, 148, 232_448)
 GPUS = {"sm90": H100, "sm100": B200}
 MAX_REGISTERS_PER_THREAD = 255
 
-# Metadata fields a CompiledKernel needs to stand up without its binary (``_PlanCacheManager``).
-_METADATA_KEYS = ("hash", "target", "name", "num_warps", "num_ctas", "num_stages", "warp_size", "shared",
-                  "tmem_size", "global_scratch_size", "global_scratch_align", "profile_scratch_size",
-                  "profile_scratch_align", "launch_cooperative_grid", "launch_pdl", "tensordesc_meta",
-                  "triton_version")
+# Metadata fields a CompiledKernel needs to stand up without its binary (``_plan_cache_manager``): a
+# plan cache entry keeps those that differ from these defaults (the hash and target are known).
+_METADATA_DEFAULTS = {"num_ctas": 1, "warp_size": 32, "tmem_size": 0, "global_scratch_size": 0,
+                      "global_scratch_align": 1, "profile_scratch_size": 0, "profile_scratch_align": 1,
+                      "launch_cooperative_grid": False, "launch_pdl": False, "tensordesc_meta": []}
+_METADATA_KEYS = ("name", "num_warps", "num_stages", "shared", *_METADATA_DEFAULTS)
+# The constexprs a plan table shows (a kernel's tiles and what its programs own).
+TILE_CONSTEXPRS = ("OWN_ROWS", "BLOCK_N", "BLOCK_V", "BLOCK_H", "CHUNK", "K_PAD", "BLOCK_B", "BLOCK_D", "BLOCK_SIZE")
 _CACHED_BINARY = b"ptd launch plan: no binary, figures from the plan cache\n"
 
 
@@ -87,7 +90,7 @@ class CompiledKernel:
     wgmma_dots: int  # of which lowered to Hopper's warp-group MMA
     tcgen05_dots: int  # of which lowered to Blackwell's tensor-core MMA
     mma_sync: int  # mma.sync instructions in the PTX (the pre-Hopper tensor-core path)
-    constexprs: dict = field(default_factory=dict, compare=False, hash=False)
+    tiles: dict = field(default_factory=dict, compare=False, hash=False)  # TILE_CONSTEXPRS of the kernel
     compile_hash: str = ""
     cached: bool = False  # figures read from the plan cache, not from a compile in this run
 
@@ -176,8 +179,10 @@ class _Recorder:
             group = get_cache_manager(metadata.hash).get_group(f"{metadata.name}.json") or {}
             with open(group[f"{metadata.name}.json"]) as file:
                 full = json.load(file)
-            self.entry = {"metadata": {k: full[k] for k in _METADATA_KEYS if k in full},
-                          **_dot_counts(_read(group, ".ttgir"), _read(group, ".ptx"))}
+            metadata = {k: full[k] for k in _METADATA_KEYS if k in full and full[k] != _METADATA_DEFAULTS.get(k, ())}
+            constexprs = _constexprs(src)
+            self.entry = {"metadata": metadata, **_dot_counts(_read(group, ".ttgir"), _read(group, ".ptx")),
+                          "tiles": {k: constexprs[k] for k in TILE_CONSTEXPRS if k in constexprs}}
 
     def __call__(self, grid_x, grid_y, grid_z, stream, function, *args):
         entry, meta = self.entry, self.metadata
@@ -188,7 +193,7 @@ class _Recorder:
             kernel=meta.name, num_warps=meta.num_warps, num_stages=meta.num_stages,
             registers=entry["registers"], spill_bytes=entry["spill_bytes"], shared_bytes=meta.shared,
             dots=entry["dots"], wgmma_dots=entry["wgmma_dots"], tcgen05_dots=entry["tcgen05_dots"],
-            mma_sync=entry["mma_sync"], constexprs=_constexprs(self.src), compile_hash=meta.hash,
+            mma_sync=entry["mma_sync"], tiles=entry["tiles"], compile_hash=meta.hash,
             cached=self.cached,
         )
         self.driver.launches.append(Launch(compiled, (int(grid_x), int(grid_y), int(grid_z))))
@@ -263,7 +268,7 @@ class PlanCacheMiss(Exception):
     """A kernel is not in the plan cache and the recording may not compile it."""
 
 
-def _plan_cache_manager(cache: dict, scratch_dir: str, compile_missing: bool):
+def _plan_cache_manager(cache: dict, scratch_dir: str, compile_missing: bool, gpu: GPU):
     """A Triton cache manager that answers a compile whose hash is in ``cache`` with the kernel's
     metadata and a placeholder binary (so Triton does not compile it), and defers to Triton's file
     cache otherwise (or raises ``PlanCacheMiss`` unless ``compile_missing``)."""
@@ -281,8 +286,10 @@ def _plan_cache_manager(cache: dict, scratch_dir: str, compile_missing: bool):
             os.makedirs(folder, exist_ok=True)
             name = filename[: -len(".json")]
             paths = {filename: os.path.join(folder, filename), f"{name}.cubin": os.path.join(folder, f"{name}.cubin")}
+            metadata = {**_METADATA_DEFAULTS, "hash": base64.b32decode(padded).hex(),
+                        "target": {"backend": "cuda", "arch": gpu.arch, "warp_size": 32}, **entry["metadata"]}
             with open(paths[filename], "w") as file:
-                json.dump(entry["metadata"], file)
+                json.dump(metadata, file)
             with open(paths[f"{name}.cubin"], "wb") as file:
                 file.write(_CACHED_BINARY)
             return paths
@@ -312,7 +319,7 @@ def recording(gpu: GPU = H100, cache: dict | None = None, compile_missing: bool 
     with tempfile.TemporaryDirectory(prefix="ptd-plan-") as scratch:
         driver.set_active(stand_in)
         triton_compiler.max_shared_mem = lambda device: 1 << 31
-        triton.knobs.cache.manager_class = _plan_cache_manager(stand_in.cache, scratch, compile_missing)
+        triton.knobs.cache.manager_class = _plan_cache_manager(stand_in.cache, scratch, compile_missing, gpu)
         try:
             yield stand_in
         finally:
@@ -538,6 +545,40 @@ def _worker(request_path: str, out_path: str) -> None:
         compiled.update(config_compiled)
     with open(out_path, "w") as file:
         json.dump({"rows": rows, "compiled": compiled, "missing": missing}, file)
+
+
+_ROW_FIGURES = ("kernel", "num_warps", "num_stages", "registers", "spill_bytes", "shared_bytes", "dots", "wgmma_dots",
+                "tcgen05_dots", "mma_sync", "tiles")
+
+
+def pack(rows: list[dict], compiled: dict) -> dict:
+    """A plan's rows and compile figures, each kernel's once: {"configs": [{the Configuration's fields,
+    "launches": [[compile hash, grid x, grid y, grid z], ...]}], "kernels": {compile hash: plan cache
+    entry + the row figures}}. ``unpack`` gives the rows back."""
+    configs, kernels = [], {}
+    for row in rows:
+        key = row["compile_hash"]
+        kernels[key] = {**compiled.get(key, {}), **{k: row[k] for k in _ROW_FIGURES}}
+        if not configs or configs[-1][1] != row["config"]:
+            configs.append(({f.name: row[f.name] for f in dataclasses.fields(Configuration)}, row["config"], []))
+        configs[-1][2].append([key, *row["grid"]])
+    configs = [{**fields, "launches": launches} for fields, _, launches in configs]
+    return {"configs": configs, "kernels": kernels}
+
+
+def unpack(packed: dict, gpu: GPU = H100) -> list[dict]:
+    """The rows of a ``pack``-ed plan (as ``plan`` gives them, without ``cached``)."""
+    rows = []
+    for config in packed["configs"]:
+        fields = {k: v for k, v in config.items() if k != "launches"}
+        label = Configuration(**fields).label
+        for index, (key, *grid) in enumerate(config["launches"]):
+            kernel = packed["kernels"][key]
+            programs = grid[0] * grid[1] * grid[2]
+            rows.append({"config": label, **fields, "launch": index,
+                         **{k: kernel[k] for k in _ROW_FIGURES}, "compile_hash": key, "grid": grid,
+                         "programs": programs, "waves": round(programs / gpu.multiprocessor_count, 2)})
+    return rows
 
 
 def check(rows: list[dict], gpu: GPU = H100) -> list[str]:

@@ -17,10 +17,12 @@ fills the GPU). It sweeps its tiles once, keeping for every row
 
 and a running top-K of packed int64 keys (see ``_pack_keys``): a key orders by (float32 logit
 descending, id ascending), so comparing keys is the whole tie rule and the id and the logit
-decode back out of the key. A second, tiny step in torch merges the per-segment partials:
+decode back out of the key. A tile's keys above a row's smallest kept key replace it one at a
+time (``_merge_topk``; no sorting network, whose registers would crowd out the tile). A second,
+tiny step in torch merges the per-segment partials:
 
     M = max_s m_s,   S = Σ_s s_s e^{m_s − M},   lse = M + log S,   mean = Σ_s t_s e^{m_s − M} / S
-    top-K = top-k of the [N, segments · K_PAD] partial keys.
+    top-K = top-k of the [N, segments · K_PAD] partial keys (sorted there).
 
 Extra memory is O(N · segments · K_PAD + tiles), never O(N · V).
 """
