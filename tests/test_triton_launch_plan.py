@@ -8,7 +8,8 @@ recorded instead of run) at the target shapes of ``bench/kernel_plan.py`` — N 
 V ∈ {128256, 151936}, bf16 / fp16 / fp32 with TF32 on and off, soft-cap and bias on and off,
 K ∈ {1, 8, 20, 64, 100, 128, 256}, β ∈ {0, 0.5, 1} — and checks what ptxas made of every kernel
 they launch: shared memory within the GPU's per-block limit, no register spill for bf16/fp16 at
-K ≤ 128, every bf16/fp16 dot on the asynchronous tensor-core MMA (``launch_plan.check``).
+K ≤ 128 (on the H100; reported only on the B200), every bf16/fp16 dot on the asynchronous
+tensor-core MMA (``launch_plan.check``).
 
 Compiling all of it takes about 20 minutes on 2 cores, so the compile figures come from the plan
 cache that ``bench/kernel_plan.py`` commits beside its table, keyed by Triton's own compile hash
@@ -76,7 +77,7 @@ def _plan(gpu: str):
         with open(path) as file:
             table = json.load(file)
     same_triton = table is not None and table["triton"] == triton.__version__
-    cache = table["kernels"] if same_triton else {}
+    cache = launch_plan.plan_cache(table) if same_triton else {}
     jobs = min(2, os.cpu_count() or 1)
     covering = list(covering_configurations())
     rows, _, _ = launch_plan.run_plan(covering, gpu, cache, jobs)
@@ -99,9 +100,9 @@ def sm100():
     return _plan("sm100")
 
 
-def _assert_within_limits(plan, gpu):
+def _assert_within_limits(plan, gpu, spills=True):
     assert plan["rows"], "no launch was recorded"
-    problems = launch_plan.check(plan["rows"], gpu)
+    problems = launch_plan.check(plan["rows"], gpu, spills)
     assert not problems, f"{len(problems)} launches over {gpu.name}'s limits:\n" + "\n".join(problems[:40])
 
 
@@ -128,6 +129,16 @@ def test_sm90_table_is_current(sm90):
     _assert_table_is_current(sm90, "sm90")
 
 
+def test_every_launch_fits_a_b200(sm100):
+    """sm_100a: shared memory and tcgen05 are checked; spills are reported in the table, not checked
+    (``launch_plan.CHECK_SPILLS``: the tiles are chosen on sm_90a)."""
+    _assert_within_limits(sm100, launch_plan.B200, spills=launch_plan.CHECK_SPILLS["sm100"])
+
+
+def test_sm100_table_is_current(sm100):
+    _assert_table_is_current(sm100, "sm100")
+
+
 def test_covering_set_spans_every_launcher_and_dtype():
     configs = list(covering_configurations())
     assert {c.op for c in configs} == set(launch_plan.OPS)
@@ -135,3 +146,27 @@ def test_covering_set_spans_every_launcher_and_dtype():
         assert {c.dtype for c in configs if c.op == op} == set(launch_plan.DTYPES)
     assert {c.k for c in configs if c.op == "student_topk" and c.dtype == "bf16"} >= {1, 100, 256}
     assert {c.beta for c in configs if c.op.startswith("jsd")} == {0.0, 0.5, 1.0}
+
+
+def test_check_names_each_limit():
+    """``check`` on made-up rows: one over the shared memory, one spilling, one off the async MMA; a
+    spill at K = 256 and an fp32 FMA kernel are allowed."""
+    base = dict(launch=0, kernel="k", dtype="bf16", k=0, registers=255, spill_bytes=0, shared_bytes=1024, dots=1,
+                wgmma_dots=1, tcgen05_dots=0, mma_sync=0)
+    rows = [
+        {**base, "config": "shared", "shared_bytes": launch_plan.H100.max_shared_mem + 1},
+        {**base, "config": "spill", "k": 128, "spill_bytes": 8},
+        {**base, "config": "mma", "wgmma_dots": 0, "mma_sync": 4},
+        {**base, "config": "spill-k256", "k": 256, "spill_bytes": 8},
+        {**base, "config": "fp32-fma", "dtype": "fp32", "wgmma_dots": 0, "spill_bytes": 8},
+    ]
+    problems = launch_plan.check(rows, launch_plan.H100)
+    assert [p.split(" ")[0] for p in problems] == ["shared", "spill", "mma"]
+
+
+def test_a_kernel_missing_from_the_cache_is_reported_not_compiled():
+    if _why_not():
+        pytest.skip(_why_not())
+    config = C("logprobs", "bf16", False, False)
+    rows, compiled, missing = launch_plan.run_plan([config], "sm90", {}, compile_missing=False)
+    assert (rows, compiled, missing) == ([], {}, [config.label])
