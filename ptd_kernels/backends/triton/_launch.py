@@ -1,4 +1,7 @@
-"""Launch-time facts shared by the Triton launchers: the interpreter, the dot rules, tile sizes."""
+"""Launch-time facts shared by the Triton launchers: the interpreter, the dot rules, tile sizes.
+
+Imports no Triton at module level (the backend registry reads ``interpreting`` from here): what
+needs Triton imports it where it runs."""
 
 from __future__ import annotations
 
@@ -7,13 +10,14 @@ import re
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from ..._dtypes import compute_dtype
 
 # The oldest Triton with every language feature the kernels use: tl.dot's input_precision (Triton 3.0;
 # 2.3 has only allow_tf32). The kernels were compiled for sm_90a with 3.0.0, 3.2.0 and 3.9.0
-# (docs/gpu.md); tests/test_triton_floor.py keeps them to the tl names that 3.0 has.
+# (docs/gpu.md); tests/test_triton_floor.py keeps them to the tl names that 3.0 has. The jit-helper
+# modules every kernel imports first (``tiles``, ``rowmath``) call ``check_triton`` before they define
+# a function: a first use on an older Triton stops there, with the version needed.
 TRITON_FLOOR = (3, 0)
 
 
@@ -26,8 +30,9 @@ def check_triton(version: str) -> None:
                           f"{version}: install triton>={floor}, or pass backend='torch'")
 
 
-# Every kernel module imports this one before it defines a kernel: the check runs on first use.
-check_triton(triton.__version__)
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -207,7 +212,7 @@ def segments_to_fill(blocks: int, tiles: int, max_segments: int | None = None) -
     best, best_fill = 1, 0.0
     for segments in range(1, cap + 1):
         programs = blocks * segments
-        fill = programs / (triton.cdiv(programs, sms) * sms)
+        fill = programs / (cdiv(programs, sms) * sms)
         if fill >= 0.9:
             return segments
         if fill > best_fill + 1e-9:
@@ -222,7 +227,7 @@ def grad_segments(blocks: int, tiles: int) -> int:
     sms = multiprocessor_count()
     if 2 * blocks >= sms:
         return 1
-    return max(1, min(triton.cdiv(9 * sms, 10 * blocks), tiles, MAX_SEGMENTS))
+    return max(1, min(cdiv(9 * sms, 10 * blocks), tiles, MAX_SEGMENTS))
 
 
 @dataclass
@@ -270,12 +275,12 @@ def grad_sweeps(tile_for, n: int, v: int, h: int, needs, acc_dtype, operand_dtyp
         tiles = tile_for(own_rows)
         own_len, sweep_len = (n, v) if own_rows else (v, n)
         block_own, block_sweep = (tiles.block_n, tiles.block_v) if own_rows else (tiles.block_v, tiles.block_n)
-        owned_blocks = triton.cdiv(own_len, block_own)
-        sweep_tiles = triton.cdiv(sweep_len, block_sweep)
+        owned_blocks = cdiv(own_len, block_own)
+        sweep_tiles = cdiv(sweep_len, block_sweep)
         programs = min(owned_blocks, multiprocessor_count())
         segments = grad_segments(owned_blocks, sweep_tiles)
-        tiles_per_segment = triton.cdiv(sweep_tiles, segments)
-        segments = triton.cdiv(sweep_tiles, tiles_per_segment)  # no empty segment
+        tiles_per_segment = cdiv(sweep_tiles, segments)
+        segments = cdiv(sweep_tiles, tiles_per_segment)  # no empty segment
         # Accumulated by read-modify-write from zero (a program owns its rows: no atomics).
         out = torch.zeros((segments, own_len, h) if need_out else (1, 1, 1), dtype=acc_dtype, device=device)
         out_bias = torch.zeros((segments, v) if need_bias else (1,), dtype=acc_dtype, device=device)

@@ -409,8 +409,8 @@ def call(config: Configuration) -> None:
     """Run the launcher(s) of ``config`` on meta tensors (inside ``recording``: compile and record)."""
     import torch
 
-    from ..base import GradNeeds, Head, HeadGradCoefs, JSDStats, SparseTerms
-    from . import head_backward as head_backward_module
+    from ..base import GradNeeds, Head, HeadGradCoefs, JSDStats, LogitSpec, SparseTerms
+    from .head_backward import head_backward
     from .jsd_backward import jsd_backward
     from .jsd_forward import jsd_forward
     from .row_stats import row_stats
@@ -423,7 +423,7 @@ def call(config: Configuration) -> None:
     def head(hidden_size=h, weight=None):
         weight = _meta(v, hidden_size, dtype=dtype_name) if weight is None else weight
         bias = _meta(v, dtype=dtype_name) if config.bias else None
-        return Head(_meta(n, hidden_size, dtype=dtype_name), weight, bias, 1.0, 1.0, cap)
+        return Head(_meta(n, hidden_size, dtype=dtype_name), weight, bias, LogitSpec(1.0, 1.0, cap))
 
     previous_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -439,22 +439,13 @@ def call(config: Configuration) -> None:
             row_stats(student, k=config.k, with_mean_logit=False, lse_dtype=torch.float64)
         elif config.op in ("head_backward", "head_backward_sparse"):
             sparse = ()
-            padded = None
             if config.op == "head_backward_sparse":
                 slots = 2 * config.k + 1  # the union of both top-K sets and the target
-                sparse = (SparseTerms(_meta(n, dtype=int64), _meta(n, slots, dtype=int64), _meta(n, slots, dtype=f32)),)
-                # The merge of sparse terms into one sorted row (pad_sparse) sorts data: on meta
-                # tensors only its output's shape is known, so it stands in as that shape.
-                padded = (_meta(n, slots, dtype=int64), _meta(n, slots, dtype=f32))
-            coefs = HeadGradCoefs(rows, rows, rows, targets, rows, sparse)
-            original = head_backward_module.pad_sparse
-            head_backward_module.pad_sparse = (lambda *args: padded) if padded is not None else original
-            try:
-                head_backward_module.head_backward(student, rows, coefs, GradNeeds())
-            finally:
-                head_backward_module.pad_sparse = original
+                sparse = (SparseTerms(_meta(n, dtype=int64), _meta(n, slots, dtype=int64), _meta(n, slots, dtype=f32),
+                                      distinct_rows=True),)
+            head_backward(student, rows, HeadGradCoefs(rows, rows, rows, targets, rows, sparse), GradNeeds())
         else:
-            teacher = (Head(_meta(n, h, dtype=dtype_name), student.weight, student.bias, 1.0, 1.0, cap)
+            teacher = (Head(_meta(n, h, dtype=dtype_name), student.weight, student.bias, LogitSpec(1.0, 1.0, cap))
                        if config.shared_layer else head(TEACHER_HIDDEN))
             if config.op == "jsd_forward":
                 jsd_forward(student, teacher, config.beta)

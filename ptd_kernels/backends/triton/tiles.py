@@ -16,6 +16,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._launch import check_triton
+
+check_triton(triton.__version__)  # before any kernel is defined: the version needed, on first use
+
 
 @triton.jit
 def logits_tile(
