@@ -428,6 +428,9 @@ def counting(stand_in: StandIn = StandIn()):
     import triton.runtime.autotuner as autotuner
     import triton.runtime.interpreter as interpreter
     import triton.runtime.jit as jit
+    from triton.runtime import driver
+
+    from ptd_kernels.backends.triton import launch_plan
 
     _import_kernel_modules()
     trace = Trace()
@@ -452,6 +455,10 @@ def counting(stand_in: StandIn = StandIn()):
         mock.patch.object(interpreter.InterpretedFunction, "run", _recording_run(trace)),
         mock.patch.object(autotuner.Autotuner, "run", _first_config_run),
         mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"}),
+        # ptd's Triton launchers read the SM count from Triton's active driver (_launch.device_properties)
+        mock.patch.object(driver, "_active", launch_plan.StandInDriver(launch_plan.GPU(
+            stand_in.name, 10 * stand_in.capability[0] + stand_in.capability[1], stand_in.multi_processor_count,
+            232_448))),
     ]
     with contextlib.ExitStack() as stack:
         for patch in patches:

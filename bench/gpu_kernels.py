@@ -2,12 +2,14 @@
 
 Two kinds of kernels:
 
-- **ptd's fused tile kernels** (``_row_stats_kernel``, ``_head_backward_kernel``, ``_jsd_forward_kernel``,
-  ``_jsd_backward_kernel``): each program owns BLOCK_N rows × BLOCK_V vocabulary columns and forms the
-  logits tile with ``tl.dot`` over the hidden size in BLOCK_H steps. From the grid and the constexprs:
-  dot FLOPs (padded tiles included: the tensor cores compute them), the tile loads from L2
-  (hidden and weight tiles, re-read per tile), the atomics of the gradient kernels, an instruction
-  count of the per-logit epilogue, and the HBM traffic from a simulated L2 (below).
+- **ptd's fused tile kernels** (``_row_stats_kernel``, ``_jsd_forward_kernel``: a program owns BLOCK_N
+  rows and sweeps one vocabulary segment; ``_head_backward_kernel``, ``_jsd_backward_kernel``: a
+  persistent program owns blocks of gradient rows — of ∂hidden, or of ∂weight and ∂bias — and sweeps
+  the other axis, buffering CHUNK entries of da before it adds buffer @ operand into its rows). Every
+  logits tile is formed with ``tl.dot`` over the hidden size in BLOCK_H steps. From the grid and the
+  constexprs: dot FLOPs (padded tiles included: the tensor cores compute them), the tile loads from
+  L2, the gradient rows' read-modify-writes (no atomics), an instruction count of the per-logit
+  epilogue, and the HBM traffic from a simulated L2 (below).
 - **every other Triton kernel** (peers' elementwise kernels, and any kernel without ``tl.dot``): the
   kernel's source says which pointer arguments it loads, stores and updates atomically; each is
   taken as moving its whole tensor once per loop that touches it (a row-per-program streaming
@@ -18,11 +20,12 @@ A fused kernel not modelled here raises ``UnmodelledKernel``: its tile plan has 
 (a few lines: see ``_FUSED``), not guessed.
 
 **L2 assumption.** Programs run in waves of ``sms × ctas_per_sm`` consecutive program ids (one CTA per
-SM for these kernels: 8–16 warps and 74–98 KiB of shared memory each), and the programs of a wave
+SM for these kernels: 8 warps and 48–196 KiB of shared memory each), and the programs of a wave
 advance together. The L2 is a least-recently-used cache of ``Chip.l2_bytes`` holding whole tiles:
-hidden and weight tiles are read from HBM on a miss; a gradient accumulator tile is read on its first
+hidden and weight tiles are read from HBM on a miss; a block of gradient rows is read on its first
 touch, kept while it is reused, and written back when evicted (and at the end). Tiles touched by
-several programs of one wave are fetched once.
+several programs of one wave are fetched once. A backward program's chunk buffer (≤ 256 KiB) is
+taken to stay in L2: its writes and re-reads are L2 traffic only.
 """
 
 from __future__ import annotations
@@ -102,54 +105,26 @@ class L2:
 EPILOGUE_ALU = {"row_stats": 8, "mean": 3, "targets": 3, "cap": 10, "topk": 11, "head_backward": 12,
                 "jsd_forward": 30, "jsd_backward": 36}
 EPILOGUE_SFU = {"row_stats": 1, "cap": 2, "head_backward": 1, "jsd": 4}
-# An int64 compare-and-swap of Triton's bitonic network (standard.py ``_compare_and_swap``): the partner's
-# xor (2), the flip (2), the 64-bit compare (3), select (2), the orientation (2): ~12 int32 instructions
-# per element and stage, on every element of the tile.
-SWAP_INSTRUCTIONS = 12
+# One step of the running top-K merge (``row_stats._merge_topk``): a max over the tile's int64 keys, the
+# compare and select that drops it, the count of keys left above the threshold (~3 int32 instructions
+# each per key of the tile), and the argmin / min / select over the row's K_PAD kept keys (~4 each).
+STEP_INSTRUCTIONS_PER_KEY, STEP_INSTRUCTIONS_PER_KEPT = 9, 12
 
 
-def topk_merge_instructions(block_n: int, block_v: int, k_pad: int) -> float:
-    """Instructions of one running top-K merge of a [block_n, block_v] key tile (``tl.topk`` then
-    ``tl.bitonic_merge`` of K_PAD, as ``row_stats._merge_topk_bitonic``)."""
-    log_n, log_k = int(math.log2(block_v)), int(math.log2(k_pad))
-    element_stages = block_v * log_k * (log_k + 1) // 2  # bitonic sort of runs of k_pad
-    width = block_v
-    for _ in range(log_k + 1, log_n + 1):  # halve by max, re-merge
-        width //= 2
-        element_stages += width * (1 + log_k)
-    element_stages += k_pad * log_k + k_pad  # bitonic_merge of the k_pad list and the elementwise max
-    return block_n * element_stages * SWAP_INSTRUCTIONS
+def topk_merge_instructions(block_n: int, block_v: int, k_pad: int, tiles: int) -> float:
+    """Instructions of the running top-K merge over ``tiles`` tiles of one program (a model).
+
+    A tile costs a test of its keys against the rows' thresholds, then one step per key moved in,
+    for the row with the most: K_PAD steps fill the first tiles, then about K/t keys of tile t beat a
+    row's K-th largest (random order), so K_PAD·(1 + ln tiles) steps in all, plus one per tile for the
+    rows of a block that do not move together.
+    """
+    steps = k_pad * (1 + math.log(max(tiles, 1))) + tiles
+    per_step = block_n * (block_v * STEP_INSTRUCTIONS_PER_KEY + k_pad * STEP_INSTRUCTIONS_PER_KEPT)
+    return tiles * block_n * block_v * 3 + steps * per_step
 
 
 # ----------------------------------------------------------------------------- ptd's fused tile kernels
-
-
-def _tile_program_order(num_n: int, num_v: int, group_n: int):
-    """(row tile, vocabulary tile) of each program id, as ``tiles.tile_ids`` maps them."""
-    per_group = group_n * num_v
-    for pid in range(num_n * num_v):
-        first_n = (pid // per_group) * group_n
-        group_rows = min(num_n - first_n, group_n)
-        yield first_n + (pid % per_group) % group_rows, (pid % per_group) // group_rows
-
-
-def _grouped_sweep_hbm(chip: Chip, num_n, num_v, group_n, blocks) -> tuple[int, int]:
-    """HBM (read, written) of a 1-D grouped tile sweep. ``blocks(n, v)`` → [(key, bytes, dirty)] one program touches."""
-    cache = L2(chip.l2_bytes)
-    slots = chip.sms * chip.ctas_per_sm
-    wave: dict = {}
-    for count, (tile_n, tile_v) in enumerate(_tile_program_order(num_n, num_v, group_n), 1):
-        for key, nbytes, dirty in blocks(tile_n, tile_v):
-            previous = wave.get(key)
-            wave[key] = (nbytes, dirty or (previous is not None and previous[1]))
-        if count % slots == 0:
-            for key, (nbytes, dirty) in wave.items():
-                cache.touch(key, nbytes, dirty)
-            wave = {}
-    for key, (nbytes, dirty) in wave.items():
-        cache.touch(key, nbytes, dirty)
-    cache.flush()
-    return cache.read, cache.written
 
 
 def _row_stats(launch: TritonLaunch, chip: Chip) -> Work:
@@ -168,8 +143,8 @@ def _row_stats(launch: TritonLaunch, chip: Chip) -> Work:
                  + EPILOGUE_ALU["targets"] * bool(args["HAS_TARGETS"]) + EPILOGUE_ALU["cap"] * bool(args["HAS_CAP"])
                  + EPILOGUE_ALU["topk"] * bool(args["TOPK"]))
     alu = logits * per_logit
-    if args["TOPK"]:  # every tile merges: with BLOCK_N rows, some row nearly always has a new candidate
-        alu += tiles * topk_merge_instructions(bn, bv, args["K_PAD"])
+    if args["TOPK"]:
+        alu += row_blocks * segments * topk_merge_instructions(bn, bv, args["K_PAD"], tiles_per_segment)
     sfu = logits * (EPILOGUE_SFU["row_stats"] + EPILOGUE_SFU["cap"] * bool(args["HAS_CAP"]))
 
     cache = L2(chip.l2_bytes)
@@ -190,7 +165,7 @@ def _row_stats(launch: TritonLaunch, chip: Chip) -> Work:
                 l2_bytes=tiles * (hidden_tile + weight_tile), alu_ops=alu, sfu_ops=sfu,
                 programs=row_blocks * segments,
                 detail=f"grid {row_blocks}x{segments}, tiles {bn}x{bv}x{bh}, {tiles_per_segment} tiles/program"
-                       + (f", top-{args['K_PAD']} merge" if args["TOPK"] else ""))
+                       + (f", running top-{args['K_PAD']}" if args["TOPK"] else ""))
 
 
 def _partial_bytes_per_row(args) -> int:
@@ -204,105 +179,122 @@ def _dot_dtype(operand: TensorArg) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}.get(operand.dtype, "tf32")
 
 
-def _gradient_tiles(args, bn, bv, depth, h, n, v, num_n, num_v, x, w):
-    """Dots, L2 bytes and atomic updates of ``accumulate_head_grads`` over the whole grid (the atomics
-    are masked to the valid rows, columns and hidden units)."""
-    need_x, need_w, need_b = bool(args["NEED_X_GRAD"]), bool(args["NEED_W_GRAD"]), bool(args["NEED_B_GRAD"])
-    tiles = num_n * num_v
-    dots = need_x + need_w
-    l2 = tiles * (need_x * bv * depth * w.itemsize + need_w * bn * depth * x.itemsize)
-    atomics = need_x * num_v * n * h + need_w * num_n * v * h + need_b * num_n * v
-    return dots, l2, atomics
-
-
-def _gradient_blocks(args, bn, bv, depth, x, w):
-    need_x, need_w = bool(args["NEED_X_GRAD"]), bool(args["NEED_W_GRAD"])
-
-    def blocks(tile_n, tile_v):
-        out = []
-        if need_x:
-            out.append((("gx", tile_n), bn * depth * 4, True))
-        if need_w:
-            out.append((("gw", tile_v), bv * depth * 4, True))
-        return out
-
-    return blocks
+def _owned_sweep(launch: TritonLaunch, chip: Chip, sides, per_logit_alu: float, per_logit_sfu: float,
+                 extra_alu: float = 0.0) -> Work:
+    """A backward sweep (``head_backward``/``jsd_backward`` with OWN_ROWS set or not): each of the
+    grid's persistent programs owns blocks of gradient rows pid, pid + programs, ... and sweeps the
+    other axis of its segment, recomputing the logits tiles of every side in ``sides`` — (hidden
+    arg, weight arg, padded depth), the student first — and, per CHUNK swept entries, adding
+    buffer @ operand into its gradient rows (one read and one write of them per chunk)."""
+    args = launch.args
+    n, v, h = args["N"], args["V"], args["H"]
+    bn, bv, chunk, block_k = args["BLOCK_N"], args["BLOCK_V"], args["CHUNK"], args["BLOCK_K"]
+    own_rows, need_out = bool(args["OWN_ROWS"]), bool(args["NEED_OUT"])
+    programs, segments = launch.grid[0], launch.grid[1]
+    own_len, sweep_len, b_own, b_sweep = (n, v, bn, bv) if own_rows else (v, n, bv, bn)
+    owned_blocks, sweep_tiles = cdiv(own_len, b_own), cdiv(sweep_len, b_sweep)
+    segment_tiles = args["TILES_PER_SEG"]
+    x, w = args["x_ptr"], args["w_ptr"]
+    operand = w if own_rows else x  # the rows a chunk's entries index
+    tiles = owned_blocks * sweep_tiles
+    logits = tiles * bn * bv
+    flops = 2 * logits * sum(depth for _, _, depth in sides)
+    l2 = tiles * sum((bn * depth * hid.itemsize + bv * depth * wt.itemsize) for hid, wt, depth in sides)
+    if need_out:
+        flops += 2 * owned_blocks * b_own * sweep_tiles * b_sweep * pad(h, block_k)
+        l2 += tiles * bn * bv * operand.itemsize * (1 + cdiv(h, block_k))  # buffer writes and re-reads
+    cache = L2(chip.l2_bytes)
+    rounds = cdiv(owned_blocks, programs)
+    gradient_bytes = b_own * h * 4
+    for segment in range(segments):
+        first = segment * segment_tiles
+        seg_tiles = list(range(first, min(first + segment_tiles, sweep_tiles)))
+        for round_ in range(rounds):
+            blocks = [b for b in range(round_ * programs, min((round_ + 1) * programs, owned_blocks))]
+            for start in range(0, len(seg_tiles), max(1, chunk // b_sweep)):
+                chunk_tiles = seg_tiles[start:start + max(1, chunk // b_sweep)]
+                for tile in chunk_tiles:
+                    for side, (hid, wt, depth) in enumerate(sides):
+                        swept, owned = (wt, hid) if own_rows else (hid, wt)
+                        cache.touch(("sweep", side, tile), b_sweep * depth * swept.itemsize)
+                        for block in blocks:
+                            cache.touch(("own", side, block), b_own * depth * owned.itemsize)
+                if need_out:
+                    cache.touch(("rows", chunk_tiles[0]), len(chunk_tiles) * b_sweep * h * operand.itemsize)
+                    for block in blocks:
+                        cache.touch(("grad", segment, block), gradient_bytes, dirty=True)
+                        l2 += 2 * gradient_bytes
+    cache.flush()
+    alu = logits * per_logit_alu + extra_alu
+    what = "∂hidden rows" if own_rows else ("∂weight rows" if need_out else "∂bias")
+    return Work(launch.kernel, "fused", launch.phase, gemm_flops=flops, gemm_dtype=_dot_dtype(x),
+                hbm_read=cache.read, hbm_write=cache.written + (segments > 1) * segments * own_len * h * 4,
+                l2_bytes=l2, alu_ops=alu, sfu_ops=logits * per_logit_sfu, programs=programs * segments,
+                detail=f"grid {programs}x{segments} owning {what} ({owned_blocks} blocks of {b_own}), "
+                       f"{tiles} tiles of {bn}x{bv}x{args['BLOCK_H']}, chunk {chunk}, no atomics")
 
 
 def _head_backward(launch: TritonLaunch, chip: Chip) -> Work:
     args = launch.args
-    n, v, h = args["N"], args["V"], args["H"]
-    bn, bv, bh, group = args["BLOCK_N"], args["BLOCK_V"], args["BLOCK_H"], args["GROUP_N"]
-    num_n, num_v = cdiv(n, bn), cdiv(v, bv)
-    x, w = args["x_ptr"], args["w_ptr"]
-    depth = pad(h, bh)
-    tiles = num_n * num_v
-    grad_dots, grad_l2, atomics = _gradient_tiles(args, bn, bv, depth, h, n, v, num_n, num_v, x, w)
+    h, bn, bv = args["H"], args["BLOCK_N"], args["BLOCK_V"]
+    sides = [(args["x_ptr"], args["w_ptr"], pad(h, args["BLOCK_H"]))]
+    tiles = cdiv(args["N"], bn) * cdiv(args["V"], bv)
     search = tiles * bn * 2 * args["search_steps"] * 12 if args["HAS_SPARSE"] else 0  # id + coefficient reads
-    logits = tiles * bn * bv
     per_logit = EPILOGUE_ALU["head_backward"] + EPILOGUE_ALU["cap"] * bool(args["HAS_CAP"])
-    gradient_blocks = _gradient_blocks(args, bn, bv, depth, x, w)
-
-    def blocks(tile_n, tile_v):
-        return [(("x", tile_n), bn * depth * x.itemsize, False), (("w", tile_v), bv * depth * w.itemsize, False),
-                *gradient_blocks(tile_n, tile_v)]
-
-    read, written = _grouped_sweep_hbm(chip, num_n, num_v, group, blocks)
-    return Work(launch.kernel, "fused", launch.phase, gemm_flops=2 * logits * depth * (1 + grad_dots),
-                gemm_dtype=_dot_dtype(x), hbm_read=read, hbm_write=written,
-                l2_bytes=tiles * (bn + bv) * depth * x.itemsize + grad_l2 + search,
-                atomics=atomics, atomic_bytes=4 * atomics, alu_ops=logits * per_logit,
-                sfu_ops=logits * (EPILOGUE_SFU["head_backward"] + EPILOGUE_SFU["cap"] * bool(args["HAS_CAP"])),
-                programs=tiles, detail=f"grid {tiles} ({num_n}x{num_v} tiles of {bn}x{bv}x{bh}), "
-                                       f"{1 + grad_dots} dots/tile, fp32 atomics")
+    sfu = EPILOGUE_SFU["head_backward"] + EPILOGUE_SFU["cap"] * bool(args["HAS_CAP"])
+    return _owned_sweep(launch, chip, sides, per_logit, sfu, search)
 
 
-def _jsd(launch: TritonLaunch, chip: Chip) -> Work:
+def _jsd_sides(args):
+    h, th, bh = args["H"], args["TH"], args["BLOCK_H"]
+    sides = [(args["x_ptr"], args["w_ptr"], pad(h, bh))]
+    teacher_weight = args["w_ptr"] if args["SHARED_WEIGHT"] else args["tw_ptr"]
+    return sides + [(args["tx_ptr"], teacher_weight, pad(th, bh))]
+
+
+def _jsd_backward(launch: TritonLaunch, chip: Chip) -> Work:
     args = launch.args
-    backward = "NEED_X_GRAD" in args
-    n, v, h, th = args["N"], args["V"], args["H"], args["TH"]
-    bn, bv, bh, group = args["BLOCK_N"], args["BLOCK_V"], args["BLOCK_H"], args["GROUP_N"]
-    num_n, num_v = cdiv(n, bn), cdiv(v, bv)
-    x, w, tx, tw = args["x_ptr"], args["w_ptr"], args["tx_ptr"], args["tw_ptr"]
-    shared = bool(args["SHARED_WEIGHT"])
-    depth, teacher_depth = pad(h, bh), pad(th, bh)
-    tiles = num_n * num_v
+    per_logit = EPILOGUE_ALU["jsd_backward"] + EPILOGUE_ALU["cap"] * (bool(args["HAS_CAP"]) + bool(args["T_HAS_CAP"]))
+    return _owned_sweep(launch, chip, _jsd_sides(args), per_logit, EPILOGUE_SFU["jsd"])
+
+
+def _jsd_forward(launch: TritonLaunch, chip: Chip) -> Work:
+    """Row blocks × vocabulary segments, as ``_row_stats``, with both sides' tiles; per-row partial sums."""
+    args = launch.args
+    n, v = args["N"], args["V"]
+    bn, bv, bh = args["BLOCK_N"], args["BLOCK_V"], args["BLOCK_H"]
+    row_blocks, segments = launch.grid[0], launch.grid[1]
+    tiles_per_segment = args["TILES_PER_SEG"]
+    num_tiles = cdiv(v, bv)
+    sides = _jsd_sides(args)
+    tiles = row_blocks * num_tiles
     logits = tiles * bn * bv
-    flops = 2 * logits * (depth + teacher_depth)
-    l2 = tiles * ((bn + bv) * depth * x.itemsize + bn * teacher_depth * tx.itemsize
-                  + (0 if shared else bv * teacher_depth * tw.itemsize))
-    atomics = 0 if backward else 2 * n * num_v
-    grad_blocks = None
-    if backward:
-        grad_dots, grad_l2, atomics = _gradient_tiles(args, bn, bv, depth, h, n, v, num_n, num_v, x, w)
-        flops += 2 * logits * depth * grad_dots
-        l2 += grad_l2
-        grad_blocks = _gradient_blocks(args, bn, bv, depth, x, w)
-
-    def blocks(tile_n, tile_v):
-        out = [(("x", tile_n), bn * depth * x.itemsize, False), (("w", tile_v), bv * depth * w.itemsize, False),
-               (("tx", tile_n), bn * teacher_depth * tx.itemsize, False)]
-        if not shared:
-            out.append((("tw", tile_v), bv * teacher_depth * tw.itemsize, False))
-        if grad_blocks is not None:
-            out.extend(grad_blocks(tile_n, tile_v))
-        return out
-
-    read, written = _grouped_sweep_hbm(chip, num_n, num_v, group, blocks)
-    per_logit = EPILOGUE_ALU["jsd_backward" if backward else "jsd_forward"] + EPILOGUE_ALU["cap"] * (
-        bool(args["HAS_CAP"]) + bool(args["T_HAS_CAP"]))
-    return Work(launch.kernel, "fused", launch.phase, gemm_flops=flops, gemm_dtype=_dot_dtype(x),
-                hbm_read=read, hbm_write=written, l2_bytes=l2, atomics=atomics, atomic_bytes=4 * atomics,
-                alu_ops=logits * per_logit, sfu_ops=logits * EPILOGUE_SFU["jsd"], programs=tiles,
-                detail=f"grid {tiles} ({num_n}x{num_v} tiles of {bn}x{bv}x{bh}), "
-                       f"{flops / (2 * logits * depth):.0f} dots/tile" + (", fp32 atomics" if backward else ""))
+    cache = L2(chip.l2_bytes)
+    slots = chip.sms * chip.ctas_per_sm
+    programs = [(rb, seg) for seg in range(segments) for rb in range(row_blocks)]
+    for start in range(0, len(programs), slots):
+        wave = programs[start:start + slots]
+        for step in range(tiles_per_segment):
+            for rb, seg in wave:
+                tile = seg * tiles_per_segment + step
+                if tile < num_tiles:
+                    for side, (hid, wt, depth) in enumerate(sides):
+                        cache.touch(("x", side, rb), bn * depth * hid.itemsize)
+                        cache.touch(("w", side, tile), bv * depth * wt.itemsize)
+    per_logit = EPILOGUE_ALU["jsd_forward"] + EPILOGUE_ALU["cap"] * (bool(args["HAS_CAP"]) + bool(args["T_HAS_CAP"]))
+    return Work(launch.kernel, "fused", launch.phase, gemm_flops=2 * logits * sum(d for _, _, d in sides),
+                gemm_dtype=_dot_dtype(args["x_ptr"]), hbm_read=cache.read, hbm_write=segments * n * 8,
+                l2_bytes=tiles * sum(bn * d * hid.itemsize + bv * d * wt.itemsize for hid, wt, d in sides),
+                alu_ops=logits * per_logit, sfu_ops=logits * EPILOGUE_SFU["jsd"], programs=row_blocks * segments,
+                detail=f"grid {row_blocks}x{segments}, tiles {bn}x{bv}x{bh}, {tiles_per_segment} tiles/program, "
+                       "both sides")
 
 
 _FUSED = {
     "_row_stats_kernel": _row_stats,
     "_head_backward_kernel": _head_backward,
-    "_jsd_forward_kernel": _jsd,
-    "_jsd_backward_kernel": _jsd,
+    "_jsd_forward_kernel": _jsd_forward,
+    "_jsd_backward_kernel": _jsd_backward,
 }
 
 

@@ -99,12 +99,13 @@ ASSUMPTION_TEXT = (
      "on the FP32 pipe at {cublas_fp32_efficiency:.0%} of its peak; a GEMM is never faster than moving its operands "
      "at the memory-pass rate, and one with at most 16 output rows or columns (a gather, a GEMV) is priced that "
      "way."),
-    ("Fused Triton kernels", "tl.dot at {triton_dot_efficiency:.0%} of the tensor peak (64×128×64 tiles, one CTA of "
-     "8–16 warps per SM, cp.async loads, no TMA: below cuBLAS), plus the per-logit epilogue on the INT32/FP32 and "
+    ("Fused Triton kernels", "tl.dot at {triton_dot_efficiency:.0%} of the tensor peak (64×64 to 128×128 tiles, one "
+     "CTA of 8 warps per SM, cp.async loads, no TMA: below cuBLAS), plus the per-logit epilogue on the INT32/FP32 and "
      "SFU pipes in series with it (one CTA per SM: nothing hides it); their tile loads from L2 at "
      "{l2_tb:.1f} TB/s (Chips and Cheese measured ≈5.5 TB/s on the 114-SM H100 PCIe; scaled to 132 SMs) and "
-     "fp32 atomics at {atomic_tb:.1f} TB/s of payload (half the L2 bandwidth: each is a read-modify-write; no "
-     "published figure: a GPU run should calibrate it); HBM traffic from a least-recently-used simulation of "
+     "fp32 atomics (ptd's Triton kernels have none: a backward program owns its gradient rows) at "
+     "{atomic_tb:.1f} TB/s of payload (half the L2 bandwidth: each is a read-modify-write; no published "
+     "figure: a GPU run should calibrate it); HBM traffic from a least-recently-used simulation of "
      "{l2_usable:.0%} of the 50 MB L2 over the programs' tiles in launch order (bench/gpu_kernels.py). A fused "
      "kernel takes the longest of: dots + epilogue, L2 loads + atomics, HBM."),
     ("Memory passes", "every other kernel (elementwise, reductions, copies, fills, sorts, gathers; the peers' "
@@ -113,8 +114,9 @@ ASSUMPTION_TEXT = (
     ("Launches and syncs", "each launch costs at least {launch_us:.0f} µs (host-side launch in eager mode; a "
      "kernel shorter than that is launch-bound) and each host read-back {sync_us:.0f} µs."),
     ("Data", "modelled data: every row live, every target and id in range, no tie at the k-th place, every "
-     "boolean mask all True, and the running top-K merges on every tile (with 64 rows per tile, some row nearly "
-     "always has a new candidate); the union support holds 2K distinct ids (SCALAR_RULES in bench/gpu_scalars.py)."),
+     "boolean mask all True, logits in random order for the running top-K (K_PAD·(1 + ln tiles) insertion steps "
+     "per program, plus one per tile: bench/gpu_kernels.py); the union support holds 2K distinct ids "
+     "(SCALAR_RULES in bench/gpu_scalars.py)."),
     ("Floor", "an op's floor is the logits GEMMs its form needs (2·N·V·H FLOPs each) at cuBLAS speed in bf16; "
      "'× floor' divides the predicted time by it. Targets (issue 21.5): every op ≤ 1.2× its floor, teacher top-K "
      "≤ 1.2× one GEMM, working memory (peak beyond the inputs, less the input gradients) ≤ 1 GiB."),

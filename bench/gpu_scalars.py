@@ -54,7 +54,6 @@ def _summary(frame_locals, _tensor):
 SCALAR_RULES = (
     ScalarRule("open_call", ".tolist()", _summary,
                "every row live, every target and teacher id in [0, V), no repeated teacher id"),
-    ScalarRule("head_backward", "row_index.min()", 0, "sparse rows are rows of the call: the range check passes"),
     ScalarRule("_baddbmm_accumulates", "float(c[0, 0])", 11.5,
                "cuBLAS adds 16-bit products into a float32 output in place (the cublas backend's probe passes)"),
     # peers

@@ -21,7 +21,7 @@ When the atoms are a softmax of logits z (p = softmax(z)), ∂D/∂z_v = w_v −
 The forms, each written once:
 
 - value and weighted score per atom, log-add-exp form: ``jsd_pointwise`` (top-K atoms; full rows
-  near β = 0 or 1). Its Triton twin is ``backends/triton/_math.py``.
+  near β = 0 or 1). Its Triton twin is ``backends/triton/rowmath.py``.
 - the same for full rows from the probabilities (0.001 ≤ β ≤ 0.999): ``jsd_scores_`` (one exp per
   logit and side, log m = log(lerp(p, q, β))), chosen by ``mixture_from_probs``.
 - the softmax chain rule: ``jsd_grad_logits_``; the Top-K one: ``topk_grad_logits_``.

@@ -13,7 +13,8 @@ from ptd_kernels.backends.base import DivergenceSpec, GradNeeds, Head, HeadGradC
 from ptd_kernels.backends.torch import TorchBackend
 from ptd_kernels.backends.triton import TritonBackend, _launch
 from ptd_kernels.backends.triton import head_backward as triton_head_backward
-from ptd_kernels.backends.triton import jsd as triton_jsd
+from ptd_kernels.backends.triton import jsd_backward as triton_jsd_backward
+from ptd_kernels.backends.triton import jsd_forward as triton_jsd_forward
 from ptd_kernels.backends.triton import row_stats as triton_row_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,7 +48,7 @@ def test_every_triton_kernel_gets_the_same_dot_precision(monkeypatch, dtype, tf3
     (a forward lse and a backward p = exp(z − lse) must come from the same logits)."""
     seen = []
     for module, name in ((triton_row_stats, "_row_stats_kernel"), (triton_head_backward, "_head_backward_kernel"),
-                         (triton_jsd, "_jsd_forward_kernel"), (triton_jsd, "_jsd_backward_kernel")):
+                         (triton_jsd_forward, "_jsd_forward_kernel"), (triton_jsd_backward, "_jsd_backward_kernel")):
         monkeypatch.setattr(module, name, _LaunchRecorder(name, seen))
     n, h, v = 4, 16, 40
     head = Head(torch.randn(n, h).to(dtype), torch.randn(v, h).to(dtype), None, 0.7)
@@ -55,8 +56,8 @@ def test_every_triton_kernel_gets_the_same_dot_precision(monkeypatch, dtype, tf3
     stats = ptd.backends.base.JSDStats(lse, lse, lse, lse)
     calls = (lambda: triton_row_stats.row_stats(head, k=3),
              lambda: triton_head_backward.head_backward(head, lse, HeadGradCoefs(torch.ones(n))),
-             lambda: triton_jsd.jsd_forward(head, head, 0.5, lse=lse, teacher_lse=lse),
-             lambda: triton_jsd.jsd_backward(head, head, 0.5, stats, torch.ones(n)))
+             lambda: triton_jsd_forward.jsd_forward(head, head, 0.5, lse=lse, teacher_lse=lse),
+             lambda: triton_jsd_backward.jsd_backward(head, head, 0.5, stats, torch.ones(n)))
     saved = torch.backends.cuda.matmul.allow_tf32  # a property module: monkeypatch cannot restore it
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:

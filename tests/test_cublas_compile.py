@@ -38,7 +38,7 @@ def _compile_case(case: str) -> dict:
         jsd_stats_kernel,
         stats_kernel,
     )
-    from ptd_kernels.backends.triton._math import beta_case
+    from ptd_kernels.backends.triton.rowmath import beta_case
 
     def build(kernel, constexprs: dict, pointers: dict, warps: int) -> dict:
         """``pointers``: pointee type per pointer argument (default fp32); other arguments are i32."""

@@ -124,9 +124,10 @@ def test_triton_launch_is_recorded_not_run():
     assert work.kind == "stream" and work.hbm_read == 4 * n and work.hbm_write == 4 * n
 
 
-def test_fused_kernel_plan_gives_dot_flops_and_atomics():
-    """ptd's head backward at a small shape: one program per (row tile, vocabulary tile), three dots per
-    tile (the logits, ∂hidden, ∂weight), and every ∂hidden / ∂weight element updated once per tile."""
+def test_fused_kernel_plan_gives_dot_flops_and_no_atomics():
+    """ptd's head backward at a small shape: one kernel launched as two sweeps — programs owning rows of
+    ∂hidden, then rows of ∂weight — each recomputing every logits tile once and adding buffer @ operand
+    into the rows it owns (no atomics)."""
     import ptd_kernels
 
     n, h, v = 100, 64, 300
@@ -138,16 +139,18 @@ def test_fused_kernel_plan_gives_dot_flops_and_atomics():
         logp = ptd_kernels.linear_logprobs(hidden, weight, targets, backend="triton")
         trace.phase = "backward"
         logp.sum().backward()
-    launches = {w.kernel: w for w in trace.works if isinstance(w, gpu_count.TritonLaunch)}
-    backward = launches["_head_backward_kernel"]
-    bn, bv, bh = (backward.args[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H"))
-    row_tiles, vocab_tiles = triton.cdiv(n, bn), triton.cdiv(v, bv)
-    assert backward.grid == (row_tiles * vocab_tiles, 1, 1)
-    work = gpu_kernels.launch_work(backward)
-    tiles = row_tiles * vocab_tiles
-    assert work.gemm_flops == 3 * 2 * tiles * bn * bv * gpu_kernels.pad(h, bh)
-    assert work.atomics == vocab_tiles * n * h + row_tiles * v * h
-    forward = launches["_row_stats_kernel"]
+    launches = [w for w in trace.works if isinstance(w, gpu_count.TritonLaunch)]
+    backward = [w for w in launches if w.kernel == "_head_backward_kernel"]
+    assert [bool(w.args["OWN_ROWS"]) for w in backward] == [True, False]
+    for launch in backward:
+        bn, bv, bh, bk = (launch.args[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "BLOCK_K"))
+        own, swept = ((n, bn), (v, bv)) if launch.args["OWN_ROWS"] else ((v, bv), (n, bn))
+        work = gpu_kernels.launch_work(launch)
+        recompute = 2 * triton.cdiv(n, bn) * triton.cdiv(v, bv) * bn * bv * gpu_kernels.pad(h, bh)
+        gradient = 2 * gpu_kernels.pad(*own) * gpu_kernels.pad(*swept) * gpu_kernels.pad(h, bk)
+        assert work.gemm_flops == recompute + gradient
+        assert work.atomics == 0
+    forward = next(w for w in launches if w.kernel == "_row_stats_kernel")
     stats_n, stats_v, stats_h = (forward.args[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H"))
     stats = gpu_kernels.launch_work(forward)
     assert stats.gemm_flops == (2 * triton.cdiv(n, stats_n) * triton.cdiv(v, stats_v) * stats_n * stats_v
@@ -221,7 +224,7 @@ def test_full_size_triton_sweep_counts_quickly():
     with gpu_count.counting() as trace:
         gpu_cases.run_case(lambda x: op.call(x, "triton"), shape, trace)
     works = [gpu_kernels.launch_work(w) if isinstance(w, gpu_count.TritonLaunch) else w for w in trace.works]
-    assert sum(w.gemm_flops for w in works) == 4 * shape.logits_gemm_flops
-    backward = next(w for w in works if w.name == "_head_backward_kernel")
-    assert backward.atomics == (triton.cdiv(shape.v, 128) * shape.n + triton.cdiv(shape.n, 64) * shape.v) * shape.h
+    # forward 1; backward: two sweeps, each a recomputation and a gradient GEMM
+    assert sum(w.gemm_flops for w in works) == 5 * shape.logits_gemm_flops
+    assert all(w.atomics == 0 for w in works if w.name == "_head_backward_kernel")
     assert trace.peak_extra_bytes > shape.v * shape.h * 4  # the fp32 ∂weight accumulator, counted, not allocated

@@ -15,7 +15,8 @@ from _checks import acc_dtype, assert_rel_close
 
 from ptd_kernels import rowmath
 from ptd_kernels.backends.base import GradNeeds, Head, JSDStats
-from ptd_kernels.backends.triton.jsd import jsd_backward, jsd_forward
+from ptd_kernels.backends.triton.jsd_backward import jsd_backward
+from ptd_kernels.backends.triton.jsd_forward import jsd_forward
 
 N, V, H, TH = 7, 200, 40, 24
 TAU = 0.7
@@ -226,12 +227,11 @@ def test_bad_inputs_are_rejected():
                     teacher_lse=lse)
     with pytest.raises(ValueError, match="teacher_lse"):
         jsd_forward(student, teacher, 0.5, lse=lse, teacher_lse=lse[:-1])
-    with pytest.raises(ValueError, match="temperature"):
-        jsd_forward(*case.heads(-1.0), 0.5, lse=lse, teacher_lse=lse)
     with pytest.raises(ValueError, match="grad"):
         jsd_backward(student, teacher, 0.5, JSDStats(lse, lse, lse, lse), lse[:-1])
 
 
 def test_many_row_tiles():
-    """N = 150 rows in 16-row tiles: 10 row tiles, i.e. more than one group of GROUP_N = 8."""
-    Case(torch.float32, with_bias=True, n=150).check(0.5, dict(block_n=16, block_v=128, block_h=64))
+    """N = 150 rows in 16-row tiles: 10 row blocks looped over by the interpreter's 4 programs; the
+    backward's sweeps cross chunk boundaries both ways."""
+    Case(torch.float32, with_bias=True, n=150).check(0.5, dict(block_n=16, block_v=64, block_h=64))

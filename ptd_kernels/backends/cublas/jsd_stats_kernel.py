@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton._math import beta_case, jsd_pointwise
+from ..triton.rowmath import beta_case, jsd_pointwise
 from ..triton.tiles import to_logits
 from . import _work
 

@@ -1,8 +1,9 @@
 """The Triton backend: the vocabulary sweeps as GPU kernels (or under ``TRITON_INTERPRET=1`` on a CPU).
 
-One kernel per file with its launcher beside it (``row_stats``, ``head_backward``, ``jsd`` — the
-same file names as the torch backend's), shared ``@triton.jit`` helpers in ``tiles``, per-element
-math in ``_math``, launch facts in ``_launch``. The kernel modules are imported on first use, so
+One kernel per file with its launcher beside it (``row_stats``, ``head_backward``, ``jsd_forward``,
+``jsd_backward``; what the two JSD sweeps share in ``jsd``), shared ``@triton.jit`` helpers in
+``tiles``, per-element math in ``rowmath`` (the Triton twin of ``ptd_kernels.rowmath``), launch
+facts in ``_launch``, the compile-only launch plan for a GPU that is not here in ``launch_plan``. The kernel modules are imported on first use, so
 that selecting a backend never compiles or imports Triton code it does not run.
 """
 
@@ -37,11 +38,11 @@ class TritonBackend(Backend):
         return head_backward.head_backward(head, lse, coefs, needs)
 
     def jsd_forward(self, student, teacher, beta, *, lse=None, teacher_lse=None):
-        from . import jsd
+        from .jsd_forward import jsd_forward
 
-        return jsd.jsd_forward(student, teacher, beta, lse=lse, teacher_lse=teacher_lse)
+        return jsd_forward(student, teacher, beta, lse=lse, teacher_lse=teacher_lse)
 
     def jsd_backward(self, student, teacher, beta, stats, grad, needs):
-        from . import jsd
+        from .jsd_backward import jsd_backward
 
-        return jsd.jsd_backward(student, teacher, beta, stats, grad, needs)
+        return jsd_backward(student, teacher, beta, stats, grad, needs)

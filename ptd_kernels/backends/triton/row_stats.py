@@ -17,10 +17,12 @@ fills the GPU). It sweeps its tiles once, keeping for every row
 
 and a running top-K of packed int64 keys (see ``_pack_keys``): a key orders by (float32 logit
 descending, id ascending), so comparing keys is the whole tie rule and the id and the logit
-decode back out of the key. A second, tiny step in torch merges the per-segment partials:
+decode back out of the key. A tile's keys above a row's smallest kept key replace it one at a
+time (``_merge_topk``; no sorting network, whose registers would crowd out the tile). A second,
+tiny step in torch merges the per-segment partials:
 
     M = max_s m_s,   S = Σ_s s_s e^{m_s − M},   lse = M + log S,   mean = Σ_s t_s e^{m_s − M} / S
-    top-K = top-k of the [N, segments · K_PAD] partial keys.
+    top-K = top-k of the [N, segments · K_PAD] partial keys (sorted there).
 
 Extra memory is O(N · segments · K_PAD + tiles), never O(N · V).
 """
@@ -58,23 +60,39 @@ def _pack_keys(z, cols):
 
 
 @triton.jit
-def _merge_topk_bitonic(top, keys, K_PAD: tl.constexpr):
-    """The K_PAD largest of ``top`` (ascending) and ``keys`` (a tile), ascending. GPU path."""
-    cand = tl.topk(keys, K_PAD)  # descending
-    # top ascending, cand descending: the elementwise max holds the K_PAD largest of both lists
-    # and is bitonic, so one bitonic merge sorts it again.
-    return tl.bitonic_merge(tl.maximum(top, cand), descending=False)
+def _merge_topk(top, keys, K_PAD: tl.constexpr):
+    """The K_PAD largest of ``top`` (the running top-K, in no order) and ``keys`` (a tile), in no order.
+
+    Candidates are the tile's keys above the row's smallest kept key; each step moves every row's
+    largest candidate into the slot of its smallest kept key, until no row has a candidate. After the
+    first tiles few keys qualify (about K·BLOCK_V / (tiles seen) per row), so a step or two per tile
+    does, and no sorting network is built: the registers stay with the tiles. Real keys are distinct
+    (the id is in them), so a key moved is a key removed from the tile.
+    """
+    slots = tl.arange(0, K_PAD)
+    threshold = tl.min(top, axis=1)
+    n_better = tl.sum((keys > threshold[:, None]).to(tl.int32))
+    while n_better > 0:
+        best = tl.max(keys, axis=1)
+        slot = tl.argmin(top, axis=1)
+        top = tl.where((best > threshold)[:, None] & (slots[None, :] == slot[:, None]), best[:, None], top)
+        # Drop it from the tile; where it was not moved it is below the threshold, which only rises.
+        keys = tl.where(keys == best[:, None], _KEY_SENTINEL, keys)
+        threshold = tl.min(top, axis=1)
+        n_better = tl.sum((keys > threshold[:, None]).to(tl.int32))
+    return top
 
 
 @triton.jit
 def _merge_topk_rank(top, keys, K_PAD: tl.constexpr):
-    """Same result as ``_merge_topk_bitonic``, by ranking: the interpreter path.
+    """Same set as ``_merge_topk`` (sorted ascending), by ranking: the interpreter's path.
 
-    The interpreter runs the sorting network's xor-reductions element by element in Python
-    (seconds per tile); here every step is a whole-array compare/sum/max. rank(x) = how many
-    keys of both lists are strictly greater; a key of rank r < K_PAD goes to ascending slot
-    K_PAD − 1 − r. Real keys are distinct (the id is in them); equal sentinels share one rank,
-    and slots nobody claims stay sentinels, which is what they would hold anyway.
+    The interpreter runs every step of ``_merge_topk``'s loop as separate array operations
+    (tens of microseconds each, and the first tiles take up to K_PAD steps); here the merge is a
+    fixed handful of whole-array compare/sum/max. rank(x) = how many keys of both lists are
+    strictly greater; a key of rank r < K_PAD goes to ascending slot K_PAD − 1 − r. Real keys are
+    distinct (the id is in them); equal sentinels share one rank, and slots nobody claims stay
+    sentinels, which is what they would hold anyway.
     """
     rank_top = tl.sum((top[:, None, :] > top[:, :, None]).to(tl.int32), axis=2)
     rank_top += tl.sum((keys[:, None, :] > top[:, :, None]).to(tl.int32), axis=2)
@@ -90,7 +108,7 @@ def _merge_topk_rank(top, keys, K_PAD: tl.constexpr):
 def _row_stats_kernel(
     h_ptr, w_ptr, b_ptr, scalars_ptr, y_ptr,
     part_m_ptr, part_s_ptr, part_t_ptr, part_keys_ptr, target_out_ptr,
-    N, V, H, TILES_PER_SEG,
+    N, V, H, TILES_PER_SEG, NUM_SEG,
     stride_hn, stride_hh, stride_wv, stride_wh,
     HAS_BIAS: tl.constexpr,
     HAS_CAP: tl.constexpr,
@@ -98,7 +116,6 @@ def _row_stats_kernel(
     WITH_MEAN: tl.constexpr,
     TOPK: tl.constexpr,
     K_PAD: tl.constexpr,
-    NUM_SEG: tl.constexpr,
     RANK_MERGE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
@@ -126,8 +143,6 @@ def _row_stats_kernel(
         y = tl.load(y_ptr + rows64, mask=row_mask, other=-1)
         z_target = tl.zeros((BLOCK_N,), ACC_DTYPE)
     if TOPK:
-        tl.static_assert(K_PAD <= BLOCK_V, "the launcher widens BLOCK_V to K_PAD")
-        # Sorted ascending, so that a descending tile candidate list merges by one bitonic pass.
         top = tl.full((BLOCK_N, K_PAD), _KEY_SENTINEL, tl.int64)
 
     for tile in range(tile_lo, tile_hi):
@@ -156,15 +171,13 @@ def _row_stats_kernel(
 
         if TOPK:
             keys = tl.where(col_mask[None, :], _pack_keys(z, cols), _KEY_SENTINEL)
-            # Skip the merge when no key of the tile beats any row's current K_PAD-th key
-            # (after the first tiles this is the common case).
-            threshold = tl.min(top, axis=1)
-            n_better = tl.sum((keys > threshold[:, None]).to(tl.int32))
-            if n_better > 0:
-                if RANK_MERGE:
+            if RANK_MERGE:
+                # Skip the merge when no key of the tile beats any row's current K_PAD-th key.
+                n_better = tl.sum((keys > tl.min(top, axis=1)[:, None]).to(tl.int32))
+                if n_better > 0:
                     top = _merge_topk_rank(top, keys, K_PAD)
-                else:
-                    top = _merge_topk_bitonic(top, keys, K_PAD)
+            else:
+                top = _merge_topk(top, keys, K_PAD)
 
     part = seg.to(tl.int64) * N + rows64
     tl.store(part_m_ptr + part, m, mask=row_mask)
@@ -189,30 +202,6 @@ def _unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, bits.view(torch.float32)
 
 
-def _default_tiles(k_pad: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps) for an H100.
-
-    The running top-K costs BLOCK_N·K_PAD int64 registers next to the BLOCK_N×BLOCK_V logit
-    tile, and the tile must hold K_PAD candidates (BLOCK_V ≥ K_PAD). Chosen from sm_90
-    cross-compiles (ptxas register/spill reports).
-    """
-    if k_pad <= 32:
-        return 64, 128, 64, 8
-    if k_pad <= 128:
-        return 64, 128, 32, 16
-    return 32, 256, 32, 8
-
-
-def _num_segments(device: torch.device, row_blocks: int, num_tiles: int) -> int:
-    if device.type == "cuda":
-        # Aim at two programs per SM: few rows (decoding, small batches) split the vocabulary.
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-        want = triton.cdiv(target, row_blocks)
-    else:
-        want = 2  # interpreter: keep the segment merge exercised at little cost
-    return max(1, min(want, num_tiles))
-
-
 def row_stats(
     head: Head,
     *,
@@ -224,8 +213,8 @@ def row_stats(
     block_v: int | None = None,
     block_h: int | None = None,
     num_segments: int | None = None,
-    topk_merge: str | None = None,
     num_warps: int | None = None,
+    topk_merge: str | None = None,
 ) -> RowStats:
     """One sweep over the vocabulary per row block: lse, mean logit, target logit, top-k (``Backend.row_stats``).
 
@@ -239,8 +228,8 @@ def row_stats(
             exact for callers that normalize logits by it (the JSD kernels).
         block_n, block_v, block_h, num_segments, num_warps: tuning overrides (tests use small tiles;
             the JSD forward passes its own tiles, so that both sweeps round the logits alike).
-        topk_merge: "bitonic" (sorting network, the GPU path) or "rank" (whole-array ranking,
-            the default under the interpreter, where the sorting network is very slow).
+        topk_merge: "insert" (``_merge_topk``, the GPU's path) or "rank" (``_merge_topk_rank``, the
+            default under the interpreter, where "insert" is slow); both keep the same keys.
 
     Returns RowStats with float32 statistics (float64 for float64 inputs) and float32 top-k logits.
     """
@@ -258,9 +247,9 @@ def row_stats(
         targets = targets.contiguous()
 
     if topk_merge is None:
-        topk_merge = "rank" if _launch.interpreting() else "bitonic"
-    if topk_merge not in ("bitonic", "rank"):
-        raise ValueError(f"topk_merge must be 'bitonic' or 'rank', got {topk_merge!r}")
+        topk_merge = "rank" if _launch.interpreting() else "insert"
+    if topk_merge not in ("insert", "rank"):
+        raise ValueError(f"topk_merge must be 'insert' or 'rank', got {topk_merge!r}")
 
     device = hidden.device
     acc_dtype = _launch.accumulator_dtype(dtype)
@@ -276,17 +265,17 @@ def row_stats(
         )
 
     k_pad = max(2, triton.next_power_of_2(k)) if k else 0
-    d_n, d_v, d_h, d_warps = _default_tiles(k_pad)
-    num_warps = num_warps or d_warps
+    tiles = _launch.forward_tiles(dtype, k_pad)
+    num_warps = num_warps or tiles.num_warps
     # Few rows: a smaller row block wastes less of the tile (16 is tl.dot's minimum on a GPU).
-    block_n = block_n or min(d_n, max(16, triton.next_power_of_2(n)))
-    block_v = max(block_v or d_v, k_pad)  # a tile must hold K_PAD candidates
-    block_h = block_h or d_h
+    block_n = block_n or min(tiles.block_n, max(16, triton.next_power_of_2(n)))
+    block_v = block_v or tiles.block_v
+    block_h = block_h or tiles.block_h
     if not _launch.interpreting() and min(block_n, block_h) < 16:
         raise ValueError("block_n and block_h must be ≥ 16 on a GPU (tl.dot)")
     row_blocks = triton.cdiv(n, block_n)
     num_tiles = triton.cdiv(v, block_v)
-    num_seg = num_segments or _num_segments(device, row_blocks, num_tiles)
+    num_seg = num_segments or _launch.segments_to_fill(row_blocks, num_tiles)
     num_seg = max(1, min(num_seg, num_tiles))
     tiles_per_seg = triton.cdiv(num_tiles, num_seg)
     num_seg = triton.cdiv(num_tiles, tiles_per_seg)  # no empty segment
@@ -302,7 +291,7 @@ def row_stats(
         hidden, weight, bias if bias is not None else hidden, scalars,
         targets if targets is not None else part_m,
         part_m, part_s, part_t, part_keys, out_target if out_target is not None else part_m,
-        n, v, hdim, tiles_per_seg,
+        n, v, hdim, tiles_per_seg, num_seg,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None,
         HAS_CAP=head.softcap is not None,
@@ -310,7 +299,6 @@ def row_stats(
         WITH_MEAN=with_mean_logit,
         TOPK=k > 0,
         K_PAD=max(k_pad, 2),
-        NUM_SEG=num_seg,
         RANK_MERGE=topk_merge == "rank",
         ACC_DTYPE=_launch.tl_dtype(acc_dtype),
         **_launch.dot_meta(dtype),
@@ -318,8 +306,7 @@ def row_stats(
         BLOCK_V=block_v,
         BLOCK_H=block_h,
         num_warps=num_warps,
-        # float64 tiles take twice the shared memory per pipeline stage.
-        num_stages=2 if dtype == torch.float64 else 3,
+        num_stages=tiles.num_stages,
     )
 
     if num_seg == 1:

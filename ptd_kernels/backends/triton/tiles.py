@@ -1,9 +1,10 @@
-"""``@triton.jit`` helpers shared by the output-layer kernels (``row_stats``, ``head_backward``, ``jsd``).
+"""``@triton.jit`` helpers shared by the output-layer kernels (``row_stats``, ``head_backward``,
+``jsd_forward``, ``jsd_backward``).
 
-- ``tile_ids``: the (row tile, vocabulary tile) of a program, grouped for weight-tile reuse in L2;
 - ``logits_tile``: the one tile a = x @ wᵀ + b of every kernel — and, for a shared output layer, a
   second side's tile from the same weight loads; ``to_logits`` turns it into z = cap_c(s·a)/τ;
-- ``accumulate_head_grads``: dz @ w, dzᵀ @ x and Σ dz, atomically added into the gradients;
+- ``store_chunk_tile`` and ``add_chunk_product``: a backward program's chunk buffer of da tiles, and
+  buffer @ operand added into the gradient rows the program owns (no atomics);
 - ``add_sparse_terms``: the few per-row sparse terms of ∂L/∂z added into a dz tile.
 
 Every ``tl.dot`` takes its ``input_precision`` from ``_launch.dot_precision`` (the launchers pass
@@ -15,19 +16,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._launch import check_triton
 
-@triton.jit
-def tile_ids(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
-    """(row-tile, vocab-tile) of this program, grouped so GROUP_N row tiles reuse each weight tile."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_v = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP_N * num_v
-    first_n = (pid // per_group) * GROUP_N
-    group_rows = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_rows
-    pid_v = (pid % per_group) // group_rows
-    return pid_n, pid_v
+check_triton(triton.__version__)  # before any kernel is defined: the version needed, on first use
 
 
 @triton.jit
@@ -60,7 +51,7 @@ def logits_tile(
         mask_k = offs_k < K
         mask_nk = mask_n[:, None] & mask_k[None, :]
         x = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk, mask=mask_nk, other=0.0)
-        # The weight tile is loaded transposed ([BLOCK_K, BLOCK_V]) so the dot needs no tl.trans.
+        # The weight tile is loaded transposed ([BLOCK_K, BLOCK_V]) so the dot needs no transpose.
         wt = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_v[None, :] * stride_wv,
                      mask=mask_k[:, None] & mask_v[None, :], other=0.0)
         if DOT_UPCAST:  # the interpreter's bf16 tl.dot is wrong; upcast there only
@@ -115,44 +106,57 @@ def to_logits(a, transform_ptr, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def accumulate_head_grads(
-    dz, x_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr,
-    offs_n, offs_v, mask_n, mask_v, K,
-    stride_xn, stride_xk, stride_wv, stride_wk,
-    NEED_X_GRAD: tl.constexpr, NEED_W_GRAD: tl.constexpr, NEED_B_GRAD: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Atomically add dz @ w → gx[offs_n], dzᵀ @ x → gw[offs_v] and Σ_n dz → gb[offs_v].
+def store_chunk_tile(scratch_ptr, dz, first, OWN_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                     CHUNK: tl.constexpr):
+    """Write a [BLOCK_N, BLOCK_V] tile of da = ∂L/∂a into a program's chunk buffer, in the buffer's dtype.
 
-    ``dz`` is the [BLOCK_N, BLOCK_V] tile of ∂L/∂(hidden·weightᵀ + bias) (already divided by τ
-    and zero outside the valid rows/columns). gx, gw are contiguous [·, K] accumulators.
+    The buffer is [owned, CHUNK] (row-major): with ``OWN_ROWS`` the owned axis is the tile's rows and the
+    tile goes to columns [first, first + BLOCK_V); otherwise the owned axis is the tile's vocabulary
+    columns and the tile goes, transposed, to columns [first, first + BLOCK_N).
     """
-    if NEED_B_GRAD:
-        tl.atomic_add(gb_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
-    # The gradient dots run in the operands' dtype (bf16 tensor cores on a GPU), like torch's
-    # backward of a bf16 linear layer, with fp32 accumulation.
-    dz_op = dz.to(w_ptr.dtype.element_ty)
-    if DOT_UPCAST:
-        dz_op = dz_op.to(tl.float32)
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_V)
+    if OWN_ROWS:
+        ptrs = scratch_ptr + rows[:, None] * CHUNK + (first + cols)[None, :]
+    else:
+        ptrs = scratch_ptr + cols[None, :] * CHUNK + (first + rows)[:, None]
+    tl.store(ptrs, dz.to(scratch_ptr.dtype.element_ty))
+
+
+@triton.jit
+def add_chunk_product(
+    out_ptr, out_offs, out_mask, scratch_ptr, chunk_len,
+    m_ptr, m_first, stride_mr, stride_mk, K,
+    ACC_DTYPE: tl.constexpr, DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[out_offs, :K] += S[:, :chunk_len] @ m[m_first : m_first + chunk_len, :K], read-modify-write.
+
+    S is the program's [BLOCK_O, CHUNK] chunk buffer (``store_chunk_tile``); out is a contiguous
+    [·, K] accumulator whose rows ``out_offs`` (int64) this program owns, so no other program writes
+    them and no atomic is needed. m is the operand the chunk's entries index (the weight rows of a
+    vocabulary chunk, or the hidden rows of a row chunk), strides (stride_mr, stride_mk).
+    """
+    offs_o = tl.arange(0, BLOCK_O)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        if NEED_X_GRAD:
-            w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_k[None, :] * stride_wk,
-                        mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+        out_ptrs = out_ptr + out_offs[:, None] * K + offs_k[None, :]
+        out_tile_mask = out_mask[:, None] & mask_k[None, :]
+        acc = tl.load(out_ptrs, mask=out_tile_mask, other=0.0).to(ACC_DTYPE)
+        for c0 in range(0, chunk_len, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < chunk_len
+            # Columns past chunk_len hold the previous chunk's entries: masked out on both sides.
+            s = tl.load(scratch_ptr + offs_o[:, None] * CHUNK + offs_c[None, :], mask=mask_c[None, :], other=0.0)
+            m_rows = (m_first + offs_c).to(tl.int64)
+            m = tl.load(m_ptr + m_rows[:, None] * stride_mr + offs_k[None, :] * stride_mk,
+                        mask=mask_c[:, None] & mask_k[None, :], other=0.0)
             if DOT_UPCAST:
-                w = w.to(tl.float32)
-            gx = tl.dot(dz_op, w, input_precision=PRECISION)
-            tl.atomic_add(gx_ptr + offs_n[:, None] * K + offs_k[None, :], gx,
-                          mask=mask_n[:, None] & mask_k[None, :], sem="relaxed")
-        if NEED_W_GRAD:
-            x = tl.load(x_ptr + offs_n[:, None] * stride_xn + offs_k[None, :] * stride_xk,
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            if DOT_UPCAST:
-                x = x.to(tl.float32)
-            gw = tl.dot(tl.trans(dz_op), x, input_precision=PRECISION)
-            tl.atomic_add(gw_ptr + offs_v[:, None] * K + offs_k[None, :], gw,
-                          mask=mask_v[:, None] & mask_k[None, :], sem="relaxed")
+                s = s.to(tl.float32)
+                m = m.to(tl.float32)
+            acc = tl.dot(s, m, acc, input_precision=PRECISION)
+        tl.store(out_ptrs, acc, mask=out_tile_mask)
 
 
 @triton.jit

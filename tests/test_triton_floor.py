@@ -1,0 +1,64 @@
+"""The Triton floor: stated in pyproject.toml, checked at first use, and kept by the kernels.
+
+3.0 is the oldest Triton whose ``tl.dot`` takes ``input_precision`` (2.3 has only ``allow_tf32``),
+which every kernel's dot passes. The kernels were compiled for sm_90a with Triton 3.0.0, 3.2.0 and
+3.9.0 (docs/gpu.md). ``TL_NAMES_IN_FLOOR`` lists the ``tl.*`` names the kernels use, each present in
+Triton 3.0.0's ``triton.language.__all__``: a kernel that starts using another one (``tl.topk``,
+``tl.sort``, ``tl.gather``, ... came later) fails here until the floor is checked again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = os.path.join(ROOT, "ptd_kernels", "backends", "triton")
+
+# Checked against Triton 3.0.0's triton.language.__all__ (the wheel's triton/language/__init__.py).
+TL_NAMES_IN_FLOOR = frozenset({
+    "abs", "arange", "argmin", "cdiv", "constexpr", "debug_barrier", "dot", "exp", "float32", "float64", "full",
+    "int32", "int64", "load", "log", "max", "maximum", "min", "minimum", "num_programs", "program_id", "store",
+    "sum", "where", "zeros",
+})
+
+
+def test_kernels_use_only_names_the_floor_has():
+    used = set()
+    for name in sorted(os.listdir(KERNELS)):
+        if name.endswith(".py"):
+            with open(os.path.join(KERNELS, name)) as file:
+                used |= set(re.findall(r"\btl\.([A-Za-z_]\w*)", file.read()))
+    newer = used - TL_NAMES_IN_FLOOR
+    assert not newer, (f"the kernels use tl.{', tl.'.join(sorted(newer))}, not checked against the Triton floor: "
+                       "find the release that added it, raise TRITON_FLOOR and pyproject's triton line if needed")
+
+
+def test_pyproject_states_the_floor():
+    from ptd_kernels.backends.triton._launch import TRITON_FLOOR
+
+    with open(os.path.join(ROOT, "pyproject.toml")) as file:
+        stated = re.findall(r'"triton>=([\d.]+)"', file.read())
+    assert stated == [".".join(map(str, TRITON_FLOOR))]
+
+
+@pytest.mark.parametrize("version", ["2.3.1", "2.1.0", "3.0.0", "3.2.0+git1234", "3.9.0", "4.0.0"])
+def test_first_use_names_the_version_needed(version):
+    from ptd_kernels.backends.triton._launch import TRITON_FLOOR, check_triton
+
+    release = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    if release >= TRITON_FLOOR:
+        check_triton(version)
+        return
+    with pytest.raises(ImportError, match=r"need triton>=3\.0 .* this is triton " + re.escape(version)):
+        check_triton(version)
+
+
+def test_the_installed_triton_passes():
+    import triton
+
+    from ptd_kernels.backends.triton._launch import check_triton
+
+    check_triton(triton.__version__)
