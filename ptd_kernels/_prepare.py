@@ -35,7 +35,7 @@ LAYERS = ("hidden", "weight", "bias", "teacher_hidden", "teacher_weight", "teach
 _SLICED = ("weight", "bias", "teacher_weight", "teacher_bias")
 # Tensor arguments every rank of a vocabulary-parallel call passes alike, and their number of dims.
 _REPLICATED = {"hidden": 2, "teacher_hidden": 2, "logits": 2, "teacher_logits": 2, "targets": 1, "mask": 1,
-               "jsd_mask": 1, "weights": 1, "teacher_indices": 2, "teacher_logprobs": 2}
+               "jsd_mask": 1, "weights": 1, "teacher_indices": 2, "teacher_logprobs": 2, "ids": 2}
 _LAYER_DIMS = {"weight": 2, "bias": 1, "teacher_weight": 2, "teacher_bias": 1}
 _NO_VALUE = math.inf  # a summary's id range over no row
 
@@ -71,6 +71,10 @@ def _prepare(function: str, args: dict, autocast_dtype) -> Call:
             if summary["target low"] != _NO_VALUE:  # some row has a target
                 validate.check_target_range(int(summary["target low"]), int(summary["target high"]), vocab,
                                             checked["ignore_index"])
+        if "id low" in summary and summary["id low"] != _NO_VALUE:
+            low, high = int(summary["id low"]), int(summary["id high"])
+            if low < 0 or high >= vocab:
+                raise ValueError(f"ids must lie in [0, {vocab}) (the vocabulary); found {low if low < 0 else high}")
         if "teacher id low" in summary:
             validate.check_sparse_teacher_ids(int(summary["teacher id low"]), int(summary["teacher id high"]),
                                               bool(summary["teacher id repeats"]), vocab)
@@ -107,6 +111,20 @@ def _without_absent_teacher(args: dict) -> None:
                              "(pass teacher_hidden too, or leave it out)")
     for name in _TEACHER_ARGUMENTS:
         args.pop(name, None)
+
+
+def _check_ids(ids, n: int, device) -> torch.Tensor:
+    """``linear_logprobs_at``'s ids: an integer tensor [N, M] on the student's device (its values are checked
+    against V with the call's one read). Returns them as int64."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dim() != 2 or ids.shape[0] != n:
+        raise ValueError(f"ids must be an [N={n}, M] tensor (M ids per row of hidden), got shape {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
+    if ids.device != device:
+        raise ValueError(f"ids is on {ids.device} but the student inputs are on {device}")
+    return ids.long()
 
 
 def _check_row_loss(row_loss, n: int, device):
@@ -179,6 +197,9 @@ def _check(function: str, args: dict, autocast_dtype) -> Checked:
     validate.check_weights(args.get("weights"), n, device)
     if "row_loss" in args:
         out["row_loss"] = _check_row_loss(args["row_loss"], n, device)
+    if "ids" in args:
+        out["teacher_indices"] = _check_ids(args.pop("ids"), n, device)
+        out.pop("ids", None)
     if "teacher_indices" in args:
         validate.check_sparse_teacher_tensors(args["teacher_indices"], args["teacher_logprobs"], n, device)
         out["teacher_indices"] = args["teacher_indices"].long()
@@ -210,7 +231,10 @@ def _live_rows(out: dict, n: int) -> list[tuple[str, torch.Tensor]]:
         jsd_live = out["jsd_mask"] if live is None else live & out["jsd_mask"]
         summary.append(("jsd rows", jsd_live.sum()))
     ids = out.get("teacher_indices")
-    if ids is not None:
+    if ids is not None and "teacher_logprobs" not in out:  # linear_logprobs_at's ids: their range, over live rows
+        valid = torch.ones_like(ids, dtype=torch.bool) if live is None else live[:, None].expand_as(ids)
+        summary += _id_range("id", ids, valid, ids.numel())
+    elif ids is not None:
         if ids.numel():
             facts = validate.sparse_teacher_id_facts(ids).to(torch.float64)
         else:

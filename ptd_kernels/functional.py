@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ._prepare import prepared
 from ._types import PTDTerms
-from .autograd.linear import divergence, full_jsd, sparse_jsd, sweep, topk, weighted_loss
+from .autograd.linear import divergence, full_jsd, logprobs_at, sparse_jsd, sweep, topk, weighted_loss
 from .autograd.policy import policy_loss
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "linear_jsd_loss",
     "linear_topk_jsd_loss",
     "linear_policy_loss",
+    "linear_logprobs_at",
 ]
 
 
@@ -51,6 +52,22 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
         results = sweep(call)
     return (results.logp, results.entropy) if call.with_entropy else results.logp
 
+
+
+def linear_logprobs_at(hidden, weight, ids, *, bias=None, temperature=1.0, mask=None, with_entropy=False,
+                       logit_scale=1.0, softcap=None, process_group=None, backend="auto"):
+    """log p at given ids per row, [N, M] — and the exact entropy H(p) [N] with ``with_entropy=True`` — of
+    p = softmax(cap_c(s·(hidden @ weight.T + bias)) / temperature), without materializing the logits.
+
+    ``ids`` [N, M]: integer ids in [0, V) (a row may repeat one). Rows with ``mask`` False give 0. One
+    forward sweep (the rows' logsumexps) and a gather of the logits at the ids; the backward is one sweep
+    with the ids' coefficients as sparse terms: one d weight, however many ids. Differentiable w.r.t.
+    hidden, weight and bias. Returns log-probs [N, M] (float32; float64 for float64 inputs), or
+    (log-probs, entropy).
+    """
+    with prepared("linear_logprobs_at", locals()) as call:
+        logp, entropy = logprobs_at(call)
+    return (logp, entropy) if call.with_entropy else logp
 
 
 def linear_topk(hidden, weight, k, *, bias=None, temperature=1.0, targets=None, ignore_index=-100, logit_scale=1.0,

@@ -238,6 +238,52 @@ def topk(call: Call) -> TopK:
     return TopK(stats.topk_indices, logprobs, stats.lse.to(out_dtype), target_logprobs)
 
 
+class _LogprobsAt(torch.autograd.Function):
+    """log p at a few ids per row (and the entropy) of the rows that go in: one forward sweep (lse, Σ p·z) and a
+    gather; one backward sweep (``head_backward``): ∂/∂z_v = Σ_m g_m·([v = id_m] − p_v) − g_H·p_v·(z_v − Σ p·z),
+    the ids' part as sparse terms — one d weight."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, config: SweepConfig, backend: Backend, with_entropy: bool):
+        head = Head(hidden, weight, bias, config.student)
+        wide = torch.float64
+        stats = backend.row_stats(head, with_mean_logit=with_entropy, lse_dtype=wide)
+        dtype = head.dtype
+        logp = (backend.gather_logits(head, ids, wide) - stats.lse[:, None]).to(dtype)
+        entropy = (stats.lse - stats.mean_logit.to(wide)).to(dtype) if with_entropy else logp.new_zeros(head.rows)
+        ctx.config, ctx.backend = config, backend
+        ctx.save_for_backward(hidden, weight, bias, ids, stats.lse.to(dtype),
+                              stats.mean_logit.to(dtype) if with_entropy else None)
+        return logp, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, ids, lse, mean_logit = ctx.saved_tensors
+        row_coef = torch.zeros_like(lse)
+        sparse = ()
+        if grad_logp is not None:
+            grad_logp = grad_logp.to(lse.dtype)
+            row_coef -= grad_logp.sum(-1)
+            sparse = (SparseTerms.every_row(ids, grad_logp),)
+        logit_coef = None
+        if grad_entropy is not None and mean_logit is not None:
+            logit_coef = -grad_entropy.to(lse.dtype)
+        coefs = HeadGradCoefs(row_coef, logit_coef, mean_logit if logit_coef is not None else None, sparse=sparse)
+        grads = ctx.backend.head_backward(Head(hidden, weight, bias, ctx.config.student), lse, coefs,
+                                          grad_needs(ctx, bias))
+        return (*cast_grads(grads, hidden, weight, bias), None, None, None, None)
+
+
+def logprobs_at(call: Call):
+    """``_LogprobsAt`` on the rows of a prepared call; (log-probs [N, M], entropy [N]), 0 at masked rows."""
+    rows, student = call.rows, call.student
+    ids = rows.take(call.teacher_indices)
+    logp, entropy = _LogprobsAt.apply(rows.take(student.hidden), student.weight, student.bias, ids, call.config,
+                                      call.backend, call.with_entropy)
+    return rows.put(logp), rows.put(entropy)
+
+
 # ----------------------------------------------------------------------------- divergences
 
 
