@@ -77,13 +77,14 @@ class RowLossAdapter(RowLoss):
             loss = torch.where(live, loss, zero)
             d_logp, d_entropy, d_jsd = (None if g is None else torch.where(live, g, zero)
                                         for g in (d_logp, d_entropy, d_jsd))
-        for record, values in ((self.logp, terms.logp), (self.entropy, terms.entropy), (self.jsd, jsd),
-                               (self.losses, loss), (self.overlap_values, terms.overlap),
-                               (self.teacher_mass, terms.teacher_mass)):
+        for record, values, jsd_only in ((self.logp, terms.logp, False), (self.entropy, terms.entropy, False),
+                                         (self.jsd, jsd, False), (self.losses, loss, False),
+                                         (self.overlap_values, terms.overlap, True),
+                                         (self.teacher_mass, terms.teacher_mass, True)):
             if record is not None and values is not None:
                 if live is not None:
                     values = torch.where(live, values, zero)
-                if jsd_live is not None and record in (self.overlap_values, self.teacher_mass):
+                if jsd_only and jsd_live is not None:
                     values = torch.where(jsd_live, values, zero)
                 record.index_copy_(0, at, values.to(self.dtype))
         return RowGrads(d_logp, d_entropy, d_jsd)
