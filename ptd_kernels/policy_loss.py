@@ -193,11 +193,18 @@ class PolicyLoss:
         if self.weights is None or self.ptd_tokens is None:
             raise ValueError("PolicyLoss.weights and ptd_tokens are None: linear_policy_loss fills them in; to "
                              "evaluate the loss directly, give both")
-        tokens = torch.as_tensor(self.ptd_tokens, dtype=dtype, device=device).detach().reshape(())
-        ptd_scale = self.ptd_coef / torch.where(tokens > 0, tokens, torch.ones_like(tokens))
         return (at(self.advantages), at(self.weights), at(self.old_logprobs), at(self.ref_logprobs),
                 at(self.kl_mask), at(self.entropy_weights if self.entropy_weights is not None else self.weights),
-                ptd_scale)
+                self._per_token(self.ptd_coef, dtype))
+
+    def _per_token(self, numerator: float, dtype):
+        """numerator / ptd_tokens (0 tokens: the numerator), a number or a 0-dim tensor on the tokens' device
+        (a number stays on the host: no copy to the device)."""
+        tokens = self.ptd_tokens
+        if not isinstance(tokens, torch.Tensor):
+            return numerator / tokens if tokens > 0 else numerator
+        tokens = tokens.detach().to(dtype).reshape(())
+        return numerator / torch.where(tokens > 0, tokens, torch.ones_like(tokens))
 
     def row_losses(self, logp, entropy, jsd, rows=None):
         """loss_n of the rows (``rows``: an index into the per-row tensors; None: all), differentiable in
@@ -249,7 +256,9 @@ class PolicyLoss:
             if self.entropy_coef != 0.0:
                 loss = loss - self.entropy_coef * entropy_weights * entropy
                 d_entropy = -self.entropy_coef * entropy_weights
-            return loss, weights * d_policy, d_entropy, ptd_scale.expand_as(jsd)
+            d_jsd = (torch.full_like(jsd, ptd_scale) if not isinstance(ptd_scale, torch.Tensor)
+                     else ptd_scale.expand_as(jsd))
+            return loss, weights * d_policy, d_entropy, d_jsd
 
     def parts(self, logp, entropy, jsd) -> dict[str, torch.Tensor]:
         """The loss's parts over all rows (detached sums, for logging): ``policy`` Σ w·ℓ, ``kl`` Σ w·k3 (over
@@ -267,8 +276,7 @@ class PolicyLoss:
                 if kl_mask is not None:
                     kl_rows = torch.where(kl_mask, kl_rows, zero)
                 kl = (weights * kl_rows).sum()
-            tokens = torch.as_tensor(self.ptd_tokens, dtype=logp.dtype, device=logp.device).reshape(())
-            ptd = jsd.sum() / torch.where(tokens > 0, tokens, torch.ones_like(tokens))
+            ptd = jsd.sum() * self._per_token(1.0, logp.dtype)
             return {"policy": (weights * pg).sum(), "kl": kl, "ptd": ptd, "entropy": (entropy_weights * entropy).sum(),
                     "clip_fraction": (weights * clipped.to(weights.dtype)).sum()}
 
