@@ -287,7 +287,7 @@ def _agree_on_row_loss(row_loss, fields: list, replicated: list) -> None:
         fields.append(("row_loss", "kind", "callable"))
         return
     fields.append(("row_loss", "kind", "PolicyLoss"))
-    for name in ("epsilon_low", "epsilon_high", "kl_coef", "ptd_coef", "entropy_coef"):
+    for name in ("epsilon_low", "epsilon_high", "kl_coef", "ptd_coef", "entropy_coef", "kl_ratio"):
         fields.append((f"row_loss.{name}", None, getattr(row_loss, name)))
     tokens = row_loss.ptd_tokens
     if isinstance(tokens, torch.Tensor):

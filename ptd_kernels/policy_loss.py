@@ -5,14 +5,16 @@ Top-K JSD D_K against the teacher (``jsd``, 0 off the rows that have one). :clas
 loss of one row as a function of those three numbers and of per-row data (advantages, old and reference
 log-probs, normalization weights):
 
-    loss_n = w_n · (ℓ_n + kl_coef · [kl_mask_n] · k3_n)  +  ptd_coef · D_n / ptd_tokens  −  entropy_coef · u_n · H_n
+    loss_n = w_n·(ℓ_n + kl_coef·[kl_mask_n]·(ρ_n·)k3_n)  +  ptd_coef·D_n / ptd_tokens  −  entropy_coef·u_n·H_n
 
     ℓ_n  = −min(ρ_n·A_n, clip(ρ_n, 1 − ε_low, 1 + ε_high)·A_n),   ρ_n = exp(logp_n − old_logp_n)
     k3_n = exp(r_n − logp_n) − (r_n − logp_n) − 1,                 r_n = ref_logp_n
 
 w_n are the normalization weights of the policy and KL terms (``normalization_weights``: GRPO's per-sequence
 mean then mean over sequences, DAPO's token mean over the batch, Dr. GRPO's constant denominator), u_n those
-of the entropy bonus (by default w_n), ptd_tokens = Σ_{i∈F} |y_i| the number of tokens with a divergence.
+of the entropy bonus (by default w_n), ptd_tokens = Σ_{i∈F} |y_i| the number of tokens with a divergence;
+the factor ρ_n of the k3 term only with ``kl_ratio`` (TRL's ``use_bias_correction_kl``: its gradient is then
+the unbiased reverse-KL gradient).
 Each formula is written once, here: ``clipped_objective``, ``k3``, ``PolicyLoss.row_losses`` (values,
 differentiable by autograd) and ``PolicyLoss.row_gradients`` (the same values and their closed-form
 derivatives w.r.t. logp, entropy and D, which the one-sweep loss ``ptd_kernels.linear_policy_loss`` needs
@@ -100,7 +102,8 @@ class PolicyLoss:
     - ``old_logprobs``: the log-probs of the policy that sampled the rows; None: the current log-probs
       themselves, detached (one update per batch: ρ = 1, ∂ρ/∂logp = 1);
     - ``ref_logprobs`` with ``kl_coef``: the k3 term against a reference model; ``kl_mask`` (bool): the rows
-      that keep it (PTD-PO drops it for the members of PTD groups); None: every row;
+      that keep it (PTD-PO drops it for the members of PTD groups); None: every row; ``kl_ratio``: the term
+      times the ratio ρ (differentiated too);
     - ``entropy_weights``: u_n of the entropy bonus ``entropy_coef`` (None: ``weights``).
 
     ``ptd_coef`` (λ) weighs Σ D_n / ``ptd_tokens``: D_n is the divergence of the rows that have one (the
@@ -120,6 +123,7 @@ class PolicyLoss:
     ptd_tokens: float | torch.Tensor | None = None
     entropy_coef: float = 0.0
     entropy_weights: torch.Tensor | None = None
+    kl_ratio: bool = False
 
     #: the fields that hold one value per row
     ROW_FIELDS = ("advantages", "weights", "old_logprobs", "ref_logprobs", "kl_mask", "entropy_weights")
@@ -151,6 +155,8 @@ class PolicyLoss:
         kl_coef = _number("kl_coef", self.kl_coef)
         ptd_coef = _number("ptd_coef", self.ptd_coef)
         entropy_coef = _number("entropy_coef", self.entropy_coef)
+        if not isinstance(self.kl_ratio, bool):
+            raise TypeError(f"PolicyLoss.kl_ratio must be True or False, got {self.kl_ratio!r}")
         if kl_coef != 0.0 and self.ref_logprobs is None:
             raise ValueError(f"PolicyLoss.kl_coef={kl_coef:g} needs ref_logprobs (the reference model's log-probs); "
                              "pass them, or kl_coef=0")
@@ -216,6 +222,8 @@ class PolicyLoss:
         policy = pg
         if self.kl_coef != 0.0:
             kl = k3(logp, ref)
+            if self.kl_ratio:
+                kl = kl * torch.exp(logp - old)
             if kl_mask is not None:  # where(), not a product: a placeholder ref can make k3 overflow
                 kl = torch.where(kl_mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
             policy = policy + self.kl_coef * kl
@@ -247,6 +255,8 @@ class PolicyLoss:
                 d = ref - logp
                 exp_d = torch.exp(d)
                 kl, d_kl = exp_d - d - 1.0, 1.0 - exp_d
+                if self.kl_ratio:  # ∂(ρ·k3)/∂logp = ρ·(k3 + ∂k3/∂logp)
+                    kl, d_kl = ratio * kl, ratio * (kl + d_kl)
                 if kl_mask is not None:
                     kl, d_kl = torch.where(kl_mask, kl, zero), torch.where(kl_mask, d_kl, zero)
                 policy = policy + self.kl_coef * kl
@@ -273,6 +283,8 @@ class PolicyLoss:
             kl = zero
             if ref is not None:
                 kl_rows = k3(logp, ref)
+                if self.kl_ratio:
+                    kl_rows = kl_rows * torch.exp(logp - (logp if old is None else old))
                 if kl_mask is not None:
                     kl_rows = torch.where(kl_mask, kl_rows, zero)
                 kl = (weights * kl_rows).sum()

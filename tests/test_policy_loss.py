@@ -37,7 +37,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 K = 5
 
 
-def policy(case, *, kl_coef=0.1, ptd_coef=0.5, entropy_coef=0.0, old=True, weights=True, seed=7, **extra):
+def policy(case, *, kl_coef=0.1, ptd_coef=0.5, entropy_coef=0.0, old=True, weights=True, seed=7, kl_ratio=True,
+           **extra):
     """A PolicyLoss on ``case``'s rows: old log-probs near the current ones (ratios ≈ 0.6 … 1.6, so that
     both clipping branches are active), reference log-probs near them too, some rows without the k3 term."""
     g = torch.Generator().manual_seed(seed)
@@ -49,7 +50,8 @@ def policy(case, *, kl_coef=0.1, ptd_coef=0.5, entropy_coef=0.0, old=True, weigh
         weights=(torch.rand(n, generator=g, dtype=F64) + 0.1) if weights else None,
         old_logprobs=(logp + 0.25 * torch.randn(n, generator=g, dtype=F64)) if old else None,
         ref_logprobs=logp + 0.2 * torch.randn(n, generator=g, dtype=F64),
-        kl_coef=kl_coef, kl_mask=torch.arange(n) % 3 != 1, ptd_coef=ptd_coef, entropy_coef=entropy_coef, **extra)
+        kl_coef=kl_coef, kl_mask=torch.arange(n) % 3 != 1, ptd_coef=ptd_coef, entropy_coef=entropy_coef,
+        kl_ratio=kl_ratio, **extra)
 
 
 def policy_fn(row_loss, *, teacher=True, k=K, beta=0.5, support="union", tail=True, **extra):
@@ -75,12 +77,14 @@ def _rows(n=40, seed=0):
 
 @pytest.mark.parametrize("old", [True, False])
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.03])
-def test_closed_form_derivatives_are_autograds(old, entropy_coef):
+@pytest.mark.parametrize("kl_ratio", [False, True])
+def test_closed_form_derivatives_are_autograds(old, entropy_coef, kl_ratio):
     """row_gradients (the one sweep's closed form) = autograd of row_losses (the one formula), both clipping
-    branches and dropped k3 rows included."""
+    branches, dropped k3 rows and the ratio-weighted k3 included."""
     logp, entropy, jsd, old_logp, ref_logp, adv, weights = _rows()
     loss = PolicyLoss(adv, weights, old_logp if old else None, 0.2, 0.3, ref_logp, 0.05,
-                      torch.arange(40) % 4 != 0, 0.7, torch.tensor(13.0, dtype=F64), entropy_coef, weights * 2)
+                      torch.arange(40) % 4 != 0, 0.7, torch.tensor(13.0, dtype=F64), entropy_coef, weights * 2,
+                      kl_ratio)
     ratio = torch.exp(logp - old_logp)
     if old:
         assert bool((ratio < 0.8).any()) and bool((ratio > 1.3).any())  # both clips are active somewhere
