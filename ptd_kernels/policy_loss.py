@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -291,8 +291,3 @@ class PolicyLoss:
             ptd = jsd.sum() * self._per_token(1.0, logp.dtype)
             return {"policy": (weights * pg).sum(), "kl": kl, "ptd": ptd, "entropy": (entropy_weights * entropy).sum(),
                     "clip_fraction": (weights * clipped.to(weights.dtype)).sum()}
-
-
-def policy_loss_fields(loss: PolicyLoss) -> dict:
-    """The fields of a PolicyLoss by name (for code that agrees on them across ranks)."""
-    return {f.name: getattr(loss, f.name) for f in fields(loss)}
