@@ -203,7 +203,7 @@ def markdown(result) -> str:
             "blocks of whole rows, so it accumulates ∂weight over the row blocks in float32: with a 16-bit weight",
             "that buffer (V·H·4 bytes) does not fit the 1 GiB budget at this shape, and the cuBLAS path runs the",
             "per-row path (`fused_loss_pays`: 5 GEMMs with a teacher, 4 without, each ∂weight slice written once);",
-            "the row 'one sweep, budget + accumulator' counts the one sweep with the budget raised by that buffer.",
+            "the row 'one sweep, accumulator beyond the budget' counts the one sweep holding that buffer anyway.",
             ""]
     for r in _rows(result, "ptd", vs[0]):
         reason = holds_back(r, main, r["target"])

@@ -172,7 +172,7 @@ def test_l2_simulation_reuses_what_fits():
 EXPECTED_GEMMS = {"linear_logprobs": 4, "linear_topk": 1, "linear_topk_jsd": 5, "linear_sparse_jsd": 4,
                   "linear_jsd": 6, "linear_ptd_terms": 5, "linear_jsd_loss": 4, "linear_topk_jsd_loss": 4,
                   "linear_policy_loss": 4, "linear_policy_loss (no teacher)": 3,
-                  "linear_policy_loss (one sweep, budget + accumulator)": 4, "linear_logprobs_at": 4}
+                  "linear_policy_loss (one sweep, accumulator beyond the budget)": 4, "linear_logprobs_at": 4}
 
 
 @pytest.mark.parametrize("op", gpu_cases.PTD_OPS, ids=lambda op: op.name)

@@ -53,14 +53,21 @@ from .stats_kernel import block_stats, scratch_width
 #: bytes), which stays under the saved GEMM's time from about 2·peak FLOPs / memory bandwidth ≈ 600 rows per
 #: block on an H100 when that traffic does not overlap the GEMM at all, and far fewer when it does.
 FUSED_MIN_ROWS = 256
+#: Whether the d weight accumulator counts against ``config.CUDA_BLOCK_BYTES`` (the working-memory budget).
+#: Off, the one sweep runs wherever its blocks pay, holding the accumulator beyond the budget (the work
+#: model's row "one sweep, budget + accumulator" counts it so).
+ACCUMULATOR_IN_BUDGET = True
 
 
 def accumulator_bytes(student: Head) -> int:
-    """The float32 d weight buffer the one-sweep loss holds beside the gradient: V·H·4 bytes for a weight in
-    another dtype than its compute dtype (bf16, fp16), none for a float32/float64 weight (the gradient is the
-    accumulator). The per-row path writes each d weight slice once and needs none."""
+    """The float32 d weight buffer the one-sweep loss holds beside the gradient, as far as it counts against
+    the budget: V·H·4 bytes for a weight in another dtype than its compute dtype (bf16, fp16), none for a
+    float32/float64 weight (the gradient is the accumulator) or with ``ACCUMULATOR_IN_BUDGET`` off. The per-row
+    path writes each d weight slice once and needs none."""
     weight = student.weight
-    return 0 if weight.dtype == student.dtype else weight.shape[0] * weight.shape[1] * 4
+    if weight.dtype == student.dtype or not ACCUMULATOR_IN_BUDGET:
+        return 0
+    return weight.shape[0] * weight.shape[1] * 4
 
 
 def fused_loss_pays(student: Head, teacher: Head | None = None) -> bool:
@@ -70,8 +77,8 @@ def fused_loss_pays(student: Head, teacher: Head | None = None) -> bool:
     A model, not a measurement. At N = 8192, V = 151936, H = 4096: with a bf16 weight the accumulator
     (2.32 GiB) alone exceeds the budget, and the per-row path runs (5 GEMMs with a teacher, 4 without, each
     d weight slice written once, ≤ 1 GiB); with a float32 weight the blocks hold 1,546 rows (773 with both
-    sides) and the one sweep runs (4 GEMMs, 3). Raising the budget by the accumulator's size
-    (``config.CUDA_BLOCK_BYTES``) buys the one sweep for 16-bit weights: docs/gpu_model.md counts both.
+    sides) and the one sweep runs (4 GEMMs, 3). Holding the accumulator beyond the budget
+    (``ACCUMULATOR_IN_BUDGET`` off) buys the one sweep for 16-bit weights: docs/gpu_model.md counts both.
     """
     sides = 1 if teacher is None else 2
     row_bytes = student.vocab * sides * _work.itemsize(student.dtype)
