@@ -93,6 +93,26 @@ def _total(*outputs):
     return sum(o.sum() for o in outputs)
 
 
+def _policy_loss(x: Inputs, backend: str, *, teacher: bool, accumulator_beyond_budget: bool = False):
+    """``linear_policy_loss`` with PTD-PO's named token losses (clipped ratio against old log-probs, k3 KL, λ·D_K
+    on every row, an entropy bonus), or the policy loss alone. ``accumulator_beyond_budget``: the cuBLAS one
+    sweep's float32 d weight accumulator held beyond the working-memory budget, so that it runs at this shape."""
+    ptd = _ptd()
+    n = x.shape.n
+    loss = ptd.PolicyLoss(cuda_tensor((n,), torch.float32), weights=cuda_tensor((n,), torch.float32),
+                          old_logprobs=cuda_tensor((n,), torch.float32), ref_logprobs=cuda_tensor((n,), torch.float32),
+                          kl_coef=0.01, ptd_coef=0.05 if teacher else 0.0, ptd_tokens=float(n), entropy_coef=0.001)
+    pair = (x.teacher_hidden, x.teacher_weight, x.shape.k) if teacher else ()
+    from ptd_kernels.backends.cublas import fused_loss
+
+    saved = fused_loss.ACCUMULATOR_IN_BUDGET
+    fused_loss.ACCUMULATOR_IN_BUDGET = saved and not accumulator_beyond_budget
+    try:  # (the one sweep forms the gradients in the forward)
+        return ptd.linear_policy_loss(x.hidden, x.weight, x.targets, *pair, row_loss=loss, backend=backend)
+    finally:
+        fused_loss.ACCUMULATOR_IN_BUDGET = saved
+
+
 PTD_OPS = (
     Op("linear_logprobs", lambda x, b: _total(*_ptd().linear_logprobs(
         x.hidden, x.weight, x.targets, with_entropy=True, backend=b)), 4,
@@ -120,6 +140,20 @@ PTD_OPS = (
     Op("linear_topk_jsd_loss", lambda x, b: _ptd().linear_topk_jsd_loss(
         x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, x.shape.k, backend=b), 4,
         "student and teacher forward, ∂hidden, ∂weight (gradients formed in the forward sweep)"),
+    Op("linear_policy_loss", lambda x, b: _policy_loss(x, b, teacher=True), 4,
+       "the whole PTD-PO loss: student and teacher forward, ∂hidden, ∂weight (one sweep where it pays: "
+       "on cuBLAS with a 16-bit weight, not within 1 GiB — its float32 ∂weight accumulator)",
+       target=1.3, peers=("liger_fused_linear_grpo",)),
+    Op("linear_policy_loss (no teacher)", lambda x, b: _policy_loss(x, b, teacher=False), 3,
+       "the policy loss alone: forward, ∂hidden, ∂weight (one sweep where it pays)", target=1.3,
+       peers=("liger_fused_linear_grpo", "liger_fused_linear_cross_entropy")),
+    Op("linear_policy_loss (one sweep, accumulator beyond the budget)", lambda x, b: _policy_loss(
+        x, b, teacher=True, accumulator_beyond_budget=True), 4,
+       "the whole PTD-PO loss in one sweep on cuBLAS, its V×H×4-byte float32 ∂weight accumulator held beyond "
+       "the 1 GiB budget", target=1.3),
+    Op("linear_logprobs_at", lambda x, b: _total(*_ptd().linear_logprobs_at(
+        x.hidden, x.weight, x.teacher_ids, with_entropy=True, backend=b)), 4,
+       "forward, recompute, ∂hidden, ∂weight (the ids' part as sparse terms of one backward sweep)"),
 )
 
 

@@ -4,6 +4,7 @@ measurement.
     python bench/gpu_model.py            # writes bench/results/gpu_model.json and docs/gpu_model.md
     python bench/gpu_model.py --quick    # a small shape, nothing written (a smoke run)
     python bench/gpu_model.py --render   # docs/gpu_model.md again from the JSON (no counting)
+    python bench/gpu_model.py --ops linear_policy_loss ...   # recount these ops only, merged into the JSON
 
 Every public op of ptd_kernels (forward and backward; ``linear_topk`` forward only) runs on each CUDA
 path ``backend=`` accepts (``gpu_cases.CUDA_PATHS``) and every peer runs its own code, at N=8192,
@@ -389,7 +390,7 @@ def shapes(quick: bool) -> list[Shape]:
     return [Shape(v=151936), Shape(v=128256)]
 
 
-def run(quick: bool = False, log=print) -> dict:
+def run(quick: bool = False, log=print, ops: set | None = None) -> dict:
     logging.getLogger("liger_kernel").setLevel(logging.ERROR)
     stand_in = StandIn()
     rows = []
@@ -399,6 +400,8 @@ def run(quick: bool = False, log=print) -> dict:
     kept = {}  # the main shape's costed works on the main device, for the sensitivity runs
     for shape in shapes(quick):
         for op in PTD_OPS:
+            if ops is not None and op.name not in ops:
+                continue
             for path in paths:
                 started = time.time()
                 trace, grad_bytes = count(lambda x, op=op, path=path: op.call(x, path), shape, stand_in)
@@ -412,7 +415,7 @@ def run(quick: bool = False, log=print) -> dict:
                 log(f"{shape.label()}  {op.name:22s} {path:7s} counted in {time.time() - started:5.1f} s: "
                     f"{row['gemm_equivalents']:.2f} GEMM-eq, {row['launches']} launches, "
                     f"{row['devices'][DEVICES[0].name]['predicted_ms']:.1f} ms on {DEVICES[0].name}")
-        for peer in peers:
+        for peer in peers if ops is None else ():
             started = time.time()
             trace, grad_bytes = count(peer.call, shape, stand_in)
             works = {}
@@ -436,7 +439,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a small shape; writes nothing")
     parser.add_argument("--render", action="store_true", help=f"rewrite {os.path.relpath(DOC, ROOT)} from the "
                         "JSON of the last run (no counting)")
+    parser.add_argument("--ops", nargs="+", metavar="OP", help="count only these ptd ops (names in "
+                        "gpu_cases.PTD_OPS) and put their rows into the JSON of the last run in place of their old "
+                        "ones; then rewrite the doc")
     args = parser.parse_args(argv)
+    if args.ops:
+        unknown = sorted(set(args.ops) - {op.name for op in PTD_OPS})
+        if unknown:
+            parser.error(f"--ops: no op named {', '.join(map(repr, unknown))} in gpu_cases.PTD_OPS")
     if args.render:
         from gpu_report import markdown
 
@@ -446,10 +456,14 @@ def main(argv=None):
             f.write(markdown(result))
         return result
     started = time.time()
-    result = run(quick=args.quick, log=lambda line: print(line, flush=True))
-    result["seconds_to_count"] = round(time.time() - started, 1)
+    result = run(quick=args.quick, log=lambda line: print(line, flush=True), ops=set(args.ops or ()) or None)
     if args.quick:
         return result
+    if args.ops:
+        with open(RESULTS) as f:
+            result = merged(json.load(f), result, set(args.ops))
+    else:
+        result["seconds_to_count"] = round(time.time() - started, 1)
     from gpu_report import markdown
 
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
@@ -460,6 +474,24 @@ def main(argv=None):
     print(f"wrote {os.path.relpath(RESULTS, ROOT)} and {os.path.relpath(DOC, ROOT)} "
           f"({result['seconds_to_count']} s)")
     return result
+
+
+def merged(old: dict, new: dict, ops: set) -> dict:
+    """``old``'s result with the rows (and sensitivity entries) of ``ops`` replaced by ``new``'s, the ptd rows in
+    the order of ``PTD_OPS`` and of the paths."""
+    order = {op.name: i for i, op in enumerate(PTD_OPS)}
+    paths = {path: i for i, path in enumerate(available_paths())}
+    kept = [r for r in old["rows"] if not (r["library"] == "ptd" and r["op"] in ops)]
+    ptd = sorted([r for r in kept if r["library"] == "ptd"] + new["rows"],
+                 key=lambda r: (-r["shape"]["v"], order.get(r["op"], len(order)), paths.get(r["path"], len(paths))))
+    rows = []
+    for v in sorted({r["shape"]["v"] for r in ptd}, reverse=True):
+        rows += [r for r in ptd if r["shape"]["v"] == v]
+        rows += [r for r in kept if r["library"] != "ptd" and r["shape"]["v"] == v]
+    out = dict(old, rows=rows)
+    for variant, times in new["sensitivity"]["predicted_ms"].items():
+        out["sensitivity"]["predicted_ms"].setdefault(variant, {}).update(times)
+    return out
 
 
 def _json_default(value):

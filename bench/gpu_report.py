@@ -198,9 +198,13 @@ def markdown(result) -> str:
     out += _sensitivity_section(result)
     out += [f"## What holds each op back — {main}, V={vs[0]} (model)", "",
             "Where a target of issue 21.5 is not met (≤ 1.2× the floor, teacher top-K ≤ 1.2× one GEMM, working",
-            "memory ≤ 1 GiB), the largest terms beyond the floor. The one-sweep PTD-PO loss (≤ 1.3× its 4 GEMMs;",
-            "the policy loss alone ≤ 1.3× its 3) joins these tables as one entry of `PTD_OPS` in",
-            "`bench/gpu_cases.py` once it exists.", ""]
+            "memory ≤ 1 GiB), the largest terms beyond the floor. The one-sweep PTD-PO loss",
+            "(`linear_policy_loss`, ≤ 1.3× its 4 GEMMs; the policy loss alone ≤ 1.3× its 3) forms its gradients in",
+            "blocks of whole rows, so it accumulates ∂weight over the row blocks in float32: with a 16-bit weight",
+            "that buffer (V·H·4 bytes) does not fit the 1 GiB budget at this shape, and the cuBLAS path runs the",
+            "per-row path (`fused_loss_pays`: 5 GEMMs with a teacher, 4 without, each ∂weight slice written once);",
+            "the row 'one sweep, accumulator beyond the budget' counts the one sweep holding that buffer anyway.",
+            ""]
     for r in _rows(result, "ptd", vs[0]):
         reason = holds_back(r, main, r["target"])
         out.append(f"- **{r['op']}** ({r['path']}): " + (reason or "meets the targets"))

@@ -216,6 +216,10 @@ def calls(p: Problem, backend: str, process_group=None):
                                                                    jsd_mask=p.jsd_mask, **fused)[:3]),
         "linear_jsd_loss": lambda h, w: _sum(ptd.linear_jsd_loss(h, w, *pair, mask=p.mask, **fused)),
         "linear_topk_jsd_loss": lambda h, w: _sum(ptd.linear_topk_jsd_loss(h, w, *pair, p.k, mask=p.mask, **fused)),
+        "linear_policy_loss": lambda h, w: _sum(ptd.linear_policy_loss(
+            h, w, p.targets, *pair, p.k, row_loss=_policy(p), mask=p.mask, jsd_mask=p.jsd_mask, **fused)),
+        "linear_logprobs_at": lambda h, w: _sum(ptd.linear_logprobs_at(h, w, _sparse_teacher(p)[0], mask=p.mask,
+                                                                       with_entropy=True, **fused)),
     }
     if process_group is None:
         ids = _sparse_teacher(p)[0]
@@ -230,6 +234,17 @@ def calls(p: Problem, backend: str, process_group=None):
             "topk_overlap": lambda h, w: (None, ptd.topk_overlap(ids, ids.flip(-1))),
         })
     return out
+
+
+def _policy(p: Problem):
+    """PTD-PO's named token losses on the problem's rows (clipped ratio, k3 KL, λ·D_K, an entropy bonus)."""
+    import ptd_kernels as ptd
+
+    n = p.hidden.shape[0]
+    g = torch.Generator().manual_seed(2)
+    return ptd.PolicyLoss(torch.randn(n, generator=g), old_logprobs=-5 + torch.randn(n, generator=g) * 0.1,
+                          ref_logprobs=-5 + torch.randn(n, generator=g) * 0.1, kl_coef=0.01, ptd_coef=0.05,
+                          entropy_coef=0.001)
 
 
 def _sum(outs):

@@ -24,7 +24,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-OPS = ("linear_logprobs+entropy", "linear_ptd_terms K=100", "linear_topk_jsd_loss K=64", "linear_jsd_loss")
+OPS = ("linear_logprobs+entropy", "linear_ptd_terms K=100", "linear_topk_jsd_loss K=64", "linear_jsd_loss",
+       "PTD-PO loss K=100", "GRPO loss")
+SEQUENCES = 16  # the rows as [SEQUENCES, N / SEQUENCES] rollouts for the trainer's losses
 BETA = 0.5
 
 
@@ -50,7 +52,40 @@ def _operations():
     def jsd_loss(x):
         ptd.linear_jsd_loss(*zero(x), x.teacher_hidden, x.teacher_weight, beta=BETA).backward()
 
-    return dict(zip(OPS, (logprobs, ptd_terms, topk_jsd_loss, jsd_loss)))
+    def trainer_loss(x, with_teacher):
+        """The trainer's PTD-PO (or GRPO) loss: ``linear_policy_loss`` in one sweep where the tree has it, else
+        the per-row terms (``linear_ptd_terms`` / ``linear_logprobs``) and ``ptd_train.grpo.ptd_po_loss``."""
+        import torch
+
+        from ptd_train import grpo
+
+        hidden, weight = zero(x)
+        rows = SEQUENCES
+        length = hidden.shape[0] // rows
+        g = torch.Generator().manual_seed(0)
+        advantages = torch.randn(rows, generator=g)
+        mask = torch.ones(rows, length, dtype=torch.bool)
+        logp_ref = -3.0 + 0.1 * torch.randn(rows, length, generator=g)
+        in_f = (torch.arange(rows) % 2 == 0) & with_teacher
+        options = dict(kl_coef=0.01, ptd_coef=0.05 if with_teacher else 0.0)
+        teacher = (x.teacher_hidden, x.teacher_weight, 100) if with_teacher else ()
+        jsd_mask = dict(jsd_mask=in_f[:, None].expand(rows, length).reshape(-1), beta=BETA) if with_teacher else {}
+        if hasattr(ptd, "linear_policy_loss"):
+            loss_fn = grpo.policy_loss(advantages, mask, logp_ref, ~in_f, in_ptd_set=in_f, **options)
+            ptd.linear_policy_loss(hidden, weight, x.targets, *teacher, row_loss=loss_fn, **jsd_mask).backward()
+            return
+        if with_teacher:
+            terms = ptd.linear_ptd_terms(hidden, weight, x.targets, *teacher, **jsd_mask)
+            logp, jsd = terms.logp, terms.jsd
+        else:
+            logp, _ = ptd.linear_logprobs(hidden, weight, x.targets, with_entropy=True)
+            jsd = torch.zeros_like(logp)
+        logp = logp.view(rows, length)
+        grpo.ptd_po_loss(logp, logp.detach(), logp_ref, advantages, mask, jsd.view(rows, length), in_f, ~in_f,
+                         **options).loss.backward()
+
+    return dict(zip(OPS, (logprobs, ptd_terms, topk_jsd_loss, jsd_loss, lambda x: trainer_loss(x, True),
+                          lambda x: trainer_loss(x, False))))
 
 
 def worker(shape, threads: int) -> None:

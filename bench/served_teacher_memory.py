@@ -54,7 +54,7 @@ def case(rows: int, vocab: int, hidden: int, width: int, path: str) -> int:
         if path == "server":
             student = torch.log_softmax(h @ w.T, -1).gather(1, ids)
         else:
-            student, _ = candidate_logprobs(h, w, ids, ids[:, 0])
+            student, _ = candidate_logprobs(h, w, ids)
         terms, _, _ = served_divergence_terms(student, teacher, valid, beta=beta, tail=True)
         terms.sum().backward()
 

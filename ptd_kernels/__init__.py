@@ -15,6 +15,8 @@ from .functional import (
     linear_jsd,
     linear_jsd_loss,
     linear_logprobs,
+    linear_logprobs_at,
+    linear_policy_loss,
     linear_ptd_terms,
     linear_sparse_jsd,
     linear_topk,
@@ -23,6 +25,7 @@ from .functional import (
 )
 from .logits_level import jsd, logprobs, topk_jsd, topk_overlap
 from .modules import LinearJSDLoss, LinearLogprobs, LinearPTDTerms, LinearTopKJSDLoss
+from .policy_loss import PolicyLoss, normalization_weights
 
 __all__ = [
     "LinearJSDLoss",
@@ -30,6 +33,7 @@ __all__ = [
     "LinearPTDTerms",
     "LinearTopKJSDLoss",
     "PTDTerms",
+    "PolicyLoss",
     "SUPPORTS",
     "TopK",
     "backend_names",
@@ -38,6 +42,8 @@ __all__ = [
     "linear_jsd",
     "linear_jsd_loss",
     "linear_logprobs",
+    "linear_logprobs_at",
+    "linear_policy_loss",
     "linear_ptd_terms",
     "linear_sparse_jsd",
     "linear_topk",
@@ -45,6 +51,7 @@ __all__ = [
     "linear_topk_jsd_loss",
     "config",
     "logprobs",
+    "normalization_weights",
     "reference",
     "register_backend",
     "registered_backends",

@@ -35,7 +35,7 @@ LAYERS = ("hidden", "weight", "bias", "teacher_hidden", "teacher_weight", "teach
 _SLICED = ("weight", "bias", "teacher_weight", "teacher_bias")
 # Tensor arguments every rank of a vocabulary-parallel call passes alike, and their number of dims.
 _REPLICATED = {"hidden": 2, "teacher_hidden": 2, "logits": 2, "teacher_logits": 2, "targets": 1, "mask": 1,
-               "jsd_mask": 1, "weights": 1, "teacher_indices": 2, "teacher_logprobs": 2}
+               "jsd_mask": 1, "weights": 1, "teacher_indices": 2, "teacher_logprobs": 2, "ids": 2}
 _LAYER_DIMS = {"weight": 2, "bias": 1, "teacher_weight": 2, "teacher_bias": 1}
 _NO_VALUE = math.inf  # a summary's id range over no row
 
@@ -45,6 +45,8 @@ def prepared(function: str, arguments: dict):
     """Check and prepare one call of the public ``function`` (see the module docstring); yields its ``Call``,
     with autocast off while the call runs when it was on."""
     args = dict(arguments)
+    if function == "linear_policy_loss":
+        _without_absent_teacher(args)
     autocast_device = autocast_dtype = None
     hidden = args.get("hidden")
     if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
@@ -69,6 +71,10 @@ def _prepare(function: str, args: dict, autocast_dtype) -> Call:
             if summary["target low"] != _NO_VALUE:  # some row has a target
                 validate.check_target_range(int(summary["target low"]), int(summary["target high"]), vocab,
                                             checked["ignore_index"])
+        if "id low" in summary and summary["id low"] != _NO_VALUE:
+            low, high = int(summary["id low"]), int(summary["id high"])
+            if low < 0 or high >= vocab:
+                raise ValueError(f"ids must lie in [0, {vocab}) (the vocabulary); found {low if low < 0 else high}")
         if "teacher id low" in summary:
             validate.check_sparse_teacher_ids(int(summary["teacher id low"]), int(summary["teacher id high"]),
                                               bool(summary["teacher id repeats"]), vocab)
@@ -80,10 +86,57 @@ def _prepare(function: str, args: dict, autocast_dtype) -> Call:
                 targets=checked.get("live_targets"), k=k if function == "linear_topk" else None,
                 teacher_indices=checked.get("teacher_indices"), teacher_logprobs=checked.get("teacher_logprobs"),
                 weights=checked.get("weights"), logits=checked.get("logits"),
-                teacher_logits=checked.get("teacher_logits"), with_entropy=checked.get("with_entropy", False))
+                teacher_logits=checked.get("teacher_logits"), with_entropy=checked.get("with_entropy", False),
+                row_loss=checked.get("row_loss"))
 
 
 # ----------------------------------------------------------------------------- checks
+
+_TEACHER_ARGUMENTS = ("teacher_hidden", "teacher_weight", "teacher_bias", "teacher_logit_scale", "teacher_softcap",
+                      "k", "beta", "support", "tail", "jsd_mask")
+
+
+def _without_absent_teacher(args: dict) -> None:
+    """``linear_policy_loss`` without a teacher is a loss of log-probs and entropies alone: its teacher's
+    arguments go (checked to be absent or at their defaults first)."""
+    if args["teacher_hidden"] is not None:
+        if args["teacher_weight"] is None:
+            raise ValueError("teacher_weight is None but teacher_hidden is given: pass the teacher's output layer")
+        if args["k"] is None:
+            raise ValueError("k is None: with a teacher, give the K of the Top-K support (e.g. 100)")
+        return
+    for name in ("teacher_weight", "teacher_bias", "jsd_mask"):
+        if args[name] is not None:
+            raise ValueError(f"{name} is given but teacher_hidden is None: without a teacher there is no divergence "
+                             "(pass teacher_hidden too, or leave it out)")
+    for name in _TEACHER_ARGUMENTS:
+        args.pop(name, None)
+
+
+def _check_ids(ids, n: int, device) -> torch.Tensor:
+    """``linear_logprobs_at``'s ids: an integer tensor [N, M] on the student's device (its values are checked
+    against V with the call's one read). Returns them as int64."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dim() != 2 or ids.shape[0] != n:
+        raise ValueError(f"ids must be an [N={n}, M] tensor (M ids per row of hidden), got shape {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
+    if ids.device != device:
+        raise ValueError(f"ids is on {ids.device} but the student inputs are on {device}")
+    return ids.long()
+
+
+def _check_row_loss(row_loss, n: int, device):
+    """A ``PolicyLoss`` (its fields checked for N rows) or a callable ``row_loss(logp, entropy, jsd)``."""
+    from .policy_loss import PolicyLoss
+
+    if isinstance(row_loss, PolicyLoss):
+        return row_loss.checked(n, device)
+    if not callable(row_loss):
+        raise TypeError(f"row_loss must be a ptd_kernels.PolicyLoss or a callable row_loss(logp, entropy, jsd) -> "
+                        f"loss [N], got {type(row_loss).__name__}")
+    return row_loss
 
 
 def _cast_layers(args: dict, dtype: torch.dtype) -> None:
@@ -142,6 +195,11 @@ def _check(function: str, args: dict, autocast_dtype) -> Checked:
         out["with_entropy"] = validate.check_bool("with_entropy", args["with_entropy"])
     validate.check_mask("jsd_mask", args.get("jsd_mask"), n, device)
     validate.check_weights(args.get("weights"), n, device)
+    if "row_loss" in args:
+        out["row_loss"] = _check_row_loss(args["row_loss"], n, device)
+    if "ids" in args:
+        out["teacher_indices"] = _check_ids(args.pop("ids"), n, device)
+        out.pop("ids", None)
     if "teacher_indices" in args:
         validate.check_sparse_teacher_tensors(args["teacher_indices"], args["teacher_logprobs"], n, device)
         out["teacher_indices"] = args["teacher_indices"].long()
@@ -173,7 +231,10 @@ def _live_rows(out: dict, n: int) -> list[tuple[str, torch.Tensor]]:
         jsd_live = out["jsd_mask"] if live is None else live & out["jsd_mask"]
         summary.append(("jsd rows", jsd_live.sum()))
     ids = out.get("teacher_indices")
-    if ids is not None:
+    if ids is not None and "teacher_logprobs" not in out:  # linear_logprobs_at's ids: their range, over live rows
+        valid = torch.ones_like(ids, dtype=torch.bool) if live is None else live[:, None].expand_as(ids)
+        summary += _id_range("id", ids, valid, ids.numel())
+    elif ids is not None:
         if ids.numel():
             facts = validate.sparse_teacher_id_facts(ids).to(torch.float64)
         else:
@@ -200,6 +261,9 @@ def _agreement(function: str, out: dict, vocab: int, summary) -> Agreement:
     for name, value in out.items():
         if name in ("backend", "process_group", "live", "jsd_live", "live_targets"):
             continue
+        if name == "row_loss":
+            _agree_on_row_loss(value, fields, replicated)
+            continue
         dims = _REPLICATED.get(name, _LAYER_DIMS.get(name))
         if dims is None:
             fields.append((name, None, value))
@@ -212,6 +276,28 @@ def _agreement(function: str, out: dict, vocab: int, summary) -> Agreement:
             replicated.append((name, tensor))
     fields.append(("backend", None, out["backend"]))
     return Agreement(function, vocab, fields, _SLICED, replicated, summary)
+
+
+def _agree_on_row_loss(row_loss, fields: list, replicated: list) -> None:
+    """A PolicyLoss's numbers are agreed on and its tensors fingerprinted (every rank passes the same rows);
+    a callable is the caller's to keep alike."""
+    from .policy_loss import PolicyLoss
+
+    if not isinstance(row_loss, PolicyLoss):
+        fields.append(("row_loss", "kind", "callable"))
+        return
+    fields.append(("row_loss", "kind", "PolicyLoss"))
+    for name in ("epsilon_low", "epsilon_high", "kl_coef", "ptd_coef", "entropy_coef", "kl_ratio"):
+        fields.append((f"row_loss.{name}", None, getattr(row_loss, name)))
+    tokens = row_loss.ptd_tokens
+    if isinstance(tokens, torch.Tensor):
+        replicated.append(("row_loss.ptd_tokens", tokens.reshape(1)))
+    else:
+        fields.append(("row_loss.ptd_tokens", None, tokens))
+    for name in PolicyLoss.ROW_FIELDS:
+        tensor = getattr(row_loss, name)
+        fields.append((f"row_loss.{name}", "dtype", None if tensor is None else tensor.dtype))
+        replicated.append((f"row_loss.{name}", tensor))
 
 
 # ----------------------------------------------------------------------------- the call
@@ -233,7 +319,8 @@ def _sweep_config(function: str, checked: dict, vocab: int) -> SweepConfig:
             divergence = DivergenceSpec(checked["beta"], None if k is None or k >= vocab else k,
                                         checked.get("support", "union"), checked.get("tail", True))
     logprobs = "targets" in checked and function != "linear_topk"
-    return SweepConfig(student, teacher, divergence, logprobs=logprobs, overlap=function == "linear_ptd_terms")
+    overlap = function == "linear_ptd_terms" or (function == "linear_policy_loss" and teacher is not None)
+    return SweepConfig(student, teacher, divergence, logprobs=logprobs, overlap=overlap)
 
 
 def _rows(checked: dict, summary: dict | None) -> Rows:

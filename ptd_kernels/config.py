@@ -50,3 +50,8 @@ CUDA_BLOCK_BYTES = 896 << 20
 #: vocabulary-parallel call still reads its one exchange (the ranks' slice sizes and agreement).
 #: docs/host_syncs.md counts the synchronizations of every function on both paths.
 SYNC_FREE = False
+
+#: Check a callable ``row_loss`` of ``linear_policy_loss`` for row-separability on every device (a host read
+#: per block), including the full Jacobian structure of the first rows of each block. Off, the check runs on
+#: CPU tensors only (where reading costs nothing) and looks at the rows outside each block.
+CHECK_ROW_LOSS = False

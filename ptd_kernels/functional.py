@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from ._prepare import prepared
 from ._types import PTDTerms
-from .autograd.linear import divergence, full_jsd, sparse_jsd, sweep, topk, weighted_loss
+from .autograd.linear import divergence, full_jsd, logprobs_at, sparse_jsd, sweep, topk, weighted_loss
+from .autograd.policy import policy_loss
 
 __all__ = [
     "linear_logprobs",
@@ -28,6 +29,8 @@ __all__ = [
     "linear_ptd_terms",
     "linear_jsd_loss",
     "linear_topk_jsd_loss",
+    "linear_policy_loss",
+    "linear_logprobs_at",
 ]
 
 
@@ -49,6 +52,22 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
         results = sweep(call)
     return (results.logp, results.entropy) if call.with_entropy else results.logp
 
+
+
+def linear_logprobs_at(hidden, weight, ids, *, bias=None, temperature=1.0, mask=None, with_entropy=False,
+                       logit_scale=1.0, softcap=None, process_group=None, backend="auto"):
+    """log p at given ids per row, [N, M] — and the exact entropy H(p) [N] with ``with_entropy=True`` — of
+    p = softmax(cap_c(s·(hidden @ weight.T + bias)) / temperature), without materializing the logits.
+
+    ``ids`` [N, M]: integer ids in [0, V) (a row may repeat one). Rows with ``mask`` False give 0. One
+    forward sweep (the rows' logsumexps) and a gather of the logits at the ids; the backward is one sweep
+    with the ids' coefficients as sparse terms: one d weight, however many ids. Differentiable w.r.t.
+    hidden, weight and bias. Returns log-probs [N, M] (float32; float64 for float64 inputs), or
+    (log-probs, entropy).
+    """
+    with prepared("linear_logprobs_at", locals()) as call:
+        logp, entropy = logprobs_at(call)
+    return (logp, entropy) if call.with_entropy else logp
 
 
 def linear_topk(hidden, weight, k, *, bias=None, temperature=1.0, targets=None, ignore_index=-100, logit_scale=1.0,
@@ -141,3 +160,32 @@ def linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, k, *, b
     """
     with prepared("linear_topk_jsd_loss", locals()) as call:
         return weighted_loss(call)
+
+
+
+def linear_policy_loss(hidden, weight, targets, teacher_hidden=None, teacher_weight=None, k=None, *, row_loss,
+                       beta=0.5, support="union", tail=True, bias=None, teacher_bias=None, temperature=1.0,
+                       ignore_index=-100, mask=None, jsd_mask=None, logit_scale=1.0, softcap=None,
+                       teacher_logit_scale=1.0, teacher_softcap=None, process_group=None, backend="auto",
+                       return_terms=False):
+    """Σ_n loss_n of the per-row terms of ``linear_ptd_terms`` — log-prob, entropy and Top-K JSD — a scalar.
+
+    ``row_loss``: the loss of one row, either named token losses (``ptd_kernels.PolicyLoss``: the clipped
+    ratio objective with advantages and old log-probs, GRPO / DAPO / Dr. GRPO normalization as row weights,
+    a k3 KL against reference log-probs, λ·D_K on the rows of ``jsd_mask``, an entropy bonus) or a callable
+    ``row_loss(logp, entropy, jsd) -> loss [N]`` that is row-separable (loss_n depends on row n's terms only).
+    Rows with target == ignore_index or mask False are left out of the sum. Without a teacher
+    (``teacher_hidden`` None) the terms are the log-prob and the entropy (jsd = 0): the policy loss alone.
+
+    Gradients w.r.t. hidden, weight and bias equal autograd through ``linear_ptd_terms`` (or
+    ``linear_logprobs``) and the same loss in PyTorch; no gradient flows into the loss's own tensors. Where
+    the backend offers it (the chunked PyTorch path, cuBLAS) they are formed during the forward sweep: the
+    whole PTD-PO loss costs 4 logits-GEMM equivalents (student, teacher, d hidden, d weight), the policy loss
+    alone 3; the first backward hands them over (a second backward through the same graph raises).
+
+    ``return_terms=True``: returns (loss, ``PTDTerms``(logp, entropy, jsd, overlap) with ``teacher_mass``),
+    the terms detached (for logging).
+    """
+    with prepared("linear_policy_loss", locals()) as call:
+        loss, terms = policy_loss(call)
+    return (loss, terms) if return_terms else loss

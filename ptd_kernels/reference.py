@@ -32,6 +32,8 @@ __all__ = [
     "linear_ptd_terms",
     "linear_jsd_loss",
     "linear_topk_jsd_loss",
+    "linear_policy_loss",
+    "linear_logprobs_at",
     "logprobs",
     "jsd",
     "topk_jsd",
@@ -377,3 +379,57 @@ def linear_topk_jsd_loss(hidden, weight, teacher_hidden, teacher_weight, k, *, b
                               teacher_softcap=teacher_softcap)
     validate.check_weights(weights, hidden.shape[0], hidden.device)
     return _weighted_sum(per_row, validate.row_mask(hidden.shape[0], hidden.device, mask=mask), weights)
+
+
+def linear_policy_loss(hidden, weight, targets, teacher_hidden=None, teacher_weight=None, k=None, *, row_loss,
+                       beta=0.5, support="union", tail=True, bias=None, teacher_bias=None, temperature=1.0,
+                       ignore_index=-100, mask=None, jsd_mask=None, logit_scale=1.0, softcap=None,
+                       teacher_logit_scale=1.0, teacher_softcap=None, backend="auto", return_terms=False):
+    """Σ_n loss_n over the live rows of a per-row loss of (logp, entropy, D_K): ``linear_ptd_terms`` (or, without
+    a teacher, ``linear_logprobs``) and the loss (a ``PolicyLoss`` or a callable) differentiated by autograd."""
+    from .policy_loss import PolicyLoss
+
+    validate.check_backend(backend)
+    n, vocab, temperature = validate.check_student(hidden, weight, bias, temperature)
+    targets = validate.check_targets(targets, n, vocab, ignore_index, hidden.device)
+    validate.check_mask("mask", mask, n, hidden.device)
+    live = validate.row_mask(n, hidden.device, targets, ignore_index, mask)
+    if teacher_hidden is None:
+        logp, entropy = linear_logprobs(hidden, weight, torch.where(live, targets, ignore_index), bias=bias,
+                                        temperature=temperature, ignore_index=ignore_index, with_entropy=True,
+                                        logit_scale=logit_scale, softcap=softcap)
+        zeros = torch.zeros_like(logp)
+        terms = PTDTerms.build(logp, entropy, zeros, zeros, zeros)
+        tokens = 0.0
+    else:
+        terms = linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, k, beta=beta, support=support,
+                                 tail=tail, bias=bias, teacher_bias=teacher_bias, temperature=temperature,
+                                 ignore_index=ignore_index, mask=mask, jsd_mask=jsd_mask, logit_scale=logit_scale,
+                                 softcap=softcap, teacher_logit_scale=teacher_logit_scale,
+                                 teacher_softcap=teacher_softcap)
+        tokens = float((live if jsd_mask is None else live & jsd_mask).sum())
+    if isinstance(row_loss, PolicyLoss):
+        row_loss = row_loss.checked(n, hidden.device)
+        count = max(float(live.sum()), 1.0)
+        row_loss = row_loss.resolved(live.to(terms.logp.dtype) / count, torch.tensor(tokens, dtype=terms.logp.dtype))
+    losses = row_loss(terms.logp, terms.entropy, terms.jsd)
+    total = torch.where(live, losses, torch.zeros_like(losses)).sum()
+    if not return_terms:
+        return total
+    return total, PTDTerms.build(*(t.detach() for t in (*terms, terms.teacher_mass)))
+
+
+def linear_logprobs_at(hidden, weight, ids, *, bias=None, temperature=1.0, mask=None, logit_scale=1.0, softcap=None,
+                       with_entropy=False, backend="auto"):
+    """log p at ``ids`` [N, M] (and the entropy [N]) of softmax((hidden @ weight.T + bias) / τ); 0 at masked rows."""
+    validate.check_backend(backend)
+    n, vocab, temperature = validate.check_student(hidden, weight, bias, temperature)
+    validate.check_mask("mask", mask, n, hidden.device)
+    live = validate.row_mask(n, hidden.device, mask=mask)
+    dtype = _compute_dtype(hidden)
+    z = _logits(hidden[live], weight, bias, temperature, dtype, *_check_transform(logit_scale, softcap))
+    log_probs = torch.log_softmax(z, dim=-1)
+    out = _scatter_rows(log_probs.gather(1, ids[live].long()), live)
+    if not with_entropy:
+        return out
+    return out, _scatter_rows(-(log_probs.exp() * log_probs).sum(-1), live)

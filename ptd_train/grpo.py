@@ -3,13 +3,24 @@
 Shapes: B prompts × G rollouts = R rollouts; T response positions; per-token tensors are
 ``[R, T]`` with a boolean ``mask`` marking real response tokens. Rollout r belongs to group
 ``r // G`` (rollouts of one prompt are contiguous).
+
+The per-token formulas (the clipped ratio objective, k3, how the terms combine) are
+``ptd_kernels.PolicyLoss``'s, written once there: :func:`policy_loss` states the trainer's loss as
+those named token losses — what ``ptd_kernels.linear_policy_loss`` sums in one sweep — and
+:func:`ptd_po_loss` evaluates the same loss on per-token terms already computed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from ptd_kernels.policy_loss import PolicyLoss, k3
+from ptd_kernels.policy_loss import clipped_objective as clipped_pg_loss
+
+__all__ = ["LossParts", "clipped_pg_loss", "group_advantages", "k3", "loss_parts", "policy_loss", "ptd_groups",
+           "ptd_po_loss", "ptd_set", "ptd_term", "released_surrogate", "token_mean"]
 
 
 def group_advantages(rewards: torch.Tensor, scale_rewards: str = "group", eps: float = 1e-6) -> torch.Tensor:
@@ -24,24 +35,6 @@ def group_advantages(rewards: torch.Tensor, scale_rewards: str = "group", eps: f
     if scale_rewards == "none":
         return centered
     raise ValueError(f"scale_rewards: expected 'group' or 'none', got {scale_rewards!r}")
-
-
-def clipped_pg_loss(logp, logp_old, advantages, eps_low: float = 0.2, eps_high: float = 0.3):
-    """Per-token ℓ = −min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A), ρ = exp(logp − logp_old).
-
-    ``advantages`` broadcast against ``logp`` ([R, 1] per rollout). Returns (ℓ, clipped) where
-    ``clipped`` marks tokens whose clipped branch is the active minimum.
-    """
-    ratio = torch.exp(logp - logp_old)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
-    return -torch.minimum(unclipped, clipped), (clipped < unclipped)
-
-
-def k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(π ‖ π_ref): exp(r − logp) − (r − logp) − 1, r = logp_ref."""
-    d = logp_ref - logp
-    return torch.exp(d) - d - 1.0
 
 
 def ptd_groups(rewards: torch.Tensor, has_hint: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
@@ -94,6 +87,32 @@ def released_surrogate(jsd: torch.Tensor) -> torch.Tensor:
     return jsd.detach()
 
 
+def policy_loss(advantages, mask, logp_ref, ref_kl_mask, *, kl_coef: float = 0.01, ptd_coef: float = 0.05,
+                eps_low: float = 0.2, eps_high: float = 0.3, token_count: torch.Tensor | None = None,
+                ptd_token_count: torch.Tensor | None = None, in_ptd_set: torch.Tensor | None = None) -> PolicyLoss:
+    """SPEC §3's loss as ``ptd_kernels.PolicyLoss`` over the flattened tokens [R·T] (a row per token):
+
+        L = token_mean(ℓ) + kl_coef·token_mean(k3) + λ · Σ_{i∈F,t} D_K(i,t) / Σ_{i∈F} |y_i|
+
+    ``advantages`` [R] (broadcast to the tokens), ``mask`` [R, T], ``logp_ref`` [R, T] or None (no k3 term),
+    ``ref_kl_mask`` [R] (False: the rollout drops its k3 term). The behaviour policy is the current one,
+    detached (one update per batch: ρ = 1). ``token_count`` / ``ptd_token_count``: the global numbers of
+    response tokens and of F's tokens (data parallel); default this batch's own — F from ``in_ptd_set`` [R]
+    (D_K is 0 off F, so the PTD term reads only F's tokens).
+    """
+    rows, length = mask.shape
+    weights = mask.to(torch.float32) / (mask.sum() if token_count is None else token_count).to(torch.float32).clamp(
+        min=1.0)
+    if ptd_token_count is None:
+        ptd_token_count = (mask & in_ptd_set[:, None]).sum() if in_ptd_set is not None else mask.sum()
+    with_kl = kl_coef != 0.0 and logp_ref is not None
+    return PolicyLoss(advantages.to(torch.float32)[:, None].expand(rows, length).reshape(-1),
+                      weights=weights.reshape(-1), epsilon_low=eps_low, epsilon_high=eps_high,
+                      ref_logprobs=logp_ref.reshape(-1) if with_kl else None, kl_coef=kl_coef if with_kl else 0.0,
+                      kl_mask=ref_kl_mask[:, None].expand(rows, length).reshape(-1) if with_kl else None,
+                      ptd_coef=ptd_coef, ptd_tokens=ptd_token_count)
+
+
 @dataclass
 class LossParts:
     loss: torch.Tensor
@@ -101,6 +120,14 @@ class LossParts:
     kl: torch.Tensor
     ptd: torch.Tensor
     clip_frac: torch.Tensor
+
+
+def loss_parts(loss: torch.Tensor, policy: PolicyLoss, logp, entropy, jsd) -> LossParts:
+    """The logged parts of the loss ``loss`` of ``policy`` on the per-token terms (detached; the PTD part 0 when
+    λ is)."""
+    parts = policy.parts(logp.reshape(-1), entropy.reshape(-1), jsd.reshape(-1))
+    ptd = parts["ptd"] if policy.ptd_coef != 0.0 else torch.zeros_like(parts["ptd"])
+    return LossParts(loss, parts["policy"], parts["kl"], ptd, parts["clip_fraction"])
 
 
 def ptd_po_loss(
@@ -120,27 +147,23 @@ def ptd_po_loss(
     token_count: torch.Tensor | None = None,
     ptd_token_count: torch.Tensor | None = None,
 ) -> LossParts:
-    """L = token_mean(ℓ) + kl_coef·token_mean(k3) + λ·Σ_{i∈F,t} D_K / Σ_{i∈F} |y_i|  (SPEC §3).
+    """L = token_mean(ℓ) + kl_coef·token_mean(k3) + λ·Σ_{i∈F,t} D_K / Σ_{i∈F} |y_i|  (SPEC §3), on per-token
+    terms already computed: :func:`policy_loss`'s named token losses, summed over the response tokens.
 
-    Per-token ``[R, T]``: ``logp`` (differentiable), ``logp_old``, ``logp_ref`` (or None when
-    ``kl_coef`` is 0), ``jsd`` (D_K; differentiable, 0 off F), ``mask``. Per rollout ``[R]``:
+    Per-token ``[R, T]``: ``logp`` (differentiable), ``logp_old`` (None: ``logp`` detached), ``logp_ref`` (or
+    None when ``kl_coef`` is 0), ``jsd`` (D_K; differentiable, read on F only), ``mask``. Per rollout ``[R]``:
     ``advantages``, ``in_ptd_set`` (F) and ``ref_kl_mask`` (False for members of PTD groups when
-    ``ptd_drop_ref_kl``). Both token means divide by every response token of the batch; the
-    dropped k3 terms count as 0. Data parallel, ``token_count`` and ``ptd_token_count`` are the
-    global numbers of response tokens and of F's tokens: each rank's loss is then its share of the
-    global batch's loss.
+    ``ptd_drop_ref_kl``). Both token means divide by every response token of the batch; the dropped k3 terms
+    count as 0. Data parallel, ``token_count`` and ``ptd_token_count`` are the global numbers of response
+    tokens and of F's tokens: each rank's loss is then its share of the global batch's loss.
     """
-    pg_tok, clipped = clipped_pg_loss(logp, logp_old, advantages[:, None], eps_low, eps_high)
-    pg = token_mean(pg_tok, mask, token_count)
-    if kl_coef != 0.0 and logp_ref is not None:
-        # where(), not a product: rows without a reference pass may hold a placeholder logp_ref, and
-        # exp(logp_ref − logp) can overflow there (inf · 0 would be NaN).
-        kl_terms = torch.where(ref_kl_mask[:, None], k3(logp, logp_ref), torch.zeros_like(logp))
-        kl = token_mean(kl_terms, mask, token_count)
-    else:
-        kl = logp.new_zeros(())
-    any_f = bool((mask & in_ptd_set[:, None]).any()) if ptd_token_count is None else bool(ptd_token_count > 0)
-    ptd = ptd_term(jsd, mask, in_ptd_set, ptd_token_count) if ptd_coef != 0.0 and any_f else logp.new_zeros(())
-    loss = pg + kl_coef * kl + ptd_coef * ptd
-    clip_frac = token_mean(clipped.float(), mask, token_count).detach()
-    return LossParts(loss, pg.detach(), kl.detach(), ptd.detach(), clip_frac)
+    policy = policy_loss(advantages, mask, logp_ref, ref_kl_mask, kl_coef=kl_coef, ptd_coef=ptd_coef, eps_low=eps_low,
+                         eps_high=eps_high, token_count=token_count, ptd_token_count=ptd_token_count,
+                         in_ptd_set=in_ptd_set)
+    if logp_old is not None:
+        policy = replace(policy, old_logprobs=logp_old.reshape(-1))
+    f_mask = mask & in_ptd_set[:, None]
+    on_f = torch.where(f_mask, jsd, torch.zeros((), dtype=jsd.dtype, device=jsd.device)).reshape(-1)
+    losses = policy.row_losses(logp.reshape(-1), torch.zeros_like(on_f), on_f)
+    loss = torch.where(mask.reshape(-1), losses, torch.zeros((), dtype=losses.dtype, device=losses.device)).sum()
+    return loss_parts(loss, policy, logp.detach(), torch.zeros_like(logp), on_f.detach())

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from ptd_kernels import linear_jsd, linear_logprobs, linear_ptd_terms
+from ptd_kernels import linear_jsd, linear_logprobs, linear_policy_loss, linear_ptd_terms
 from ptd_kernels.integrations.hf import logit_transform, sparse_teacher_terms
 
 from .prompts import IMAGE_PAD, PAD, VIDEO_PAD, VISION_END, VISION_START, PromptBatch
@@ -358,7 +358,7 @@ class ModelWithPTDHead(torch.nn.Module):
         return output_layer(self.model)
 
     def forward(self, env, x: PromptBatch, resp, mask, teacher_hidden=None, teacher_head=None, jsd_mask=None,
-                teacher_transform=None, teacher_topk=None):
+                teacher_transform=None, teacher_topk=None, row_loss=None):
         """The student pass → :class:`StudentTerms`, differentiable in the model.
 
         ``teacher_hidden`` [R·T, H'] (None when no rollout is in F, or λ = 0: log-prob and
@@ -366,6 +366,9 @@ class ModelWithPTDHead(torch.nn.Module):
         model's own, the current policy as teacher) and ``teacher_transform`` its logit scale and
         soft-cap (None: this model's). ``teacher_topk``: a served teacher's (ids, log-probs)
         [R·T, K] in place of ``teacher_hidden`` (the sparse-teacher JSD, support = its ids).
+        ``row_loss`` (a ``ptd_kernels.PolicyLoss`` or a callable over the [R·T] tokens): the loss itself,
+        from one sweep (``ptd_kernels.linear_policy_loss``; a local Top-K teacher or none) → (loss,
+        :class:`StudentTerms` detached).
         """
         cfg = env.cfg
         W, b = self.output_layer()
@@ -381,6 +384,20 @@ class ModelWithPTDHead(torch.nn.Module):
         with_teacher = dict(
             beta=cfg.ptd_beta, bias=b, teacher_bias=bt, temperature=cfg.temperature, backend=env.backend, **transforms
         )
+        if row_loss is not None:
+            if teacher_topk is not None or (teacher_hidden is not None and cfg.ptd_full_vocab):
+                raise ValueError("the one-sweep loss takes a local Top-K teacher or none (not a served teacher, not "
+                                 "the full-vocabulary JSD)")
+            pair, teacher_args = (), {}
+            if teacher_hidden is not None:
+                pair = (teacher_hidden, Wt, min(cfg.ptd_k, W.shape[0]))
+                teacher_transform = {k: v for k, v in transforms.items() if k.startswith("teacher_")}
+                teacher_args = dict(beta=cfg.ptd_beta, support=cfg.ptd_support, tail=cfg.ptd_tail, teacher_bias=bt,
+                                    jsd_mask=jsd_mask, **teacher_transform)
+            loss, out = linear_policy_loss(h, W, targets, *pair, row_loss=row_loss, bias=b, temperature=cfg.temperature,
+                                           backend=env.backend, return_terms=True, **self.logit_transform,
+                                           **teacher_args)
+            return loss, StudentTerms(out.logp, out.entropy, out.jsd, out.overlap, out.teacher_mass)
         if teacher_topk is not None:
             return StudentTerms(*sparse_teacher_terms(
                 h, W, targets, *teacher_topk, jsd_mask, beta=cfg.ptd_beta, tail=cfg.ptd_tail, bias=b,

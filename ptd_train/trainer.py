@@ -9,11 +9,14 @@ One RL step (each rank on its share of the step's prompts):
   2. teacher pass: the frozen reference (or the current policy, no grad) on x^h = [x ; hint],
      same image, teacher-forced on the student's tokens — only for rollouts in the PTD set F —
      keeping the last hidden states at response positions;
-  3. student pass: the policy's backbone on x + y; its last hidden states at response positions
-     go with the output-layer weights to ``ptd_kernels.linear_ptd_terms`` (log-prob, entropy,
-     Top-K JSD, overlap in one sweep; no batch×length×vocab logits are ever formed);
-  4. the PTD-PO loss over the global batch (clipped GRPO, k3 reference KL except in PTD groups,
-     λ·JSD on F), AdamW, clipping on the global gradient norm; log the step.
+  3. student pass and the PTD-PO loss over the global batch (clipped GRPO, k3 reference KL except in
+     PTD groups, λ·JSD on F): the policy's backbone on x + y; its last hidden states at response
+     positions go with the output-layer weights to ``ptd_kernels.linear_policy_loss`` (``grpo.policy_loss``:
+     the loss as named token losses), which forms the loss and its gradients in one sweep over the
+     vocabulary per side (no batch×length×vocab logits are ever formed). A served teacher and the
+     full-vocabulary JSD take the per-row path: ``linear_ptd_terms`` (or the sparse / full JSD), then
+     ``grpo.ptd_po_loss`` in PyTorch;
+  4. AdamW, clipping on the global gradient norm; log the step.
 
 A run has six phases, each announced by a line on stderr: set-up (device, data, model), warm start
 (embedded task: a cached supervised warm start, ``warmstart.py``, brings the tiny model to where RL
@@ -254,33 +257,34 @@ def rl_step(
             logp_ref = torch.zeros(R, T, device=env.device)
             logp_ref[kl_rows] = lr_
 
-    # 3. student pass: backbone hidden states at response positions → kernels (no logits tensor)
+    # 3. student pass and the PTD-PO loss of the global batch: backbone hidden states at response positions →
+    #    kernels (no logits tensor); token means divide by token counts summed over ranks; one update per
+    #    batch, so the behaviour policy's log-probs are logp.detach() (ptd_grad="released": the authors'
+    #    surrogate, same D_K value, zero gradient)
     policy.train()
     jsd_mask = in_f[:, None].expand(R, T).reshape(-1)
-    terms = policy(env, x, resp, mask, teacher_hidden, teacher_head, jsd_mask, teacher.logit_transform, teacher_topk)
-    logp, entropy, jsd = terms.logp.view(R, T), terms.entropy.view(R, T), terms.jsd.view(R, T)
-
-    # 4. the PTD-PO loss of the global batch: token means divide by token counts summed over ranks;
-    #    one update per batch, so the behaviour policy's log-probs are logp.detach()
-    #    (ptd_grad="released": the authors' surrogate, same D_K value, zero gradient)
     f_tok = mask & in_f[:, None]
-    jsd_loss = grpo.released_surrogate(jsd) if cfg.ptd_grad == "released" else jsd
-    parts = grpo.ptd_po_loss(
-        logp,
-        logp.detach(),
-        logp_ref,
-        adv,
-        mask,
-        jsd_loss,
-        in_f,
-        ref_kl_mask,
-        kl_coef=cfg.kl_coef,
-        ptd_coef=cfg.ptd_coef,
-        eps_low=cfg.epsilon_low,
-        eps_high=cfg.epsilon_high,
-        token_count=dist.sum(mask.sum()),
-        ptd_token_count=dist.sum(f_tok.sum()),
-    )
+    loss_fn = grpo.policy_loss(adv, mask, logp_ref, ref_kl_mask, kl_coef=cfg.kl_coef, ptd_coef=cfg.ptd_coef,
+                               eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high, token_count=dist.sum(mask.sum()),
+                               ptd_token_count=dist.sum(f_tok.sum()))
+    if one_sweep_loss(cfg, teacher_topk):
+        row_loss = loss_fn
+        if cfg.ptd_grad == "released":
+            def row_loss(logp, entropy, jsd):
+                return loss_fn(logp, entropy, grpo.released_surrogate(jsd))
+        loss, terms = policy(env, x, resp, mask, teacher_hidden, teacher_head,
+                             jsd_mask if teacher_hidden is not None else None, teacher.logit_transform,
+                             row_loss=row_loss)
+        parts = grpo.loss_parts(loss, loss_fn, terms.logp, terms.entropy, terms.jsd)
+    else:
+        terms = policy(env, x, resp, mask, teacher_hidden, teacher_head, jsd_mask, teacher.logit_transform,
+                       teacher_topk)
+        jsd_loss = grpo.released_surrogate(terms.jsd) if cfg.ptd_grad == "released" else terms.jsd
+        parts = grpo.ptd_po_loss(terms.logp.view(R, T), None, logp_ref, adv, mask, jsd_loss.view(R, T), in_f,
+                                 ref_kl_mask, kl_coef=cfg.kl_coef, ptd_coef=cfg.ptd_coef, eps_low=cfg.epsilon_low,
+                                 eps_high=cfg.epsilon_high, token_count=dist.sum(mask.sum()),
+                                 ptd_token_count=dist.sum(f_tok.sum()))
+    logp, entropy, jsd = terms.logp.view(R, T), terms.entropy.view(R, T), terms.jsd.view(R, T)
     (parts.loss * dist.world).backward()  # DDP and FSDP2 average gradients over ranks: this undoes it
     grad_norm = clip_grad_norm(policy, cfg.max_grad_norm)
     opt.step()
@@ -310,6 +314,12 @@ def rl_step(
         "response_len": mean(mask.sum(1).float(), rollout.to(mask.device)),
         "seconds": time.time() - t0,
     }
+
+
+def one_sweep_loss(cfg: TrainConfig, teacher_topk) -> bool:
+    """Whether the step's loss comes from one sweep (``ptd_kernels.linear_policy_loss``): a local Top-K teacher
+    or none; a served teacher and the full-vocabulary JSD take the per-row path."""
+    return teacher_topk is None and not cfg.ptd_full_vocab
 
 
 # ============================================================================ the run

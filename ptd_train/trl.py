@@ -15,12 +15,16 @@ for rows without one). Per rollout batch:
    batch (``ptd_train.teacher_server``; TRL's ``VLLMClient``, or any object with its
    ``get_sequence_logprobs`` set as ``trainer.ptd_teacher_client``), and the JSD is the sparse
    teacher's (support "teacher", ``ptd_kernels.linear_sparse_jsd``);
-3. one ptd sweep per side (``ptd_kernels.linear_ptd_terms``) gives the policy's log-probs and
-   entropy — which TRL's loss then uses — and the Top-K JSD, overlap and teacher mass;
-4. loss = TRL's GRPO loss (its ``loss_type``, clipping, KL) + ``ptd_coef`` · Σ_F D_K / Σ_F |y|,
-   the PTD denominator counted over the whole generation batch (all processes), so that
-   gradient accumulation and data parallelism give the same gradient as one big batch;
-   members of PTD groups lose their reference-KL term (``ptd_drop_ref_kl``).
+3. loss = TRL's GRPO loss (its ``loss_type``, clipping, KL, a static entropy bonus) + ``ptd_coef`` ·
+   Σ_F D_K / Σ_F |y|, the PTD denominator counted over the whole generation batch (all processes), so
+   that gradient accumulation and data parallelism give the same gradient as one big batch; members of
+   PTD groups lose their reference-KL term (``ptd_drop_ref_kl``). For the settings it expresses (loss
+   types grpo, bnpo, dr_grpo, dapo at the token level; see ``one_sweep_unsupported``) the whole loss is
+   TRL's per-token loss written as ``ptd_kernels.PolicyLoss`` and formed with its gradients in one sweep
+   per side (``ptd_kernels.linear_policy_loss``: 4 logits-GEMM equivalents with the teacher, 3 without);
+   TRL's metrics are logged from its terms. Any other setting takes the per-row path: one ptd sweep per
+   side (``ptd_kernels.linear_ptd_terms``) gives the policy's log-probs and entropy — which TRL's own
+   loss then uses — and the Top-K JSD, overlap and teacher mass, and the PTD term is added to TRL's loss.
 
 Hints pass ``ptd_train.hints.check_hint`` (zero-spoiler) against ``ptd_answer_column`` before a
 teacher sees them. Logged: ``ptd/jsd``, ``ptd/overlap``, ``ptd/teacher_mass`` (means over F's
@@ -43,11 +47,11 @@ from accelerate.utils import is_peft_model
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational, prepare_multimodal_messages
 
-from ptd_kernels import SUPPORTS
+from ptd_kernels import SUPPORTS, PolicyLoss
 from ptd_kernels.integrations.hf import PTDSparseTeacher, PTDTeacher, add_ptd_head, output_layer
 from ptd_kernels.integrations.trl import check_trl_version, use_ptd_kernels
 
-from .grpo import ptd_groups, ptd_set, ptd_term
+from .grpo import k3, ptd_groups, ptd_set, ptd_term
 from .hints import check_hint
 from .prompts import left_pad
 from .teacher_server import accepts_images, served_topk
@@ -419,7 +423,27 @@ class PTDGRPOTrainer(GRPOTrainer):
                                                        batch["ref_per_token_logps"])
         return logps, entropies, None
 
+    def one_sweep_unsupported(self, inputs) -> str | None:
+        """Why this batch's loss cannot come from one sweep (None: it can). The one-sweep loss needs TRL's
+        per-token loss to be a function of each token's own log-prob, entropy and divergence."""
+        args = self.args
+        checks = (
+            (self.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"), f"loss_type={self.loss_type!r}"),
+            (self.importance_sampling_level != "token", "importance_sampling_level='sequence' (a sequence's ratio)"),
+            (args.delta is not None, "delta (two-sided clipping)"),
+            (self.off_policy_mask_threshold is not None, "off_policy_mask_threshold (a sequence-level mask)"),
+            (self.top_entropy_quantile < 1.0, "top_entropy_quantile < 1 (a mask from the batch's entropies)"),
+            (self.use_vllm and self.vllm_importance_sampling_correction, "vLLM importance-sampling correction"),
+            (self._entropy_bonus_enabled and self.use_adaptive_entropy, "the adaptive entropy bonus"),
+            (self.aux_loss_enabled, "the MoE load-balancing loss"),
+            ("tool_mask" in inputs, "a tool mask"),
+            ("ptd_teacher_topk_ids" in inputs, "a served teacher (its top-K: the per-row sparse JSD)"),
+        )
+        return next((why for unsupported, why in checks if unsupported), None)
+
     def _compute_loss(self, model, inputs):
+        if self.one_sweep_unsupported(inputs) is None:
+            return self._one_sweep_loss(model, inputs)
         if not self._ptd_enabled or "ptd_rollout" not in inputs:
             return super()._compute_loss(model, inputs)
         rows = inputs["ptd_rollout"]
@@ -465,3 +489,136 @@ class PTDGRPOTrainer(GRPOTrainer):
                 self._metrics[mode][name].append(value)
         return loss
 
+
+    # ------------------------------------------------------------------ the one-sweep loss
+
+    def _local_teacher(self, inputs) -> PTDTeacher | None:
+        """The local teacher's states for the rows of F (None: no row of F, or PTD off)."""
+        if not self._ptd_enabled or "ptd_rollout" not in inputs:
+            return None
+        rows = inputs["ptd_rollout"]
+        needs_teacher = rows.any()
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # a sharded teacher runs on every rank or none
+            needs_teacher = self.accelerator.reduce(needs_teacher.float(), reduction="sum") > 0
+        return self._teacher_states(inputs, rows) if bool(needs_teacher) else None
+
+    def _policy_loss(self, inputs, mask: torch.Tensor, with_teacher: bool) -> tuple[PolicyLoss, float]:
+        """TRL's per-token loss (its ``_compute_loss``) with PTD-PO's term, as named token losses [B, T]; and the
+        factor from the loss's policy part to TRL's logged ``policy_loss``."""
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        per_token = mask.to(torch.float32)
+        rows, length = per_token.shape
+        factor = accumulation
+        if self.loss_type == "grpo":
+            weights = per_token / (per_token.sum(-1, keepdim=True).clamp(min=1.0) * rows)
+        elif self.loss_type == "bnpo":
+            weights = per_token / per_token.sum().clamp(min=1.0)
+        elif self.loss_type == "dr_grpo":
+            weights = per_token / (rows * self.max_completion_length)
+        else:  # dapo: the generation batch's token count, rescaled to one process and one accumulation window
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            weights, factor, accumulation = per_token / normalizer, 1.0, 1.0
+        weights = weights / accumulation
+        advantages = inputs["advantages"]
+        advantages = advantages[:, None].expand(rows, length) if advantages.dim() == 1 else advantages
+        ref, kl_mask = None, None
+        if self.beta != 0.0:
+            ref = inputs["ref_per_token_logps"]
+            if self._ptd_enabled and self.args.ptd_drop_ref_kl and "ptd_group" in inputs:
+                kl_mask = (~inputs["ptd_group"])[:, None].expand(rows, length)
+        ptd_tokens = 1.0
+        if with_teacher:  # Σ_F |y| over the generation batch, rescaled as TRL's token-level losses are
+            ptd_tokens = inputs["ptd_num_tokens"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                ptd_tokens = ptd_tokens * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        entropy_coef, entropy_weights = 0.0, None
+        if self._entropy_bonus_enabled:  # a mean over the response tokens, scaled for gradient accumulation only
+            entropy_coef = self.entropy_coef
+            entropy_weights = per_token / per_token.sum().clamp(min=1.0) / (
+                self.current_gradient_accumulation_steps if mode == "train" else 1.0)
+        loss = PolicyLoss(advantages.float(), weights=weights, old_logprobs=inputs.get("old_per_token_logps"),
+                          epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, ref_logprobs=ref,
+                          kl_coef=self.beta, kl_mask=kl_mask, ptd_coef=self.ptd_coef if with_teacher else 0.0,
+                          ptd_tokens=ptd_tokens, entropy_coef=entropy_coef, entropy_weights=entropy_weights,
+                          kl_ratio=bool(self.args.use_bias_correction_kl))
+        return loss, factor
+
+    def _one_sweep_loss(self, model, inputs):
+        """TRL's GRPO loss (+ PTD-PO's term) from one sweep per side, and TRL's metrics from its terms."""
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        logits_to_keep = completion_ids.size(1)
+        mask = completion_mask
+        teacher = self._local_teacher(inputs)
+        policy_loss, factor = self._policy_loss(inputs, mask, teacher is not None)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-logits_to_keep] = -100
+        model_inputs = {k: inputs[k] for k in _IMAGE_KEYS + _TOKEN_TYPE_KEYS if inputs.get(k) is not None}
+        with self.accelerator.autocast():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
+                        ptd_teacher=teacher, ptd_policy_loss=policy_loss, **model_inputs)
+        loss = out.loss
+        logps = out.log_probs[:, -logits_to_keep:]
+        entropies = out.entropy[:, -logits_to_keep:]
+        self._log_one_sweep(policy_loss, factor, logps, entropies, mask)
+        mode = "train" if self.model.training else "eval"
+        if teacher is not None:
+            f_mask = (mask.bool() & inputs["ptd_rollout"][:, None]).float()
+            jsd, overlap, mass = (t[:, -logits_to_keep:] for t in (out.jsd, out.overlap, out.teacher_mass))
+            sums = torch.stack([(jsd * f_mask).sum(), (overlap * f_mask).sum(), (mass * f_mask).sum(), f_mask.sum()])
+        else:
+            sums = mask.new_zeros(4, dtype=torch.float32)
+        if self._ptd_enabled:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+            if sums[3] > 0:
+                for name, value in zip(("ptd/jsd", "ptd/overlap", "ptd/teacher_mass"), (sums[:3] / sums[3]).tolist()):
+                    self._metrics[mode][name].append(value)
+        return loss
+
+    def _log_one_sweep(self, policy_loss: PolicyLoss, factor: float, logps, entropies, mask) -> None:
+        """TRL's metrics of its ``_compute_loss`` (KL, entropy, clip ratios, the entropy bonus' policy loss and
+        coefficient), from the one sweep's detached terms."""
+        from trl.trainer.utils import nanmax, nanmin
+
+        mode = "train" if self.model.training else "eval"
+        mask = mask.to(logps.dtype)
+
+        def global_masked_mean(x):
+            totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum()]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        def masked_seq_mean(x):
+            return (x * mask).sum(-1) / mask.sum(-1)
+
+        shape = logps.shape
+        old = logps if policy_loss.old_logprobs is None else policy_loss.old_logprobs.view(shape)
+        ratio = torch.exp(logps - old)
+        if self.beta != 0.0:
+            per_token_kl = k3(logps, policy_loss.ref_logprobs.view(shape))
+            if policy_loss.kl_mask is not None:
+                per_token_kl = torch.where(policy_loss.kl_mask.view(shape), per_token_kl,
+                                           torch.zeros_like(per_token_kl))
+            if policy_loss.kl_ratio:
+                per_token_kl = per_token_kl * ratio
+            self._metrics[mode]["kl"].append(global_masked_mean(per_token_kl))
+        self._metrics[mode]["entropy"].append(global_masked_mean(entropies))
+        advantages = policy_loss.advantages.view(shape)
+        low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
+        high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
+        self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low))
+        self._metrics[mode]["clip_ratio/high_mean"].append(global_masked_mean(high))
+        self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
+        self._metrics[mode]["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(low))).item())
+        self._metrics[mode]["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high))).item())
+        if self._entropy_bonus_enabled:
+            flat = (logps.reshape(-1), entropies.reshape(-1), torch.zeros_like(logps.reshape(-1)))
+            parts = policy_loss.map_rows(lambda t: t.reshape(-1)).parts(*flat)
+            policy = (parts["policy"] + self.beta * parts["kl"]) * factor
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy.detach()).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)

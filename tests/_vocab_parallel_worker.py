@@ -76,6 +76,20 @@ def cases(backend):
             x["hidden"], x["weight"], x["targets"], x["teacher_hidden"], x["teacher_weight"], bias=x["bias"],
             teacher_bias=x["teacher_bias"], mask=x["mask"])),
     }
+    policy = ptd.PolicyLoss(advantages=torch.linspace(-1.0, 1.0, N), weights=torch.linspace(0.5, 1.5, N),
+                            old_logprobs=torch.full((N,), -3.0), ref_logprobs=torch.full((N,), -3.5), kl_coef=0.1,
+                            kl_mask=torch.tensor([True, False, True, True, True, True, False]), ptd_coef=0.3,
+                            entropy_coef=0.01)
+    out["policy_loss"] = lambda x, pg: (ptd.linear_policy_loss(
+        x["hidden"], x["weight"], x["targets"], x["teacher_hidden"], x["teacher_weight"], K, row_loss=policy,
+        bias=x["bias"], teacher_bias=x["teacher_bias"], temperature=TAU, mask=x["mask"],
+        jsd_mask=torch.tensor([True, True, False, True, True, True, True]), process_group=pg, backend=backend),)
+    out["policy_loss_alone"] = lambda x, pg: (ptd.linear_policy_loss(
+        x["hidden"], x["weight"], x["targets"], row_loss=lambda logp, entropy, jsd: -logp * (1 + entropy.detach()),
+        bias=x["bias"], temperature=TAU, mask=x["mask"], process_group=pg, backend=backend),)
+    out["logprobs_at"] = lambda x, pg: ptd.linear_logprobs_at(
+        x["hidden"], x["weight"], torch.tensor([[14, 15, 0, 36, 14]] * N), bias=x["bias"], temperature=TAU,
+        mask=x["mask"], with_entropy=True, process_group=pg, backend=backend)
     for support, tail, beta in (("union", True, 0.5), ("union", False, 0.0), ("teacher", True, 1.0),
                                 ("teacher", False, 0.5), ("student", True, 0.0), ("student", False, 1.0)):
         out[f"topk_jsd_{support}_{tail}_{beta}"] = pair("linear_topk_jsd", K, support=support, tail=tail, beta=beta)

@@ -173,7 +173,9 @@ def test_l2_simulation_reuses_what_fits():
 
 # issue 21: the GEMM work per form of the chunked PyTorch path, in logits-GEMM equivalents
 EXPECTED_GEMMS = {"linear_logprobs": 4, "linear_topk": 1, "linear_topk_jsd": 5, "linear_sparse_jsd": 4,
-                  "linear_jsd": 6, "linear_ptd_terms": 5, "linear_jsd_loss": 4, "linear_topk_jsd_loss": 4}
+                  "linear_jsd": 6, "linear_ptd_terms": 5, "linear_jsd_loss": 4, "linear_topk_jsd_loss": 4,
+                  "linear_policy_loss": 4, "linear_policy_loss (no teacher)": 3,
+                  "linear_policy_loss (one sweep, accumulator beyond the budget)": 4, "linear_logprobs_at": 4}
 
 
 @pytest.mark.parametrize("op", gpu_cases.PTD_OPS, ids=lambda op: op.name)
@@ -185,6 +187,23 @@ def test_torch_path_gemm_count_matches_issue_21(op):
                                                                                    "aten.addmm_"))
     assert logits_gemms / shape.logits_gemm_flops == EXPECTED_GEMMS[op.name]
     assert op.floor == EXPECTED_GEMMS[op.name]
+
+
+@pytest.mark.parametrize("path", ["torch", "cublas"])
+@pytest.mark.parametrize(("op_name", "gemms"), [("linear_policy_loss", 4), ("linear_policy_loss (no teacher)", 3)])
+def test_one_sweep_policy_loss_is_4_gemms_with_a_teacher_and_3_without(path, op_name, gemms):
+    """Issue 21.2: the whole PTD-PO loss costs the student's and the teacher's forward GEMMs and the two
+    gradient GEMMs; the policy loss alone, 3 — counted from execution on the torch and cuBLAS paths (at a
+    shape where the one sweep pays on both), with no recomputing sweep."""
+    if path not in gpu_cases.available_paths():
+        pytest.skip(f"{path} is not a backend here")
+    shape = gpu_cases.Shape(n=48, h=32, v=2048, k=4)
+    op = next(op for op in gpu_cases.PTD_OPS if op.name == op_name)
+    with gpu_count.counting() as trace:
+        gpu_cases.run_case(lambda x: op.call(x, path), shape, trace)
+    gemm_flops = sum(w.gemm_flops for w in _works(trace, "gemm"))
+    assert gemm_flops / shape.logits_gemm_flops == pytest.approx(gemms, rel=0.02)  # + the support's gathers
+    assert sum(w.gemm_flops for w in _works(trace, "gemm") if w.phase == "backward") == 0
 
 
 def test_model_end_to_end_at_a_tiny_shape(monkeypatch):

@@ -69,7 +69,7 @@ def rows():
 
 def test_at_most_one_sync_per_call_and_none_on_the_sync_free_path(rows):
     assert {r["backend"] for r in rows} >= {"torch"}
-    assert len({r["function"] for r in rows}) == 12  # every public function (8 fused, 4 on logits)
+    assert len({r["function"] for r in rows}) == 14  # every public function (10 fused, 4 on logits)
     budget = {"default": 1, "sync-free": 0, "vocabulary-parallel": 1}
     for row in rows:
         own = sum(len(row[phase]) - host_syncs.in_launchers(row[phase]) for phase in ("forward", "backward"))
@@ -85,7 +85,7 @@ def test_at_most_one_sync_per_call_and_none_on_the_sync_free_path(rows):
 
 # the fused functions with a mask (on given logits, the caller's own matmul would carry a NaN row into d weight)
 _MASKED = ("linear_topk_jsd", "linear_sparse_jsd", "linear_jsd", "linear_ptd_terms", "linear_jsd_loss",
-           "linear_topk_jsd_loss")
+           "linear_topk_jsd_loss", "linear_policy_loss", "linear_logprobs_at")
 
 
 def _run_all(p, sync_free):

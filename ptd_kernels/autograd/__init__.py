@@ -2,8 +2,8 @@
 
 Layering: public functions (``functional``, ``logits_level``) → one preparation step per call
 (``_prepare``: checks, backend, vocabulary parallelism) → this package (``linear`` for the fused
-functions, ``logits`` for the functions on given logits, ``common`` for the sweep config, the call and
-its rows) → a backend (``backends``) → shared per-row math (``rowmath``).
+functions, ``policy`` for the one-sweep policy loss, ``logits`` for the functions on given logits,
+``common`` for the sweep config, the call and its rows) → a backend (``backends``) → shared per-row math (``rowmath``).
 
 Masked rows (target == ignore_index, mask False) are removed before any sweep, so they cost
 nothing, give exactly 0 and get no gradient, and a NaN in one of them cannot leak into the

@@ -96,6 +96,7 @@ class Call:
     logits: torch.Tensor | None = None  # the logits-level functions'
     teacher_logits: torch.Tensor | None = None
     with_entropy: bool = False
+    row_loss: object = None  # linear_policy_loss's PolicyLoss or callable
 
 
 # ----------------------------------------------------------------------------- rows and dtypes

@@ -13,7 +13,16 @@ from .. import rowmath
 from .._dtypes import compute_dtype
 from .._host_reads import free_to_read
 from .._types import TopK
-from ..backends.base import Backend, GradNeeds, Head, HeadGradCoefs, JSDStats, RowStats, SparseTerms
+from ..backends.base import (
+    Backend,
+    GradNeeds,
+    Head,
+    HeadGradCoefs,
+    JSDStats,
+    RowStats,
+    SparseTerms,
+    WeightedDivergence,
+)
 from .common import Call, SweepConfig, cast_grads, detached, grad_needs, once_differentiable
 
 # ----------------------------------------------------------------------------- the sweep
@@ -229,6 +238,52 @@ def topk(call: Call) -> TopK:
     return TopK(stats.topk_indices, logprobs, stats.lse.to(out_dtype), target_logprobs)
 
 
+class _LogprobsAt(torch.autograd.Function):
+    """log p at a few ids per row (and the entropy) of the rows that go in: one forward sweep (lse, Σ p·z) and a
+    gather; one backward sweep (``head_backward``): ∂/∂z_v = Σ_m g_m·([v = id_m] − p_v) − g_H·p_v·(z_v − Σ p·z),
+    the ids' part as sparse terms — one d weight."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, config: SweepConfig, backend: Backend, with_entropy: bool):
+        head = Head(hidden, weight, bias, config.student)
+        wide = torch.float64
+        stats = backend.row_stats(head, with_mean_logit=with_entropy, lse_dtype=wide)
+        dtype = head.dtype
+        logp = (backend.gather_logits(head, ids, wide) - stats.lse[:, None]).to(dtype)
+        entropy = (stats.lse - stats.mean_logit.to(wide)).to(dtype) if with_entropy else logp.new_zeros(head.rows)
+        ctx.config, ctx.backend = config, backend
+        ctx.save_for_backward(hidden, weight, bias, ids, stats.lse.to(dtype),
+                              stats.mean_logit.to(dtype) if with_entropy else None)
+        return logp, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, ids, lse, mean_logit = ctx.saved_tensors
+        row_coef = torch.zeros_like(lse)
+        sparse = ()
+        if grad_logp is not None:
+            grad_logp = grad_logp.to(lse.dtype)
+            row_coef -= grad_logp.sum(-1)
+            sparse = (SparseTerms.every_row(ids, grad_logp),)
+        logit_coef = None
+        if grad_entropy is not None and mean_logit is not None:
+            logit_coef = -grad_entropy.to(lse.dtype)
+        coefs = HeadGradCoefs(row_coef, logit_coef, mean_logit if logit_coef is not None else None, sparse=sparse)
+        grads = ctx.backend.head_backward(Head(hidden, weight, bias, ctx.config.student), lse, coefs,
+                                          grad_needs(ctx, bias))
+        return (*cast_grads(grads, hidden, weight, bias), None, None, None, None)
+
+
+def logprobs_at(call: Call):
+    """``_LogprobsAt`` on the rows of a prepared call; (log-probs [N, M], entropy [N]), 0 at masked rows."""
+    rows, student = call.rows, call.student
+    ids = rows.take(call.teacher_indices)
+    logp, entropy = _LogprobsAt.apply(rows.take(student.hidden), student.weight, student.bias, ids, call.config,
+                                      call.backend, call.with_entropy)
+    return rows.put(logp), rows.put(entropy)
+
+
 # ----------------------------------------------------------------------------- divergences
 
 
@@ -324,29 +379,34 @@ def divergence(call: Call) -> torch.Tensor:
 # ----------------------------------------------------------------------------- loss level
 
 
-class _FusedLoss(torch.autograd.Function):
-    """Σ_n w_n·D_n with gradients formed during the forward sweep (no recomputation).
+class _OneSweepLoss(torch.autograd.Function):
+    """Σ_n loss_n with gradients formed during the forward sweep (``Backend.fused_loss``: no recomputation).
+
+    ``row_loss``: the backend's ``RowLoss`` — ``WeightedDivergence`` (Σ_n w_n·D_n, the loss functions;
+    ``row_weights`` are its weights, which may require grad: ∂/∂w_n = D_n), or ``policy.RowLossAdapter``
+    (``linear_policy_loss``; ``row_weights`` None), which records the rows' losses.
 
     The one backward hands the stored gradients over (scaled in place when the incoming gradient
     is not 1) instead of copying them: a copy, and autograd's own clone of a gradient still held
     here, would each cost another V×H d weight at the peak. A second backward through the same
-    graph (``retain_graph=True``) therefore raises; call the loss again instead. Row weights that
-    require grad get ∂/∂w_n = D_n.
+    graph (``retain_graph=True``) therefore raises; call the loss again instead.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, row_weights,
-                config: SweepConfig, record_grad: bool, backend: Backend):
+    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets, row_weights,
+                config: SweepConfig, row_loss, record_grad: bool, backend: Backend):
         # (forward runs under no_grad: whether the caller wants gradients was read before apply)
         needs = GradNeeds(record_grad and hidden.requires_grad, record_grad and weight.requires_grad,
                           record_grad and bias is not None and bias.requires_grad)
-        value, grads = backend.fused_loss(Head(hidden, weight, bias, config.student),
-                                          Head(teacher_hidden, teacher_weight, teacher_bias, config.teacher),
-                                          config.divergence, row_weights.detach(), needs)
+        teacher = None if teacher_hidden is None else Head(teacher_hidden, teacher_weight, teacher_bias,
+                                                           config.teacher)
+        value, grads = backend.fused_loss(Head(hidden, weight, bias, config.student), teacher, config.divergence,
+                                          row_loss, needs, targets=targets)
         # kept in the compute dtype: the incoming gradient scales them before their one cast
         ctx.grads, ctx.dtypes = grads, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.save_for_backward(value if record_grad and row_weights.requires_grad else None)
-        return (value * row_weights.to(value.dtype)).sum()
+        weighted = row_weights is not None
+        ctx.save_for_backward(value if weighted and record_grad and row_weights.requires_grad else None)
+        return (value * row_weights.to(value.dtype)).sum() if weighted else row_loss.total
 
     @staticmethod
     @once_differentiable
@@ -354,9 +414,9 @@ class _FusedLoss(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError(
-                "linear_jsd_loss / linear_topk_jsd_loss formed their gradients in the forward sweep and handed "
-                "them over on the first backward; a second backward through the same graph (retain_graph=True) "
-                "is not supported: call the loss again")
+                "the loss functions (linear_jsd_loss, linear_topk_jsd_loss, linear_policy_loss) formed their "
+                "gradients in the forward sweep and handed them over on the first backward; a second backward "
+                "through the same graph (retain_graph=True) is not supported: call the loss again")
         # On a CPU, skip the V×H multiply when the incoming gradient is 1; on a device that check would wait
         # for the queue, so the gradients are scaled whatever it is.
         scale = None if free_to_read(grad) and bool(grad == 1) else grad
@@ -364,7 +424,7 @@ class _FusedLoss(torch.autograd.Function):
                  for g, dtype in zip(grads, ctx.dtypes)]
         (value,) = ctx.saved_tensors
         grad_row_weights = None if value is None else grad * value
-        return (*grads, None, None, None, grad_row_weights, None, None, None)
+        return (*grads, None, None, None, None, grad_row_weights, None, None, None, None)
 
 
 def weighted_loss(call: Call) -> torch.Tensor:
@@ -383,9 +443,11 @@ def weighted_loss(call: Call) -> torch.Tensor:
         weights = call.weights.to(dtype)
         if rows.live is not None:
             weights = torch.where(rows.live, weights, torch.zeros((), dtype=dtype, device=device))
-    if not call.backend.fused_loss_pays(student):
+    if not call.backend.fused_loss_pays(student, teacher):
         # per-row function, then the weighted sum (backward recomputes, in efficient vocabulary blocks)
         return (divergence(call) * weights).sum()
-    return _FusedLoss.apply(rows.take(student.hidden), student.weight, student.bias,
-                            rows.take(teacher.hidden.detach()), teacher.weight.detach(), detached(teacher.bias),
-                            rows.take(weights), call.config, torch.is_grad_enabled(), call.backend)
+    row_weights = rows.take(weights)
+    return _OneSweepLoss.apply(rows.take(student.hidden), student.weight, student.bias,
+                               rows.take(teacher.hidden.detach()), teacher.weight.detach(), detached(teacher.bias),
+                               None, row_weights, call.config, WeightedDivergence(row_weights.detach()),
+                               torch.is_grad_enabled(), call.backend)

@@ -12,8 +12,10 @@ z = (hidden @ weightᵀ + bias) / τ, p = softmax(z), lse = logsumexp(z). The pr
 - ``head_backward``: gradients of a loss whose ∂L/∂z is described by :class:`HeadGradCoefs`
   (every per-row loss of the library reduces to it), from one recomputing sweep;
 - ``jsd_forward`` / ``jsd_backward``: the full-vocabulary JSD, which needs both sides per tile;
-- ``fused_loss`` (optional, ``fused_loss_pays``): a weighted sum of divergences and its
-  gradients from one sweep, when the row weights are known up front.
+- ``fused_loss`` (optional, ``fused_loss_pays``): a sum of per-row losses of the per-row terms
+  (log-prob, entropy, divergence; :class:`RowLoss`) and its gradients from one sweep over blocks of
+  whole rows: a block's terms, then their loss's derivatives, then ∂L/∂z and the gradient GEMMs, with
+  no recomputing sweep.
 
 Inputs are live rows only (the autograd layer strips masked rows). Statistics and gradients
 come back in the compute dtype (``ptd_kernels._dtypes.compute_dtype``: float64 for float64
@@ -252,6 +254,71 @@ class JSDStats:
 
 
 @dataclass(frozen=True)
+class RowTerms:
+    """The per-row terms of a block of rows of a one-sweep loss, [r] each in the compute dtype: log-prob of
+    the target and entropy (None unless the loss reads them), the divergence (0 on rows without one), the
+    top-K overlap and the teacher mass (None unless asked for; 0 on rows without a divergence)."""
+
+    logp: torch.Tensor | None
+    entropy: torch.Tensor | None
+    jsd: torch.Tensor
+    overlap: torch.Tensor | None = None
+    teacher_mass: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RowGrads:
+    """∂loss_n/∂(logp_n, entropy_n, D_n) of a block's rows, [r] each (None: zero)."""
+
+    logp: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    jsd: torch.Tensor | None = None
+
+
+class RowLoss(abc.ABC):
+    """A per-row loss of the per-row terms, loss_n = f_n(logp_n, entropy_n, D_n), as a one-sweep loss
+    (``Backend.fused_loss``) uses it.
+
+    The sweep calls it once per block of rows, ``row_loss(rows, terms)`` with ``rows`` a slice of the call's
+    rows and ``terms`` the block's :class:`RowTerms`, and forms ∂L/∂z from the :class:`RowGrads` it returns
+    (whatever else it does with the terms — record them, sum the loss — is its own business). The flags
+    tell the sweep what to compute and keep:
+
+    - ``logprobs``: it reads logp and the entropy (the sweep needs the targets);
+    - ``entropy_gradient``: ∂/∂entropy may be nonzero (the sweep keeps what that gradient needs);
+    - ``overlap``: record the top-K overlap and the teacher mass;
+    - ``constant``: its derivatives do not depend on the terms, so the sweep may ask for them sub-block by
+      sub-block (a weighted sum of divergences); else once per block, after all of the block's terms.
+    """
+
+    logprobs: bool = False
+    entropy_gradient: bool = False
+    overlap: bool = False
+    constant: bool = False
+
+    @abc.abstractmethod
+    def __call__(self, rows: slice, terms: RowTerms) -> RowGrads:
+        """The derivatives of the rows' losses (see the class doc)."""
+
+
+class WeightedDivergence(RowLoss):
+    """loss_n = weights_n · D_n: the loss functions ``linear_jsd_loss`` and ``linear_topk_jsd_loss``."""
+
+    constant = True
+
+    def __init__(self, weights: torch.Tensor):
+        self.weights = weights
+
+    def __call__(self, rows: slice, terms: RowTerms) -> RowGrads:
+        return RowGrads(jsd=self.weights[rows])
+
+
+def as_row_loss(row_loss) -> RowLoss:
+    """A :class:`RowLoss`; a tensor of row weights is :class:`WeightedDivergence`."""
+    return WeightedDivergence(row_loss) if isinstance(row_loss, torch.Tensor) else row_loss
+
+
+@dataclass(frozen=True)
 class DivergenceSpec:
     """Which divergence a loss sums: the full JSD_β (k None) or the Top-K JSD of SPEC §2."""
 
@@ -295,11 +362,18 @@ class Backend(abc.ABC):
                      needs: GradNeeds) -> HeadGrads:
         """Gradients of Σ_n grad_n·JSD_n w.r.t. the student head: ∂/∂z = grad·(w − p·Σw)."""
 
-    def fused_loss_pays(self, student: Head) -> bool:
-        """Whether ``fused_loss`` beats the per-row path for this head (False: not offered)."""
+    def fused_loss_pays(self, student: Head, teacher: Head | None = None) -> bool:
+        """Whether ``fused_loss`` beats the per-row path for this head (and teacher; None: a loss of the
+        student's terms alone) (False: not offered)."""
         return False
 
-    def fused_loss(self, student: Head, teacher: Head, divergence: DivergenceSpec, row_weights: torch.Tensor,
-                   needs: GradNeeds) -> tuple[torch.Tensor, HeadGrads]:
-        """Per-row divergences and the gradients of Σ_n row_weights_n·D_n, from one sweep."""
+    def fused_loss(self, student: Head, teacher: Head | None, divergence: DivergenceSpec | None, row_loss,
+                   needs: GradNeeds, *, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, HeadGrads]:
+        """The gradients of Σ_n loss_n from one sweep over blocks of whole rows; returns (the per-row
+        divergence D [n], 0 where none, and the gradients).
+
+        ``row_loss``: a :class:`RowLoss`, or a tensor of row weights (Σ_n weights_n·D_n). ``teacher``: the
+        teacher's head on the FIRST ``teacher.rows`` rows of the student's (the rows with a divergence), or
+        None (no divergence). ``targets`` [n]: the rows' targets, when the loss reads log-probs.
+        ``divergence.k`` None (the full JSD) only with a loss of D alone."""
         raise NotImplementedError(f"the {self.name} backend has no one-sweep loss")

@@ -11,7 +11,8 @@ What a model's logits are made of, read from the model itself:
 - :func:`add_ptd_head` — an instance-scoped forward: ``model(..., labels=labels, ptd_head=True)``
   returns a :class:`PTDCausalLMOutput` with per-token log-probs and entropy (and, given a
   :class:`PTDTeacher`, PTD-PO's Top-K JSD, overlap and teacher mass) computed by ptd from the
-  last hidden states; no tokens × vocabulary tensor is formed. The computation runs inside the
+  last hidden states; ``ptd_policy_loss=PolicyLoss(...)`` makes its ``loss`` that policy loss, from
+  one sweep; no tokens × vocabulary tensor is formed. The computation runs inside the
   model's ``forward``, and the output-layer part inside the output layer's own call
   (:func:`run_as_forward`), so DDP's and FSDP2's hooks see both: FSDP2 un-shards the parameters
   and reduces their gradients, also when the output layer is an FSDP unit of its own.
@@ -248,7 +249,7 @@ class PTDCausalLMOutput(ModelOutput):
     """Output of :func:`ptd_lm_forward`. Per-token fields are [B, L-1] (next-token positions;
     [B, L] with ``shift_labels``), 0 where the label is -100, float32.
 
-    loss: −Σ log p(label) / (number of labels, or ``num_items_in_batch``).
+    loss: −Σ log p(label) / (number of labels, or ``num_items_in_batch``); with ``policy_loss``, that loss.
     log_probs, entropy: of the next-token distribution (entropy None when not asked for).
     jsd, overlap, teacher_mass: PTD-PO's Top-K JSD, top-K overlap and Σ_S q (None without a teacher;
     0 off the teacher's rows).
@@ -318,8 +319,28 @@ def sparse_teacher_terms(rows, weight, targets, teacher_indices, teacher_logprob
     return logp, entropy, jsd, overlap, mass
 
 
+def _policy_rows(policy_loss, label_mask: torch.Tensor, device):
+    """A ``PolicyLoss`` given per completion position ([B, T], aligned as :class:`PTDTeacher`'s ``hidden``) as
+    one of the labelled rows; a labelled position outside the window weighs 0."""
+    n_seq, n_pos = label_mask.shape
+    width = policy_loss.advantages.shape[-1]
+    if policy_loss.advantages.dim() != 2 or policy_loss.advantages.shape[0] != n_seq or width > n_pos:
+        raise ValueError(f"policy_loss's per-token tensors must be [B={n_seq}, T<={n_pos}], got "
+                         f"{tuple(policy_loss.advantages.shape)}")
+    seq, pos = label_mask.nonzero(as_tuple=True)
+    col = pos - (n_pos - width)
+    in_window = col >= 0
+    col = col.clamp(min=0)
+
+    def take(t):
+        t = t.detach().to(device)[seq, col]
+        return t & in_window if t.dtype == torch.bool else torch.where(in_window, t, torch.zeros_like(t))
+
+    return policy_loss.map_rows(take)
+
+
 def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: float = 1.0, teacher=None,
-                   with_entropy: bool = True, num_items_in_batch=None, fp32_head: bool = False,
+                   with_entropy: bool = True, num_items_in_batch=None, fp32_head: bool = False, policy_loss=None,
                    **kwargs) -> PTDCausalLMOutput:
     """Run the model's backbone and its output layer through ptd.
 
@@ -332,6 +353,10 @@ def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: fl
     ``teacher`` (a :class:`PTDTeacher`) adds PTD-PO's Top-K JSD from the same sweep; a
     :class:`PTDSparseTeacher` (a served teacher's top-K) adds the sparse-teacher JSD.
     ``fp32_head``: the output layer in float32, autocast off (TRL's ``cast_lm_head_to_fp32``).
+    ``policy_loss`` (a ``ptd_kernels.PolicyLoss`` whose per-token tensors are [B, T], aligned as
+    :class:`PTDTeacher`'s ``hidden``): the output's ``loss`` is that loss over the labelled positions, formed
+    with its gradients in one sweep (``ptd_kernels.linear_policy_loss``; a :class:`PTDTeacher` or none), and
+    the per-token fields are its terms, detached.
     The remaining arguments go to the backbone (``input_ids``, ``attention_mask``,
     ``pixel_values``, ``image_grid_thw``, ...).
     """
@@ -356,6 +381,11 @@ def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: fl
     teacher_rows, jsd_mask = (), None
     if teacher is not None:
         teacher_rows, jsd_mask = _teacher_rows(teacher, label_mask, device)
+    if policy_loss is not None:
+        if isinstance(teacher, PTDSparseTeacher):
+            raise ValueError("policy_loss takes a PTDTeacher (a local teacher's hidden states) or none, not a "
+                             "PTDSparseTeacher")
+        policy_loss = _policy_rows(policy_loss, label_mask, device)
 
     def head_terms(rows, row_targets, jsd_mask, *teacher_rows):
         # runs as the output layer's forward: its parameters are whole tensors here, even under FSDP2
@@ -374,33 +404,44 @@ def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: fl
             rows = rows.to(weight.dtype)
         common = dict(bias=bias, temperature=temperature, **layer.kernel_kwargs())
         if isinstance(teacher, PTDSparseTeacher):
-            return sparse_teacher_terms(rows, weight, row_targets, *teacher_rows, jsd_mask, beta=teacher.beta,
-                                        tail=teacher.tail, **common)
+            return (None, *sparse_teacher_terms(rows, weight, row_targets, *teacher_rows, jsd_mask, beta=teacher.beta,
+                                                tail=teacher.tail, **common))
+        pair, with_teacher = (), {}
+        if teacher is not None:
+            teacher_weight, teacher_bias = teacher.layer.weight, teacher.layer.bias
+            (teacher_hidden,) = teacher_rows
+            if fp32:
+                teacher_hidden, teacher_weight = teacher_hidden.float(), teacher_weight.float()
+                teacher_bias = None if teacher_bias is None else teacher_bias.float()
+            pair = (teacher_hidden, teacher_weight, teacher.k)
+            with_teacher = dict(beta=teacher.beta, support=teacher.support, tail=teacher.tail,
+                                teacher_bias=teacher_bias, jsd_mask=jsd_mask, **teacher.layer.kernel_kwargs("teacher_"))
+        if policy_loss is not None:
+            loss, terms = ptd.linear_policy_loss(rows, weight, row_targets, *pair, row_loss=policy_loss,
+                                                 return_terms=True, **common, **with_teacher)
+            return (loss, *terms, terms.teacher_mass if teacher is not None else None)
         if teacher is None:
             if with_entropy:
-                return (*ptd.linear_logprobs(rows, weight, row_targets, with_entropy=True, **common),
+                return (None, *ptd.linear_logprobs(rows, weight, row_targets, with_entropy=True, **common),
                         None, None, None)
-            return ptd.linear_logprobs(rows, weight, row_targets, **common), None, None, None, None
-        teacher_weight, teacher_bias = teacher.layer.weight, teacher.layer.bias
-        (teacher_hidden,) = teacher_rows
-        if fp32:
-            teacher_hidden, teacher_weight = teacher_hidden.float(), teacher_weight.float()
-            teacher_bias = None if teacher_bias is None else teacher_bias.float()
-        terms = ptd.linear_ptd_terms(
-            rows, weight, row_targets, teacher_hidden, teacher_weight, teacher.k, beta=teacher.beta,
-            support=teacher.support, tail=teacher.tail, teacher_bias=teacher_bias, jsd_mask=jsd_mask,
-            **common, **teacher.layer.kernel_kwargs("teacher_"))
-        return (*terms, terms.teacher_mass)
+            return None, ptd.linear_logprobs(rows, weight, row_targets, **common), None, None, None, None
+        terms = ptd.linear_ptd_terms(rows, weight, row_targets, *pair, **common, **with_teacher)
+        return (None, *terms, terms.teacher_mass)
 
-    logp, entropy, jsd, overlap, mass = run_as_forward(head, head_terms, rows, row_targets, jsd_mask, *teacher_rows)
+    loss, logp, entropy, jsd, overlap, mass = run_as_forward(head, head_terms, rows, row_targets, jsd_mask,
+                                                             *teacher_rows)
+    if policy_loss is not None and teacher is None:
+        jsd = overlap = None
 
     def spread(values):
         # masked_scatter keeps the result attached to the graph even when no label is valid
         return None if values is None else values.new_zeros(label_mask.shape).masked_scatter(label_mask, values)
 
-    count = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    if loss is None:
+        count = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -logp.sum() / count
     return PTDCausalLMOutput(
-        loss=-logp.sum() / count,
+        loss=loss,
         log_probs=spread(logp),
         entropy=spread(entropy),
         jsd=spread(jsd),
@@ -431,8 +472,9 @@ def add_ptd_head(model, *, temperature: float = 1.0, flag: str = "ptd_head", wit
         if not kwargs.pop(flag, False):
             return previous(*args, **kwargs)
         teacher = kwargs.pop("ptd_teacher", None)
+        policy_loss = kwargs.pop("ptd_policy_loss", None)
         return ptd_lm_forward(self, *args, temperature=temperature, teacher=teacher, with_entropy=with_entropy,
-                              fp32_head=fp32_head, **kwargs)
+                              fp32_head=fp32_head, policy_loss=policy_loss, **kwargs)
 
     forward._ptd_previous_forward = previous
     model.forward = types.MethodType(forward, model)

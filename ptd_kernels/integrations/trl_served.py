@@ -6,7 +6,8 @@ log-probs and the log-prob of the actual token. TRL 1.16 trains against it in
 ``trl.experimental.async_distillation.AsyncDistillationTrainer``; both form the student's full
 ``log_softmax`` over the vocabulary (``[B, T, V]``, or ``[256, V]`` float32 chunks) only to read it
 at a few candidate ids. Here the student's log-probs at the candidate ids come from one fused sweep
-(:func:`candidate_logprobs`), and TRL's divergence runs on the ``[rows, candidates + 1]`` atoms.
+(:func:`candidate_logprobs`: ``ptd_kernels.linear_logprobs_at``, one d weight), and TRL's divergence runs
+on the ``[rows, candidates + 1]`` atoms.
 
 TRL's semantics, reproduced operation for operation (:func:`served_divergence_terms`):
 
@@ -33,7 +34,6 @@ import types
 import torch
 
 import ptd_kernels as ptd
-from ptd_kernels import config
 
 from .hf import output_layer, run_as_forward
 
@@ -46,105 +46,23 @@ TAIL_LOG_MASS_MAX = -1e-7
 # ----------------------------------------------------------------------------- the student side
 
 
-class _CandidateLogits(torch.autograd.Function):
-    """raw[n, c] = hidden[n] · weight[ids[n, c]] (+ bias[ids[n, c]]) in float32, in blocks of rows.
-
-    The operands are read in ``dtype`` (the dtype ptd's GEMMs use for this call) and multiplied in
-    float32 (float64 for float64 operands), so the values are those of the fused sweep's logits at
-    the same ids. A block holds at most ``ptd_kernels.config.GATHER_BYTES`` of gathered weight rows.
-    The weight's gradient is accumulated over the distinct ids only, then written into a zero
-    gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, dtype):
-        n, width = ids.shape
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
-        block = max(1, config.GATHER_BYTES // max(1, width * weight.shape[1] * 4))
-        raw = torch.empty((n, width), dtype=compute, device=hidden.device)
-        for start in range(0, n, block):
-            rows = hidden[start:start + block].to(dtype).to(compute)
-            gathered = weight[ids[start:start + block]].to(dtype).to(compute)  # [b, C, H]
-            raw[start:start + block] = torch.einsum("bh,bch->bc", rows, gathered)
-        if bias is not None:
-            raw += bias.to(dtype).to(compute)[ids]
-        ctx.save_for_backward(hidden, weight, ids)
-        ctx.dtype, ctx.compute, ctx.block, ctx.has_bias = dtype, compute, block, bias is not None
-        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        return raw
-
-    @staticmethod
-    def backward(ctx, grad_raw):
-        hidden, weight, ids = ctx.saved_tensors
-        dtype, compute, block = ctx.dtype, ctx.compute, ctx.block
-        grad_hidden = grad_weight = grad_bias = None
-        grad_raw = grad_raw.to(compute)
-        if ctx.needs_input_grad[0]:
-            grad_hidden = torch.empty(hidden.shape, dtype=compute, device=hidden.device)
-            for start in range(0, ids.shape[0], block):
-                gathered = weight[ids[start:start + block]].to(dtype).to(compute)
-                grad_hidden[start:start + block] = torch.einsum("bc,bch->bh", grad_raw[start:start + block], gathered)
-            grad_hidden = grad_hidden.to(hidden.dtype)
-        distinct, position = torch.unique(ids.reshape(-1), return_inverse=True)
-        if ctx.needs_input_grad[1]:
-            rows = torch.zeros((distinct.shape[0], weight.shape[1]), dtype=compute, device=weight.device)
-            width = ids.shape[1]
-            for start in range(0, ids.shape[0], block):
-                stop = min(start + block, ids.shape[0])
-                contribution = grad_raw[start:stop, :, None] * hidden[start:stop, None, :].to(dtype).to(compute)
-                rows.index_add_(0, position[start * width:stop * width], contribution.reshape(-1, weight.shape[1]))
-            grad_weight = torch.zeros_like(weight)
-            grad_weight[distinct] = rows.to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            shape, bias_dtype = ctx.bias_meta
-            summed = torch.zeros(distinct.shape[0], dtype=compute, device=grad_raw.device)
-            summed.index_add_(0, position, grad_raw.reshape(-1))
-            grad_bias = torch.zeros(shape, dtype=bias_dtype, device=grad_raw.device)
-            grad_bias[distinct] = summed.to(bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
-
-
-def _transform(raw, temperature, logit_scale, softcap):
-    """z = cap_c(s · raw) / τ on gathered logits, as ptd's kernels transform the full row."""
-    z = raw * logit_scale if logit_scale != 1.0 else raw
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / temperature
-
-
-def candidate_logprobs(hidden, weight, candidates, anchor, *, bias=None, temperature=1.0, logit_scale=1.0,
-                       softcap=None, with_entropy=False):
+def candidate_logprobs(hidden, weight, candidates, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
+                       with_entropy=False):
     """The student's log-probs at candidate ids, ``[n, C]`` float32, differentiable in ``hidden``,
-    ``weight`` and ``bias``, without a tokens×vocabulary tensor.
-
-    One fused ``ptd_kernels.linear_logprobs`` sweep gives log p(anchor) (and the entropy); the
-    logits at the candidates and at the anchor are gathered (O(n·C·H)); then
-    log p(c) = log p(anchor) + z_c − z_anchor. ``anchor`` [n]: any id in [0, V) per row (e.g. the
-    actual token). ``candidates`` [n, C]: ids, negative ones read as 0 (the caller masks them).
-    Under ``torch.autocast`` the operands are read in the autocast dtype, as ptd's fused functions
-    read them. Returns ``(logp, entropy)`` with ``entropy`` None unless ``with_entropy``.
+    ``weight`` and ``bias``, without a tokens×vocabulary tensor: ``ptd_kernels.linear_logprobs_at`` — one
+    fused sweep for the rows' logsumexps (and the entropy) and a gather of the logits at the candidates
+    forward, one sweep backward with the candidates as sparse terms (one d weight, however many candidates).
+    ``candidates`` [n, C]: ids, negative ones read as 0 (the caller masks them). Under ``torch.autocast`` the
+    operands are read in the autocast dtype, as ptd's fused functions read them. Returns ``(logp, entropy)``
+    with ``entropy`` None unless ``with_entropy``.
     """
     vocab = weight.shape[0]
     if candidates.numel() and int(candidates.max()) >= vocab:
         raise ValueError(f"candidate id {int(candidates.max())} is outside the student's vocabulary [0, {vocab}): the "
                          "teacher must share the student's vocabulary")
-    device_type = hidden.device.type
-    dtype = hidden.dtype
-    if torch.is_autocast_enabled(device_type) and hidden.dtype != torch.float64:
-        dtype = torch.get_autocast_dtype(device_type)
-    transform = dict(temperature=temperature, logit_scale=logit_scale, softcap=softcap)
-    with torch.autocast(device_type, enabled=False):
-        hidden_in, weight_in = hidden.to(dtype), weight.to(dtype)
-        bias_in = None if bias is None else bias.to(dtype)
-        anchor_logp = ptd.linear_logprobs(hidden_in, weight_in, anchor, bias=bias_in, with_entropy=with_entropy,
-                                          **transform)
-        entropy = None
-        if with_entropy:
-            anchor_logp, entropy = anchor_logp
-        ids = torch.cat([anchor[:, None], candidates.clamp_min(0)], dim=1)
-        raw = _CandidateLogits.apply(hidden, weight, bias, ids, dtype)
-        z = _transform(raw, **transform)
-    return anchor_logp[:, None] + (z[:, 1:] - z[:, :1]), entropy
+    out = ptd.linear_logprobs_at(hidden, weight, candidates.clamp_min(0), bias=bias, temperature=temperature,
+                                 logit_scale=logit_scale, softcap=softcap, with_entropy=with_entropy)
+    return out if with_entropy else (out, None)
 
 
 # ----------------------------------------------------------------------------- TRL's sparse divergence
@@ -263,8 +181,8 @@ def _server_compute_loss(self, model, inputs, return_outputs=False, num_items_in
         device = head.weight.device
         hidden_rows = hidden[:, :width].to(device)[rows.to(device)]
         return run_as_forward(head, _served_rows_divergence, unwrapped, hidden_rows, ids.to(device),
-                              actual.to(device), teacher_logprobs.to(device), valid.to(device), self.beta,
-                              self.loss_add_tail, self.temperature)
+                              teacher_logprobs.to(device), valid.to(device), self.beta, self.loss_add_tail,
+                              self.temperature)
 
     per_row = self._forward_redirection(model, unwrapped, student_loss, None)
     loss = per_row.sum() / max(int(rows.sum()), 1)
@@ -273,13 +191,13 @@ def _server_compute_loss(self, model, inputs, return_outputs=False, num_items_in
     return (loss, None) if return_outputs else loss
 
 
-def _served_rows_divergence(model, hidden_rows, ids, anchor, teacher_logprobs, valid, beta, tail, temperature):
+def _served_rows_divergence(model, hidden_rows, ids, teacher_logprobs, valid, beta, tail, temperature):
     """Per-row divergence of the student's rows against the served teacher (runs as the output layer's
     forward, so FSDP2 un-shards it and reduces its gradient)."""
     layer = output_layer(model)
     if not torch.is_autocast_enabled(hidden_rows.device.type):
         hidden_rows = hidden_rows.to(layer.weight.dtype)
-    student, _ = candidate_logprobs(hidden_rows, layer.weight, ids, anchor, bias=layer.bias, temperature=temperature,
+    student, _ = candidate_logprobs(hidden_rows, layer.weight, ids, bias=layer.bias, temperature=temperature,
                                     **layer.kernel_kwargs())
     terms, _, _ = served_divergence_terms(student, teacher_logprobs, valid, beta=beta, tail=tail)
     return terms.sum(-1)
@@ -319,9 +237,9 @@ def _async_candidate_loss(hidden_valid, lm_head_weight, lm_head_bias, logit_scal
         rows = hidden_valid.float()
         weight = lm_head_weight.float()
         bias = None if lm_head_bias is None else lm_head_bias.float()
-        student, entropy = candidate_logprobs(rows, weight, target_ids, target_ids[:, 0].clamp_min(0), bias=bias,
-                                              temperature=temperature, logit_scale=logit_scale,
-                                              softcap=final_logit_softcapping, with_entropy=True)
+        student, entropy = candidate_logprobs(rows, weight, target_ids, bias=bias, temperature=temperature,
+                                              logit_scale=logit_scale, softcap=final_logit_softcapping,
+                                              with_entropy=True)
         terms, teacher_atoms, support = served_divergence_terms(student, teacher_target_logps, valid_candidate_mask,
                                                                 beta=beta, tail=add_tail_bucket)
     loss = terms.sum()

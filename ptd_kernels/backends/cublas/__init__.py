@@ -79,12 +79,12 @@ class CublasBackend(Backend):
 
         return jsd_backward(student, teacher, beta, stats, grad, needs)
 
-    def fused_loss_pays(self, student):
+    def fused_loss_pays(self, student, teacher=None):
         from .fused_loss import fused_loss_pays
 
-        return fused_loss_pays(student)
+        return fused_loss_pays(student, teacher)
 
-    def fused_loss(self, student, teacher, divergence, row_weights, needs):
+    def fused_loss(self, student, teacher, divergence, row_loss, needs, *, targets=None):
         from .fused_loss import fused_loss
 
-        return fused_loss(student, teacher, divergence, row_weights, needs)
+        return fused_loss(student, teacher, divergence, row_loss, needs, targets=targets)

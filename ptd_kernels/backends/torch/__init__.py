@@ -24,8 +24,8 @@ class TorchBackend(Backend):
     def jsd_backward(self, student, teacher, beta, stats, grad, needs):
         return jsd.jsd_backward(student, teacher, beta, stats, grad, needs)
 
-    def fused_loss_pays(self, student):
-        return fused_loss.fused_loss_pays(student)
+    def fused_loss_pays(self, student, teacher=None):
+        return fused_loss.fused_loss_pays(student, teacher)
 
-    def fused_loss(self, student, teacher, divergence, row_weights, needs):
-        return fused_loss.fused_loss(student, teacher, divergence, row_weights, needs)
+    def fused_loss(self, student, teacher, divergence, row_loss, needs, *, targets=None):
+        return fused_loss.fused_loss(student, teacher, divergence, row_loss, needs, targets=targets)
