@@ -454,6 +454,7 @@ def entry_point(method: str) -> str:
     """A ptd row's method without its backend, e.g. "ptd linear_jsd_loss" for "ptd linear_jsd_loss (cublas)"."""
     return re.sub(r" \((?:" + "|".join(map(re.escape, ptd_kernels.backend_names())) + r")\)", "", method)
 
+
 _AUTO: dict = {}
 
 

@@ -126,6 +126,46 @@ def auto_table(res: Results, meta, model) -> list[str]:
     return out
 
 
+# The CUDA path's time targets: an op at most this many times the GEMMs its form needs at the measured
+# GEMM speed (the one-sweep losses against 3 and 4 GEMMs, the teacher top-K against one).
+TARGETS = {"linear_policy_loss": 1.3, "linear_policy_loss (policy only)": 1.3, "linear_topk": 1.2}
+DEFAULT_TARGET = 1.2
+# The GEMMs each form needs where the model has no row for it (the model's own count wins).
+FORM_GEMMS = {"linear_policy_loss": 4, "linear_policy_loss (policy only)": 3}
+
+
+def _gemm_unit(res: Results, shape):
+    """One logits-GEMM's measured time at ``shape``: the 4-GEMM floor row ÷ 4 (else the 3-GEMM ÷ 3, the
+    1-GEMM), and how it was read."""
+    for kind, count in (("4 GEMMs", 4), ("3 GEMMs", 3), ("1 GEMM", 1)):
+        rows = [r for r in res.main if r["op"] == "floor" and r["shape"] == shape and r["method"].startswith(kind)
+                and ok(r)]
+        if rows:
+            return rows[0]["median"] / count, f"the {kind} floor row ÷ {count}"
+    return None, None
+
+
+def target_lines(res: Results, model) -> list[str]:
+    """Each plain ptd row of the model's ops against its time target, measured: its time over the GEMMs its
+    form needs at the GEMM speed this run measured."""
+    out = ["| target (measured) | form's GEMMs | measured | GEMM floor of the form | ratio | verdict |",
+           "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in res.main:
+        if not r.get("ours") or r.get("variant") or not r.get("model_op") or not ok(r):
+            continue
+        m = model_row(model, r["model_op"], r.get("model_path"), r.get("n"), r.get("h"), r.get("v")) if model else None
+        gemms = m.get("floor_gemms") if m else FORM_GEMMS.get(r["model_op"])
+        unit, how = _gemm_unit(res, r["shape"])
+        if not gemms or unit is None:
+            continue
+        target = TARGETS.get(r["model_op"], DEFAULT_TARGET)
+        floor = unit * gemms
+        x = r["median"] / floor
+        out.append(f"| {r['method']} ≤ {target}× its GEMMs ({r['shape']}) | {gemms} | {fmt_time(r['median'])} | "
+                   f"{fmt_time(floor)} ({how} × {gemms}) | {fmt_ratio(x)} | {'met' if x <= target else '**short**'} |")
+    return out if len(out) > 2 else []
+
+
 def ceilings_lines(meta, model) -> list[str]:
     """The ceilings this run measured (environment phase) and the ones the model assumes, on two lines."""
     c = meta.get("ceilings")
@@ -237,6 +277,9 @@ def cuda_sections(res: Results, meta, files: dict, level: str = "##") -> list[st
         out += ["", f"{level} Measured, and the work model's prediction beside it", "", *head]
         out += (["", *table] if table else ["", "(no row of this run is in the model)" if model else
                                             "(no work model file: bench/results/gpu_model.json)"])
+    targets = target_lines(res, model)
+    if targets:
+        out += ["", f"{level} The CUDA path's time targets, measured", "", *targets]
     auto = auto_table(res, meta, model)
     if auto:
         out += ["", f"{level} backend=\"auto\": its pick and the measured faster backend", "", *auto]

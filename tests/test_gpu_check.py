@@ -219,6 +219,7 @@ def test_report_of_a_cuda_journal_puts_the_model_beside_the_measurement(tmp_path
     auto = next(line for line in text.splitlines() if line.startswith("| logprobs+entropy | ptd linear_logprobs |"))
     assert "| triton |" in auto and "cublas (3.33× faster)" in auto and "slower: 3.33× of the faster" in auto
     assert "working memory ≤ 1 GiB (measured, every plain ptd row): 1 of 2 rows within" in text
+    assert "| 56.0 ms (the 3 GEMMs floor row ÷ 3 × 4) | 1.07× | met |" in text  # cublas: 60 ms vs 4 × 14 ms
     assert "`jsd-cublas-bf16-main`: fail" in text
     data = json.loads((tmp_path / "out.json").read_text())
     assert len(data["benchmarks"]) == 4 and data["ptd"]["label"] == "nvidia-h100-80gb-hbm3"
