@@ -232,36 +232,44 @@ def call_function(name: str, m, x, backend: str, p: dict):
         student_ids = torch.sort(x.logits.detach().to(F64), dim=-1, descending=True, stable=True).indices[:, :k]
         teacher_ids = _teacher_sparse(x, k)[0]
         return [m.topk_overlap(student_ids.contiguous(), teacher_ids, **kw)]
+    if name == "linear_logprobs_at":
+        gen = torch.Generator().manual_seed(7)
+        ids = torch.randint(0, x.v, (x.n, 4), generator=gen)
+        ids[:, 3] = ids[:, 0]  # a row may repeat an id
+        return list(m.linear_logprobs_at(x.hidden, x.weight, ids.to(x.device), bias=x.bias, temperature=TAU,
+                                         mask=_mask(x, p.get("rows")), with_entropy=True, **_transforms(p, False),
+                                         **kw))
     if name == "linear_policy_loss":
         return [policy_loss(m, x, backend, p)]
     raise ValueError(f"no such function in the tier: {name}")
 
 
 def policy_loss(m, x, backend, p):
-    """``linear_policy_loss`` with a per-row loss of (logp, entropy, jsd) given as a callable, the form
-    every version of it takes; with the teacher (the PTD-PO loss) or without (the policy loss alone)."""
+    """``linear_policy_loss`` with PTD-PO's named token losses (``ptd_kernels.PolicyLoss``: clipped ratio,
+    k3 KL, λ·D_K, an entropy bonus), or with ``params["form"] == "callable"`` the same kind of loss as a
+    callable of (logp, entropy, jsd); with the teacher (the PTD-PO loss) or without (the policy loss alone)."""
+    import ptd_kernels
+
     old = (torch.linspace(-3.0, -1.0, x.n, dtype=F64)).to(x.device)
     advantages = torch.linspace(-1.0, 1.0, x.n, dtype=F64).to(x.device)
+    targets = _targets(x, p.get("rows"))
+    teacher = dict(teacher_hidden=x.teacher_hidden, teacher_weight=x.teacher_weight, k=K,
+                   teacher_bias=x.teacher_bias) if p.get("teacher", True) else {}
+    if p.get("form") != "callable" and hasattr(ptd_kernels, "PolicyLoss"):
+        f32 = dict(dtype=torch.float32, device=x.device)
+        named = ptd_kernels.PolicyLoss(advantages.to(**f32), old_logprobs=old.to(**f32),
+                                       ref_logprobs=(old + 0.1 * advantages).to(**f32), kl_coef=0.01,
+                                       ptd_coef=0.05 if teacher else 0.0, entropy_coef=0.001)
+        return m.linear_policy_loss(x.hidden, x.weight, targets, row_loss=named, bias=x.bias, temperature=TAU,
+                                    jsd_mask=_mask(x, "some") if teacher and x.n > 1 else None, backend=backend,
+                                    **teacher)
 
     def row_loss(logp, entropy, jsd):
         ratio = torch.exp(logp - old.to(logp.dtype))
         adv = advantages.to(logp.dtype)
         clipped = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.3) * adv)
-        return clipped - 0.01 * entropy + (0.05 * jsd if jsd is not None else 0.0)
+        return clipped - 0.01 * entropy + 0.05 * jsd
 
-    targets = _targets(x, p.get("rows"))
-    if m.__name__.endswith("reference") and not hasattr(m, "linear_policy_loss"):
-        # the reference composed from its per-row functions, as the library's own tests compose it
-        if p.get("teacher", True):
-            t = m.linear_ptd_terms(x.hidden, x.weight, targets, x.teacher_hidden, x.teacher_weight, K, bias=x.bias,
-                                   teacher_bias=x.teacher_bias, temperature=TAU)
-            return row_loss(t.logp, t.entropy, t.jsd).sum()
-        logp, entropy = m.linear_logprobs(x.hidden, x.weight, targets, bias=x.bias, temperature=TAU,
-                                          with_entropy=True)
-        live = targets != -100
-        return torch.where(live, row_loss(logp, entropy, None), torch.zeros_like(logp)).sum()
-    teacher = dict(teacher_hidden=x.teacher_hidden, teacher_weight=x.teacher_weight, k=K,
-                   teacher_bias=x.teacher_bias) if p.get("teacher", True) else {}
     return m.linear_policy_loss(x.hidden, x.weight, targets, row_loss=row_loss, bias=x.bias, temperature=TAU,
                                 backend=backend, **teacher)
 
@@ -336,7 +344,10 @@ WIDE = ("linear_logprobs", "linear_topk", "linear_topk_jsd", "linear_jsd_loss", 
 def functions() -> tuple[str, ...]:
     """The public functions the tier checks: every fused and logits-level one, and the one-sweep policy
     loss where this checkout has it."""
-    return FUSED + LOGITS_LEVEL + (("linear_policy_loss",) if policy_loss_takes_row_loss() else ())
+    import ptd_kernels
+
+    extra = ("linear_logprobs_at",) if hasattr(ptd_kernels, "linear_logprobs_at") else ()
+    return FUSED + LOGITS_LEVEL + extra + (("linear_policy_loss",) if policy_loss_takes_row_loss() else ())
 
 
 def policy_loss_takes_row_loss() -> bool:
@@ -352,7 +363,8 @@ def policy_loss_takes_row_loss() -> bool:
 
 def cases(device: str) -> list[Case]:
     """Every case for ``device``, in priority order: (0) each function × dtype × backend at the main
-    shape; (1) the wide shape; (2) the edges; (3) the policy loss without a teacher."""
+    shape; (1) the wide shape; (2) the edges; (3) the edges of the functions this checkout may lack
+    (``linear_policy_loss`` without a teacher and as a callable, ``linear_logprobs_at`` with masked rows)."""
     import ptd_kernels
 
     backends = ptd_kernels.backends_for(device)
@@ -372,6 +384,13 @@ def cases(device: str) -> list[Case]:
         for backend in backends:
             out.append(Case("linear_policy_loss", backend, "fp32", params=(("teacher", False),), variant="no-teacher",
                             priority=3))
+            out.append(Case("linear_policy_loss", backend, "fp32", params=(("form", "callable"),), variant="callable",
+                            priority=3))
+            out.append(Case("linear_policy_loss", backend, "bf16", "wide", priority=3))
+    if "linear_logprobs_at" in functions():
+        for backend in backends:
+            out.append(Case("linear_logprobs_at", backend, "fp32", params=(("rows", "some"),),
+                            variant="some-rows-masked", priority=3))
     return sorted(out, key=lambda c: c.priority)
 
 
