@@ -38,7 +38,8 @@ Environment (all optional):
     PTD_BENCH_RESUME   1: leave out the rows the journal already holds (a session after a crash)
     PTD_BENCH_ROW_TIMEOUT_S  a row running longer is recorded "timeout" in the journal and the process
                        ends (exit code 75); an error that breaks the CUDA context is recorded and ends
-                       it too (76): bench/gpu_check.sh then resumes in a fresh process
+                       it too (76): bench/gpu_check.sh then resumes in a fresh process. With a journal,
+                       SIGTERM (``timeout``'s) records the row in flight as "stopped" before the end
     PTD_BENCH_ENV      a JSON file of the environment phase (bench/gpu_env.py): its measured ceilings go
                        into the session's metadata
     PTD_BENCH_FAULT    rehearsal only: "hang:TEXT" hangs, "cuda_error:TEXT" raises a CUDA-context error
@@ -51,6 +52,7 @@ import gc
 import json
 import os
 import re
+import signal
 import statistics
 import sys
 import time
@@ -613,8 +615,23 @@ class _RehearsedContextError(RuntimeError):
     """The error PTD_BENCH_FAULT="cuda_error:..." raises: handled as a broken CUDA context on any device."""
 
 
+_CURRENT: list = []  # the row in flight
+
+
+def _stopped(signum, frame):
+    """SIGTERM (``timeout``'s signal at the GPU check's hard cap): the row in flight is recorded as stopped."""
+    if _CURRENT:
+        JOURNAL.write(_row_record(_CURRENT[0], "stopped", "the session's time limit ended it"))
+    os._exit(124)
+
+
+if JOURNAL:
+    signal.signal(signal.SIGTERM, _stopped)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
+    _CURRENT[:] = [item]
     watchdog = None
     if ROW_TIMEOUT_S:
         def expire():
@@ -627,6 +644,7 @@ def pytest_runtest_protocol(item, nextitem):
     try:
         yield
     finally:
+        _CURRENT.clear()
         if watchdog is not None:
             watchdog.cancel()
 

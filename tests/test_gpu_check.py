@@ -139,34 +139,39 @@ def test_tier_workers_record_a_hang_and_a_crash_and_go_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_journal_survives_a_hang_and_a_broken_context(tmp_path):
+def test_bench_journal_survives_a_hang_a_broken_context_and_a_kill(tmp_path):
+    """Four sessions on one journal: a row hangs (the watchdog records it, exit 75), a row breaks its CUDA
+    context (recorded, exit 76), a row is running when ``timeout`` ends the session (recorded "stopped"),
+    then the last row is timed; every session resumes after the rows already in the journal."""
     journal = tmp_path / "rows.jsonl"
     env = _env(PTD_BENCH_SHAPES="64,16,256", PTD_BENCH_SCALING="0", PTD_BENCH_JOURNAL=str(journal),
-               PTD_BENCH_RESUME="1", PTD_BENCH_ROW_TIMEOUT_S="8", PTD_BENCH_LABEL="cpu-test", PTD_BENCH_BUDGET_S="0")
-    command = [sys.executable, "-m", "pytest", "bench/test_floor.py", "--benchmark-only", "-q", "-p",
-               "no:cacheprovider"]
+               PTD_BENCH_RESUME="1", PTD_BENCH_LABEL="cpu-test", PTD_BENCH_BUDGET_S="0")
+    command = [sys.executable, "-m", "pytest", "bench/test_floor.py", "bench/test_topk.py::test_torch_topk",
+               "--benchmark-only", "-q", "-p", "no:cacheprovider"]
     codes = []
-    for fault in ("hang:1gemm", "cuda_error:3gemms", ""):
-        run = subprocess.run(command, cwd=ROOT, env=dict(env, PTD_BENCH_FAULT=fault), capture_output=True, text=True,
-                             timeout=180)
+    runs = (("hang:1gemm", []), ("cuda_error:3gemms", []), ("hang:4gemms", ["timeout", "20"]), ("", []))
+    for fault, limit in runs:
+        row_timeout = "8" if not limit else "60"  # the third session ends by `timeout`, before its watchdog
+        run = subprocess.run(limit + command, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                             env=dict(env, PTD_BENCH_FAULT=fault, PTD_BENCH_ROW_TIMEOUT_S=row_timeout))
         codes.append(run.returncode)
         logs = run.stdout[-1500:] + run.stderr[-1500:]
-    assert codes == [75, 76, 0], logs
+    assert codes == [75, 76, 124, 0], logs
     records = read_records(str(journal))
     rows = {r["test"].split("[")[-1].rstrip("]"): r for r in records if r.get("record") == "row"}
-    assert [r.get("record") for r in records].count("meta") == 3
+    assert len([r for r in records if r.get("record") == "row"]) == len(rows) == 4  # every row once
+    assert [r.get("record") for r in records].count("meta") == 4
     assert rows["N64-H16-V256-1gemm"]["status"] == "timeout"
     assert rows["N64-H16-V256-3gemms"]["status"] == "error"
-    assert rows["N64-H16-V256-4gemms"]["status"] == "ok" and rows["N64-H16-V256-4gemms"]["median"] > 0
-    assert len([r for r in records if r.get("record") == "row"]) == 3  # every row once
+    assert rows["N64-H16-V256-4gemms"]["status"] == "stopped"
+    assert rows["N64-H16-V256"]["status"] == "ok" and rows["N64-H16-V256"]["median"] > 0  # torch.topk, timed
 
     import report_data
 
-    data = report_data.journal_data(str(journal))
-    assert data["ptd"]["sessions_in_journal"] == 3
+    assert report_data.journal_data(str(journal))["ptd"]["sessions_in_journal"] == 4
     rows, meta = report_data.load([str(journal)])
-    assert {r["method"]: r["status"] for r in rows} == {"4 GEMMs (student + teacher logits, d hidden, d weight)": "ok"}
-    assert {s["reason"].split(":")[0] for s in meta["skipped"]} == {"timeout", "error"}
+    assert {r["method"]: r["status"] for r in rows} == {"torch.topk on materialized logits": "ok"}
+    assert sorted(s["reason"].split(":")[0] for s in meta["skipped"]) == ["error", "stopped", "timeout"]
 
 
 # ----------------------------------------------------------------------------- the report
