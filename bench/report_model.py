@@ -238,7 +238,8 @@ def steps_lines(trl_path: str | None, train_path: str | None) -> list[str]:
     if trl_path and os.path.exists(trl_path):
         with open(trl_path) as f:
             data = json.load(f)
-        out += ["TRL steps (tiny Qwen3, bf16; `bench/trl_step_time.py`):", "",
+        out += [f"TRL steps (tiny Qwen3, {data.get('device')} {data.get('dtype')}, TRL {data.get('trl')}; "
+                "`bench/trl_step_time.py`):", "",
                 "| trainer | median ms/step | × stock | steps |", "| --- | ---: | ---: | ---: |"]
         stock = next(iter(data["rows"].values()))["median_s"]
         for kind, r in data["rows"].items():
@@ -250,7 +251,8 @@ def steps_lines(trl_path: str | None, train_path: str | None) -> list[str]:
         for r in read_records(train_path):
             runs.setdefault(r.get("backend", "?"), []).append(r)
         if runs:
-            out += ["", "Training steps (`python -m ptd_train.run`, bf16 autocast; metrics of the last step):", "",
+            out += ["", "Training steps (`python -m ptd_train.run`; bf16 autocast on CUDA; metrics of the last step):",
+                    "",
                     "| backend | steps | last step's metrics |", "| --- | ---: | --- |"]
             for backend, rows in runs.items():
                 last = rows[-1]
