@@ -28,19 +28,41 @@ Environment (all optional):
                        recorded "not run (time budget)", lowest priority last
     PTD_BENCH_MEM_GB   CPU memory budget for materializing peers (default: half the available RAM)
     PTD_BENCH_LABEL    device label of the results files (default: "cpu" or the CUDA device name)
+    PTD_BENCH_BACKENDS ptd backends the ptd rows time, comma-separated (default: CUDA every registered
+                       backend of triton and cublas that runs there; CPU torch)
+    PTD_BENCH_DEADLINE a wall-clock deadline (seconds since the epoch) instead of the budget: rows that
+                       would start later are "not run (time budget)" (bench/gpu_check.sh sets it)
+    PTD_BENCH_JOURNAL  a JSON-lines file: a "meta" line when the session starts, one "row" line per row
+                       as soon as it ends (skipped and failed rows too), an "end" line at the end — a
+                       hang or a crash loses only the row in flight (report.py reads the file)
+    PTD_BENCH_RESUME   1: leave out the rows the journal already holds (a session after a crash)
+    PTD_BENCH_ROW_TIMEOUT_S  a row running longer is recorded "timeout" in the journal and the process
+                       ends (exit code 75); an error that breaks the CUDA context is recorded and ends
+                       it too (76): bench/gpu_check.sh then resumes in a fresh process. With a journal,
+                       SIGTERM (``timeout``'s) records the row in flight as "stopped" before the end
+    PTD_BENCH_ENV      a JSON file of the environment phase (bench/gpu_env.py): its measured ceilings go
+                       into the session's metadata
+    PTD_BENCH_FAULT    rehearsal only: "hang:TEXT" hangs, "cuda_error:TEXT" raises a CUDA-context error
+                       in the first row whose id contains TEXT (how --dry proves the watchdog)
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
+import signal
 import statistics
+import sys
 import time
 
 import pytest
 import torch
+from journal import Journal, Watchdog, broken_context, read_records
 from report_data import cpu_model
+
+import ptd_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -64,7 +86,7 @@ def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
 
 # CUDA: H100-class, bf16. The target shape (N=8192, V=151936) first, so that a spent time budget
 # cuts the least informative rows.
-_CUDA_SHAPES = "8192,4096,151936;2048,4096,151936;32768,4096,151936;8192,4096,128256;2048,4096,128256;32768,4096,128256"
+_CUDA_SHAPES = "8192,4096,151936;8192,4096,128256;2048,4096,151936;32768,4096,151936;2048,4096,128256;32768,4096,128256"
 _CPU_SHAPES = "2048,1024,32000"
 SHAPES = _parse_shapes(os.environ.get("PTD_BENCH_SHAPES") or os.environ.get("PTD_BENCH_SHAPE")
                        or (_CUDA_SHAPES if DEVICE == "cuda" else _CPU_SHAPES))
@@ -88,6 +110,18 @@ ROUNDS = int(os.environ.get("PTD_BENCH_ROUNDS", "5" if DEVICE == "cuda" else "2"
 ROW_SECONDS = float(os.environ.get("PTD_BENCH_ROW_S", "20" if DEVICE == "cpu" else "5"))
 _budget = os.environ.get("PTD_BENCH_BUDGET_S", _DEFAULT_BUDGET)
 BUDGET_S = float(_budget) if _budget and float(_budget) > 0 else None
+DEADLINE = (float(os.environ["PTD_BENCH_DEADLINE"]) if os.environ.get("PTD_BENCH_DEADLINE")
+            else SESSION_START + BUDGET_S if BUDGET_S is not None else None)
+
+# The ptd backends the ptd rows time: on CUDA both CUDA paths (the Triton kernels and cuBLAS GEMMs with
+# Triton elementwise blocks), so that one run says which is faster at each shape; on a CPU the torch path.
+_DEFAULT_BACKENDS = ([b for b in ("triton", "cublas") if b in ptd_kernels.backends_for("cuda")]
+                     if DEVICE == "cuda" else ["torch"])
+BACKENDS = [b for b in os.environ.get("PTD_BENCH_BACKENDS", ",".join(_DEFAULT_BACKENDS)).split(",") if b]
+
+JOURNAL = Journal(os.environ.get("PTD_BENCH_JOURNAL"))
+ROW_TIMEOUT_S = float(os.environ.get("PTD_BENCH_ROW_TIMEOUT_S") or 0) or None
+EXIT_TIMEOUT, EXIT_BROKEN_CONTEXT = 75, 76
 
 
 def _available_bytes() -> int:
@@ -118,6 +152,8 @@ def pytest_configure(config):
 
 
 def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", BACKENDS)
     if "shape" in metafunc.fixturenames:
         metafunc.parametrize("shape", SHAPES, ids=[shape_id(s) for s in SHAPES])
     if "scale_shape" in metafunc.fixturenames:
@@ -149,6 +185,12 @@ def pytest_collection_modifyitems(config, items):
         return (4, 0, 0)
 
     items.sort(key=key)
+    if os.environ.get("PTD_BENCH_RESUME") == "1" and JOURNAL:
+        done = {r["test"] for r in read_records(JOURNAL.path) if r.get("record") == "row"}
+        left_out = [item for item in items if item.nodeid in done]
+        if left_out:
+            config.hook.pytest_deselected(items=left_out)
+            items[:] = [item for item in items if item.nodeid not in done]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -309,7 +351,7 @@ def _record_only(benchmark, status: str, note: str = ""):
 
 def measure(benchmark, fn, inp: Inputs, *, op: str, method: str, ours: bool = False, floor: str | None = None,
             grads: tuple = (), nv_buffers: float = 0.0, compiled: bool = False, suite: str = "main",
-            rounds: int | None = None, extra: dict | None = None):
+            rounds: int | None = None, extra: dict | None = None, model: tuple | None = None, auto_call=None):
     """Time ``fn`` (one full fwd+bwd or fwd call) and record its peak memory.
 
     grads: the inputs whose gradients the call forms (counted in ``grad_bytes``).
@@ -324,14 +366,26 @@ def measure(benchmark, fn, inp: Inputs, *, op: str, method: str, ours: bool = Fa
         (``rss_peak_bytes``) as a cross-check.
     extra: more ``extra_info`` fields, e.g. ``variant`` and ``base_method`` for a ptd row with a logit
         transform (report.py compares it with the plain row of ``base_method``), or a peer's ``check``.
+    model: (op, path) of the row in the GPU work model (bench/results/gpu_model.json), e.g.
+        ("linear_logprobs", "cublas") or ("trl_chunked_logprob", None): report.py puts the model's
+        prediction beside the measurement.
+    auto_call: for a ptd row, ``auto_call(backend)`` runs the row's call with that backend: the row
+        records which backend ``backend="auto"`` selects for these inputs (``auto_backend``).
     """
     n, h, v = inp.shape
     info = benchmark.extra_info
     info.update(op=op, method=method, shape=f"N={n},H={h},V={v}", n=n, h=h, v=v, dtype=str(DTYPE).replace("torch.", ""),
                 device=LABEL, suite=suite, ours=ours, floor=floor, status="ok",
                 grad_bytes=_tensor_bytes(grads), load1=round(os.getloadavg()[0], 2), **(extra or {}))
-    if BUDGET_S is not None and time.time() - SESSION_START > BUDGET_S:
-        return _record_only(benchmark, "not run (time budget)", f"budget {BUDGET_S:.0f} s spent")
+    if model:
+        info["model_op"], info["model_path"] = model
+    if ours:
+        info["entry_point"] = entry_point(method)
+    if auto_call is not None:
+        info["auto_backend"] = auto_pick(auto_call, (op, entry_point(method), inp.shape))
+    if DEADLINE is not None and time.time() > DEADLINE:
+        return _record_only(benchmark, "not run (time budget)",
+                            f"budget {BUDGET_S:.0f} s spent" if BUDGET_S else "the deadline passed")
     if DEVICE == "cpu" and nv_buffers * n * v * 4 > MEM_BUDGET:
         est = nv_buffers * n * v * 4 / 2**30
         return _record_only(benchmark, "OOM", f"would need ~{est:.1f} GiB > budget {MEM_BUDGET / 2**30:.1f} GiB")
@@ -395,6 +449,49 @@ def measure(benchmark, fn, inp: Inputs, *, op: str, method: str, ours: bool = Fa
         zero_grads(*grads)
 
 
+# ----------------------------------------------------------------------------- auto's choice
+
+
+def entry_point(method: str) -> str:
+    """A ptd row's method without its backend, e.g. "ptd linear_jsd_loss" for "ptd linear_jsd_loss (cublas)"."""
+    return re.sub(r" \((?:" + "|".join(map(re.escape, ptd_kernels.backend_names())) + r")\)", "", method)
+
+
+_AUTO: dict = {}
+
+
+class _Picked(BaseException):
+    """Raised by the spy of ``auto_pick`` as soon as a backend is selected: the call does no work."""
+
+
+def auto_pick(run, key) -> str:
+    """The backend ``backend="auto"`` selects for ``run("auto")``: the name of the first registered
+    backend whose instance the call asks for, observed by a spy that stops the call right there (no
+    kernel runs). Cached per ``key``."""
+    if key in _AUTO:
+        return _AUTO[key]
+    from ptd_kernels.backends import registry
+
+    picked = []
+    original = registry.BackendEntry.instance
+
+    def spy(entry):
+        picked.append(entry.name)
+        raise _Picked
+
+    registry.BackendEntry.instance = spy
+    try:
+        run("auto")
+    except _Picked:
+        pass
+    except Exception as exc:  # noqa: BLE001 - a call that fails before selecting says so in the row
+        picked.append(f"unknown ({type(exc).__name__})")
+    finally:
+        registry.BackendEntry.instance = original
+    _AUTO[key] = picked[0] if picked else "unknown (no backend selected)"
+    return _AUTO[key]
+
+
 # ----------------------------------------------------------------------------- session metadata
 
 _SKIPPED: list = []
@@ -426,19 +523,138 @@ def _versions() -> dict:
 _LOAD_START = os.getloadavg()
 
 
-def pytest_benchmark_update_json(config, benchmarks, output_json):
-    meta = {
+def _ceilings() -> dict | None:
+    """The ceilings the environment phase measured (PTD_BENCH_ENV), or None."""
+    path = os.environ.get("PTD_BENCH_ENV")
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("ceilings")
+
+
+def session_meta() -> dict:
+    """The session's metadata (the ``ptd`` entry of the JSON, the journal's "meta" line)."""
+    return {
         "label": LABEL,
         "kind": DEVICE,
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else cpu_model(),
         "dtype": str(DTYPE).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
+        "backends": BACKENDS,
         "load_start": [round(x, 2) for x in _LOAD_START],
-        "load_end": [round(x, 2) for x in os.getloadavg()],
-        "wall_s": round(time.time() - SESSION_START, 1),
         "mem_budget_gib": round(MEM_BUDGET / 2**30, 1) if DEVICE == "cpu" else None,
         "versions": _versions(),
-        "skipped": _SKIPPED,
+        "ceilings": _ceilings(),
     }
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    meta = session_meta()
+    meta.update(load_end=[round(x, 2) for x in os.getloadavg()], wall_s=round(time.time() - SESSION_START, 1),
+                skipped=_SKIPPED)
     output_json["ptd"] = meta
+
+
+# ----------------------------------------------------------------------------- the journal and the watchdog
+
+
+def pytest_sessionstart(session):
+    if JOURNAL:
+        JOURNAL.write({"record": "meta", "pid": os.getpid(), "datetime": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                       **session_meta()})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if JOURNAL:
+        JOURNAL.write({"record": "end", "pid": os.getpid(), "load_end": [round(x, 2) for x in os.getloadavg()],
+                       "wall_s": round(time.time() - SESSION_START, 1), "exitstatus": int(exitstatus)})
+
+
+def _row_record(item, status: str | None = None, note: str | None = None) -> dict:
+    """The journal's line for ``item``: its extra_info (what ``measure`` recorded so far), its median
+    when it was timed, and its status."""
+    bench = item.funcargs.get("benchmark") if hasattr(item, "funcargs") else None
+    record = {"record": "row", "test": item.nodeid, **dict(getattr(bench, "extra_info", None) or {})}
+    stats = getattr(getattr(bench, "stats", None), "stats", None)
+    if stats is not None and status is None:
+        record["median"] = stats.median
+    if status is not None:
+        record["status"] = status
+    record.setdefault("status", "ok" if "median" in record else "not timed")
+    if note:
+        record["note"] = note
+    return record
+
+
+def _first_line(text: str) -> str:
+    return (str(text).strip().splitlines() or [""])[0][:300]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "teardown" or (call.when == "setup" and report.passed):
+        return
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        JOURNAL.write(_row_record(item, "skipped", reason.removeprefix("Skipped: ")))
+    elif report.failed:
+        exc = call.excinfo.value if call.excinfo else None
+        JOURNAL.write(_row_record(item, "error", _first_line(f"{type(exc).__name__}: {exc}") if exc else "failed"))
+        if exc is not None and (DEVICE == "cuda" and broken_context(exc) or isinstance(exc, _RehearsedContextError)):
+            print(f"\n{item.nodeid}: the CUDA context is broken ({_first_line(exc)}); this process ends, a fresh one "
+                  "resumes after the rows in the journal", file=sys.stderr)
+            os._exit(EXIT_BROKEN_CONTEXT)
+    else:
+        JOURNAL.write(_row_record(item))
+
+
+class _RehearsedContextError(RuntimeError):
+    """The error PTD_BENCH_FAULT="cuda_error:..." raises: handled as a broken CUDA context on any device."""
+
+
+_CURRENT: list = []  # the row in flight
+
+
+def _stopped(signum, frame):
+    """SIGTERM (``timeout``'s signal at the GPU check's hard cap): the row in flight is recorded as stopped."""
+    if _CURRENT:
+        JOURNAL.write(_row_record(_CURRENT[0], "stopped", "the session's time limit ended it"))
+    os._exit(124)
+
+
+if JOURNAL:
+    signal.signal(signal.SIGTERM, _stopped)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _CURRENT[:] = [item]
+    watchdog = None
+    if ROW_TIMEOUT_S:
+        def expire():
+            JOURNAL.write(_row_record(item, "timeout", f"still running after {ROW_TIMEOUT_S:.0f} s"))
+            print(f"\n{item.nodeid}: still running after {ROW_TIMEOUT_S:.0f} s: recorded as a timeout; this process "
+                  "ends, a fresh one resumes after the rows in the journal", file=sys.stderr)
+
+        watchdog = Watchdog(ROW_TIMEOUT_S, expire, EXIT_TIMEOUT)
+        watchdog.start()
+    try:
+        yield
+    finally:
+        _CURRENT.clear()
+        if watchdog is not None:
+            watchdog.cancel()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    kind, _, text = os.environ.get("PTD_BENCH_FAULT", "").partition(":")
+    if text and text in item.nodeid:
+        if kind == "hang":
+            time.sleep(3600)
+        elif kind == "cuda_error":
+            raise _RehearsedContextError("CUDA error: an illegal memory access was encountered (a rehearsed fault)")
+    yield

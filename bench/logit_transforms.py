@@ -3,7 +3,8 @@ names."""
 
 from __future__ import annotations
 
-from conftest import Inputs
+import pytest
+from conftest import DEVICE, Inputs
 
 # Soft-capping and logit scale against the plain rows: the ptd rows of every op also run with
 # ``softcap=30.0`` (Gemma-2/3's ``final_logit_softcapping``: a tanh per logit, and its derivative in
@@ -16,6 +17,11 @@ from conftest import Inputs
 # the flatter distributions would change the data-dependent work (the streaming top-K's pruning)
 # and the ratio would not be the transform's cost.
 TRANSFORMS = {"plain": {}, "softcap": {"softcap": 30.0}, "logit_scale": {"logit_scale": 0.125}}
+# On CUDA the plain rows come first (both backends, the peers, every shape's tier 0) and the transforms
+# are extras (tier 3): the first GPU run is for the rule of ``auto`` and the peers, the transforms' cost
+# is measured on CPU (bench/transform_cost.py).
+TRANSFORM_PARAMS = [t if t == "plain" or DEVICE != "cuda" else pytest.param(t, marks=pytest.mark.tier(3))
+                    for t in TRANSFORMS]
 
 
 class ScaledInputs:

@@ -3,6 +3,8 @@
     pytest bench --benchmark-only --benchmark-json bench/results/cpu.json
     python bench/report.py bench/results/cpu.json     # -> bench/results/cpu.md, cpu.png, cpu-scaling.png
     python bench/report.py --docs                     # every run in bench/results/, docs/benchmarks.md, README table
+    python bench/report.py LABEL.jsonl --json-out LABEL.json   # a benchmark journal (a GPU check's rows, written
+                                                      # as they ran) as pytest-benchmark JSON, and its report
 
 Rows the session's time budget cut are kept as "not run"; to measure them in a second session:
 
@@ -16,11 +18,15 @@ floor, peak memory; then the performance targets with the measured ratios, and t
 and the GEMM floor, at one shape) and ``<out-dir>/<label>-scaling.png`` (time and working memory
 against N and V). The label is the device label recorded by bench/conftest.py ("cpu", or the CUDA
 device's name). ``--docs`` also writes docs/benchmarks.md and the README's table (report_docs.py).
+A CUDA run's report adds the work model's predictions beside the measurements, ``auto``'s pick against
+the faster backend, and the correctness tier and steps of its GPU check (report_model.py; files found
+beside the results by their names, or given). The markdown is written with or without matplotlib.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from report_data import (
@@ -29,6 +35,7 @@ from report_data import (
     fmt_ratio,
     fmt_time,
     is_cuda,
+    journal_data,
     load,
     mem_cell,
     ok,
@@ -40,6 +47,7 @@ from report_data import (
     working,
 )
 from report_docs import benchmark_files, benchmarks_page, readme_table, replace_readme_table
+from report_model import MODEL_FILE, check_files, cuda_sections
 from report_plot import plot_headline, plot_scaling
 from report_sections import transform_table, trl_table
 
@@ -291,11 +299,15 @@ def _sections(res: Results, show_cpu: bool, level: str) -> list[str]:
     return out
 
 
-def markdown(rows, meta, png_names, show_cpu=False) -> str:
+def markdown(rows, meta, png_names, show_cpu=False, files=None) -> str:
+    """The report of one run; ``files``: a CUDA run's other files (report_model.check_files)."""
     res = Results(rows)
     show_cpu = show_cpu and not is_cuda(meta)
     lines = header(meta, rows, show_cpu)
     lines += ["", "## Targets", ""] + targets(res, meta, show_cpu)
+    files = files or {}
+    if is_cuda(meta) or any(key in files for key in ("tier", "trl", "train")):  # a GPU check (or its rehearsal)
+        lines += cuda_sections(res, meta, files, level="##")
     lines += _sections(res, show_cpu, level="##")
     lines += ["", "## All rows", ""] + main_table(res, show_cpu)
     lines += scaling_table(res)
@@ -308,16 +320,33 @@ def markdown(rows, meta, png_names, show_cpu=False) -> str:
     return "\n".join(lines)
 
 
-def write_report(rows, meta, out_dir, label, show_cpu=False) -> list[str]:
-    """``<label>.md``, ``<label>.png`` and ``<label>-scaling.png`` in ``out_dir``; returns the paths written."""
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_report(rows, meta, out_dir, label, show_cpu=False, files=None, plots=True) -> list[str]:
+    """``<label>.md``, ``<label>.png`` and ``<label>-scaling.png`` in ``out_dir`` (the figures where
+    matplotlib imports and ``plots``); returns the paths written. ``files``: a CUDA run's other files
+    (default: those beside it in ``out_dir``)."""
     os.makedirs(out_dir, exist_ok=True)
-    png = os.path.join(out_dir, f"{label}.png")
-    scaling_png = os.path.join(out_dir, f"{label}-scaling.png")
-    drawn = [(png, plot_headline(rows, meta, png)), (scaling_png, plot_scaling(rows, meta, scaling_png))]
-    pngs = [path for path, done in drawn if done]
+    pngs = []
+    if plots and not _has_matplotlib():
+        print("matplotlib is not installed: the markdown only, no figures")
+        plots = False
+    if plots:
+        png = os.path.join(out_dir, f"{label}.png")
+        scaling_png = os.path.join(out_dir, f"{label}-scaling.png")
+        drawn = [(png, plot_headline(rows, meta, png)), (scaling_png, plot_scaling(rows, meta, scaling_png))]
+        pngs = [path for path, done in drawn if done]
     md_path = os.path.join(out_dir, f"{label}.md")
+    if files is None:
+        files = check_files(out_dir, label)
     with open(md_path, "w") as f:
-        f.write(markdown(rows, meta, [os.path.basename(p) for p in pngs], show_cpu=show_cpu))
+        f.write(markdown(rows, meta, [os.path.basename(p) for p in pngs], show_cpu=show_cpu, files=files))
     return [md_path, *pngs]
 
 
@@ -328,7 +357,8 @@ def docs_text(results_dir, readme_text: str, link_dir: str = "../bench/results")
         rows, meta = load(files)
         res = Results(rows)
         parts = dict(header=header(meta, rows), targets=targets(res, meta), sections=_sections(res, False, "###"),
-                     main=main_table(res, False), scaling=scaling_table(res))
+                     main=main_table(res, False), scaling=scaling_table(res),
+                     cuda=cuda_sections(res, meta, check_files(results_dir, label), "###") if is_cuda(meta) else [])
         devices.append((label, rows, meta, parts))
         if table is None or label == "cpu":  # the README states what this repository's CPU measured
             table = readme_table(rows, meta)
@@ -347,6 +377,14 @@ def main(argv=None):
     parser.add_argument("--missing", action="store_true",
                         help="only print the node ids of the rows not measured (time budget), to run them again")
     parser.add_argument("--cpu-time", action="store_true", help="CPU rows: also show process CPU time and its ratios")
+    parser.add_argument("--json-out", default=None,
+                        help="also write the rows as one pytest-benchmark JSON file (e.g. from a journal, .jsonl)")
+    parser.add_argument("--no-plots", action="store_true", help="write the markdown only")
+    parser.add_argument("--model", default=None, help=f"the work model's JSON (default: {MODEL_FILE} in --out-dir, "
+                        "else bench/results/)")
+    parser.add_argument("--tier", default=None, help="a CUDA check's correctness-tier journal")
+    parser.add_argument("--trl", default=None, help="a CUDA check's TRL step times (bench/trl_step_time.py JSON)")
+    parser.add_argument("--train", default=None, help="a CUDA check's training metrics (JSON lines)")
     args = parser.parse_args(argv)
     if args.docs:
         for label, files in benchmark_files(args.out_dir).items():
@@ -369,7 +407,36 @@ def main(argv=None):
         print("\n".join(r["test"] for r in rows if r.get("status", "").startswith("not run")))
         return
     label = args.label or meta.get("label") or "unknown"
-    print("wrote " + ", ".join(write_report(rows, meta, args.out_dir, label, show_cpu=args.cpu_time)))
+    written = []
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.json_out:
+        write_json(args.json, args.json_out)
+        written.append(args.json_out)
+    files = check_files(args.out_dir, label)
+    files.setdefault("model", os.path.join(HERE, "results", MODEL_FILE))
+    files.update({k: v for k, v in (("model", args.model), ("tier", args.tier), ("trl", args.trl),
+                                    ("train", args.train)) if v})
+    written += write_report(rows, meta, args.out_dir, label, show_cpu=args.cpu_time, files=files,
+                            plots=not args.no_plots)
+    print("wrote " + ", ".join(written))
+
+
+def write_json(paths, out_path):
+    """One pytest-benchmark JSON file of the rows of ``paths`` (JSON files or journals): the form
+    bench/results/ keeps (``report.py --docs`` reads it)."""
+    data = None
+    for path in paths:
+        if path.endswith(".jsonl"):
+            part = journal_data(path)
+        else:
+            with open(path) as f:
+                part = json.load(f)
+        if data is None:
+            data = part
+        else:
+            data["benchmarks"] += part["benchmarks"]
+    with open(out_path, "w") as f:
+        json.dump(data, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -29,14 +29,50 @@ def write_results(out_dir, stem, data, md):
         f.write(md)
 
 
+def journal_data(path) -> dict:
+    """A benchmark journal (bench/conftest.py's PTD_BENCH_JOURNAL: JSON lines written as the rows ran,
+    maybe over several processes after a crash or a hang) as pytest-benchmark's JSON: ``benchmarks``
+    (one per row, its ``stats.median`` None where it was not timed) and ``ptd`` (the first session's
+    metadata, the load at the start of the first and the end of the last, the sessions' wall times
+    summed, the rows skipped or failed before they recorded anything)."""
+    from journal import read_records
+
+    records = read_records(path)
+    metas = [r for r in records if r.get("record") == "meta"]
+    ends = [r for r in records if r.get("record") == "end"]
+    meta = {k: v for k, v in (metas[0] if metas else {}).items() if k not in ("record", "pid", "datetime")}
+    meta["sessions_in_journal"] = len(metas)
+    if ends:
+        meta["load_end"] = ends[-1].get("load_end")
+    meta["wall_s"] = round(sum(e.get("wall_s") or 0 for e in ends), 1)
+    benchmarks, skipped = [], []
+    for r in records:
+        if r.get("record") != "row":
+            continue
+        info = {k: v for k, v in r.items() if k not in ("record", "test", "median")}
+        if "op" not in info:  # skipped or failed before measure() began: no row of the tables
+            skipped.append({"test": r["test"], "reason": f"{r.get('status')}: {r.get('note', '')}".rstrip(": ")})
+            continue
+        benchmarks.append({"name": r["test"].split("::")[-1], "fullname": r["test"],
+                           "stats": {"median": r.get("median")}, "extra_info": info})
+    meta["skipped"] = skipped
+    return {"datetime": metas[0].get("datetime") if metas else None, "benchmarks": benchmarks, "ptd": meta}
+
+
+def _read_results(path) -> dict:
+    if path.endswith(".jsonl"):
+        return journal_data(path)
+    with open(path) as f:
+        return json.load(f)
+
+
 def load(paths):
-    """Rows of one or more pytest-benchmark JSON files. With several (a run, then a run of the rows
-    its time budget cut), a measured row replaces an unmeasured one of the same op, method and
-    shape; each file's session (load, wall time) is kept in meta["sessions"]."""
+    """Rows of one or more pytest-benchmark JSON files (or benchmark journals, ``.jsonl``). With several
+    (a run, then a run of the rows its time budget cut), a measured row replaces an unmeasured one of
+    the same op, method and shape; each file's session (load, wall time) is kept in meta["sessions"]."""
     rows, meta, index = [], {}, {}
     for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+        data = _read_results(path)
         session = dict(data.get("ptd", {}))
         if not meta:
             meta = dict(session)
@@ -49,6 +85,8 @@ def load(paths):
             if "op" not in e:
                 continue
             e["median"] = b["stats"]["median"]
+            if e["median"] is None and e.get("status", "ok") == "ok":
+                e["status"] = "not timed"
             e["test"] = b.get("fullname", b.get("name"))
             e["session"] = len(meta["sessions"])
             key = (e.get("suite"), e["op"], e["method"], e["shape"])

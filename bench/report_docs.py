@@ -67,7 +67,7 @@ python bench/transform_cost.py                     # the stand-alone measurement
 python bench/vocab_parallel.py
 python bench/train_step_time.py
 python bench/trl_step_time.py --out bench/results
-bash bench/gpu_check.sh                            # on a GPU machine: CUDA tests, a bf16 run, the CUDA set
+bash bench/gpu_check.sh                            # on a GPU machine: the whole check below, ≤ 9 minutes
 ```
 
 On CPU the suite runs its rows by priority within the budget; rows a busy machine cuts are recorded as
@@ -81,6 +81,75 @@ math, so that its passes stay in cache; the JSD takes one exponential per logit 
 loss-level entry points form the gradient during the forward sweep (four GEMMs for a divergence, no
 recomputation). The block sizes are the knobs of [api.md](api.md#memory-knobs-of-the-pytorch-path).
 """
+
+
+GPU_CHECK = """\
+## Measuring on a GPU: `bench/gpu_check.sh`
+
+One command measures everything a GPU can tell, in at most nine minutes of work (`PTD_GPU_BUDGET_S`,
+540 s), so that it fits one ten-minute session on a rented or lent machine and nothing is lost if it is
+cut short:
+
+```bash
+bash bench/gpu_check.sh          # on the GPU machine; files go to $OUT, else bench/results/
+bash bench/gpu_check.sh --dry    # the rehearsal on any CPU machine (below)
+```
+
+It runs, in this order, each phase under its own time limit:
+
+1. **environment**: the GPU, driver, Python, torch, Triton and Transformers versions, the carried wheels
+   installed offline and every requirement of theirs checked against what is installed, and the two
+   ceilings of the [work model](gpu_model.md) measured in a few seconds (a bf16 matrix product's TFLOP/s,
+   a device-to-device copy's GB/s);
+2. **correctness tier** (`bench/cuda_tier.py`, at most 90 s): every public function, in bf16 and fp32, on
+   every backend that runs on CUDA, against `ptd_kernels.reference` on the same GPU — values and
+   gradients, awkward shapes (a vocabulary that is no multiple of a tile, N=1, K ≥ V, all rows masked,
+   β = 0 and 1, τ ≠ 1, soft-cap and logit scale, no bias). Tolerances follow the dtype of the
+   computation; top-k ids are judged by the reference log-probabilities at them, so a near tie that fp32
+   orders differently is no failure. Worker processes (one per backend and dtype) keep a hung or crashed
+   case from stopping the rest. The same cases are the `cuda`-marked tests of `tests/test_gpu_check.py`;
+3. **training steps**: `python -m ptd_train.run`, a few bf16 steps on each CUDA backend;
+4. **TRL steps**: `bench/trl_step_time.py` (stock `GRPOTrainer`, the same on ptd's kernels, `PTDGRPOTrainer`);
+5. **benchmarks**: `pytest bench` with both ptd CUDA paths (`backend="triton"` and `backend="cublas"`), the
+   one-sweep loss `linear_policy_loss` (the policy loss alone and with the PTD term) where the library has
+   it, the peers and the bare GEMM floor, at the target shape first (N=8192, H=4096, V=151936, bf16), then
+   V=128256 and the other N as time allows; each row records which backend `backend="auto"` picks for it;
+6. **report**: the rows as pytest-benchmark JSON and the markdown report, with the measured times beside
+   the work model's predictions (separate columns), the ratio to the GEMM floor, the working memory beside
+   the model's count and the 1 GiB target, and `auto`'s pick against the backend that measured faster.
+
+**Nothing is lost to a hang or a time-out.** The tier and the benchmarks append one JSON line per case and
+per row as it finishes; a benchmark row running past its watchdog (`PTD_GPU_ROW_TIMEOUT_S`, 90 s) or an
+error that breaks the CUDA context is recorded, and a fresh process resumes after the rows already in the
+journal. A second call can complete a first: carry the first call's files back into the output folder
+and set `PTD_GPU_RESUME=1`.
+
+**What it writes** (eight files, named by the GPU, e.g. `nvidia-h100-80gb-hbm3`): `<label>-check.log` (the
+console), `<label>-env.json`, `<label>-tier.jsonl`, `<label>-train.jsonl`, `<label>-trl_steps.json`,
+`<label>.jsonl` (the benchmark journal), `<label>.json` (the same rows as pytest-benchmark JSON) and
+`<label>.md` (the report). Copy them into `bench/results/` and run `python bench/report.py --docs`: this
+page then shows the run, its tier and its steps.
+
+**What to carry.** A machine without a package registry needs these pure-Python wheels (Python 3.12);
+without them the peers' rows and the TRL steps are skipped. Download them where a registry is reachable,
+into the repository's ignored `.whl/` folder, and send that folder with the check:
+
+```bash
+{download}
+```
+
+`--dry` rehearses the whole script on a CPU: the tier runs under Triton's interpreter at tiny shapes, the
+training and TRL steps on the CPU, the benchmarks at tiny shapes; a hung tier case and a benchmark row that
+hangs or breaks its CUDA context are injected to prove the watchdogs; the wheels in `.whl/` are checked
+against the lent image's packages and the missing ones named.
+"""
+
+
+def gpu_check_section() -> str:
+    """The page's section on bench/gpu_check.sh, with the wheel list of bench/gpu_env.py."""
+    from gpu_env import download_command
+
+    return GPU_CHECK.format(download=download_command())
 
 
 def benchmark_files(results_dir: str) -> dict[str, list[str]]:
@@ -168,6 +237,7 @@ def device_section(label, rows, meta, parts: dict, link_dir: str) -> list[str]:
     out += parts["header"][2:]  # the header's "# Benchmarks: label" line is this section's heading
     out += ["", f"![ptd against its peers, time and working memory per op]({link_dir}/{label}.png)", "",
             "### Targets", "", *parts["targets"]]
+    out += parts.get("cuda", [])
     short = _short(parts["targets"])
     if short:
         out += ["", "Short of a target in this run:", "", *short]
@@ -181,7 +251,7 @@ def device_section(label, rows, meta, parts: dict, link_dir: str) -> list[str]:
 
 def benchmarks_page(devices: list[tuple[str, list, dict, dict]], results_dir: str, link_dir: str) -> str:
     """docs/benchmarks.md: the introduction, each device's run, then the stand-alone measurements."""
-    lines = [INTRO.rstrip("\n")]
+    lines = [INTRO.rstrip("\n"), "", gpu_check_section().rstrip("\n")]
     if not any(is_cuda(meta) for _label, _rows, meta, _parts in devices):
         lines += ["", "No CUDA result is committed yet: every figure on this page is from a CPU."]
     for label, rows, meta, parts in devices:

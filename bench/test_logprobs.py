@@ -1,5 +1,7 @@
 """Log-prob (+ entropy) of the sampled tokens, fwd+bwd.
 
+Ours on every backend of conftest.BACKENDS (on CUDA the Triton kernels and the cuBLAS path side by side).
+
 - ``logprobs+entropy``: ours (plain, and with a soft-cap or a logit scale: logit_transforms.TRANSFORMS) vs
   eager ``log_softmax`` + gather + entropy and TRL's fused ``ChunkedLogProbFunction``
   (test_trl_peers.py); the floor is the other yardstick.
@@ -11,27 +13,28 @@
 import pytest
 import torch
 from conftest import DEVICE, FLOOR_3, measure, zero_grads
-from logit_transforms import TRANSFORMS, transform_args, transform_inputs, transform_row
+from logit_transforms import TRANSFORM_PARAMS, transform_args, transform_inputs, transform_row
 
 import ptd_kernels as ptd
 
-BACKEND = "triton" if DEVICE == "cuda" else "torch"
 
-
-@pytest.mark.parametrize("transform", list(TRANSFORMS))
-def test_ptd_logprobs_entropy(benchmark, inp, transform):
+@pytest.mark.parametrize("transform", TRANSFORM_PARAMS)
+def test_ptd_logprobs_entropy(benchmark, inp, transform, backend):
     x = transform_inputs(inp, transform)
     hidden, weight, targets = x.student
     kw = transform_args(transform)
 
-    def step():
-        zero_grads(hidden, weight)
-        logp, entropy = ptd.linear_logprobs(hidden, weight, targets, with_entropy=True, **kw)
+    def run(backend):
+        logp, entropy = ptd.linear_logprobs(hidden, weight, targets, with_entropy=True, backend=backend, **kw)
         (logp.sum() + entropy.sum()).backward()
 
-    method, extra = transform_row(transform, f"ptd linear_logprobs ({BACKEND})")
+    def step():
+        zero_grads(hidden, weight)
+        run(backend)
+
+    method, extra = transform_row(transform, f"ptd linear_logprobs ({backend})")
     measure(benchmark, step, x, op="logprobs+entropy", method=method, ours=True, floor=FLOOR_3,
-            grads=(hidden, weight), extra=extra)
+            grads=(hidden, weight), extra=extra, model=("linear_logprobs", backend), auto_call=run)
 
 
 def test_eager_logprobs_entropy(benchmark, inp):
@@ -49,15 +52,18 @@ def test_eager_logprobs_entropy(benchmark, inp):
 
 
 @pytest.mark.tier(2)
-def test_ptd_logprobs(benchmark, inp):
+def test_ptd_logprobs(benchmark, inp, backend):
     hidden, weight, targets = inp.student
+
+    def run(backend):
+        ptd.linear_logprobs(hidden, weight, targets, backend=backend).sum().backward()
 
     def step():
         zero_grads(hidden, weight)
-        ptd.linear_logprobs(hidden, weight, targets).sum().backward()
+        run(backend)
 
-    measure(benchmark, step, inp, op="logprobs", method=f"ptd linear_logprobs ({BACKEND})", ours=True, floor=FLOOR_3,
-            grads=(hidden, weight))
+    measure(benchmark, step, inp, op="logprobs", method=f"ptd linear_logprobs ({backend})", ours=True, floor=FLOOR_3,
+            grads=(hidden, weight), auto_call=run)
 
 
 @pytest.mark.tier(2)
@@ -104,4 +110,4 @@ def test_liger_fused_linear_cross_entropy(benchmark, inp):
         loss_fn(weight, hidden, targets).backward()
 
     measure(benchmark, step, inp, op="logprobs", method="liger LigerFusedLinearCrossEntropyLoss (triton)",
-            floor=FLOOR_3, grads=(hidden, weight))
+            floor=FLOOR_3, grads=(hidden, weight), model=("liger_fused_linear_cross_entropy", None))

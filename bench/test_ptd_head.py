@@ -5,7 +5,7 @@ reference; the one-sweep head also with a soft-cap and with a logit scale (logit
 
 import pytest
 from conftest import FLOOR_4, measure, zero_grads
-from logit_transforms import TRANSFORMS, transform_args, transform_inputs, transform_row
+from logit_transforms import TRANSFORM_PARAMS, transform_args, transform_inputs, transform_row
 
 import ptd_kernels as ptd
 
@@ -14,35 +14,40 @@ BETA = 0.5
 pytestmark = pytest.mark.tier(2)
 
 
-@pytest.mark.parametrize("transform", list(TRANSFORMS))
-def test_ptd_terms_one_sweep(benchmark, inp, transform):
+@pytest.mark.parametrize("transform", TRANSFORM_PARAMS)
+def test_ptd_terms_one_sweep(benchmark, inp, transform, backend):
     x = transform_inputs(inp, transform)
     hidden, weight, targets, teacher_hidden, teacher_weight = x.all
     kw = transform_args(transform, teacher=True)
 
-    def step():
-        zero_grads(hidden, weight)
-        t = ptd.linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, K, beta=BETA, **kw)
+    def run(backend):
+        t = ptd.linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, K, beta=BETA,
+                                 backend=backend, **kw)
         (t.logp.sum() + t.entropy.sum() + t.jsd.sum()).backward()
 
-    method, extra = transform_row(transform, "ptd linear_ptd_terms (one sweep)")
+    def step():
+        zero_grads(hidden, weight)
+        run(backend)
+
+    method, extra = transform_row(transform, f"ptd linear_ptd_terms (one sweep) ({backend})")
     measure(benchmark, step, x, op=f"ptd head K={K}", method=method, ours=True, floor=FLOOR_4,
-            grads=(hidden, weight), extra=extra)
+            grads=(hidden, weight), extra=extra, model=("linear_ptd_terms", backend), auto_call=run)
 
 
-def test_ptd_separate_calls(benchmark, inp):
+def test_ptd_separate_calls(benchmark, inp, backend):
     hidden, weight, targets, teacher_hidden, teacher_weight = inp.all
 
     def step():
         zero_grads(hidden, weight)
-        logp, entropy = ptd.linear_logprobs(hidden, weight, targets, with_entropy=True)
-        jsd = ptd.linear_topk_jsd(hidden, weight, teacher_hidden, teacher_weight, K, beta=BETA)
-        ptd.topk_overlap(ptd.linear_topk(hidden.detach(), weight.detach(), K).indices,
-                         ptd.linear_topk(teacher_hidden, teacher_weight, K).indices)
+        logp, entropy = ptd.linear_logprobs(hidden, weight, targets, with_entropy=True, backend=backend)
+        jsd = ptd.linear_topk_jsd(hidden, weight, teacher_hidden, teacher_weight, K, beta=BETA, backend=backend)
+        ptd.topk_overlap(ptd.linear_topk(hidden.detach(), weight.detach(), K, backend=backend).indices,
+                         ptd.linear_topk(teacher_hidden, teacher_weight, K, backend=backend).indices)
         (logp.sum() + entropy.sum() + jsd.sum()).backward()
 
-    measure(benchmark, step, inp, op=f"ptd head K={K}", method="ptd separate calls (logprobs + topk_jsd + 2 topk)",
-            floor=FLOOR_4, grads=(hidden, weight))
+    measure(benchmark, step, inp, op=f"ptd head K={K}",
+            method=f"ptd separate calls (logprobs + topk_jsd + 2 topk) ({backend})", floor=FLOOR_4,
+            grads=(hidden, weight))
 
 
 @pytest.mark.tier(3)

@@ -4,25 +4,28 @@ and with a logit scale (logit_transforms.TRANSFORMS; extras, tier 3)."""
 
 import pytest
 import torch
-from conftest import DEVICE, FLOOR_1, measure
+from conftest import FLOOR_1, measure
 from logit_transforms import TRANSFORMS, transform_args, transform_inputs, transform_row
 
 import ptd_kernels as ptd
 
 K = 100
 pytestmark = pytest.mark.tier(2)
-BACKEND = "triton" if DEVICE == "cuda" else "torch"
 
 
 @pytest.mark.parametrize("transform", ["plain", *(pytest.param(t, marks=pytest.mark.tier(3)) for t in TRANSFORMS
                                                   if t != "plain")])
-def test_ptd_linear_topk(benchmark, inp, transform):
+def test_ptd_linear_topk(benchmark, inp, transform, backend):
     x = transform_inputs(inp, transform)
     hidden, weight = x.teacher
     kw = transform_args(transform)
-    method, extra = transform_row(transform, f"ptd linear_topk ({BACKEND})")
-    measure(benchmark, lambda: ptd.linear_topk(hidden, weight, K, **kw), x, op=f"teacher top-K K={K}",
-            method=method, ours=True, floor=FLOOR_1, extra=extra)
+
+    def run(backend):
+        return ptd.linear_topk(hidden, weight, K, backend=backend, **kw)
+
+    method, extra = transform_row(transform, f"ptd linear_topk ({backend})")
+    measure(benchmark, lambda: run(backend), x, op=f"teacher top-K K={K}", method=method, ours=True, floor=FLOOR_1,
+            extra=extra, model=("linear_topk", backend), auto_call=run)
 
 
 def test_torch_topk(benchmark, inp):

@@ -15,10 +15,8 @@ without TRL (the ``trl`` extra).
 
 import pytest
 import trl_peers
-from conftest import DEVICE, FLOOR_3, FLOOR_4, measure, zero_grads
+from conftest import BACKENDS, DEVICE, FLOOR_3, FLOOR_4, measure, zero_grads
 from test_jsd import BETA
-
-BACKEND = "triton" if DEVICE == "cuda" else "torch"
 
 
 def _tile_buffers(n, v, per_side):
@@ -30,7 +28,7 @@ def _tile_buffers(n, v, per_side):
 @pytest.fixture
 def checked():
     trl_peers.load()
-    return trl_peers.check_against_ptd(DEVICE, BACKEND, beta=BETA)
+    return trl_peers.check_against_ptd(DEVICE, BACKENDS[0], beta=BETA)
 
 
 # The vocabulary chunk: None = TRL's trainers' (main rows), the tuned width as an extra (tier 2).
@@ -54,7 +52,8 @@ def test_trl_logprobs_entropy(benchmark, inp, checked, chunk):
 
     measure(benchmark, step, inp, op="logprobs+entropy",
             method=f"TRL ChunkedLogProbFunction (entropy; {_label(chunk, trl_peers.load()[2])})", floor=FLOOR_3,
-            grads=(hidden, weight), nv_buffers=_tile_buffers(n, v, 10), extra={"check": checked})
+            grads=(hidden, weight), nv_buffers=_tile_buffers(n, v, 10), extra={"check": checked},
+            model=None if chunk else ("trl_chunked_logprob", None))
 
 
 @pytest.mark.tier(3)  # the log-prob-only op: an extra (the entropy row is the one GRPO runs)
@@ -83,4 +82,5 @@ def test_trl_chunked_divergence(benchmark, inp, checked, chunk):
 
     method = f"TRL ChunkedDivergenceFunction ({_label(chunk, trl_peers.divergence_chunk())})"
     measure(benchmark, step, inp, op="jsd", method=method, floor=FLOOR_4, grads=(hidden, weight),
-            nv_buffers=_tile_buffers(n, v, 14), extra={"check": checked})
+            nv_buffers=_tile_buffers(n, v, 14), extra={"check": checked},
+            model=None if chunk else ("trl_chunked_divergence", None))

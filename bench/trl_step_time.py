@@ -1,6 +1,7 @@
 """Step time of PTD-PO on TRL against stock TRL, on a tiny Qwen3 (CPU fp32 one thread, or CUDA bf16).
 
     python bench/trl_step_time.py [--beta 0.04] [--reps 3] [--steps 12] [--device cpu|cuda] [--out DIR]
+                                  [--json FILE]
 
 Three trainers with the same config, interleaved ``--reps`` times: stock ``GRPOTrainer`` (TRL 1.16
 already computes its log-probs and entropy with its own fused ``ChunkedLogProbFunction``),
@@ -9,12 +10,14 @@ JSD to the hinted teacher on top, which costs a teacher forward per step). A ste
 ``step_time``: generation, rewards, reference / teacher passes, loss and backward. The first two
 steps of each run are dropped (warm-up). Prints, and with ``--out`` writes to
 ``DIR/trl_step_time[-<device>].{json,md}``, the median and mean ms/step and the load average (the
-numbers move with it on a shared machine).
+numbers move with it on a shared machine). ``--json FILE`` writes the same JSON to FILE after every
+trainer's run, rows so far (what a GPU check keeps if its time runs out mid-way).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -72,6 +75,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: bf16 mixed precision")
     parser.add_argument("--out", default=None, help="folder to write trl_step_time[-cuda].{json,md} into")
+    parser.add_argument("--json", default=None, help="a JSON file rewritten after every trainer's run")
     opts = parser.parse_args()
     if opts.device == "cpu":
         torch.set_num_threads(1)
@@ -80,14 +84,21 @@ def main() -> None:
     load_start, start = os.getloadavg()[0], time.time()
     model_path = save_tiny_qwen3(tempfile.mkdtemp())
     times = {kind: [] for kind in KINDS}
+
+    def results():
+        return dict(device=opts.device, dtype="bf16" if opts.device == "cuda" else "fp32", trl=trl.__version__,
+                    beta=opts.beta, reps=opts.reps, steps=opts.steps, load_start=round(load_start, 2),
+                    load_end=round(os.getloadavg()[0], 2), wall_s=round(time.time() - start, 1),
+                    rows={kind: dict(median_s=statistics.median(v), mean_s=statistics.mean(v), n=len(v), step_s=v)
+                          for kind, v in times.items() if v})
+
     for _ in range(opts.reps):
         for kind in KINDS:
             times[kind] += step_times(kind, model_path, opts.beta, opts.steps, opts.device)
-    data = dict(device=opts.device, dtype="bf16" if opts.device == "cuda" else "fp32", trl=trl.__version__,
-                beta=opts.beta, reps=opts.reps, steps=opts.steps, load_start=round(load_start, 2),
-                load_end=round(os.getloadavg()[0], 2), wall_s=round(time.time() - start, 1),
-                rows={kind: dict(median_s=statistics.median(v), mean_s=statistics.mean(v), n=len(v), step_s=v)
-                      for kind, v in times.items()})
+            if opts.json:
+                with open(opts.json, "w") as f:
+                    json.dump(results(), f, indent=1)
+    data = results()
     md = markdown(data)
     print(md)
     if opts.out:
