@@ -20,9 +20,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["README.md", "examples/README.md", "docs/README.md", "docs/method.md", "docs/api.md", "docs/distributed.md",
-         "docs/integrations.md", "docs/benchmarks.md", "docs/trainer.md", "docs/study.md"]
+         "docs/integrations.md", "docs/benchmarks.md", "docs/trainer.md", "docs/study.md", "docs/formulas.md"]
 # Linked from the pages above, written by other parts of the project (may not exist on every branch yet).
-PAGES_WRITTEN_ELSEWHERE = {"docs/gpu.md", "docs/host_syncs.md", "docs/formulas.md"}
+PAGES_WRITTEN_ELSEWHERE = {"docs/gpu.md", "docs/host_syncs.md"}
 BLOCK = re.compile(r"(?:<!-- (runs|file|excerpt)(?:: (\S+))? -->\n)?```python\n(.*?)```", re.S)
 
 
