@@ -96,7 +96,12 @@ def _generalized_jsd(logp, logq, beta, valid=None):
         )
     if valid is not None:
         terms = torch.where(valid, terms, torch.zeros_like(terms))
-    return terms.sum(-1)
+    value = terms.sum(-1)
+    # A divergence lies in [0, h(β)] (h the binary entropy; no upper bound for a KL), the library's
+    # contract too: the value is clamped there, its gradient stays the formula's.
+    upper = math.inf if beta in (0.0, 1.0) else -beta * math.log(beta) - (1.0 - beta) * math.log(1.0 - beta)
+    exact = value.detach()
+    return torch.where(exact.isfinite(), value + (exact.clamp(0.0, upper) - exact), value)
 
 
 def _log_tail(log_support_mass):

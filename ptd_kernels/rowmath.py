@@ -22,10 +22,11 @@ The forms, each written once:
 
 - value and weighted score per atom, log-add-exp form: ``jsd_pointwise`` (top-K atoms; full rows
   near β = 0 or 1). Its Triton twin is ``backends/triton/rowmath.py``.
-- the same for full rows from the probabilities (0.001 ≤ β ≤ 0.999): ``jsd_scores_`` (one exp per
-  logit and side, log m = log(lerp(p, q, β))), chosen by ``mixture_from_probs``.
+- the same for full rows (0.001 ≤ β ≤ 0.999): ``jsd_scores_``, with log m from the log-ratio of the two
+  sides (``log_mixture_``, exact where p = q), chosen by ``mixture_from_probs``.
 - the softmax chain rule: ``jsd_grad_logits_``; the Top-K one: ``topk_grad_logits_``.
 - the Top-K value and gradient coefficients on a support: ``topk_jsd_terms``.
+- the range of a row's value: ``bound_divergence_`` (see its docstring for where it is applied).
 
 Tests tie every backend to ``ptd_kernels.reference``, which is derived independently.
 """
@@ -40,6 +41,29 @@ import torch
 from ._host_reads import free_to_read
 
 TAIL_FLOOR = 1e-12  # floor of a tail atom, in probability (SPEC §2)
+
+
+# ----------------------------------------------------------------------------- the range of a divergence
+
+
+def divergence_upper_bound(beta: float) -> float:
+    """The largest JSD_β of two distributions: the binary entropy h(β) = −β ln β − (1 − β) ln(1 − β) for
+    0 < β < 1 (ln 2 at β = ½, reached by disjoint supports); no bound for β = 0 or 1 (a KL divergence)."""
+    if beta <= 0.0 or beta >= 1.0:
+        return math.inf
+    return -beta * math.log(beta) - (1.0 - beta) * math.log1p(-beta)
+
+
+def bound_divergence_(value: torch.Tensor, beta: float) -> torch.Tensor:
+    """A row's complete JSD_β (or Top-K JSD) clamped, in place, into [0, ``divergence_upper_bound(β)``].
+
+    The exact value lies there; the computed one can leave it by rounding (identical sides give ±1e-7 in
+    float32). Only the value is clamped: the gradient coefficients stay those of the exact formula. NaN
+    stays NaN. Applied where a row's value is complete: ``topk_jsd_terms`` (every Top-K and sparse-teacher
+    value) and, for the full JSD, the autograd layer that reads ``Backend.jsd_forward`` / ``fused_loss``
+    (a backend's own value may be a partial sum over a vocabulary slice, which a KL may make negative).
+    """
+    return value.clamp_(0.0, divergence_upper_bound(beta))
 
 
 # ----------------------------------------------------------------------------- JSD per atom
@@ -66,19 +90,26 @@ def jsd_pointwise(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> tuple[
 
 
 def mixture_from_probs(beta: float) -> bool:
-    """Whether full rows may form log m from the probabilities (``log_mixture_``).
+    """Whether full rows form log m by ``log_mixture_`` (the log-ratio form, one expm1 and one log1p per
+    element) rather than by ``jsd_pointwise``'s log-add-exp.
 
-    Near β = 0 or 1 the weight of one side is tiny: a float32 lerp rounds it (1 − β at β = 1 − 1e-6
-    comes out 1.3 % off) and log p − log m cancels to nothing, so there the log-add-exp form of
-    ``jsd_pointwise`` (with log β and log1p(−β) in double) is used, in forward and backward alike.
+    Near β = 0 or 1 the weight of one side is tiny and log p − log m cancels to nothing, so there the
+    log-add-exp form of ``jsd_pointwise`` (with log β and log1p(−β) in double) is used, in forward and
+    backward alike.
     """
     return 1e-3 <= beta <= 1.0 - 1e-3
 
 
-def log_mixture_(p: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
-    """log m = log(β·q + (1 − β)·p) for 0 < β < 1, floored at the smallest normal float where both p
-    and q underflow (their atoms are then 0·finite = 0, as with a log-add-exp)."""
-    return torch.lerp(p, q, beta).clamp_min_(torch.finfo(p.dtype).tiny).log_()
+def log_mixture_(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
+    """log m = log(β·q + (1 − β)·p) for 0 < β < 1, as the larger side's log-prob plus
+    log1p(c·expm1(−|log q − log p|)), c = 1 − β where q ≥ p and β where q < p. Where p = q it is exactly
+    log p, so identical rows give a divergence of exactly 0 (a log of rounded probabilities would leave
+    ±1e-7); it needs no floor where both sides underflow."""
+    diff = logq - logp
+    teacher_larger = diff >= 0
+    coef = teacher_larger.to(diff.dtype).mul_(1.0 - 2.0 * beta).add_(beta)
+    log_ratio = diff.abs_().neg_().expm1_().mul_(coef).log1p_()  # log(m / max(p, q))
+    return log_ratio.add_(torch.where(teacher_larger, logq, logp, out=coef))
 
 
 def jsd_scores_(logp: torch.Tensor, logq: torch.Tensor, beta: float, p: torch.Tensor, q: torch.Tensor | None = None,
@@ -86,17 +117,18 @@ def jsd_scores_(logp: torch.Tensor, logq: torch.Tensor, beta: float, p: torch.Te
     """JSD_β of full rows [n, V] given both sides' log-probs and the student probabilities ``p``.
 
     Returns (value [n] or None, w_part, scale): the weighted scores are w = scale·w_part, and
-    ``w_part`` is written over ``logp`` (``logq`` is overwritten too). ``q`` = exp(logq) when the
-    caller has it. The forward, the recomputing backward and the one-sweep loss all call this, so
-    that Σ_v (w_v − p_v·Σw) cancels to rounding (one-hot rows).
+    ``w_part`` is written over ``logp`` (``logq`` may be overwritten too). ``q`` = exp(logq) when the
+    caller has it (only the value reads it). The forward, the recomputing backward and the one-sweep loss
+    all call this, so that Σ_v (w_v − p_v·Σw) cancels to rounding (one-hot rows).
     """
     if not mixture_from_probs(beta):
         d, w = jsd_pointwise(logp, logq, beta)
         return (d.sum(-1) if with_value else None), logp.copy_(w), 1.0
-    if q is None:
-        q = logq.exp() if with_value else logq.exp_()
-    logm = log_mixture_(p, q, beta)
-    teacher_kl = torch.linalg.vecdot(q, logq.sub_(logm)) if with_value else None
+    logm = log_mixture_(logp, logq, beta)
+    teacher_kl = None
+    if with_value:
+        q = logq.exp() if q is None else q
+        teacher_kl = torch.linalg.vecdot(q, logq.sub_(logm))
     w_part = logp.sub_(logm).mul_(p)  # p·(log p − log m): the atoms of KL(P ‖ M)
     value = beta * teacher_kl + (1.0 - beta) * w_part.sum(-1) if with_value else None
     return value, w_part, 1.0 - beta
@@ -246,7 +278,7 @@ def topk_jsd_terms(
         w_sum = w.sum(-1)
         row_coef = torch.zeros_like(value)
         support_coef = torch.where(valid, w - logp_renorm.exp() * w_sum[:, None], zero)
-    return TopKJSDTerms(value, row_coef, support_coef, log_q_mass.exp())
+    return TopKJSDTerms(bound_divergence_(value, beta), row_coef, support_coef, log_q_mass.exp())
 
 
 def topk_grad_logits_(p: torch.Tensor, row_coef: torch.Tensor, ids: torch.Tensor,
