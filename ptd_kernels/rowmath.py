@@ -3,7 +3,7 @@
 Everything here works on rows: per-row scalars [n], atom sets [n, M] (a top-K support) or
 bounded blocks of full vocabulary rows [n, V] (never all N rows by V columns at once).
 
-Notation (SPEC §2): P is the student, Q the teacher, atoms a carry log-probabilities
+Notation (docs/method.md §2): P is the student, Q the teacher, atoms a carry log-probabilities
 ``logp_a`` and ``logq_a``. For β ∈ [0, 1]
 
     M = β·Q + (1 − β)·P
@@ -40,7 +40,7 @@ import torch
 
 from ._host_reads import free_to_read
 
-TAIL_FLOOR = 1e-12  # floor of a tail atom, in probability (SPEC §2)
+TAIL_FLOOR = 1e-12  # floor of a tail atom, in probability (docs/method.md, Top-K JSD)
 
 
 # ----------------------------------------------------------------------------- the range of a divergence
@@ -337,7 +337,7 @@ def union_support(student_ids: torch.Tensor, teacher_ids: torch.Tensor, *, retur
 
 
 def support_ids(student_ids, teacher_ids, support: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The support S of SPEC §2 from both sides' top-k ids: (ids [n, M], valid [n, M])."""
+    """The support S (docs/method.md, Top-K JSD) from both sides' top-k ids: (ids [n, M], valid [n, M])."""
     if support == "union":
         return union_support(student_ids, teacher_ids)
     ids = teacher_ids if support == "teacher" else student_ids

@@ -115,7 +115,7 @@ class _Sweep(torch.autograd.Function):
         div = config.divergence
         want_logp = config.logprobs
         n_jsd = 0 if div is None or teacher_hidden is None else teacher_hidden.shape[0]
-        full = div is not None and div.k is None  # S is the whole vocabulary (SPEC §2)
+        full = div is not None and div.k is None  # S is the whole vocabulary (K ≥ V)
         k = 0 if div is None or full else div.k
         # float64 logsumexps: log-probs z − lse of each side's own logits are then exact whatever the
         # logits' magnitude, so Σ_S p ≤ 1 holds to rounding on near-one-hot rows (a rounded lse shifts
