@@ -22,8 +22,9 @@ The forms, each written once:
 
 - value and weighted score per atom, log-add-exp form: ``jsd_pointwise`` (top-K atoms; full rows
   near β = 0 or 1). Its Triton twin is ``backends/triton/rowmath.py``.
-- the same for full rows (0.001 ≤ β ≤ 0.999): ``jsd_scores_``, with log m from the log-ratio of the two
-  sides (``log_mixture_``, exact where p = q), chosen by ``mixture_from_probs``.
+- the same for full rows from the probabilities (0.001 ≤ β ≤ 0.999): ``jsd_scores_`` (log m =
+  log(lerp(p, q, β)) beside log p and log q of the same rounded probabilities, so that p = q gives exactly
+  0), chosen by ``mixture_from_probs``.
 - the softmax chain rule: ``jsd_grad_logits_``; the Top-K one: ``topk_grad_logits_``.
 - the Top-K value and gradient coefficients on a support: ``topk_jsd_terms``.
 - the range of a row's value: ``bound_divergence_`` (see its docstring for where it is applied).
@@ -90,26 +91,26 @@ def jsd_pointwise(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> tuple[
 
 
 def mixture_from_probs(beta: float) -> bool:
-    """Whether full rows form log m by ``log_mixture_`` (the log-ratio form, one expm1 and one log1p per
-    element) rather than by ``jsd_pointwise``'s log-add-exp.
+    """Whether full rows may form log m from the probabilities (``log_mixture_``).
 
-    Near β = 0 or 1 the weight of one side is tiny and log p − log m cancels to nothing, so there the
-    log-add-exp form of ``jsd_pointwise`` (with log β and log1p(−β) in double) is used, in forward and
-    backward alike.
+    Near β = 0 or 1 the weight of one side is tiny: a float32 lerp rounds it (1 − β at β = 1 − 1e-6
+    comes out 1.3 % off) and log p − log m cancels to nothing, so there the log-add-exp form of
+    ``jsd_pointwise`` (with log β and log1p(−β) in double) is used, in forward and backward alike.
     """
     return 1e-3 <= beta <= 1.0 - 1e-3
 
 
-def log_mixture_(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
-    """log m = log(β·q + (1 − β)·p) for 0 < β < 1, as the larger side's log-prob plus
-    log1p(c·expm1(−|log q − log p|)), c = 1 − β where q ≥ p and β where q < p. Where p = q it is exactly
-    log p, so identical rows give a divergence of exactly 0 (a log of rounded probabilities would leave
-    ±1e-7); it needs no floor where both sides underflow."""
-    diff = logq - logp
-    teacher_larger = diff >= 0
-    coef = teacher_larger.to(diff.dtype).mul_(1.0 - 2.0 * beta).add_(beta)
-    log_ratio = diff.abs_().neg_().expm1_().mul_(coef).log1p_()  # log(m / max(p, q))
-    return log_ratio.add_(torch.where(teacher_larger, logq, logp, out=coef))
+def log_mixture_(p: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+    """log m = log(β·q + (1 − β)·p) for 0 < β < 1, floored at the smallest normal float where both p
+    and q underflow (their atoms are then 0·finite = 0, as with a log-add-exp)."""
+    return torch.lerp(p, q, beta).clamp_min_(torch.finfo(p.dtype).tiny).log_()
+
+
+def log_of_probs_(out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``out`` ← log(probs), floored like ``log_mixture_``: the log-probs rounded as log m is. Where p = q,
+    m = p exactly, so log p − log m is then exactly 0 (identical rows give a divergence of exactly 0, where
+    the exact z − lse beside the log of a rounded probability would leave ±1e-7)."""
+    return torch.log(probs, out=out).clamp_min_(math.log(torch.finfo(probs.dtype).tiny))
 
 
 def jsd_scores_(logp: torch.Tensor, logq: torch.Tensor, beta: float, p: torch.Tensor, q: torch.Tensor | None = None,
@@ -117,19 +118,19 @@ def jsd_scores_(logp: torch.Tensor, logq: torch.Tensor, beta: float, p: torch.Te
     """JSD_β of full rows [n, V] given both sides' log-probs and the student probabilities ``p``.
 
     Returns (value [n] or None, w_part, scale): the weighted scores are w = scale·w_part, and
-    ``w_part`` is written over ``logp`` (``logq`` may be overwritten too). ``q`` = exp(logq) when the
-    caller has it (only the value reads it). The forward, the recomputing backward and the one-sweep loss
-    all call this, so that Σ_v (w_v − p_v·Σw) cancels to rounding (one-hot rows).
+    ``w_part`` is written over ``logp`` (``logq`` is overwritten too). ``q`` = exp(logq) when the
+    caller has it. The forward, the recomputing backward and the one-sweep loss all call this, so
+    that Σ_v (w_v − p_v·Σw) cancels to rounding (one-hot rows). In the mixture form the log-probs
+    beside log m are the logs of the same rounded probabilities (``log_of_probs_``).
     """
     if not mixture_from_probs(beta):
         d, w = jsd_pointwise(logp, logq, beta)
         return (d.sum(-1) if with_value else None), logp.copy_(w), 1.0
-    logm = log_mixture_(logp, logq, beta)
-    teacher_kl = None
-    if with_value:
-        q = logq.exp() if q is None else q
-        teacher_kl = torch.linalg.vecdot(q, logq.sub_(logm))
-    w_part = logp.sub_(logm).mul_(p)  # p·(log p − log m): the atoms of KL(P ‖ M)
+    if q is None:
+        q = logq.exp() if with_value else logq.exp_()
+    logm = log_mixture_(p, q, beta)
+    teacher_kl = torch.linalg.vecdot(q, log_of_probs_(logq, q).sub_(logm)) if with_value else None
+    w_part = log_of_probs_(logp, p).sub_(logm).mul_(p)  # p·(log p − log m): the atoms of KL(P ‖ M)
     value = beta * teacher_kl + (1.0 - beta) * w_part.sum(-1) if with_value else None
     return value, w_part, 1.0 - beta
 
