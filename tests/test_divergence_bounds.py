@@ -277,6 +277,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_vocabulary_parallel_divergences_lie_in_range(tmp_path):
     """At world 2 the value is bounded after the ranks' partial sums are added (a KL's partial sum over a
     slice may be negative): identical soft-capped sides give ≥ 0 on every rank, equal to one process."""
