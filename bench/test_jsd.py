@@ -8,7 +8,7 @@
 - ``topk_jsd K=64`` / ``K=100`` (union support + tail atom): ours vs the eager reference
   (``ptd_kernels.reference``, which materializes both sides' logits).
 
-Ours on every backend of conftest.BACKENDS. The main Top-K is K=64 on a CPU and K=100 (SPEC's default,
+Ours on every backend of conftest.BACKENDS. The main Top-K is K=64 on a CPU and K=100 (PTD-PO's default,
 the work model's) on CUDA, where the other K is an extra.
 
 Priorities (``tier`` marks, see conftest): the per-row entry points and the K=100 reference are

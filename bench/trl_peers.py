@@ -6,7 +6,7 @@ TRL ships two ``torch.autograd.Function`` s that never hold the [N, V] logits:
   sampled token and optionally the entropy, in tiles of ``TOKEN_CHUNK_SIZE`` (4096) rows × the
   caller's vocabulary chunk (its trainer passes 32768); the backward recomputes each tile.
 - ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` (the distillation trainer): the
-  generalized JSD with the mixture (1 − β)·p_student + β·p_teacher, i.e. SPEC §2's β convention,
+  generalized JSD with the mixture (1 − β)·p_student + β·p_teacher, i.e. the β convention of docs/method.md §2,
   in 4096 × 32768 fp32 tiles: two sweeps over both sides in the forward (statistics, then the JSD),
   one more in the backward. It also returns the student's entropy (no gradient).
 

@@ -1,4 +1,4 @@
-"""The one dtype rule of the library (SPEC §2): divergence math and statistics run in float64
+"""The one dtype rule of the library (docs/method.md §2): divergence math and statistics run in float64
 when any input is float64, else in float32, whatever the input dtype."""
 
 from __future__ import annotations

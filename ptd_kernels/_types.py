@@ -33,7 +33,7 @@ class PTDTerms(_PTDTermsFields):
     """Per-row PTD-PO terms: (logp, entropy, jsd, overlap), a 4-field named tuple.
 
     Also carries ``teacher_mass`` (Σ_S q, the teacher mass the support covers; a logged
-    metric of SPEC §3) as an attribute outside the tuple, so that 4-way unpacking still works.
+    metric of docs/method.md §3) as an attribute outside the tuple, so that 4-way unpacking still works.
     """
 
     teacher_mass: torch.Tensor | None = None

@@ -1,6 +1,6 @@
 """Input checks shared by the public functions and by the reference.
 
-Each error names the offending argument (SPEC §4): ValueError for bad values and shapes,
+Each error names the offending argument (docs/api.md, Errors): ValueError for bad values and shapes,
 TypeError for bad types and dtypes. Checks of types, shapes, devices and Python values read no
 device memory. The checks of id values (targets and sparse-teacher ids in [0, V), no repeated
 id) come in two forms: on host numbers the caller read once (``check_target_range``,
@@ -19,7 +19,7 @@ import torch
 
 from .backends.registry import check_backend_name
 
-#: The supports of the Top-K JSD (SPEC §2): TopK(p) ∪ TopK(q), TopK(q), TopK(p).
+#: The supports of the Top-K JSD (docs/method.md §2): TopK(p) ∪ TopK(q), TopK(q), TopK(p).
 SUPPORTS = ("union", "teacher", "student")
 
 

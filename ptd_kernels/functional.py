@@ -1,4 +1,4 @@
-"""The fused functions of SPEC §4: each is one prepared call (``_prepare.prepared``: arguments checked,
+"""The fused functions (docs/api.md): each is one prepared call (``_prepare.prepared``: arguments checked,
 backend selected, vocabulary parallelism set up) run by the autograd layer (``autograd.linear``).
 
 None of them allocates a tokens×vocabulary tensor: the logits exist only as bounded tiles or
@@ -85,7 +85,7 @@ def linear_topk(hidden, weight, k, *, bias=None, temperature=1.0, targets=None, 
 def linear_topk_jsd(hidden, weight, teacher_hidden, teacher_weight, k, *, beta=0.5, support="union", tail=True,
                     bias=None, teacher_bias=None, temperature=1.0, mask=None, logit_scale=1.0, softcap=None,
                     teacher_logit_scale=1.0, teacher_softcap=None, process_group=None, backend="auto"):
-    """Top-K JSD_β with tail compensation (SPEC §2) between the student output layer and a detached
+    """Top-K JSD_β with tail compensation (docs/method.md §2) between the student output layer and a detached
     teacher output layer, per row [N], never materializing either side's logits.
 
     support: "union" (TopK(p) ∪ TopK(q)), "teacher" or "student". tail=True adds one tail atom

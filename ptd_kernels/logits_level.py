@@ -1,4 +1,4 @@
-"""Functions on logits the caller already has (SPEC §4): ``logprobs``, ``jsd``, ``topk_jsd``, ``topk_overlap``.
+"""Functions on logits the caller already has (docs/api.md): ``logprobs``, ``jsd``, ``topk_jsd``, ``topk_overlap``.
 
 The logits exist already, so there is no GEMM to fuse: these run row block by row block in
 float32 (float64 for float64 inputs) and allocate nothing N×V beyond the gradient itself. The
@@ -46,7 +46,7 @@ def jsd(logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None, backend
 
 def topk_jsd(logits, teacher_logits, k, *, beta=0.5, support="union", tail=True, temperature=1.0, mask=None,
              backend="auto"):
-    """Top-K JSD_β with tail compensation (SPEC §2) per row [N] on given logits; K ≥ V gives the full JSD."""
+    """Top-K JSD_β with tail compensation (docs/method.md §2) per row [N] on given logits; K ≥ V gives the full JSD."""
     with prepared("topk_jsd", locals()) as call:
         full = call.config.divergence.k is None
         return _run(logits_functions.JSD if full else logits_functions.TopKJSD, call)

@@ -1,4 +1,4 @@
-"""The oracle: every public function of SPEC §4 written the obvious way.
+"""The oracle: every public function (docs/api.md) written the obvious way.
 
 Logits are materialized in full ([N, V]), probabilities come from ``log_softmax`` and top-K
 from a stable descending sort (ties to the smaller id), and gradients come from autograd.
@@ -49,7 +49,7 @@ def _compute_dtype(*tensors) -> torch.dtype:
 
 
 def _logits(hidden, weight, bias, temperature, dtype, logit_scale=1.0, softcap=None):
-    """z = cap_c(s · (hidden @ weightᵀ + bias)) / τ, cap_c(x) = c · tanh(x / c) (SPEC §2)."""
+    """z = cap_c(s · (hidden @ weightᵀ + bias)) / τ, cap_c(x) = c · tanh(x / c) (docs/method.md §2)."""
     z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         z = z + bias.to(dtype)
@@ -96,7 +96,12 @@ def _generalized_jsd(logp, logq, beta, valid=None):
         )
     if valid is not None:
         terms = torch.where(valid, terms, torch.zeros_like(terms))
-    return terms.sum(-1)
+    value = terms.sum(-1)
+    # A divergence lies in [0, h(β)] (h the binary entropy; no upper bound for a KL), the library's
+    # contract too: the value is clamped there, its gradient stays the formula's.
+    upper = math.inf if beta in (0.0, 1.0) else -beta * math.log(beta) - (1.0 - beta) * math.log(1.0 - beta)
+    exact = value.detach()
+    return torch.where(exact.isfinite(), value + (exact.clamp(0.0, upper) - exact), value)
 
 
 def _log_tail(log_support_mass):
@@ -176,7 +181,7 @@ def _topk_jsd_rows(z, teacher_z, k, beta, support, tail):
 
 def topk_jsd(logits, teacher_logits, k, *, beta=0.5, support="union", tail=True, temperature=1.0, mask=None,
              backend="auto"):
-    """Top-K JSD with tail compensation (SPEC §2) per row [N], on given logits."""
+    """Top-K JSD with tail compensation (docs/method.md §2) per row [N], on given logits."""
     validate.check_backend(backend)
     n, vocab = validate.check_logits_pair(logits, teacher_logits)
     k, beta, support = validate.check_k(k), validate.check_beta(beta), validate.check_support(support)

@@ -3,7 +3,7 @@
 Everything here works on rows: per-row scalars [n], atom sets [n, M] (a top-K support) or
 bounded blocks of full vocabulary rows [n, V] (never all N rows by V columns at once).
 
-Notation (SPEC §2): P is the student, Q the teacher, atoms a carry log-probabilities
+Notation (docs/method.md §2): P is the student, Q the teacher, atoms a carry log-probabilities
 ``logp_a`` and ``logq_a``. For β ∈ [0, 1]
 
     M = β·Q + (1 − β)·P
@@ -22,10 +22,12 @@ The forms, each written once:
 
 - value and weighted score per atom, log-add-exp form: ``jsd_pointwise`` (top-K atoms; full rows
   near β = 0 or 1). Its Triton twin is ``backends/triton/rowmath.py``.
-- the same for full rows from the probabilities (0.001 ≤ β ≤ 0.999): ``jsd_scores_`` (one exp per
-  logit and side, log m = log(lerp(p, q, β))), chosen by ``mixture_from_probs``.
+- the same for full rows from the probabilities (0.001 ≤ β ≤ 0.999): ``jsd_scores_`` (log m =
+  log(lerp(p, q, β)) beside log p and log q of the same rounded probabilities, so that p = q gives exactly
+  0), chosen by ``mixture_from_probs``.
 - the softmax chain rule: ``jsd_grad_logits_``; the Top-K one: ``topk_grad_logits_``.
 - the Top-K value and gradient coefficients on a support: ``topk_jsd_terms``.
+- the range of a row's value: ``bound_divergence_`` (see its docstring for where it is applied).
 
 Tests tie every backend to ``ptd_kernels.reference``, which is derived independently.
 """
@@ -39,7 +41,30 @@ import torch
 
 from ._host_reads import free_to_read
 
-TAIL_FLOOR = 1e-12  # floor of a tail atom, in probability (SPEC §2)
+TAIL_FLOOR = 1e-12  # floor of a tail atom, in probability (docs/method.md, Top-K JSD)
+
+
+# ----------------------------------------------------------------------------- the range of a divergence
+
+
+def divergence_upper_bound(beta: float) -> float:
+    """The largest JSD_β of two distributions: the binary entropy h(β) = −β ln β − (1 − β) ln(1 − β) for
+    0 < β < 1 (ln 2 at β = ½, reached by disjoint supports); no bound for β = 0 or 1 (a KL divergence)."""
+    if beta <= 0.0 or beta >= 1.0:
+        return math.inf
+    return -beta * math.log(beta) - (1.0 - beta) * math.log1p(-beta)
+
+
+def bound_divergence_(value: torch.Tensor, beta: float) -> torch.Tensor:
+    """A row's complete JSD_β (or Top-K JSD) clamped, in place, into [0, ``divergence_upper_bound(β)``].
+
+    The exact value lies there; the computed one can leave it by rounding (identical sides give ±1e-7 in
+    float32). Only the value is clamped: the gradient coefficients stay those of the exact formula. NaN
+    stays NaN. Applied where a row's value is complete: ``topk_jsd_terms`` (every Top-K and sparse-teacher
+    value) and, for the full JSD, the autograd layer that reads ``Backend.jsd_forward`` / ``fused_loss``
+    (a backend's own value may be a partial sum over a vocabulary slice, which a KL may make negative).
+    """
+    return value.clamp_(0.0, divergence_upper_bound(beta))
 
 
 # ----------------------------------------------------------------------------- JSD per atom
@@ -81,6 +106,13 @@ def log_mixture_(p: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.lerp(p, q, beta).clamp_min_(torch.finfo(p.dtype).tiny).log_()
 
 
+def log_of_probs_(out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``out`` ← log(probs), floored like ``log_mixture_``: the log-probs rounded as log m is. Where p = q,
+    m = p exactly, so log p − log m is then exactly 0 (identical rows give a divergence of exactly 0, where
+    the exact z − lse beside the log of a rounded probability would leave ±1e-7)."""
+    return torch.log(probs, out=out).clamp_min_(math.log(torch.finfo(probs.dtype).tiny))
+
+
 def jsd_scores_(logp: torch.Tensor, logq: torch.Tensor, beta: float, p: torch.Tensor, q: torch.Tensor | None = None,
                 *, with_value: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, float]:
     """JSD_β of full rows [n, V] given both sides' log-probs and the student probabilities ``p``.
@@ -88,7 +120,8 @@ def jsd_scores_(logp: torch.Tensor, logq: torch.Tensor, beta: float, p: torch.Te
     Returns (value [n] or None, w_part, scale): the weighted scores are w = scale·w_part, and
     ``w_part`` is written over ``logp`` (``logq`` is overwritten too). ``q`` = exp(logq) when the
     caller has it. The forward, the recomputing backward and the one-sweep loss all call this, so
-    that Σ_v (w_v − p_v·Σw) cancels to rounding (one-hot rows).
+    that Σ_v (w_v − p_v·Σw) cancels to rounding (one-hot rows). In the mixture form the log-probs
+    beside log m are the logs of the same rounded probabilities (``log_of_probs_``).
     """
     if not mixture_from_probs(beta):
         d, w = jsd_pointwise(logp, logq, beta)
@@ -96,8 +129,8 @@ def jsd_scores_(logp: torch.Tensor, logq: torch.Tensor, beta: float, p: torch.Te
     if q is None:
         q = logq.exp() if with_value else logq.exp_()
     logm = log_mixture_(p, q, beta)
-    teacher_kl = torch.linalg.vecdot(q, logq.sub_(logm)) if with_value else None
-    w_part = logp.sub_(logm).mul_(p)  # p·(log p − log m): the atoms of KL(P ‖ M)
+    teacher_kl = torch.linalg.vecdot(q, log_of_probs_(logq, q).sub_(logm)) if with_value else None
+    w_part = log_of_probs_(logp, p).sub_(logm).mul_(p)  # p·(log p − log m): the atoms of KL(P ‖ M)
     value = beta * teacher_kl + (1.0 - beta) * w_part.sum(-1) if with_value else None
     return value, w_part, 1.0 - beta
 
@@ -246,7 +279,7 @@ def topk_jsd_terms(
         w_sum = w.sum(-1)
         row_coef = torch.zeros_like(value)
         support_coef = torch.where(valid, w - logp_renorm.exp() * w_sum[:, None], zero)
-    return TopKJSDTerms(value, row_coef, support_coef, log_q_mass.exp())
+    return TopKJSDTerms(bound_divergence_(value, beta), row_coef, support_coef, log_q_mass.exp())
 
 
 def topk_grad_logits_(p: torch.Tensor, row_coef: torch.Tensor, ids: torch.Tensor,
@@ -305,7 +338,7 @@ def union_support(student_ids: torch.Tensor, teacher_ids: torch.Tensor, *, retur
 
 
 def support_ids(student_ids, teacher_ids, support: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The support S of SPEC §2 from both sides' top-k ids: (ids [n, M], valid [n, M])."""
+    """The support S (docs/method.md, Top-K JSD) from both sides' top-k ids: (ids [n, M], valid [n, M])."""
     if support == "union":
         return union_support(student_ids, teacher_ids)
     ids = teacher_ids if support == "teacher" else student_ids

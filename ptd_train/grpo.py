@@ -1,4 +1,4 @@
-"""The PTD-PO / GRPO loss of SPEC §3 as small pure functions over per-token terms.
+"""The PTD-PO / GRPO loss of docs/method.md §3 as small pure functions over per-token terms.
 
 Shapes: B prompts × G rollouts = R rollouts; T response positions; per-token tensors are
 ``[R, T]`` with a boolean ``mask`` marking real response tokens. Rollout r belongs to group
@@ -52,7 +52,7 @@ def ptd_set(rewards: torch.Tensor, has_hint: torch.Tensor, threshold: float = 1.
 
 def ptd_term(jsd: torch.Tensor, mask: torch.Tensor, in_ptd_set: torch.Tensor,
              token_count: torch.Tensor | None = None) -> torch.Tensor:
-    """SPEC §3's PTD term without λ: Σ_{i∈F,t} D_K(i,t) / Σ_{i∈F} |y_i|.
+    """The PTD term of docs/method.md §3 without λ: Σ_{i∈F,t} D_K(i,t) / Σ_{i∈F} |y_i|.
 
     ``jsd`` and ``mask`` (response tokens) [R, T], ``in_ptd_set`` (F) [R]. ``token_count``: the
     denominator when it is not this batch's own Σ_F |y| (data parallel: the global count; with
@@ -90,7 +90,7 @@ def released_surrogate(jsd: torch.Tensor) -> torch.Tensor:
 def policy_loss(advantages, mask, logp_ref, ref_kl_mask, *, kl_coef: float = 0.01, ptd_coef: float = 0.05,
                 eps_low: float = 0.2, eps_high: float = 0.3, token_count: torch.Tensor | None = None,
                 ptd_token_count: torch.Tensor | None = None, in_ptd_set: torch.Tensor | None = None) -> PolicyLoss:
-    """SPEC §3's loss as ``ptd_kernels.PolicyLoss`` over the flattened tokens [R·T] (a row per token):
+    """The loss of docs/method.md §3 as ``ptd_kernels.PolicyLoss`` over the flattened tokens [R·T] (a row per token):
 
         L = token_mean(ℓ) + kl_coef·token_mean(k3) + λ · Σ_{i∈F,t} D_K(i,t) / Σ_{i∈F} |y_i|
 
@@ -147,7 +147,7 @@ def ptd_po_loss(
     token_count: torch.Tensor | None = None,
     ptd_token_count: torch.Tensor | None = None,
 ) -> LossParts:
-    """L = token_mean(ℓ) + kl_coef·token_mean(k3) + λ·Σ_{i∈F,t} D_K / Σ_{i∈F} |y_i|  (SPEC §3), on per-token
+    """L = token_mean(ℓ) + kl_coef·token_mean(k3) + λ·Σ_{i∈F,t} D_K / Σ_{i∈F} |y_i|  (docs/method.md §3), on per-token
     terms already computed: :func:`policy_loss`'s named token losses, summed over the response tokens.
 
     Per-token ``[R, T]``: ``logp`` (differentiable), ``logp_old`` (None: ``logp`` detached), ``logp_ref`` (or

@@ -1,11 +1,11 @@
-"""PTD-PO on TRL: ``PTDGRPOTrainer`` is TRL's ``GRPOTrainer`` plus the Top-K JSD of SPEC §3.
+"""PTD-PO on TRL: ``PTDGRPOTrainer`` is TRL's ``GRPOTrainer`` plus the Top-K JSD of docs/method.md §3.
 
 Same constructor as ``GRPOTrainer`` (with a :class:`PTDGRPOConfig`), same datasets, reward
 functions and processors, plus one dataset column: the privileged hint (``hint_column``, None
 for rows without one). Per rollout batch:
 
 1. rewards as TRL computes them; the PTD set F = rollouts with reward < 1 in groups whose mean
-   reward < ``ptd_threshold`` and whose prompt has a hint (SPEC §3);
+   reward < ``ptd_threshold`` and whose prompt has a hint (docs/method.md §3);
 2. the teacher — the frozen initial policy (TRL's reference model when ``beta > 0``, else a
    frozen copy of the policy taken at construction) — reads the prompt with the hint appended
    through the processor's chat template (same images), teacher-forced on the student's
@@ -67,7 +67,7 @@ _TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
 
 @dataclass
 class PTDGRPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus PTD-PO's settings (SPEC §3)."""
+    """``GRPOConfig`` plus PTD-PO's settings (docs/method.md §3)."""
 
     ptd_coef: float = field(default=0.05, metadata={"help": "λ: weight of the Top-K JSD term (0 = plain GRPO)."})
     ptd_k: int = field(default=100, metadata={"help": "K of the Top-K support (capped at the vocabulary)."})

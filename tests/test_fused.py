@@ -16,8 +16,8 @@ importable. Shapes are tiny and V = 130 is not a multiple of any tile. Where a k
 to fall short, the test stays and is marked ``xfail(strict=True)`` with the diagnosis.
 
 The problems, tolerances and checks live in ``_fused_cases.py``; edge cases and the properties of
-SPEC §2 (K ≥ V is the full JSD, the tail variant is a lower bound, values are non-negative, β = 0/1
-are the two KLs) in ``test_fused_edges.py``; SPEC §1's true derivative with the authors'
+docs/method.md §2 (K ≥ V is the full JSD, the tail variant is a lower bound, values are non-negative, β = 0/1
+are the two KLs) in ``test_fused_edges.py``; the true derivative (docs/method.md §1) with the authors'
 zero-gradient surrogate as the negative control, and agreement with Liger-Kernel's ``LigerJSD``
 and ``LigerFusedLinearJSDLoss``, in ``test_fused_derivative.py``.
 """

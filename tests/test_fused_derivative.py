@@ -1,4 +1,4 @@
-"""SPEC §1's true derivative (float64 autograd of the reference) with the authors' zero-gradient
+"""The true derivative (docs/method.md §1) (float64 autograd of the reference) with the authors' zero-gradient
 surrogate as the negative control, and agreement with Liger-Kernel's JSD losses."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import ptd_kernels as ptd
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 
 
-# ----------------------------------------------------------------------------- 9. the true derivative (SPEC §1)
+# --------------------------------------------------------------------------- 9. the true derivative (docs/method.md §1)
 
 
 def _gradcheck_problem(seed=11):
@@ -69,7 +69,7 @@ def test_full_jsd_and_ptd_terms_gradients_are_true_derivatives():
 
 
 def authors_surrogate(z, teacher_z, k, beta, support, tail):
-    """The released code's Top-K JSD (SPEC §1): the student weight p inside the JSD is stop-grad'ed while
+    """The released code's Top-K JSD (docs/method.md §1): the student weight p inside the JSD is stop-grad'ed while
     the mixture m = βq + (1−β)p is differentiated. Same value as D_K; its gradient cancels to zero."""
     logp, logq = torch.log_softmax(z, -1), torch.log_softmax(teacher_z, -1)
     ids_p = torch.sort(z.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
@@ -127,7 +127,7 @@ def test_authors_surrogate_is_caught(support, tail):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # −inf − (−inf) in Liger's masked lanes (interpreter)
 def test_jsd_matches_liger_jsd(beta):
     """``LigerJSD(beta)(log_q=student log-probs, log_p=teacher log-probs, shift_labels)`` is the mean over
-    non-ignored rows of β·KL(teacher‖M) + (1−β)·KL(student‖M), M = β·teacher + (1−β)·student: the SPEC's
+    non-ignored rows of β·KL(teacher‖M) + (1−β)·KL(student‖M), M = β·teacher + (1−β)·student: docs/method.md's
     β convention (β=0 forward KL, β=1 reverse), despite its docstring's notation. No temperature: it takes
     log-probs, so we give it log_softmax(logits / τ)."""
     from liger_kernel.transformers import LigerJSD

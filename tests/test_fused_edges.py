@@ -1,4 +1,4 @@
-"""Edge cases and SPEC §2 properties of every fused function on every backend (see test_fused.py
+"""Edge cases and docs/method.md §2 properties of every fused function on every backend (see test_fused.py
 for the problems and tolerances): masked and single rows, extreme logits, ties, shared output layers,
 non-finite inputs, lower bounds, non-negativity and the β endpoints."""
 

@@ -1,4 +1,4 @@
-"""Logit scale and soft-cap (SPEC §2: z = c·tanh(s·(W h + b)/c)/τ) on every fused function and
+"""Logit scale and soft-cap (docs/method.md §2: z = c·tanh(s·(W h + b)/c)/τ) on every fused function and
 backend, against the reference (values and gradients, float32/bfloat16/float64), with a teacher of
 another family (its own scale and cap, or none); the module wrappers; the Hugging Face config reader."""
 

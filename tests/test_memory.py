@@ -1,4 +1,4 @@
-"""The memory rule of SPEC §4, measured: no N×V tensor, nothing that grows with N·V.
+"""The memory rule (docs/api.md), measured: no N×V tensor, nothing that grows with N·V.
 
 ``MemTracker`` (torch.distributed._tools, works on CPU) records the live tensor bytes of one
 forward + backward call of the torch backend at N = 4096, H = 64, V = 32768, float32. The peak

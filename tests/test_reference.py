@@ -3,9 +3,9 @@
 Every backend is tested against the reference, so the reference itself is tested here against
 independent derivations: ``torch.distributions.Categorical``, hand-written Python ``math`` on
 explicit 3- and 4-token distributions, float64 finite differences (``gradcheck``), and the
-structural properties of SPEC §2 (K ≥ V equals the full JSD, coarse-graining lowers the JSD,
+structural properties of docs/method.md §2 (K ≥ V equals the full JSD, coarse-graining lowers the JSD,
 tie rule, sparse teacher = dense teacher's top-K, masking). Masking, finite differences, the
-negative control of the authors' stop-gradient surrogate (SPEC §1), the loss level and bad input
+negative control of the authors' stop-gradient surrogate (docs/method.md §1), the loss level and bad input
 are in ``test_reference_rules.py``.
 """
 
@@ -64,7 +64,7 @@ def test_logprobs_and_entropy_match_categorical(dtype, temperature):
     torch.testing.assert_close(ent2.to(F64), want_ent, **tol)
     assert bool((logp2[~live] == 0).all()) and bool((ent2[~live] == 0).all())
 
-    # entropy by the SPEC formula H = lse − Σ p z, in float64
+    # entropy by the formula of docs/method.md, H = lse − Σ p z, in float64
     z64 = logits.to(F64)
     lse = torch.logsumexp(z64, -1)
     h_spec = lse - (torch.softmax(z64, -1) * z64).sum(-1)
@@ -121,7 +121,7 @@ def test_jsd_hand_computed_three_tokens(beta, temperature):
 
 
 def test_jsd_beta_endpoints_are_the_kls_not_the_limit():
-    # SPEC convention: β=0 is KL(Q‖P) exactly, although the mixture formula tends to 0 as β → 0
+    # docs/method.md's convention: β=0 is KL(Q‖P) exactly, although the mixture formula tends to 0 as β → 0
     hp, w, hq, tw = _identity_inputs([P3], [Q3])
     assert float(ref.linear_jsd(hp, w, hq, tw, beta=0.0)[0]) == pytest.approx(_kl(Q3, P3), abs=1e-12)
     assert float(ref.linear_jsd(hp, w, hq, tw, beta=1e-9)[0]) < 1e-6

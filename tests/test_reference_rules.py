@@ -1,5 +1,5 @@
 """The oracle's rules: masking, float64 finite differences (``gradcheck``), the authors'
-stop-gradient surrogate as a negative control (SPEC §1: these checks must catch its zero gradient),
+stop-gradient surrogate as a negative control (docs/method.md §1: these checks must catch its zero gradient),
 the loss level against the per-row functions, and bad input that names the argument."""
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def test_teacher_gets_no_gradient(small):
 
 
 def _authors_surrogate(hidden, weight, th, tw, beta):
-    """The released code's JSD: student weight stop-gradded, mixture differentiated (SPEC §1)."""
+    """The released code's JSD: student weight stop-gradded, mixture differentiated (docs/method.md §1)."""
     logp = torch.log_softmax(hidden @ weight.T, -1)
     logq = torch.log_softmax(th @ tw.T, -1)
     p, q = logp.exp(), logq.exp()

@@ -1,6 +1,6 @@
 """ptd_train.trl: PTD-PO on TRL's GRPOTrainer (tiny Qwen3 / Qwen3-VL saved to a temp dir, fp32, CPU).
 
-The loss on a fixed rollout batch is SPEC §3's (``ptd_train.grpo.ptd_po_loss`` over log-probs and
+The loss on a fixed rollout batch is that of docs/method.md §3 (``ptd_train.grpo.ptd_po_loss`` over log-probs and
 Top-K JSD from ``ptd_kernels.reference``), values and gradients; training runs for text and a VLM
 with the PTD term active; ``ptd_coef = 0`` is stock GRPO; gradient accumulation gives the
 gradient of the full batch; the buffered batch is never changed; bad hints are refused.
@@ -119,8 +119,8 @@ def test_zero_coef_equals_stock_grpo(qwen3):
 
 
 def test_fixed_batch_loss_is_spec_loss(qwen3):
-    """On one rollout batch: loss and gradients = SPEC §3 (ptd_train.grpo) over reference log-probs and
-    the reference Top-K JSD of the hint-conditioned teacher; F and the dropped KL as SPEC §3 says."""
+    """On one rollout batch: loss and gradients = docs/method.md §3 (ptd_train.grpo) over reference log-probs and
+    the reference Top-K JSD of the hint-conditioned teacher; F and the dropped KL as docs/method.md §3 says."""
     rewards_seen = []
 
     def reward(completions, **kwargs):
@@ -150,7 +150,7 @@ def test_fixed_batch_loss_is_spec_loss(qwen3):
     loss.backward()
     got_grads = [p.grad.clone() for p in trainer.model.parameters()]
 
-    # SPEC §3 from the reference functions (float64 on the models' hidden states)
+    # docs/method.md §3 from the reference functions (float64 on the models' hidden states)
     model, teacher = trainer.model, trainer.ptd_teacher_model
     n = batch["completion_ids"].shape[1]
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)

@@ -30,7 +30,7 @@ GRAD_TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
 def dense_jsd(logp, logq, beta):
-    """JSD_β rows by the definition (SPEC §2), float64."""
+    """JSD_β rows by the definition (docs/method.md §2), float64."""
     p, q = logp.exp(), logq.exp()
     if beta == 0.0:
         return (q * (logq - logp)).sum(-1)

@@ -1,4 +1,4 @@
-"""Vocabulary-parallel output layers (SPEC §4, ``process_group=``): 2 and 3 gloo processes on CPU, each
+"""Vocabulary-parallel output layers (``process_group=``, docs/distributed.md): 2 and 3 gloo processes on CPU, each
 holding an uneven slice of V = 37, against the single-process results — values on every rank,
 the full d hidden on every rank, d weight / d bias of each rank's slice — for every fused function,
 all three supports, tail on and off, β ∈ {0, 0.5, 1}, K ≥ V, a sparse teacher, the loss functions,

@@ -91,6 +91,14 @@ def _write(out: torch.Tensor, rows: torch.Tensor | None, values) -> None:
         out[rows] = values
 
 
+def _full_jsd_forward(backend: Backend, student: Head, teacher: Head, beta: float) -> JSDStats:
+    """``backend.jsd_forward`` with each row's value bounded (``rowmath.bound_divergence_``): the value is
+    complete only here, a vocabulary-parallel backend's inner value being a partial sum over its slice."""
+    stats = backend.jsd_forward(student, teacher, beta)
+    rowmath.bound_divergence_(stats.value, beta)
+    return stats
+
+
 class _Sweep(torch.autograd.Function):
     """log-prob, entropy and a divergence of the rows that go in, from one student sweep and one teacher sweep.
 
@@ -107,7 +115,7 @@ class _Sweep(torch.autograd.Function):
         div = config.divergence
         want_logp = config.logprobs
         n_jsd = 0 if div is None or teacher_hidden is None else teacher_hidden.shape[0]
-        full = div is not None and div.k is None  # S is the whole vocabulary (SPEC §2)
+        full = div is not None and div.k is None  # S is the whole vocabulary (K ≥ V)
         k = 0 if div is None or full else div.k
         # float64 logsumexps: log-probs z − lse of each side's own logits are then exact whatever the
         # logits' magnitude, so Σ_S p ≤ 1 holds to rounding on near-one-hot rows (a rounded lse shifts
@@ -126,7 +134,7 @@ class _Sweep(torch.autograd.Function):
             teacher = Head(teacher_hidden, teacher_weight, teacher_bias, config.teacher)
             student_j = student.take_rows(jsd_rows)
             if full:
-                jsd_stats = backend.jsd_forward(student_j, teacher, div.beta)
+                jsd_stats = _full_jsd_forward(backend, student_j, teacher, div.beta)
                 _write(jsd, jsd_rows, jsd_stats.value.to(dtype))
                 _write(overlap, jsd_rows, 1.0)
                 _write(teacher_mass, jsd_rows, 1.0)
@@ -342,8 +350,8 @@ class _LinearJSD(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, config: SweepConfig,
                 backend: Backend):
         beta = config.divergence.beta
-        stats = backend.jsd_forward(Head(hidden, weight, bias, config.student),
-                                    Head(teacher_hidden, teacher_weight, teacher_bias, config.teacher), beta)
+        stats = _full_jsd_forward(backend, Head(hidden, weight, bias, config.student),
+                                  Head(teacher_hidden, teacher_weight, teacher_bias, config.teacher), beta)
         ctx.config, ctx.backend = config, backend
         ctx.save_for_backward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, stats.value,
                               stats.w_sum, stats.lse, stats.teacher_lse)
@@ -402,6 +410,8 @@ class _OneSweepLoss(torch.autograd.Function):
                                                            config.teacher)
         value, grads = backend.fused_loss(Head(hidden, weight, bias, config.student), teacher, config.divergence,
                                           row_loss, needs, targets=targets)
+        if config.divergence is not None:  # per row, before the weighted sum (a mean of bounded rows)
+            rowmath.bound_divergence_(value, config.divergence.beta)
         # kept in the compute dtype: the incoming gradient scales them before their one cast
         ctx.grads, ctx.dtypes = grads, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         weighted = row_weights is not None

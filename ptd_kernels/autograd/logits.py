@@ -102,6 +102,7 @@ class JSD(torch.autograd.Function):
             teacher_z = _scaled(teacher_logits, rows, temperature, dtype, live)
             terms = rowmath.full_jsd_rows_(z, teacher_z, cfg.divergence.beta, grad=False)
             value[out], w_sum[out], lse[out], teacher_lse[out] = terms.value, terms.w_sum, terms.lse, terms.teacher_lse
+        rowmath.bound_divergence_(value, cfg.divergence.beta)
         ctx.cfg = cfg
         ctx.save_for_backward(logits, teacher_logits, lse, teacher_lse, w_sum, index, live)
         return value

@@ -4,7 +4,7 @@ Each backend (``backends/torch``, ``backends/triton``) implements exactly :class
 autograd layer (``ptd_kernels.autograd``) composes these primitives and never looks inside
 them. Another backend — a vocabulary-parallel one, say — is one more subclass.
 
-Notation (SPEC §2): a :class:`Head` is one side's output layer on the rows of a call,
+Notation (docs/method.md §2): a :class:`Head` is one side's output layer on the rows of a call,
 z = (hidden @ weightᵀ + bias) / τ, p = softmax(z), lse = logsumexp(z). The primitives:
 
 - ``row_stats``: lse, Σ_v p·z, the target logit and the top-k (ids, logits) in one sweep;
@@ -34,7 +34,7 @@ from .._dtypes import compute_dtype
 
 @dataclass(frozen=True)
 class LogitSpec:
-    """How one side's logits come from its output layer (SPEC §2):
+    """How one side's logits come from its output layer (docs/method.md §2):
 
         z = cap_c(s · (hidden @ weightᵀ + bias)) / τ,   cap_c(x) = c · tanh(x / c)  (identity when c is None)
 
@@ -320,7 +320,7 @@ def as_row_loss(row_loss) -> RowLoss:
 
 @dataclass(frozen=True)
 class DivergenceSpec:
-    """Which divergence a loss sums: the full JSD_β (k None) or the Top-K JSD of SPEC §2."""
+    """Which divergence a loss sums: the full JSD_β (k None) or the Top-K JSD of docs/method.md §2."""
 
     beta: float
     k: int | None = None

@@ -233,7 +233,7 @@ class PTDTeacher:
 class PTDSparseTeacher:
     """A served teacher's side of PTD-PO's terms for :func:`ptd_lm_forward`: its top-K ids and their
     log-probs per completion position, ``indices`` (int) and ``logprobs`` [B, T, K], aligned as
-    :class:`PTDTeacher`'s ``hidden``. The support is those ids (SPEC's sparse teacher,
+    :class:`PTDTeacher`'s ``hidden``. The support is those ids (the sparse teacher of docs/method.md §2,
     ``ptd_kernels.linear_sparse_jsd``); ``rows``, ``beta``, ``tail`` as in :class:`PTDTeacher`.
     """
 

@@ -15,7 +15,7 @@
   support, tail bucket and β paths (``ptd_kernels.integrations.trl_served``). The trainer's config
   decides everything; ``topk``/``support``/``tail`` do not apply.
 - ``DistillationTrainer``: the divergence. ``topk=None`` is TRL's full-vocabulary generalized
-  JSD (same β convention, SPEC §2), through ``ptd_kernels.linear_jsd_loss``; ``topk=K`` is
+  JSD (same β convention, docs/method.md §2), through ``ptd_kernels.linear_jsd_loss``; ``topk=K`` is
   PTD-PO's Top-K JSD with ``support`` ("union" by default) and a tail atom (``tail=True``),
   which TRL does not offer, through ``ptd_kernels.linear_topk_jsd_loss``. The trainer
   instance's ``_compute_loss`` is replaced; the student's entropy is still logged.

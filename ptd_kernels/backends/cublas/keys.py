@@ -1,4 +1,4 @@
-"""Top-K keys: one int64 per logit whose integer order is the top-K order of SPEC §2.
+"""Top-K keys: one int64 per logit whose integer order is the top-K order of docs/method.md §2.
 
 key = (order-preserving int32 bits of the float32 logit) << 32 | (2^32 − 1 − id): a larger logit
 has a larger key, and of two equal logits the smaller id has the larger key, so "the k largest keys"

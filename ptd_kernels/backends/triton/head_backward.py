@@ -1,6 +1,6 @@
 """Backward sweep of the output layer: gradients of hidden, weight and bias from per-row coefficients.
 
-Math (SPEC §2; every loss of the library reduces to it). With the student logits
+Math (docs/method.md §2; every loss of the library reduces to it). With the student logits
 
     a[n, v] = hidden[n] · weight[v] + bias[v],   z[n, v] = cap_c(s · a[n, v]) / τ,   p[n, v] = exp(z[n, v] − lse[n])
 

@@ -1,7 +1,7 @@
 """What the two full-vocabulary JSD sweeps share (``jsd_forward``, ``jsd_backward``): the per-tile
 math and the launch arguments.
 
-Math (SPEC §2). Student z = cap_c(s·(hidden @ weightᵀ + bias))/τ, teacher z' = cap_c'(s'·(teacher_hidden @
+Math (docs/method.md §2). Student z = cap_c(s·(hidden @ weightᵀ + bias))/τ, teacher z' = cap_c'(s'·(teacher_hidden @
 teacher_weightᵀ + teacher_bias))/τ (H' may differ from H; the teacher gets no gradient). With
 logp = z − lse and logq = z' − teacher_lse (both lse from ``row_stats`` first, in float64 so that
 z − lse is exact before it is rounded), each vocabulary entry gives

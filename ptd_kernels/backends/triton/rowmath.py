@@ -14,7 +14,7 @@ from ._launch import check_triton
 
 check_triton(triton.__version__)  # before any kernel is defined: the version needed, on first use
 
-# ``BETA_CASE`` values of ``jsd_pointwise``: β = 0 and β = 1 have their own formulas (SPEC §2).
+# ``BETA_CASE`` values of ``jsd_pointwise``: β = 0 and β = 1 have their own formulas (docs/method.md §2).
 BETA_FORWARD_KL = 0  # β = 0: KL(Q ‖ P)
 BETA_REVERSE_KL = 1  # β = 1: KL(P ‖ Q)
 BETA_MIXTURE = 2  # 0 < β < 1
