@@ -124,6 +124,23 @@ def test_triton_launch_is_recorded_not_run():
     assert work.kind == "stream" and work.hbm_read == 4 * n and work.hbm_write == 4 * n
 
 
+@triton.jit
+def _store_at_data_kernel(x_ptr, ids_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < n
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(y_ptr.dtype.element_ty)
+    slot = tl.cumsum((x > 0).to(tl.int32), axis=0) + tl.load(ids_ptr + offsets, mask=mask, other=0)
+    tl.store(y_ptr + slot, x, mask=mask)
+
+
+def test_an_address_computed_from_loaded_data_accesses_only_its_own_pointer():
+    """A store at slots computed from loaded values (and in a pointer's element type) writes its own
+    pointer's tensor, not the tensors the values came from (the top-K scratch list of a statistics kernel)."""
+    accesses = gpu_kernels.pointer_accesses(_store_at_data_kernel, {"BLOCK": 16})
+    assert accesses["x_ptr"] == {"load": 1} and accesses["ids_ptr"] == {"load": 1}
+    assert accesses["y_ptr"] == {"store": 1}
+
+
 def test_fused_kernel_plan_gives_dot_flops_and_no_atomics():
     """ptd's head backward at a small shape: one kernel launched as two sweeps — programs owning rows of
     ∂hidden, then rows of ∂weight — each recomputing every logits tile once and adding buffer @ operand
