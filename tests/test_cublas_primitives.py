@@ -10,6 +10,8 @@ whatever the oracle's dtype; bf16 gradients at the rounding of ∂L/∂a to bf16
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -32,6 +34,7 @@ from ptd_kernels.backends.torch import TorchBackend
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CUBLAS, TORCH = CublasBackend(), TorchBackend()
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 GRAD_TOL = {F64: 1e-10, F32: 1e-5, BF16: 2e-2}  # of the largest gradient entry
 
@@ -350,6 +353,51 @@ def test_fused_loss_pays_only_with_enough_rows_per_block(monkeypatch):
     assert fused_loss.fused_loss_pays(hd)
     monkeypatch.setattr(config, "CUDA_BLOCK_BYTES", 64 << 20)
     assert not fused_loss.fused_loss_pays(hd)
+
+
+# ----------------------------------------------------------------------------- backend="auto" on CUDA
+
+
+@pytest.mark.parametrize("call,takes", [
+    (dict(rows=8192, needs_grad=True, function="linear_logprobs"), True),
+    (dict(rows=1, needs_grad=True, function="linear_ptd_terms"), True),  # gradients: cuBLAS at any row count
+    (dict(rows=8192, function="linear_topk"), True),
+    (dict(rows=33, function="linear_topk"), True),
+    (dict(rows=32, function="linear_topk"), False),  # decode-like forward calls: one fused Triton kernel
+    (dict(rows=1, function="linear_logprobs"), False),
+    (dict(rows=1, function="linear_jsd"), True),  # the full JSD: cuBLAS at any row count
+    (dict(rows=None), True),  # rows not known: taken as many
+])
+def test_auto_rule_on_cuda(call, takes):
+    assert registry.cublas_takes(registry.CallShape("cuda", **call)) is takes
+    assert not registry.cublas_takes(registry.CallShape("cpu", **call))  # on a CPU (the interpreter): never
+
+
+def _auto_name(n: int, requires_grad: bool, function=None) -> str:
+    """``auto``'s choice for tensors that say "cuda" (the GPU work model's meta tensors, as its tests use)."""
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    import gpu_count
+
+    with gpu_count.counting():
+        hidden = gpu_count.cuda_tensor((n, 64), BF16, requires_grad=requires_grad)
+        weight = gpu_count.cuda_tensor((1000, 64), BF16, requires_grad=requires_grad)
+        return registry.select_backend("auto", hidden, weight, None, function=function).name
+
+
+def test_auto_on_cuda_reads_the_call(monkeypatch):
+    """On a faked CUDA host (meta tensors that report cuda): cuBLAS for calls that form gradients and for
+    forward-only calls of many rows, Triton for a decode-like forward call; Triton whenever this torch or
+    Triton lacks what the cuBLAS backend uses."""
+    assert _auto_name(4096, True) == "cublas"
+    assert _auto_name(4, True, "linear_logprobs") == "cublas"
+    with torch.no_grad():
+        assert _auto_name(4, True, "linear_logprobs") == "triton"
+    assert _auto_name(4, False, "linear_sparse_jsd") == "triton"
+    assert _auto_name(4, True, "linear_topk") == "triton"  # linear_topk forms no gradient
+    assert _auto_name(4096, False, "linear_topk") == "cublas"
+    monkeypatch.setattr(registry, "_cublas_can_run", lambda: False)
+    assert _auto_name(4096, True) == "triton"
 
 
 def test_cublas_needs_cuda_tensors_without_the_interpreter(monkeypatch):
