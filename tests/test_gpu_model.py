@@ -251,6 +251,11 @@ def test_model_end_to_end_at_a_tiny_shape(monkeypatch):
 
     text = markdown(result)
     assert "a model, not a measurement" in text and "## Measured on a GPU" in text
+    # backend="auto": both CUDA kernel paths priced at each shape of the grid, and the rule's pick beside them
+    auto_rows = result["auto_rule"]["rows"]
+    assert {r["op"] for r in auto_rows} == set(gpu_model.AUTO_OPS)
+    assert all(r["triton"] > 0 and r["cublas"] > 0 and r["rule"] in ("triton", "cublas") for r in auto_rows)
+    assert '## backend="auto" on CUDA' in text and "PROVISIONAL" in text
 
 
 def test_full_size_triton_sweep_counts_quickly():
