@@ -134,7 +134,11 @@ def _auto_rule_section(result) -> list[str]:
              f"H={rows[0]['h']}, K={rows[0]['k']}, {table['device']}) and the path the rule picks: it picks the faster",
              f"one in {agree} of {len(rows)} cases, and where it does not, its pick is at most {worst:.2f}× the faster "
              "one.",
-             "A first GPU run (`bench/gpu_check.sh` times both paths) settles the rule; until then it stays as is.",
+             "What settles it: `bash bench/gpu_check.sh` on a GPU times both CUDA backends on every benchmark (its",
+             "default shapes, N = 2048 to 32768: the many-rows side of the rule) and its report puts auto's pick",
+             "beside the faster backend; the decode-like side needs the same script with `PTD_BENCH_SHAPES` at a few",
+             "rows (e.g. N = 1, 32, 64 at H = 4096, V = 151936; the teacher top-K benchmark is forward-only). Until",
+             "then the rule stays as is.",
              "", "| op | forms gradients | N | V | Triton ms | cuBLAS ms | faster | the rule picks |",
              "|---|---|---|---|---|---|---|---|"]
     for r, f in zip(rows, faster):
