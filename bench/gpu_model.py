@@ -386,6 +386,11 @@ def holds_back(row: dict, device: str, target: float) -> str:
 AUTO_OPS = ("linear_logprobs", "linear_topk", "linear_ptd_terms", "linear_jsd")
 
 
+def auto_grid(quick: bool) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """The call shapes ``auto_rule`` prices: rows (from decode-like to a training batch), vocabularies, H."""
+    return ((1, 32, 64), (8192,), 256) if quick else ((1, 32, 64, 1024), (32000, 151936), 4096)
+
+
 def auto_rule(quick: bool = False, device: Device = DEVICES[0], log=print) -> dict:
     """Both CUDA kernel paths on a grid of call shapes (forward-only and with gradients, rows from decode-like
     to a training batch), and the path ``backend="auto"``'s rule (``registry.cublas_takes``) picks for each:
@@ -395,7 +400,7 @@ def auto_rule(quick: bool = False, device: Device = DEVICES[0], log=print) -> di
     paths = ("triton", "cublas")
     if not set(paths) <= set(available_paths()):
         return {}
-    grid_n, grid_v, h = ((1, 32, 64), (8192,), 256) if quick else ((1, 32, 64, 1024), (32000, 151936), 4096)
+    grid_n, grid_v, h = auto_grid(quick)
     stand_in = StandIn()
     rows = []
     for op in AUTO_OPS:

@@ -229,6 +229,8 @@ def test_model_end_to_end_at_a_tiny_shape(monkeypatch):
     monkeypatch.setattr(gpu_model, "shapes", lambda quick: [gpu_cases.Shape(n=32, h=32, v=1024, k=4)])
     # blocks of a few rows or columns, as at the target shape: every block loop and accumulation runs
     monkeypatch.setattr(ptd_kernels.config, "CUDA_BLOCK_BYTES", 16 << 10)
+    # backend="auto"'s table at the same tiny size: a row on each side of the rule's row threshold
+    monkeypatch.setattr(gpu_model, "auto_grid", lambda quick: ((1, 64), (1024,), 32))
     result = gpu_model.run(quick=True, log=lambda line: None)
     names = {(r["op"], r["path"]) for r in result["rows"]}
     for op in gpu_cases.PTD_OPS:
