@@ -303,6 +303,11 @@ _FUSED = {
 _TL_ACCESS = {"load": "load", "store": "store"}
 
 
+def _is_tl_call(node, attr: str) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "tl")
+
+
 def _jit_source(jit) -> str:
     return textwrap.dedent(inspect.getsource(jit.fn))
 
@@ -341,10 +346,19 @@ def pointer_accesses(jit, known: dict) -> dict:
     sites = defaultdict(lambda: defaultdict(set))  # param -> kind -> {loop ids}
 
     def roots(expr):
+        """The pointer arguments an expression's value may point into. A loaded value is data, not an
+        address, and so is a pointer's dtype: an index read from memory (``ptr + tl.load(ids_ptr)``), or a
+        slot computed from loaded values or in a pointer's element type (``scratch + cumsum(keys > t)``,
+        ``x.to(a_ptr.dtype.element_ty)``), adds no root of its own."""
         found = set()
-        for node in ast.walk(expr):
+        pending = [expr]
+        while pending:
+            node = pending.pop()
+            if _is_tl_call(node, "load") or (isinstance(node, ast.Attribute) and node.attr == "dtype"):
+                continue
             if isinstance(node, ast.Name) and node.id in derived:
                 found |= derived[node.id]
+            pending.extend(ast.iter_child_nodes(node))
         return found
 
     def visit_expr(expr, loop):

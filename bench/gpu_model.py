@@ -381,6 +381,53 @@ def holds_back(row: dict, device: str, target: float) -> str:
     return " — ".join(misses)
 
 
+# ----------------------------------------------------------------------------- backend="auto" on CUDA
+
+AUTO_OPS = ("linear_logprobs", "linear_topk", "linear_ptd_terms", "linear_jsd")
+
+
+def auto_grid(quick: bool) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """The call shapes ``auto_rule`` prices: rows (from decode-like to a training batch), vocabularies, H."""
+    return ((1, 32, 64), (8192,), 256) if quick else ((1, 32, 64, 1024), (32000, 151936), 4096)
+
+
+def auto_rule(quick: bool = False, device: Device = DEVICES[0], log=print) -> dict:
+    """Both CUDA kernel paths on a grid of call shapes (forward-only and with gradients, rows from decode-like
+    to a training batch), and the path ``backend="auto"``'s rule (``registry.cublas_takes``) picks for each:
+    the model the provisional rule was read from, regenerated with it."""
+    from ptd_kernels.backends.registry import CallShape, cublas_takes
+
+    paths = ("triton", "cublas")
+    if not set(paths) <= set(available_paths()):
+        return {}
+    grid_n, grid_v, h = auto_grid(quick)
+    stand_in = StandIn()
+    rows = []
+    for op in AUTO_OPS:
+        call = next(o for o in PTD_OPS if o.name == op).call
+        for grad in ((False,) if op == "linear_topk" else (False, True)):
+            for v in grid_v:
+                for n in grid_n:
+                    shape = Shape(n=n, h=h, v=v, k=16 if quick else 100)
+                    times = {}
+                    for path in paths:
+                        def run(x, path=path, call=call, grad=grad):
+                            if grad:
+                                return call(x, path)
+                            with torch.no_grad():
+                                call(x, path)
+                            return None
+
+                        trace, grad_bytes = count(run, shape, stand_in)
+                        times[path] = evaluate(trace, grad_bytes, shape, 1, devices=(device,))["devices"][device.name][
+                            "predicted_ms"]
+                    rule = "cublas" if cublas_takes(CallShape("cuda", n, v, h, grad, op)) else "triton"
+                    rows.append({"op": op, "grad": grad, "n": n, "v": v, "h": h, "k": shape.k, **times, "rule": rule})
+                    log(f"auto rule: {op:18s} grad={grad!s:5s} N={n:5d} V={v:6d}: triton {times['triton']:.3f} ms, "
+                        f"cublas {times['cublas']:.3f} ms, the rule picks {rule}")
+    return {"device": device.name, "rows": rows}
+
+
 # ----------------------------------------------------------------------------- all cases
 
 
@@ -431,7 +478,8 @@ def run(quick: bool = False, log=print, ops: set | None = None) -> dict:
             "devices": [asdict(d) for d in DEVICES], "assumptions": ASSUMPTIONS,
             "assumption_text": assumption_lines(), "rows": rows,
             "sensitivity": {"device": main_device.name, "shape": asdict(main_shape) | {"dtype": "bf16"},
-                            "predicted_ms": sensitivity(kept, main_shape, main_device)}}
+                            "predicted_ms": sensitivity(kept, main_shape, main_device)},
+            "auto_rule": auto_rule(quick, main_device, log)}
 
 
 def main(argv=None):

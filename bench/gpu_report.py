@@ -117,6 +117,36 @@ def _sensitivity_section(result) -> list[str]:
     return lines + [""]
 
 
+def _auto_rule_section(result) -> list[str]:
+    table = result.get("auto_rule")
+    if not table:
+        return []
+    rows = table["rows"]
+    faster = [min(("triton", "cublas"), key=lambda path, r=r: r[path]) for r in rows]
+    agree = sum(r["rule"] == f for r, f in zip(rows, faster))
+    worst = max((r[r["rule"]] / r[f] for r, f in zip(rows, faster)), default=1.0)
+    lines = ['## backend="auto" on CUDA', "",
+             "**PROVISIONAL, read from this model, not measured.** On CUDA tensors `backend=\"auto\"` asks",
+             "`registry.cublas_takes` (a rule of the call's shape alone: rows N, vocabulary V, hidden size H, whether",
+             "it forms gradients, the function): cuBLAS for every call that forms gradients and every forward-only",
+             "call of more than 32 rows (the full JSD at any size), the fused Triton kernels for a forward-only call",
+             "of at most 32 rows. Below, both kernel paths on the model at each shape (bf16, "
+             f"H={rows[0]['h']}, K={rows[0]['k']}, {table['device']}) and the path the rule picks: it picks the faster",
+             f"one in {agree} of {len(rows)} cases, and where it does not, its pick is at most {worst:.2f}× the faster "
+             "one.",
+             "What settles it: `bash bench/gpu_check.sh` on a GPU times both CUDA backends on every benchmark (its",
+             "default shapes, N = 2048 to 32768: the many-rows side of the rule) and its report puts auto's pick",
+             "beside the faster backend; the decode-like side needs the same script with `PTD_BENCH_SHAPES` at a few",
+             "rows (e.g. N = 1, 32, 64 at H = 4096, V = 151936; the teacher top-K benchmark is forward-only). Until",
+             "then the rule stays as is.",
+             "", "| op | forms gradients | N | V | Triton ms | cuBLAS ms | faster | the rule picks |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r, f in zip(rows, faster):
+        lines.append(f"| {r['op']} | {'yes' if r['grad'] else 'no'} | {r['n']:,} | {r['v']:,} | {r['triton']:.3f} | "
+                     f"{r['cublas']:.3f} | {f} | {r['rule']} |")
+    return lines + [""]
+
+
 def markdown(result) -> str:
     from gpu_model import holds_back
 
@@ -196,6 +226,7 @@ def markdown(result) -> str:
             "other columns are time beyond the GEMMs' FLOPs at cuBLAS speed, by the term that binds each kernel.",
             "", *_terms_table(result, main, vs[0]), ""]
     out += _sensitivity_section(result)
+    out += _auto_rule_section(result)
     out += [f"## What holds each op back — {main}, V={vs[0]} (model)", "",
             "Where a target of issue 21.5 is not met (≤ 1.2× the floor, teacher top-K ≤ 1.2× one GEMM, working",
             "memory ≤ 1 GiB), the largest terms beyond the floor. The one-sweep PTD-PO loss",

@@ -206,7 +206,7 @@ def _check(function: str, args: dict, autocast_dtype) -> Checked:
         out["teacher_logprobs"] = args["teacher_logprobs"]
     backend = None
     if "hidden" in args:
-        backend = select_backend(args["backend"], *(args.get(name) for name in LAYERS))
+        backend = select_backend(args["backend"], *(args.get(name) for name in LAYERS), function=function)
     summary = _live_rows(out, n)
     return Checked(out, backend, _agreement(function, out, vocab, summary))
 

@@ -87,8 +87,9 @@ class TrainConfig:
     seed: int = _opt(0, "Seed of the prompt stream and of sampling (each step's draws depend on seed and step only).")
     device: str = _opt("auto", "Where to train: auto (CUDA when available, else CPU), cpu or cuda.",
                        choices=("auto", "cpu", "cuda"))
-    backend: str = _opt("auto", "Kernel backend of the output layer: auto (Triton on CUDA, the chunked torch path "
-                        "on CPU), triton, cublas (cuBLAS GEMMs with Triton elementwise kernels; CUDA) or torch.",
+    backend: str = _opt("auto", "Kernel backend of the output layer: auto (cublas or triton per call on CUDA, the "
+                        "chunked torch path on CPU), triton, cublas (cuBLAS GEMMs with Triton elementwise kernels; "
+                        "CUDA) or torch.",
                         choices=("auto", "triton", "cublas", "torch"))
     num_threads: int = _opt(1, "torch CPU threads per process (1 is fastest for the tiny model).")
     fsdp: bool = _opt(False, "Under torchrun: shard the policy and the reference with FSDP2 (else DDP with full "

@@ -10,6 +10,8 @@ whatever the oracle's dtype; bf16 gradients at the rounding of ∂L/∂a to bf16
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -32,6 +34,7 @@ from ptd_kernels.backends.torch import TorchBackend
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CUBLAS, TORCH = CublasBackend(), TorchBackend()
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 GRAD_TOL = {F64: 1e-10, F32: 1e-5, BF16: 2e-2}  # of the largest gradient entry
 
@@ -202,6 +205,53 @@ def test_head_backward_forms_only_what_is_needed(small, needs):
     assert {g.name for g in log.gemms} == want_gemms
 
 
+@pytest.mark.parametrize("row_blocks", [1, "several"])
+def test_weight_gradient_comes_in_the_weights_dtype(monkeypatch, row_blocks):
+    """A bf16 head: d weight and d bias come back in bf16, d hidden in float32 (the autograd layer's cast is
+    then a no-op for the first two). With every row in one block, a vocabulary slice's d weight is one
+    GEMM straight into the bf16 gradient (no float32 V×H buffer, no slice buffer); with several row blocks
+    it is summed over them in a float32 slice that shares the budget with the blocks, and cast once."""
+    n, v, h = 9, 150, 24
+    monkeypatch.setattr(_blocks, "MIN_BLOCK_COLS", 64)
+    monkeypatch.setattr(config, "CUDA_BLOCK_BYTES", (n if row_blocks == 1 else n - 1) * 64 * 4)
+    hd = head(n=n, v=v, h=h, dtype=BF16, softcap=2.0)
+    lse, coefs = coefs_for(hd)
+    with _work.counting() as log:
+        got = CUBLAS.head_backward(hd, lse, coefs, ALL_GRADS)
+    assert (got.hidden.dtype, got.weight.dtype, got.bias.dtype) == (F32, BF16, BF16)
+    grads_close(got, TORCH.head_backward(hd, lse, coefs, ALL_GRADS), BF16)
+    plan = _blocks.vocab_plan(n, v, 4, _blocks.slice_bytes(hd))
+    assert (plan.rows == n) == (row_blocks == 1) and plan.cols < v
+    weight_gemms = [g for g in log.gemms if g.name == "grad_weight"]
+    buffers = [size for _, sizes in log.sweeps for size in sizes]
+    if row_blocks == 1:
+        assert {(g.out_bytes, g.accumulate) for g in weight_gemms} == {(2, False)}
+        assert plan.cols * h * 4 not in buffers  # no slice buffer
+    else:
+        assert {g.out_bytes for g in weight_gemms} == {4} and any(g.accumulate for g in weight_gemms)
+        assert plan.cols * h * 4 in buffers
+        assert plan.rows * plan.cols * 4 + plan.cols * h * 4 <= config.CUDA_BLOCK_BYTES
+    assert v * h * 4 not in buffers
+    student, teacher = hd, head(n=n, v=v, h=31, seed=5, dtype=BF16)
+    stats = TORCH.jsd_forward(student, teacher, 0.5)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    got = CUBLAS.jsd_backward(student, teacher, 0.5, stats, grad, ALL_GRADS)
+    assert (got.hidden.dtype, got.weight.dtype, got.bias.dtype) == (F32, BF16, BF16)
+    grads_close(got, TORCH.jsd_backward(student, teacher, 0.5, stats, grad, ALL_GRADS), BF16)
+
+
+@pytest.mark.parametrize("n,v,bytes_per_logit", [(8192, 151936, 4), (40000, 151936, 4), (20000, 128256, 8),
+                                                 (3, 1000, 4)])
+def test_vocab_plan_keeps_the_slice_buffer_within_the_budget(n, v, bytes_per_logit):
+    """A 16-bit weight's d weight slice (H float32 per column) is only needed with several row blocks; then
+    the block and the slice together stay within CUDA_BLOCK_BYTES (up to the 16-column alignment)."""
+    per_col = 4096 * 4
+    plan = _blocks.vocab_plan(n, v, bytes_per_logit, per_col)
+    assert plan == _blocks.vocab_plan(n, v, bytes_per_logit) or plan.rows < n
+    used = plan.rows * plan.cols * bytes_per_logit + (plan.cols * per_col if plan.rows < n else 0)
+    assert used <= config.CUDA_BLOCK_BYTES + 16 * (plan.rows * bytes_per_logit + per_col)
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_jsd_against_torch(small, beta):
     student = head(softcap=3.0, scale=1.2)
@@ -283,14 +333,19 @@ def test_gather_logits(small):
 def test_gemm_work_per_form_is_the_floor_and_memory_the_budget(monkeypatch):
     """Counted at the target shape on meta tensors (N = 8192, H = 4096, V = 151936, K = 100, bf16): logits-GEMM
     equivalents per op — log-prob + entropy 4, teacher top-K 1, Top-K JSD / PTD terms 5, per-row full JSD 6,
-    the loss functions 4 — and working memory within 1 GiB at the default budget, about half at half of it
-    (nothing else grows with N·V)."""
+    the loss functions 4 — and the per-row ops' working memory within 1 GiB at the default budget: the blocks,
+    their row state and the float32 d hidden that is cast to bf16 (d weight is formed in bf16, no float32 V×H
+    buffer). At half the budget the blocks take half (d hidden, N×H, does not shrink with it)."""
     works = statement.count()
     assert [round(w.gemm_equivalents, 6) for w in works] == [4, 1, 5, 6, 4, 4]
-    assert all(w.working_gib <= 1.0 for w in works), [(w.op, w.working_gib) for w in works]
+    per_row = works[:4]
+    assert all(w.working_gib <= 1.0 for w in per_row), [(w.op, w.working_gib) for w in per_row]
+    hidden_gib = 8192 * 4096 * 4 / 2**30
     monkeypatch.setattr(config, "CUDA_BLOCK_BYTES", config.CUDA_BLOCK_BYTES // 2)
     for full, half in zip(works, statement.count()):
-        assert half.working_gib <= 0.55 * full.working_gib + 0.05, (full.op, half.working_gib, full.working_gib)
+        fixed = hidden_gib if full in per_row and full.op != works[1].op else 0.0
+        assert half.working_gib - fixed <= 0.55 * (full.working_gib - fixed) + 0.05, (full.op, half.working_gib,
+                                                                                      full.working_gib)
 
 
 def test_fused_loss_pays_only_with_enough_rows_per_block(monkeypatch):
@@ -298,6 +353,51 @@ def test_fused_loss_pays_only_with_enough_rows_per_block(monkeypatch):
     assert fused_loss.fused_loss_pays(hd)
     monkeypatch.setattr(config, "CUDA_BLOCK_BYTES", 64 << 20)
     assert not fused_loss.fused_loss_pays(hd)
+
+
+# ----------------------------------------------------------------------------- backend="auto" on CUDA
+
+
+@pytest.mark.parametrize("call,takes", [
+    (dict(rows=8192, needs_grad=True, function="linear_logprobs"), True),
+    (dict(rows=1, needs_grad=True, function="linear_ptd_terms"), True),  # gradients: cuBLAS at any row count
+    (dict(rows=8192, function="linear_topk"), True),
+    (dict(rows=33, function="linear_topk"), True),
+    (dict(rows=32, function="linear_topk"), False),  # decode-like forward calls: one fused Triton kernel
+    (dict(rows=1, function="linear_logprobs"), False),
+    (dict(rows=1, function="linear_jsd"), True),  # the full JSD: cuBLAS at any row count
+    (dict(rows=None), True),  # rows not known: taken as many
+])
+def test_auto_rule_on_cuda(call, takes):
+    assert registry.cublas_takes(registry.CallShape("cuda", **call)) is takes
+    assert not registry.cublas_takes(registry.CallShape("cpu", **call))  # on a CPU (the interpreter): never
+
+
+def _auto_name(n: int, requires_grad: bool, function=None) -> str:
+    """``auto``'s choice for tensors that say "cuda" (the GPU work model's meta tensors, as its tests use)."""
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    import gpu_count
+
+    with gpu_count.counting():
+        hidden = gpu_count.cuda_tensor((n, 64), BF16, requires_grad=requires_grad)
+        weight = gpu_count.cuda_tensor((1000, 64), BF16, requires_grad=requires_grad)
+        return registry.select_backend("auto", hidden, weight, None, function=function).name
+
+
+def test_auto_on_cuda_reads_the_call(monkeypatch):
+    """On a faked CUDA host (meta tensors that report cuda): cuBLAS for calls that form gradients and for
+    forward-only calls of many rows, Triton for a decode-like forward call; Triton whenever this torch or
+    Triton lacks what the cuBLAS backend uses."""
+    assert _auto_name(4096, True) == "cublas"
+    assert _auto_name(4, True, "linear_logprobs") == "cublas"
+    with torch.no_grad():
+        assert _auto_name(4, True, "linear_logprobs") == "triton"
+    assert _auto_name(4, False, "linear_sparse_jsd") == "triton"
+    assert _auto_name(4, True, "linear_topk") == "triton"  # linear_topk forms no gradient
+    assert _auto_name(4096, False, "linear_topk") == "cublas"
+    monkeypatch.setattr(registry, "_cublas_can_run", lambda: False)
+    assert _auto_name(4096, True) == "triton"
 
 
 def test_cublas_needs_cuda_tensors_without_the_interpreter(monkeypatch):

@@ -124,6 +124,23 @@ def test_triton_launch_is_recorded_not_run():
     assert work.kind == "stream" and work.hbm_read == 4 * n and work.hbm_write == 4 * n
 
 
+@triton.jit
+def _store_at_data_kernel(x_ptr, ids_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < n
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(y_ptr.dtype.element_ty)
+    slot = tl.cumsum((x > 0).to(tl.int32), axis=0) + tl.load(ids_ptr + offsets, mask=mask, other=0)
+    tl.store(y_ptr + slot, x, mask=mask)
+
+
+def test_an_address_computed_from_loaded_data_accesses_only_its_own_pointer():
+    """A store at slots computed from loaded values (and in a pointer's element type) writes its own
+    pointer's tensor, not the tensors the values came from (the top-K scratch list of a statistics kernel)."""
+    accesses = gpu_kernels.pointer_accesses(_store_at_data_kernel, {"BLOCK": 16})
+    assert accesses["x_ptr"] == {"load": 1} and accesses["ids_ptr"] == {"load": 1}
+    assert accesses["y_ptr"] == {"store": 1}
+
+
 def test_fused_kernel_plan_gives_dot_flops_and_no_atomics():
     """ptd's head backward at a small shape: one kernel launched as two sweeps — programs owning rows of
     ∂hidden, then rows of ∂weight — each recomputing every logits tile once and adding buffer @ operand
@@ -212,6 +229,8 @@ def test_model_end_to_end_at_a_tiny_shape(monkeypatch):
     monkeypatch.setattr(gpu_model, "shapes", lambda quick: [gpu_cases.Shape(n=32, h=32, v=1024, k=4)])
     # blocks of a few rows or columns, as at the target shape: every block loop and accumulation runs
     monkeypatch.setattr(ptd_kernels.config, "CUDA_BLOCK_BYTES", 16 << 10)
+    # backend="auto"'s table at the same tiny size: a row on each side of the rule's row threshold
+    monkeypatch.setattr(gpu_model, "auto_grid", lambda quick: ((1, 64), (1024,), 32))
     result = gpu_model.run(quick=True, log=lambda line: None)
     names = {(r["op"], r["path"]) for r in result["rows"]}
     for op in gpu_cases.PTD_OPS:
@@ -234,6 +253,11 @@ def test_model_end_to_end_at_a_tiny_shape(monkeypatch):
 
     text = markdown(result)
     assert "a model, not a measurement" in text and "## Measured on a GPU" in text
+    # backend="auto": both CUDA kernel paths priced at each shape of the grid, and the rule's pick beside them
+    auto_rows = result["auto_rule"]["rows"]
+    assert {r["op"] for r in auto_rows} == set(gpu_model.AUTO_OPS)
+    assert all(r["triton"] > 0 and r["cublas"] > 0 and r["rule"] in ("triton", "cublas") for r in auto_rows)
+    assert '## backend="auto" on CUDA' in text and "PROVISIONAL" in text
 
 
 def test_full_size_triton_sweep_counts_quickly():

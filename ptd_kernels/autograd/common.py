@@ -103,7 +103,8 @@ class Call:
 
 
 def cast_grads(grads: HeadGrads, hidden, weight, bias):
-    """The one cast of compute-dtype gradients to the input dtypes."""
+    """The one cast of a backend's gradients (each in the compute dtype or already in its input's dtype:
+    ``backends.base``) to the input dtypes; a no-op for those already there."""
     return (None if grads.hidden is None else grads.hidden.to(hidden.dtype),
             None if grads.weight is None else grads.weight.to(weight.dtype),
             None if grads.bias is None else grads.bias.to(bias.dtype))

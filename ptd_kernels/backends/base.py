@@ -17,9 +17,13 @@ z = (hidden @ weightᵀ + bias) / τ, p = softmax(z), lse = logsumexp(z). The pr
   whole rows: a block's terms, then their loss's derivatives, then ∂L/∂z and the gradient GEMMs, with
   no recomputing sweep.
 
-Inputs are live rows only (the autograd layer strips masked rows). Statistics and gradients
-come back in the compute dtype (``ptd_kernels._dtypes.compute_dtype``: float64 for float64
-inputs, else float32); the autograd layer casts them to the input dtypes, once.
+Inputs are live rows only (the autograd layer strips masked rows). Statistics come back in the
+compute dtype (``ptd_kernels._dtypes.compute_dtype``: float64 for float64 inputs, else float32).
+Each gradient comes back in the compute dtype or in its input's own dtype: a backend may write a
+gradient straight in the input's dtype where each element is rounded once from a wider accumulator
+(the cuBLAS backend's d weight: one GEMM per vocabulary slice, float32 accumulation inside cuBLAS),
+which spares a compute-dtype buffer of the weight's size and its cast. The autograd layer casts
+every gradient to its input's dtype, once (a no-op for the second kind).
 """
 
 from __future__ import annotations
@@ -220,7 +224,8 @@ ALL_GRADS = GradNeeds()
 
 @dataclass
 class HeadGrads:
-    """Gradients of one head (compute dtype; None where not needed)."""
+    """Gradients of one head, each in the compute dtype or in its input's dtype (see the module docstring;
+    None where not needed)."""
 
     hidden: torch.Tensor | None = None
     weight: torch.Tensor | None = None
@@ -230,7 +235,9 @@ class HeadGrads:
         return iter((self.hidden, self.weight, self.bias))
 
     def add_(self, other: HeadGrads, hidden_rows: torch.Tensor | None = None) -> HeadGrads:
-        """Accumulate ``other`` in place; its hidden gradient covers ``hidden_rows`` (None: all rows)."""
+        """Accumulate ``other`` in place; its hidden gradient covers ``hidden_rows`` (None: all rows). A part
+        in the input's dtype is added in that dtype (one rounding of the sum, as autograd accumulates a
+        bf16 ``.grad``)."""
         if self.hidden is not None and other.hidden is not None:
             if hidden_rows is None:
                 self.hidden += other.hidden

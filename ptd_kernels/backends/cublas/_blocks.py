@@ -24,6 +24,7 @@ from ... import config
 from ..base import Head
 from ..triton._launch import interpreting
 from . import _work
+from .transform import pack
 
 #: Fewest columns of a vocabulary block before the sweep takes fewer rows instead (GEMM efficiency).
 MIN_BLOCK_COLS = 8192
@@ -54,11 +55,15 @@ class Plan:
     rows: int
     cols: int
 
-    def blocks(self):
-        """(row slice, column slice) of every block, rows outer."""
-        for r0 in range(0, self.n, self.rows):
-            for c0 in range(0, self.v, self.cols):
-                yield slice(r0, min(self.n, r0 + self.rows)), slice(c0, min(self.v, c0 + self.cols))
+    def blocks(self, columns_outer: bool = False):
+        """(row slice, column slice) of every block, rows outer (``columns_outer``: the row blocks of a
+        vocabulary slice one after another, so that the slice's d weight is complete after them). The
+        order changes no block: the GEMMs, hence the logits, are the same."""
+        row_starts, col_starts = range(0, self.n, self.rows), range(0, self.v, self.cols)
+        pairs = ((r0, c0) for c0 in col_starts for r0 in row_starts) if columns_outer else (
+            (r0, c0) for r0 in row_starts for c0 in col_starts)
+        for r0, c0 in pairs:
+            yield slice(r0, min(self.n, r0 + self.rows)), slice(c0, min(self.v, c0 + self.cols))
 
     @property
     def elements(self) -> int:
@@ -71,24 +76,39 @@ def _even(total: int, step: int) -> int:
     return -(-total // parts)
 
 
-def vocab_plan(n: int, v: int, bytes_per_logit: int) -> Plan:
+def vocab_plan(n: int, v: int, bytes_per_logit: int, bytes_per_col: int = 0) -> Plan:
     """Blocks of all rows (fewer when the budget cannot hold MIN_BLOCK_COLS columns of them) × as many
-    columns as the budget holds.
+    columns as the budget holds. ``bytes_per_col``: a work buffer per vocabulary column that a sweep needs
+    when the rows take several blocks (a 16-bit weight's d weight slice, summed over them in float32:
+    ``slice_bytes``); it then shares the budget.
 
-    The plan depends on the problem and the bytes per logit only (not on a top-K's scratch), so that a
+    The plan depends on the problem and these byte counts only (not on a top-K's scratch), so that a
     forward sweep and the backward sweep of the same rows cut the logits alike: their GEMMs are then the
     same calls and round every logit alike, and p = e^{z − lse} of the backward is the forward's exactly
     (a one-hot row's dense and sparse gradient terms cancel to 0 even at logits of 1e4)."""
     budget = config.CUDA_BLOCK_BYTES
     n1 = max(n, 1)
-    rows = _even(n1, min(n1, max(1, budget // (min(v, MIN_BLOCK_COLS) * bytes_per_logit))))
-    cols = max(1, min(v, budget // rows // bytes_per_logit))
+    min_cols = min(v, MIN_BLOCK_COLS)
+    rows = budget // (min_cols * bytes_per_logit)
+    if rows < n1 and bytes_per_col:  # several row blocks: the slice buffer shares the budget
+        rows = (budget - min_cols * bytes_per_col) // (min_cols * bytes_per_logit)
+    rows = _even(n1, min(n1, max(1, rows)))
+    per_col = rows * bytes_per_logit + (bytes_per_col if rows < n1 else 0)
+    cols = max(1, min(v, budget // per_col))
     if cols < v:
         aligned = cols // _ALIGN * _ALIGN if cols >= _ALIGN else cols
         cols = _even(v, aligned)
         if aligned >= _ALIGN:
             cols = -(-cols // _ALIGN) * _ALIGN
     return Plan(n, v, rows, cols)
+
+
+def slice_bytes(head: Head) -> int:
+    """Bytes per vocabulary column of the compute-dtype d weight slice a backward sweep over several row
+    blocks sums into for a weight of a narrower dtype (``head_backward.SweepGrads``); 0 when d weight is
+    formed in place. A function of the head alone, so that its forward sweep plans alike."""
+    dtype = head.dtype
+    return 0 if head.weight.dtype == dtype else head.weight.shape[1] * _work.itemsize(dtype)
 
 
 def full_row_plan(n: int, v: int, bytes_per_logit: int, bytes_per_row: int = 0) -> Plan:
@@ -100,17 +120,16 @@ def full_row_plan(n: int, v: int, bytes_per_logit: int, bytes_per_row: int = 0) 
 
 @dataclass(frozen=True)
 class Side:
-    """One side's output layer as the sweeps use it: GEMM operands, the logit transform's scalars
-    [s/τ, s/c, c/τ] in the block dtype, the dtype of its gradient operands."""
+    """One side's output layer as the sweeps use it: GEMM operands, the block dtype, and the logit
+    transform's scalars (s/τ, s/c, c/τ) as kernel arguments (``transform.pack``: no device copy)."""
 
     head: Head
     dtype: torch.dtype  # the block (and statistics) dtype: float32, or float64 for float64 inputs
-    scalars: torch.Tensor
+    scalars: tuple[int, int, int]
 
     @classmethod
     def of(cls, head: Head) -> Side:
-        dtype = head.dtype
-        return cls(head, dtype, torch.tensor(head.transform_scalars(), dtype=dtype, device=head.hidden.device))
+        return cls(head, head.dtype, pack(*head.transform_scalars()))
 
     @property
     def hidden(self) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """The one door of every GEMM, kernel launch and work buffer of the cuBLAS backend, so that its work is
 counted from the code that runs.
 
-- ``gemm``: out = a @ b, or out += a @ b, with float32 output (float64 for float64 operands). On CUDA,
+- ``gemm``: out = a @ b, or out += a @ b, with float32 output (float64 for float64 operands), or — for a
+  product formed once, such as a vocabulary slice's d weight — the operands' own 16-bit dtype. On CUDA,
   16-bit operands stay 16-bit (cuBLAS tensor cores, fp32 accumulate, fp32 output through
-  ``torch.mm(..., out_dtype=torch.float32)``); elsewhere there is no such kernel, so the operands are
-  upcast (the CPU path that the tests run).
+  ``torch.mm(..., out_dtype=torch.float32)``, or a plain bf16/fp16 GEMM); elsewhere there is no such
+  kernel, so the operands are upcast (the CPU path that the tests run).
 - ``launch``: one Triton kernel launch; the launcher states the elements it touches and the bytes it
   reads and writes (the logits block dominates: everything per row is listed too, but it is O(rows)).
 - ``workspace``: a working buffer of a sweep (``sweep`` groups them; the peak is the largest group).
@@ -162,8 +163,17 @@ def _accumulate_16bit(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
         out[r0:r1] += partial[: r1 - r0]
 
 
+_NARROW = (torch.bfloat16, torch.float16)
+
+
 def gemm(name: str, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool = False) -> None:
-    """out = a @ b (``accumulate``: out += a @ b); ``out`` is float32 (float64 for float64 operands)."""
+    """out = a @ b (``accumulate``: out += a @ b). ``out`` is float32 (float64 for float64 operands), or the
+    16-bit dtype of 16-bit operands without ``accumulate``: the product accumulated in float32 and rounded
+    once (cuBLAS's own bf16/fp16 GEMM on CUDA; a float32 product, then rounded, elsewhere)."""
+    narrow_out = out.dtype in _NARROW
+    if narrow_out and (accumulate or a.dtype != out.dtype or b.dtype != out.dtype):
+        raise ValueError(f"a {out.dtype} GEMM output takes {out.dtype} operands and no accumulation, got "
+                         f"{a.dtype} @ {b.dtype} (accumulate={accumulate})")
     for log in _LOGS:
         log.gemms.append(GemmRecord(name, a.shape[0], b.shape[1], a.shape[1], a.element_size(), out.element_size(),
                                     accumulate))
@@ -172,6 +182,12 @@ def gemm(name: str, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accu
     if a.shape[1] == 0:  # an empty contraction: the product is 0
         if not accumulate:
             out.zero_()
+        return
+    if narrow_out:
+        if out.is_cuda:
+            torch.mm(a, b, out=out)
+        else:
+            out.copy_(torch.mm(a.to(torch.float32), b.to(torch.float32)))
         return
     if out.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         if accumulate:

@@ -12,14 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton.tiles import to_logits
 from . import _work
+from .transform import pack, to_logits, unpack
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_bits", "cap_in_bits", "cap_out_bits"])
 def _gather_logits_kernel(
-    x_ptr, w_ptr, bias_ptr, scalars_ptr, ids_ptr, out_ptr,
-    M, H, stride_xn, stride_xh, stride_wv, stride_wh,
+    x_ptr, w_ptr, bias_ptr, ids_ptr, out_ptr,
+    M, H, stride_xn, stride_xh, stride_wv, stride_wh, scale_bits, cap_in_bits, cap_out_bits,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -37,22 +37,23 @@ def _gather_logits_kernel(
         acc += tl.sum(w * x[None, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + ids, mask=mask_m, other=0.0).to(acc_ty)
-    z, _ = to_logits(acc, scalars_ptr, HAS_CAP)
+    scale, cap_in, cap_out = unpack(scale_bits, acc_ty), unpack(cap_in_bits, acc_ty), unpack(cap_out_bits, acc_ty)
+    z, _ = to_logits(acc, scale, cap_in, cap_out, HAS_CAP)
     tl.store(out_ptr + row * M + offs_m, z, mask=mask_m)
 
 
-def gather_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scalars: torch.Tensor,
+def gather_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scalars: tuple[int, ...],
                   has_cap: bool, ids: torch.Tensor, out: torch.Tensor, *, tiles: tuple[int, int, int]) -> None:
-    """out [n, M] (float32 or float64, the accumulation dtype; ``scalars`` in it) = the logits at ``ids``
-    (int64 [n, M], contiguous, in [0, V))."""
+    """out [n, M] (float32 or float64, the accumulation dtype) = the logits at ``ids`` (int64 [n, M],
+    contiguous, in [0, V)). ``scalars``: the transform's, ``transform.pack``ed."""
     n, m = ids.shape
     block_m, block_h, warps = tiles
     h = hidden.shape[1]
-    dummy = scalars
+    dummy = ids
     _work.launch(
         "gather_logits", _gather_logits_kernel, (n, triton.cdiv(m, block_m)),
-        (hidden, weight, bias if bias is not None else dummy, scalars, ids, out, m, h,
-         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1)),
+        (hidden, weight, bias if bias is not None else dummy, ids, out, m, h,
+         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), *scalars),
         dict(HAS_BIAS=bias is not None, HAS_CAP=has_cap, BLOCK_M=block_m, BLOCK_H=block_h, num_warps=warps),
         elements=n * m,
         bytes_read=n * m * (h * weight.element_size() + 8) + n * h * hidden.element_size(),
@@ -67,7 +68,6 @@ def gather_head_logits(head, ids: torch.Tensor, dtype: torch.dtype, *, tiles: tu
     device = head.hidden.device
     out = torch.empty(ids.shape, dtype=wide, device=device)
     if out.numel():
-        scalars = torch.tensor(head.transform_scalars(), dtype=wide, device=device)
-        gather_logits(head.hidden, head.weight, head.bias, scalars, head.softcap is not None,
+        gather_logits(head.hidden, head.weight, head.bias, pack(*head.transform_scalars()), head.softcap is not None,
                       ids.to(torch.int64).contiguous(), out, tiles=tiles)
     return out.to(dtype)

@@ -22,16 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton.tiles import add_sparse_terms, to_logits
+from ..triton.tiles import add_sparse_terms
 from . import _work
+from .transform import to_logits, unpack
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_bits", "cap_in_bits", "cap_out_bits"])
 def _head_grad_kernel(
-    a_ptr, dz_ptr, bias_ptr, scalars_ptr,
+    a_ptr, dz_ptr, bias_ptr,
     lse_ptr, row_coef_ptr, logit_coef_ptr, logit_shift_ptr, targets_ptr, target_coef_ptr,
     sparse_ids_ptr, sparse_coef_ptr,
-    rows, cols, col0, stride_a, stride_dz, M, search_steps,
+    rows, cols, col0, stride_a, stride_dz, M, search_steps, scale_bits, cap_in_bits, cap_out_bits,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_LOGIT_COEF: tl.constexpr, HAS_TARGETS: tl.constexpr,
     HAS_SPARSE: tl.constexpr, NARROW_IN_PLACE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -47,7 +48,8 @@ def _head_grad_kernel(
     if HAS_TARGETS:
         target = tl.load(targets_ptr + offs_r, mask=mask_r, other=-1)
         target_coef = tl.load(target_coef_ptr + offs_r, mask=mask_r, other=0.0)
-    chain = tl.load(scalars_ptr)  # s/τ
+    # chain = s/τ: ∂z/∂a without a cap, its factor with one
+    chain, cap_in, cap_out = unpack(scale_bits, acc_ty), unpack(cap_in_bits, acc_ty), unpack(cap_out_bits, acc_ty)
 
     for c0 in range(0, cols, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -56,7 +58,7 @@ def _head_grad_kernel(
         a = tl.load(a_ptr + offs_r[:, None] * stride_a + offs_c[None, :], mask=valid, other=0.0)
         if HAS_BIAS:
             a += tl.load(bias_ptr + col0 + offs_c, mask=mask_c, other=0.0).to(acc_ty)[None, :]
-        z, t = to_logits(a, scalars_ptr, HAS_CAP)
+        z, t = to_logits(a, chain, cap_in, cap_out, HAS_CAP)
         # padding entries get log p = 0 (finite) and are zeroed below
         p = tl.exp(tl.where(valid, z - lse[:, None], 0.0))
         coef = row_coef[:, None]
@@ -76,14 +78,14 @@ def _head_grad_kernel(
         tl.store(dz_ptr + offs_r[:, None] * stride_dz + offs_c[None, :], dz.to(dz_ptr.dtype.element_ty), mask=valid)
 
 
-def head_grad(a: torch.Tensor, dz: torch.Tensor, col0: int, bias: torch.Tensor | None, scalars: torch.Tensor,
+def head_grad(a: torch.Tensor, dz: torch.Tensor, col0: int, bias: torch.Tensor | None, scalars: tuple[int, ...],
               has_cap: bool, lse: torch.Tensor, row_coef: torch.Tensor, *, logit_coef: torch.Tensor | None = None,
               logit_shift: torch.Tensor | None = None, targets: torch.Tensor | None = None,
               target_coef: torch.Tensor | None = None, sparse: tuple[torch.Tensor, torch.Tensor] | None = None,
               tiles: tuple[int, int, int]) -> None:
     """Write ∂L/∂a of the block ``a`` [R, C] (vocabulary columns col0 …) into ``dz`` [R, C] (a view over the
     block's own storage, see the module doc). Row vectors [R] in a's dtype; targets int64 [R]; sparse:
-    (ids int64 [R, M] sorted per row, coef [R, M])."""
+    (ids int64 [R, M] sorted per row, coef [R, M]). ``scalars``: ``Side.scalars``."""
     rows, cols = a.shape
     block_r, block_c, warps = tiles
     narrow = dz.dtype != a.dtype
@@ -96,11 +98,11 @@ def head_grad(a: torch.Tensor, dz: torch.Tensor, col0: int, bias: torch.Tensor |
     row_bytes = rows * size * (2 + 2 * (logit_coef is not None) + 2 * (targets is not None)) + rows * m * (8 + size)
     _work.launch(
         "head_grad", _head_grad_kernel, (triton.cdiv(rows, block_r),),
-        (a, dz, bias if bias is not None else dummy, scalars, lse, row_coef,
+        (a, dz, bias if bias is not None else dummy, lse, row_coef,
          logit_coef if logit_coef is not None else dummy, logit_shift if logit_shift is not None else dummy,
          targets if targets is not None else dummy, target_coef if target_coef is not None else dummy,
          sparse_ids, sparse_coef,
-         rows, cols, col0, a.stride(0), dz.stride(0), m, m.bit_length()),
+         rows, cols, col0, a.stride(0), dz.stride(0), m, m.bit_length(), *scalars),
         dict(HAS_BIAS=bias is not None, HAS_CAP=has_cap, HAS_LOGIT_COEF=logit_coef is not None,
              HAS_TARGETS=targets is not None, HAS_SPARSE=sparse is not None, NARROW_IN_PLACE=narrow,
              BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps),

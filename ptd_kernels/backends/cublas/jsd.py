@@ -19,20 +19,20 @@ import torch
 from ..base import GradNeeds, Head, HeadGrads, JSDStats
 from ..triton._launch import interpreting
 from . import _work
-from ._blocks import Side, block_view, full_row_plan, operand_view, tiles, vocab_plan
-from .head_backward import new_grads
+from ._blocks import Side, block_view, full_row_plan, operand_view, slice_bytes, tiles, vocab_plan
+from .head_backward import SweepGrads
 from .jsd_grad_kernel import jsd_grad
 from .jsd_stats_kernel import jsd_stats
 from .stats_kernel import block_stats
+from .transform import pack
 
 
-def jsd_scalars(beta: float, student: Side, teacher: Side) -> torch.Tensor:
-    """[β, log β, log(1 − β), the student's (s/τ, s/c, c/τ), the teacher's] in the student's block dtype
-    (log β and log(1 − β) in double precision on the host; only 0 < β < 1 reads them)."""
+def jsd_scalars(beta: float, student: Side, teacher: Side) -> tuple[int, ...]:
+    """β, log β, log(1 − β), the student's (s/τ, s/c, c/τ) and the teacher's, as the JSD kernels' arguments
+    (``transform.pack``; log β and log(1 − β) in double precision on the host; only 0 < β < 1 reads them)."""
     log_beta = math.log(beta) if beta > 0.0 else 0.0
     log1m_beta = math.log1p(-beta) if beta < 1.0 else 0.0
-    return torch.tensor([beta, log_beta, log1m_beta, *student.head.transform_scalars(),
-                         *teacher.head.transform_scalars()], dtype=student.dtype, device=student.hidden.device)
+    return pack(beta, log_beta, log1m_beta, *student.head.transform_scalars(), *teacher.head.transform_scalars())
 
 
 def row_lse(side: Side, block: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -87,25 +87,26 @@ def _normalizer(lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def jsd_backward(student: Head, teacher: Head, beta: float, stats: JSDStats, grad: torch.Tensor,
                  needs: GradNeeds) -> HeadGrads:
-    """``Backend.jsd_backward``: gradients of Σ_n grad_n·JSD_n, ∂/∂z = grad·(w − p·Σw)."""
+    """``Backend.jsd_backward``: gradients of Σ_n grad_n·JSD_n, ∂/∂z = grad·(w − p·Σw); d weight and d bias
+    in their inputs' dtypes, d hidden in the compute dtype (``SweepGrads``)."""
     s_side, t_side = Side.of(student), Side.of(teacher)
     needs = needs.of(student)
-    grads = new_grads(s_side, needs)
     n, v = student.rows, student.vocab
-    if n == 0 or not needs.any:
-        return grads
-    scalars = jsd_scalars(beta, s_side, t_side)
-    lse, teacher_lse = _normalizer(stats.lse, s_side.dtype), _normalizer(stats.teacher_lse, s_side.dtype)
-    w_sum, grad = stats.w_sum.to(s_side.dtype).contiguous(), grad.to(s_side.dtype).contiguous()
     with _work.sweep("jsd_backward"):
-        plan = vocab_plan(n, v, s_side.itemsize + t_side.itemsize)
+        plan = vocab_plan(n, v, s_side.itemsize + t_side.itemsize, slice_bytes(student))
+        grads = SweepGrads(s_side, needs, plan)
+        if n == 0 or not needs.any:
+            return grads.result()
+        scalars = jsd_scalars(beta, s_side, t_side)
+        lse, teacher_lse = _normalizer(stats.lse, s_side.dtype), _normalizer(stats.teacher_lse, s_side.dtype)
+        w_sum, grad = stats.w_sum.to(s_side.dtype).contiguous(), grad.to(s_side.dtype).contiguous()
         s_buffer, t_buffer = two_sided_buffers(s_side, t_side, plan.elements)
-        for rows, cols in plan.blocks():
+        for rows, cols in plan.blocks(columns_outer=True):
             r, c = rows.stop - rows.start, cols.stop - cols.start
             a = s_side.logits(block_view(s_buffer, r, c), rows, cols)
             teacher_a = t_side.logits(block_view(t_buffer, r, c), rows, cols)
             dz = operand_view(a, student.hidden.dtype)
             jsd_grad(a, teacher_a, dz, cols.start, s_side.bias, t_side.bias, scalars, (s_side.has_cap, t_side.has_cap),
                      beta, lse[rows], teacher_lse[rows], w_sum[rows], grad[rows], tiles=tiles("jsd"))
-            s_side.grads_into(grads, dz, rows, cols, first_col=cols.start == 0, first_row=rows.start == 0)
-    return grads
+            grads.add(dz, rows, cols)
+    return grads.result()

@@ -16,14 +16,16 @@ import triton
 import triton.language as tl
 
 from ..triton.rowmath import beta_case, jsd_pointwise
-from ..triton.tiles import to_logits
 from . import _work
+from .transform import JSD_SCALARS, to_logits, unpack
 
 
-@triton.jit
+@triton.jit(do_not_specialize=JSD_SCALARS)
 def _jsd_grad_kernel(
-    a_ptr, ta_ptr, dz_ptr, bias_ptr, t_bias_ptr, scalars_ptr, lse_ptr, t_lse_ptr, w_sum_ptr, grad_ptr,
+    a_ptr, ta_ptr, dz_ptr, bias_ptr, t_bias_ptr, lse_ptr, t_lse_ptr, w_sum_ptr, grad_ptr,
     rows, cols, col0, stride_a, stride_ta, stride_dz,
+    beta_bits, log_beta_bits, log1m_beta_bits, scale_bits, cap_in_bits, cap_out_bits, t_scale_bits, t_cap_in_bits,
+    t_cap_out_bits,
     HAS_BIAS: tl.constexpr, T_HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_CAP: tl.constexpr,
     BETA_CASE: tl.constexpr, NARROW_IN_PLACE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -31,10 +33,12 @@ def _jsd_grad_kernel(
     offs_r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < rows
     acc_ty = a_ptr.dtype.element_ty
-    beta = tl.load(scalars_ptr)
-    log_beta = tl.load(scalars_ptr + 1)
-    log1m_beta = tl.load(scalars_ptr + 2)
-    chain = tl.load(scalars_ptr + 3)  # s/τ
+    # β, log β, log(1 − β), the student's (s/τ, s/c, c/τ), the teacher's (s'/τ, s'/c', c'/τ)
+    beta, log_beta, log1m_beta = unpack(beta_bits, acc_ty), unpack(log_beta_bits, acc_ty), unpack(log1m_beta_bits,
+                                                                                                   acc_ty)
+    chain, cap_in, cap_out = unpack(scale_bits, acc_ty), unpack(cap_in_bits, acc_ty), unpack(cap_out_bits, acc_ty)
+    t_scale, t_cap_in = unpack(t_scale_bits, acc_ty), unpack(t_cap_in_bits, acc_ty)
+    t_cap_out = unpack(t_cap_out_bits, acc_ty)
     lse = tl.load(lse_ptr + offs_r, mask=mask_r, other=0.0)
     t_lse = tl.load(t_lse_ptr + offs_r, mask=mask_r, other=0.0)
     w_sum = tl.load(w_sum_ptr + offs_r, mask=mask_r, other=0.0)
@@ -49,8 +53,8 @@ def _jsd_grad_kernel(
             a += tl.load(bias_ptr + col0 + offs_c, mask=mask_c, other=0.0).to(acc_ty)[None, :]
         if T_HAS_BIAS:
             ta += tl.load(t_bias_ptr + col0 + offs_c, mask=mask_c, other=0.0).to(acc_ty)[None, :]
-        z, t = to_logits(a, scalars_ptr + 3, HAS_CAP)
-        tz, _ = to_logits(ta, scalars_ptr + 6, T_HAS_CAP)
+        z, t = to_logits(a, chain, cap_in, cap_out, HAS_CAP)
+        tz, _ = to_logits(ta, t_scale, t_cap_in, t_cap_out, T_HAS_CAP)
         logp = tl.where(valid, (z - lse[:, None]).to(acc_ty), 0.0)
         logq = tl.where(valid, (tz - t_lse[:, None]).to(acc_ty), 0.0)
         _, w = jsd_pointwise(logp, logq, beta, log_beta, log1m_beta, BETA_CASE)
@@ -64,17 +68,18 @@ def _jsd_grad_kernel(
 
 
 def jsd_grad(a: torch.Tensor, teacher_a: torch.Tensor, dz: torch.Tensor, col0: int, bias, teacher_bias,
-             scalars: torch.Tensor, caps: tuple[bool, bool], beta: float, lse: torch.Tensor, teacher_lse: torch.Tensor,
-             w_sum: torch.Tensor, grad: torch.Tensor, *, tiles: tuple[int, int, int]) -> None:
+             scalars: tuple[int, ...], caps: tuple[bool, bool], beta: float, lse: torch.Tensor,
+             teacher_lse: torch.Tensor, w_sum: torch.Tensor, grad: torch.Tensor, *,
+             tiles: tuple[int, int, int]) -> None:
     """Write da of the student block ``a`` [R, C] into ``dz`` (a view over a's storage); row vectors [R]."""
     rows, cols = a.shape
     block_r, block_c, warps = tiles
-    dummy = scalars
+    dummy = lse
     size = a.element_size()
     _work.launch(
         "jsd_grad", _jsd_grad_kernel, (triton.cdiv(rows, block_r),),
         (a, teacher_a, dz, bias if bias is not None else dummy, teacher_bias if teacher_bias is not None else dummy,
-         scalars, lse, teacher_lse, w_sum, grad, rows, cols, col0, a.stride(0), teacher_a.stride(0), dz.stride(0)),
+         lse, teacher_lse, w_sum, grad, rows, cols, col0, a.stride(0), teacher_a.stride(0), dz.stride(0), *scalars),
         dict(HAS_BIAS=bias is not None, T_HAS_BIAS=teacher_bias is not None, HAS_CAP=caps[0], T_HAS_CAP=caps[1],
              BETA_CASE=beta_case(beta), NARROW_IN_PLACE=dz.dtype != a.dtype, BLOCK_R=block_r, BLOCK_C=block_c,
              num_warps=warps),

@@ -18,14 +18,16 @@ import triton
 import triton.language as tl
 
 from ..triton.rowmath import beta_case, jsd_pointwise
-from ..triton.tiles import to_logits
 from . import _work
+from .transform import JSD_SCALARS, to_logits, unpack
 
 
-@triton.jit
+@triton.jit(do_not_specialize=JSD_SCALARS)
 def _jsd_stats_kernel(
-    a_ptr, ta_ptr, bias_ptr, t_bias_ptr, scalars_ptr, lse_ptr, t_lse_ptr, value_ptr, w_sum_ptr,
+    a_ptr, ta_ptr, bias_ptr, t_bias_ptr, lse_ptr, t_lse_ptr, value_ptr, w_sum_ptr,
     rows, cols, col0, stride_a, stride_ta,
+    beta_bits, log_beta_bits, log1m_beta_bits, scale_bits, cap_in_bits, cap_out_bits, t_scale_bits, t_cap_in_bits,
+    t_cap_out_bits,
     HAS_BIAS: tl.constexpr, T_HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, T_HAS_CAP: tl.constexpr,
     BETA_CASE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -33,10 +35,12 @@ def _jsd_stats_kernel(
     offs_r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < rows
     acc_ty = a_ptr.dtype.element_ty
-    # scalars: [β, log β, log(1 − β), the student's (s/τ, s/c, c/τ), the teacher's (s'/τ, s'/c', c'/τ)]
-    beta = tl.load(scalars_ptr)
-    log_beta = tl.load(scalars_ptr + 1)
-    log1m_beta = tl.load(scalars_ptr + 2)
+    # β, log β, log(1 − β), the student's (s/τ, s/c, c/τ), the teacher's (s'/τ, s'/c', c'/τ)
+    beta, log_beta, log1m_beta = unpack(beta_bits, acc_ty), unpack(log_beta_bits, acc_ty), unpack(log1m_beta_bits,
+                                                                                                   acc_ty)
+    scale, cap_in, cap_out = unpack(scale_bits, acc_ty), unpack(cap_in_bits, acc_ty), unpack(cap_out_bits, acc_ty)
+    t_scale, t_cap_in = unpack(t_scale_bits, acc_ty), unpack(t_cap_in_bits, acc_ty)
+    t_cap_out = unpack(t_cap_out_bits, acc_ty)
     lse = tl.load(lse_ptr + offs_r, mask=mask_r, other=0.0)
     t_lse = tl.load(t_lse_ptr + offs_r, mask=mask_r, other=0.0)
     value_l = tl.zeros((BLOCK_R, BLOCK_C), acc_ty)
@@ -51,8 +55,8 @@ def _jsd_stats_kernel(
             a += tl.load(bias_ptr + col0 + offs_c, mask=mask_c, other=0.0).to(acc_ty)[None, :]
         if T_HAS_BIAS:
             ta += tl.load(t_bias_ptr + col0 + offs_c, mask=mask_c, other=0.0).to(acc_ty)[None, :]
-        z, _ = to_logits(a, scalars_ptr + 3, HAS_CAP)
-        tz, _ = to_logits(ta, scalars_ptr + 6, T_HAS_CAP)
+        z, _ = to_logits(a, scale, cap_in, cap_out, HAS_CAP)
+        tz, _ = to_logits(ta, t_scale, t_cap_in, t_cap_out, T_HAS_CAP)
         # padding entries get log p = log q = 0 and are zeroed before the sums
         logp = tl.where(valid, (z - lse[:, None]).to(acc_ty), 0.0)
         logq = tl.where(valid, (tz - t_lse[:, None]).to(acc_ty), 0.0)
@@ -65,18 +69,18 @@ def _jsd_stats_kernel(
     tl.store(w_sum_ptr + offs_r, w_sum + tl.sum(w_sum_l, axis=1), mask=mask_r)
 
 
-def jsd_stats(a: torch.Tensor, teacher_a: torch.Tensor, col0: int, bias, teacher_bias, scalars: torch.Tensor,
+def jsd_stats(a: torch.Tensor, teacher_a: torch.Tensor, col0: int, bias, teacher_bias, scalars: tuple[int, ...],
               caps: tuple[bool, bool], beta: float, lse: torch.Tensor, teacher_lse: torch.Tensor,
               value: torch.Tensor, w_sum: torch.Tensor, *, tiles: tuple[int, int, int]) -> None:
     """Add the block's Σ d and Σ w into value, w_sum [R] (a's dtype). ``scalars`` from ``jsd_scalars``."""
     rows, cols = a.shape
     block_r, block_c, warps = tiles
-    dummy = scalars
+    dummy = lse
     size = a.element_size()
     _work.launch(
         "jsd_stats", _jsd_stats_kernel, (triton.cdiv(rows, block_r),),
         (a, teacher_a, bias if bias is not None else dummy, teacher_bias if teacher_bias is not None else dummy,
-         scalars, lse, teacher_lse, value, w_sum, rows, cols, col0, a.stride(0), teacher_a.stride(0)),
+         lse, teacher_lse, value, w_sum, rows, cols, col0, a.stride(0), teacher_a.stride(0), *scalars),
         dict(HAS_BIAS=bias is not None, T_HAS_BIAS=teacher_bias is not None, HAS_CAP=caps[0], T_HAS_CAP=caps[1],
              BETA_CASE=beta_case(beta), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps),
         elements=rows * cols,

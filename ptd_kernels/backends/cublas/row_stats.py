@@ -23,7 +23,7 @@ from ... import rowmath
 from ..base import Head, RowStats
 from ..triton._launch import interpreting
 from . import _work
-from ._blocks import MAX_K, Side, block_view, tiles, vocab_plan
+from ._blocks import MAX_K, Side, block_view, slice_bytes, tiles, vocab_plan
 from .keys import SENTINEL, unpack_keys
 from .stats_kernel import block_stats, scratch_width
 
@@ -53,7 +53,7 @@ def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, wi
         top = _work.workspace((n, k_pad), torch.int64, device, fill=SENTINEL) if k_pad else None
         running = _work.workspace((n, k), torch.int64, device, fill=SENTINEL) if wide else None
         # the block (its plan is the backward's: the same GEMMs), the top-K scratch list per row beside it
-        plan = vocab_plan(n, v, side.itemsize)
+        plan = vocab_plan(n, v, side.itemsize, slice_bytes(head))
         buffer = _work.workspace(plan.elements, dtype, device) if n else None
         scratch = _work.workspace((plan.rows, cap), torch.int64, device) if k_pad and n else None
         for rows, cols in plan.blocks():

@@ -28,16 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton.tiles import to_logits
 from . import _work
 from .keys import KEY_SENTINEL, kth_key, pack_keys, select_top
+from .transform import to_logits, unpack
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_bits", "cap_in_bits", "cap_out_bits"])
 def _block_stats_kernel(
-    a_ptr, bias_ptr, scalars_ptr, targets_ptr,
+    a_ptr, bias_ptr, targets_ptr,
     m_ptr, s_ptr, t_ptr, target_ptr, top_ptr, scratch_ptr,
-    rows, cols, col0, k, stride_a,
+    rows, cols, col0, k, stride_a, scale_bits, cap_in_bits, cap_out_bits,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, WITH_MEAN: tl.constexpr, HAS_TARGETS: tl.constexpr,
     TOPK: tl.constexpr, WRITE_Z: tl.constexpr, K_PAD: tl.constexpr, CAP: tl.constexpr,
     RANK_SELECT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -47,6 +47,7 @@ def _block_stats_kernel(
     mask_r = offs_r < rows
     row_base = offs_r * stride_a  # int64: rows · C may exceed 2^31
     acc_ty = a_ptr.dtype.element_ty
+    scale, cap_in, cap_out = unpack(scale_bits, acc_ty), unpack(cap_in_bits, acc_ty), unpack(cap_out_bits, acc_ty)
 
     # per-lane running statistics (lane = position within the tile)
     m_l = tl.full((BLOCK_R, BLOCK_C), float("-inf"), acc_ty)
@@ -71,7 +72,7 @@ def _block_stats_kernel(
         a = tl.load(ptrs, mask=valid, other=0.0)
         if HAS_BIAS:
             a += tl.load(bias_ptr + col0 + offs_c, mask=mask_c, other=0.0).to(acc_ty)[None, :]
-        z, _ = to_logits(a, scalars_ptr, HAS_CAP)
+        z, _ = to_logits(a, scale, cap_in, cap_out, HAS_CAP)
         if WRITE_Z:
             tl.store(ptrs, z, mask=valid)
 
@@ -145,7 +146,7 @@ def scratch_width(k_pad: int, block_c: int) -> int:
     return triton.next_power_of_2(k_pad + block_c)
 
 
-def block_stats(a: torch.Tensor, col0: int, bias: torch.Tensor | None, scalars: torch.Tensor, has_cap: bool, *,
+def block_stats(a: torch.Tensor, col0: int, bias: torch.Tensor | None, scalars: tuple[int, ...], has_cap: bool, *,
                 m: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, target: torch.Tensor | None = None,
                 top: torch.Tensor | None = None, k: int = 0, scratch: torch.Tensor | None = None,
@@ -155,7 +156,8 @@ def block_stats(a: torch.Tensor, col0: int, bias: torch.Tensor | None, scalars: 
     m, s [R] (and t [R] with the mean logit): the running statistics, in a's dtype, initialized to
     −inf, 0, 0. targets [R] int64 with target [R]: the target logit is written where the target falls
     in the block. top [R, K_PAD] int64 (initialized to ``keys.SENTINEL``, sorted descending) with
-    scratch [R, CAP]: the running top-k keys. ``tiles`` = (BLOCK_R, BLOCK_C, num_warps).
+    scratch [R, CAP]: the running top-k keys. ``scalars``: the transform's (s/τ, s/c, c/τ) as
+    ``transform.pack`` gives them (``Side.scalars``). ``tiles`` = (BLOCK_R, BLOCK_C, num_warps).
     """
     rows, cols = a.shape
     block_r, block_c, warps = tiles
@@ -170,10 +172,10 @@ def block_stats(a: torch.Tensor, col0: int, bias: torch.Tensor | None, scalars: 
     dummy = m
     _work.launch(
         "block_stats", _block_stats_kernel, (triton.cdiv(rows, block_r),),
-        (a, bias if bias is not None else dummy, scalars, targets if targets is not None else dummy,
+        (a, bias if bias is not None else dummy, targets if targets is not None else dummy,
          m, s, t if t is not None else dummy, target if target is not None else dummy,
          top if topk else dummy, scratch if topk else dummy,
-         rows, cols, col0, k, a.stride(0)),
+         rows, cols, col0, k, a.stride(0), *scalars),
         dict(HAS_BIAS=bias is not None, HAS_CAP=has_cap, WITH_MEAN=t is not None, HAS_TARGETS=targets is not None,
              TOPK=topk, WRITE_Z=write_z, K_PAD=k_pad, CAP=cap, RANK_SELECT=rank_select,
              BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps),

@@ -103,6 +103,19 @@ def tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def device_scalars(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A kernel's few per-call numbers (the logit transform's s/τ, s/c, c/τ; the JSD's β, log β, log(1 − β))
+    as a device tensor of ``dtype``, each element filled from its Python float (a fill kernel takes its
+    value as an argument). ``torch.tensor(values, device=...)`` would copy them from pageable host memory,
+    which makes the host wait for the device on every call. A float64 tensor holds the values exactly, a
+    float32 one the same roundings as ``torch.tensor(values, dtype=torch.float32)``."""
+    values = [float(value) for value in values]
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    for index, value in enumerate(values):
+        out[index].fill_(value)
+    return out
+
+
 def check_tile(name: str, size: int) -> None:
     if size < 16 or size & (size - 1):
         raise ValueError(f"{name} must be a power of 2 and at least 16, got {size}")

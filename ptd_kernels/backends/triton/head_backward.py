@@ -217,7 +217,7 @@ def head_backward(
     def vec(t):
         return t.to(acc_dtype).contiguous()
 
-    scalars = torch.tensor(head.transform_scalars(), dtype=acc_dtype, device=device)
+    scalars = _launch.device_scalars(head.transform_scalars(), acc_dtype, device)
     dummy = scalars  # stands in for absent optional pointers (never read: constexpr flags)
     padded = pad_sparse(n, v, coefs.sparse, acc_dtype)
     sparse_ids, sparse_coef = padded if padded is not None else (dummy, dummy)

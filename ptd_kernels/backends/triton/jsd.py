@@ -117,8 +117,8 @@ def prepare(student: Head, teacher: Head, beta, lse, teacher_lse) -> JSDLaunch:
     # log β and log(1 − β) in double precision on the host; only the mixture case reads them.
     log_beta = math.log(beta) if beta > 0.0 else 0.0
     log1m_beta = math.log1p(-beta) if beta < 1.0 else 0.0
-    scalars = torch.tensor([beta, log_beta, log1m_beta, *student.transform_scalars(), *teacher.transform_scalars()],
-                           dtype=acc_dtype, device=device)
+    scalars = _launch.device_scalars([beta, log_beta, log1m_beta, *student.transform_scalars(),
+                                      *teacher.transform_scalars()], acc_dtype, device)
     bias = student.bias.contiguous() if student.bias is not None else scalars
     teacher_bias = teacher.bias.contiguous() if teacher.bias is not None else scalars
     inputs = (hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias,

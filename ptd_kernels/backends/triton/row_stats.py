@@ -285,7 +285,7 @@ def row_stats(
     part_t = torch.empty_like(part_m) if with_mean_logit else part_m
     part_keys = torch.empty(n, num_seg, k_pad, dtype=torch.int64, device=device) if k else part_m
     # the logit transform's scalars in the accumulator dtype (a float argument would be float32)
-    scalars = torch.tensor(head.transform_scalars(), dtype=acc_dtype, device=device)
+    scalars = _launch.device_scalars(head.transform_scalars(), acc_dtype, device)
 
     _row_stats_kernel[(row_blocks, num_seg)](
         hidden, weight, bias if bias is not None else hidden, scalars,
