@@ -14,6 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton._launch import check_triton_for_cublas
+
+check_triton_for_cublas(triton.__version__, hasattr(tl, "topk"))  # select_top's tl.topk: on first use
+
 SENTINEL = -(2**63)
 KEY_SENTINEL = tl.constexpr(SENTINEL)  # the same, for kernels
 
