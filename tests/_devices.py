@@ -38,7 +38,10 @@ def backend_devices(name: str) -> tuple[str, ...]:
 
 def device_for(name: str) -> str | None:
     """The one device a test of backend ``name`` uses: the CPU for a backend that runs there natively
-    (the torch path), else its GPU when there is one, else the CPU under the interpreter (None: nowhere)."""
+    (the torch path), else its GPU when there is one, else the CPU under the interpreter (None: nowhere).
+    "auto" runs where the tensors are: the CPU."""
+    if name == "auto":
+        return "cpu"
     devices = backend_devices(name)
     if not devices:
         return None
