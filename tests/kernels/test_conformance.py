@@ -279,14 +279,16 @@ def test_head_backward_forms_only_what_is_needed(backend, device, needs):
 # ----------------------------------------------------------------------------- full-vocabulary JSD
 
 
-JSD = [(F32, 0.0), (F32, 0.5), (F32, 1.0), (F32, 0.3), (BF16, 0.5), (F64, 0.3)]  # 0.3: β and 1 − β differ
+JSD = [(F32, 0.0, True), (F32, 0.5, True), (F32, 1.0, True), (F32, 0.3, False), (BF16, 0.5, True),
+       (F64, 0.3, True)]  # 0.3: β and 1 − β differ
 
 
 @conformance
-@pytest.mark.parametrize("dtype,beta", JSD, ids=[f"{str(d)[6:]}-beta{b}" for d, b in JSD])
-def test_jsd_forward_and_backward(backend, device, dtype, beta):
-    student = make_head(dtype, device, seed=0)
-    teacher = make_head(dtype, device, h=TEACHER_H, seed=1, spec=CAPPED)
+@pytest.mark.parametrize("dtype,beta,bias", JSD,
+                         ids=[f"{str(d)[6:]}-beta{b}-{'bias' if c else 'nobias'}" for d, b, c in JSD])
+def test_jsd_forward_and_backward(backend, device, dtype, beta, bias):
+    student = make_head(dtype, device, seed=0, bias=bias)
+    teacher = make_head(dtype, device, h=TEACHER_H, seed=1, spec=CAPPED, bias=bias)
     be = get_backend(backend)
     stats = be.jsd_forward(student, teacher, beta)
     hidden, weight, bias = leaves(student, grad=True)
@@ -301,7 +303,8 @@ def test_jsd_forward_and_backward(backend, device, dtype, beta):
 
     grad = random_like_rows(N, device, compute, seed=4)
     grads = be.jsd_backward(student, teacher, beta, stats, grad, ALL_GRADS)
-    wanted = torch.autograd.grad((want * grad.cpu().to(F64)).sum(), [hidden, weight, bias])
+    wrt = [t for t in (hidden, weight, bias) if t is not None]
+    wanted = torch.autograd.grad((want * grad.cpu().to(F64)).sum(), wrt)
     check_grads(grads, wanted, student, ALL_GRADS, f"JSD β={beta}")
 
 
