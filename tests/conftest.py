@@ -13,7 +13,7 @@ tests import ptd_kernels.
   naming the kernel (a test that made its tensors on the CPU instead of on ``device``).
 - ``PTD_TEST_PRETEND_CUDA=1`` (with ``--collect-only`` only): collect as a CUDA host would — CUDA reported
   available, the interpreter off — and, with ``PTD_TEST_DEVICE_REPORT=path``, write each collected test's
-  backend and device there (JSON lines). tests/test_devices.py reads it.
+  backend and device there (JSON lines). tests/kernels/test_devices.py reads it.
 """
 
 import json
@@ -77,7 +77,9 @@ def pytest_collection_modifyitems(config, items):
     if report:
         with open(report, "w") as out:
             for item in items:
+                params = item.callspec.params if hasattr(item, "callspec") else {}
                 out.write(json.dumps({"nodeid": item.nodeid, "backend": backend_of(item), "device": device_of(item),
+                                      "parametrized": isinstance(params.get("backend"), str),
                                       "cuda_host": HAS_CUDA, "interpreting": interpreting()}) + "\n")
 
 
@@ -99,12 +101,9 @@ def fail_on_cpu_launch(kernel_name: str, args, kwargs) -> None:
                     "off: make the test's tensors on the `device` fixture (tests/_devices.py)", pytrace=False)
 
 
-@pytest.fixture(autouse=True)
-def _kernels_launch_on_their_device(monkeypatch):
-    """The guard of the module docstring: on a GPU host every compiled launch is checked."""
-    if interpreting() or not HAS_CUDA or PRETEND_CUDA:
-        yield
-        return
+def install_launch_guard(monkeypatch) -> None:
+    """Check every launch of a compiled Triton kernel (``JITFunction.run``) for CPU tensors, for the
+    duration of ``monkeypatch``."""
     from triton.runtime.jit import JITFunction
 
     run = JITFunction.run
@@ -116,6 +115,13 @@ def _kernels_launch_on_their_device(monkeypatch):
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(JITFunction, "run", checked_run)
+
+
+@pytest.fixture(autouse=True)
+def _kernels_launch_on_their_device(monkeypatch):
+    """The guard of the module docstring: on a GPU host every compiled launch is checked."""
+    if HAS_CUDA and not interpreting() and not PRETEND_CUDA:
+        install_launch_guard(monkeypatch)
     yield
 
 

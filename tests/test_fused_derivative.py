@@ -161,6 +161,7 @@ def test_linear_jsd_matches_liger_fused_linear_jsd(backend, device, beta, with_i
         labels = torch.where(case.mask, labels, -100)
     x = case.inputs(F32, device)
     lx = case.inputs(F32, device)
+    labels = labels.to(device)
     liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, temperature=TAU,
                                     compiled=False)(lx.hidden, lx.weight, lx.teacher_hidden, lx.teacher_weight,
                                                     labels, lx.bias, lx.teacher_bias)

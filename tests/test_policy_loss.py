@@ -383,25 +383,26 @@ def test_logprobs_at_mistakes():
 
 
 @pytest.fixture
-def cublas_blocks(monkeypatch):
-    """The cuBLAS one-sweep loss on, in blocks of 2 rows (a block straddles the rows with a teacher)."""
-    pytest.importorskip("triton")
-    if "cublas" not in ptd.backends_for("cpu"):
-        pytest.skip("the cuBLAS backend runs on a CPU only under TRITON_INTERPRET=1")
+def cublas_blocks(monkeypatch, device):
+    """The cuBLAS one-sweep loss on, in blocks of 2 rows (a block straddles the rows with a teacher); on the
+    ``device`` fixture's device (CUDA, or the CPU under TRITON_INTERPRET=1)."""
     from ptd_kernels.backends.cublas import fused_loss
 
     monkeypatch.setattr(fused_loss, "FUSED_MIN_ROWS", 1)
     monkeypatch.setattr(ptd.config, "CUDA_BLOCK_BYTES", 2 * 130 * 4 + 1024)
 
 
+@pytest.mark.backend("cublas")
 @pytest.mark.parametrize(("dtype", "teacher", "support"), [(F64, True, "union"), (F32, True, "teacher"),
                                                           (F32, False, "union"), (BF16, True, "student")])
-def test_cublas_one_sweep_matches_the_reference(cublas_blocks, dtype, teacher, support):
+def test_cublas_one_sweep_matches_the_reference(cublas_blocks, device, dtype, teacher, support):
     case = ptd_case(dtype=dtype)
-    check(policy_fn(policy(case, entropy_coef=0.02), teacher=teacher, support=support, softcap=3.0), case, "cublas")
+    check(policy_fn(policy(case, device=device, entropy_coef=0.02), teacher=teacher, support=support, softcap=3.0),
+          case, "cublas")
 
 
-def test_cublas_logprobs_at(cublas_blocks):
+@pytest.mark.backend("cublas")
+def test_cublas_logprobs_at(cublas_blocks, device):
     case = ptd_case(dtype=F32)
     ids = torch.randint(0, case.v, (case.n, 3), generator=torch.Generator().manual_seed(5))
     check(logprobs_at_fn(ids), case, "cublas")
