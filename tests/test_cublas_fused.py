@@ -20,7 +20,8 @@ from _fused_cases import ALL_FNS, BETAS, BF16, F32, F64, SUPPORTS, K, V
 from ptd_kernels import config
 from ptd_kernels.backends.cublas import _blocks
 
-pytestmark = [pytest.mark.usefixtures("one_thread", "small_blocks"), pytest.mark.backend("cublas")]
+# slow: every public function through the interpreted cuBLAS kernels (the conformance suite is the quick check)
+pytestmark = [pytest.mark.usefixtures("one_thread", "small_blocks"), pytest.mark.backend("cublas"), pytest.mark.slow]
 BE = "cublas"
 
 

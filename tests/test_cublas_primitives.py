@@ -263,6 +263,7 @@ def test_gather_logits(small, device):
 # ----------------------------------------------------------------------------- work and memory
 
 
+@pytest.mark.slow
 def test_gemm_work_per_form_is_the_floor_and_memory_the_budget(monkeypatch):
     """Counted at the target shape on meta tensors (N = 8192, H = 4096, V = 151936, K = 100, bf16): logits-GEMM
     equivalents per op — log-prob + entropy 4, teacher top-K 1, Top-K JSD / PTD terms 5, per-row full JSD 6,

@@ -81,6 +81,7 @@ def test_trl_ptd_po(run_example):
     assert "rollouts in the PTD set" in out
 
 
+@pytest.mark.slow
 def test_tensor_parallel_under_torchrun():
     """examples/tensor_parallel.py as written, under torchrun with 2 gloo processes."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}

@@ -15,7 +15,8 @@ import torch
 
 import ptd_kernels as ptd
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# slow: counts the syncs of every public function on every backend
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "host_syncs.py")
 _spec = importlib.util.spec_from_file_location("host_syncs", _PATH)

@@ -241,6 +241,7 @@ def test_config_and_arguments_are_validated(qwen3):
                        train_dataset=Dataset.from_list(text_rows(4)))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes(qwen3, tmp_path):
     """Under accelerate's DDP (2 CPU processes, gloo) the PTD term is computed and the replicas stay equal."""
     script = os.path.join(ROOT, "tests", "_ddp_ptd_trl.py")

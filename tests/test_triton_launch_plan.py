@@ -31,6 +31,8 @@ import pytest
 
 from ptd_kernels.backends.triton import launch_plan
 
+pytestmark = pytest.mark.slow  # compiles every kernel for sm_90a and sm_100a
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = launch_plan.Configuration
 

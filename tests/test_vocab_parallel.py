@@ -18,6 +18,8 @@ import pytest
 import torch
 from _vocab_parallel_worker import SPLITS, K, V, cases, problem, run_case
 
+pytestmark = pytest.mark.slow  # 2 and 3 gloo processes per case
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
