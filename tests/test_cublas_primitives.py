@@ -31,7 +31,8 @@ from ptd_kernels.backends.cublas import CublasBackend, _blocks, _work, fused_los
 from ptd_kernels.backends.cublas import row_stats as cublas_row_stats
 from ptd_kernels.backends.torch import TorchBackend
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.backend("cublas")]
+# slow: block and tile overrides of the interpreted cuBLAS kernels (the conformance suite is the quick check)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.backend("cublas"), pytest.mark.slow]
 
 CUBLAS, TORCH = CublasBackend(), TorchBackend()
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16

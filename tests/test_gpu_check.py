@@ -52,6 +52,7 @@ def _sample(device="cpu"):
     return picked
 
 
+@pytest.mark.slow
 def test_tier_sample_passes_on_the_cpu():
     cases = _sample()
     assert {c.function for c in cases} == set(cuda_tier.functions())

@@ -206,6 +206,7 @@ def test_one_sweep_policy_loss_is_4_gemms_with_a_teacher_and_3_without(path, op_
     assert sum(w.gemm_flops for w in _works(trace, "gemm") if w.phase == "backward") == 0
 
 
+@pytest.mark.slow
 def test_model_end_to_end_at_a_tiny_shape(monkeypatch):
     import ptd_kernels
 

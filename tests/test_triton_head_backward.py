@@ -305,6 +305,7 @@ def test_sparse_terms_alone_and_single_slot(device):
     run_and_compare(hidden, weight, bias, zero, SMALL_TILES, GRAD_TOL[torch.float64], sparse=(ids, coef))
 
 
+@pytest.mark.slow
 def test_sparse_terms_many_rows_and_random_ids(device):
     """150 rows over 10 row tiles, 21 random (possibly repeated) ids per row, some rows without any."""
     n = 150

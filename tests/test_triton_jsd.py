@@ -225,6 +225,7 @@ def test_bad_inputs_are_rejected(device):
         jsd_backward(student, teacher, 0.5, JSDStats(lse, lse, lse, lse), lse[:-1])
 
 
+@pytest.mark.slow
 def test_many_row_tiles(device):
     """N = 150 rows in 16-row tiles: 10 row blocks looped over by the interpreter's 4 programs; the
     backward's sweeps cross chunk boundaries both ways."""
