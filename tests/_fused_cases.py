@@ -56,7 +56,7 @@ TRITON = pytest.param(
     marks=pytest.mark.skipif(_TRITON_MISSING is not None,
                              reason=f"Triton kernels not importable: {_TRITON_MISSING}"))
 #: Backends with a public-function suite of their own (with shrunk blocks), left out of BOTH.
-OWN_SUITE = {"cublas": "tests/test_cublas_fused.py"}
+OWN_SUITE = {"cublas": "tests/kernels/test_cublas_fused.py"}
 #: Every other registered backend that runs in this process (the registry decides: Triton on CUDA tensors, or
 #: on CPU ones under the interpreter); a test takes its tensors' device from the ``device`` fixture.
 BOTH = [TRITON if param.values[0] == "triton" else param for param in backend_params(exclude=OWN_SUITE)]

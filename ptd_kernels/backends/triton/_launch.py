@@ -15,7 +15,7 @@ from ..._dtypes import compute_dtype
 
 # The oldest Triton with every language feature the kernels use: tl.dot's input_precision (Triton 3.0;
 # 2.3 has only allow_tf32). The kernels were compiled for sm_90a with 3.0.0, 3.2.0 and 3.9.0
-# (docs/gpu.md); tests/test_triton_floor.py keeps them to the tl names that 3.0 has. The jit-helper
+# (docs/gpu.md); tests/kernels/test_triton_floor.py keeps them to the tl names that 3.0 has. The jit-helper
 # modules every kernel imports first (``tiles``, ``rowmath``) call ``check_triton`` before they define
 # a function: a first use on an older Triton stops there, with the version needed.
 TRITON_FLOOR = (3, 0)

@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(__file__, "..", "..", ".."))
 KERNELS = os.path.join(ROOT, "ptd_kernels", "backends", "triton")
 
 # Checked against Triton 3.0.0's triton.language.__all__ (the wheel's triton/language/__init__.py).

@@ -33,7 +33,7 @@ from ptd_kernels.backends.triton import launch_plan
 
 pytestmark = pytest.mark.slow  # compiles every kernel for sm_90a and sm_100a
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(__file__, "..", "..", ".."))
 C = launch_plan.Configuration
 
 

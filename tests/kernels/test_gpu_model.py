@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+sys.path.insert(0, os.path.join(os.path.abspath(os.path.join(__file__, "..", "..", "..")), "bench"))
 
 import gpu_cases  # noqa: E402
 import gpu_count  # noqa: E402

@@ -36,7 +36,7 @@ from ptd_train.hints import HintLeakError  # noqa: E402
 from ptd_train.trl import PTDGRPOConfig, PTDGRPOTrainer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(__file__, "..", "..", ".."))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from ptd_kernels.rowmath import bound_divergence_, divergence_upper_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.abspath(os.path.join(__file__, "..", ".."))  # tests/: the shared helpers
 BACKENDS = ("torch", "triton", "cublas")  # triton and cublas run under the Triton interpreter on CPU
 HIDDEN = 8
 PROPERTY = settings(max_examples=6, deadline=None, derandomize=True,

@@ -15,7 +15,7 @@ import zipfile
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(__file__, "..", "..", ".."))
 BENCH = os.path.join(ROOT, "bench")
 sys.path.insert(0, BENCH)
 
