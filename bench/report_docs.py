@@ -107,7 +107,7 @@ It runs, in this order, each phase under its own time limit:
    β = 0 and 1, τ ≠ 1, soft-cap and logit scale, no bias). Tolerances follow the dtype of the
    computation; top-k ids are judged by the reference log-probabilities at them, so a near tie that fp32
    orders differently is no failure. Worker processes (one per backend and dtype) keep a hung or crashed
-   case from stopping the rest. The same cases are the `cuda`-marked tests of `tests/test_gpu_check.py`;
+   case from stopping the rest. The same cases are the `cuda`-marked tests of `tests/kernels/test_gpu_check.py`;
 3. **training steps**: `python -m ptd_train.run`, a few bf16 steps on each CUDA backend;
 4. **TRL steps**: `bench/trl_step_time.py` (stock `GRPOTrainer`, the same on ptd's kernels, `PTDGRPOTrainer`);
 5. **benchmarks**: `pytest bench` with both ptd CUDA paths (`backend="triton"` and `backend="cublas"`), the

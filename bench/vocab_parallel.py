@@ -16,7 +16,7 @@ warm-up call). Writes ``<out>/vocab_parallel.json`` and ``.md``.
 What this measures: the algorithm — how much work each rank keeps, what the combining costs, how many
 bytes cross — with gloo between processes that share one 2-core CPU. It is not a measurement of NCCL
 or of GPUs: there, the collectives are far faster and the ranks do not share cores. Correctness (every
-output equal to the one-process result) is tests/test_vocab_parallel.py's job.
+output equal to the one-process result) is tests/distributed/test_vocab_parallel.py's job.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def released_surrogate(jsd: torch.Tensor) -> torch.Tensor:
     the student weight p but differentiates the mixture m. Its derivative is
         −Σ_v (β q_v + (1−β) p_v) · dm_v / m_v = −Σ_v dm_v = −(1−β)·Σ_v dp_v = 0,
     since the weights add up to m and Σ_v p_v = 1 (on the |S|+1 Top-K atoms with the tail as well;
-    tests/test_reference.py checks both in float64). So the surrogate is exactly ``jsd.detach()``:
+    tests/kernels/test_reference.py checks both in float64). So the surrogate is exactly ``jsd.detach()``:
     the value is logged, no gradient flows, and in a ``ptd-released`` run the only thing PTD
     changes is that PTD groups lose their reference-KL term.
     """

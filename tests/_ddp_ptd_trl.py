@@ -1,4 +1,4 @@
-"""Run by tests/test_train_trl.py under torch.distributed.run: PTD-PO on TRL, 2 CPU processes (gloo).
+"""Run by tests/training/test_train_trl.py under torch.distributed.run: PTD-PO on TRL, 2 CPU processes (gloo).
 
 argv: tiny model directory, output directory. Each rank writes rank{r}.json with its parameters
 (a slice) and its logged PTD metrics.

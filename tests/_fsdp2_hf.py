@@ -1,4 +1,4 @@
-"""Run by tests/test_integrations_hf.py under torch.distributed.run: the ptd head under FSDP2
+"""Run by tests/integrations/test_integrations_hf.py under torch.distributed.run: the ptd head under FSDP2
 (2 CPU processes, gloo), with the output layer inside the root unit and in a unit of its own.
 
 argv: tiny model directory, output directory. Each rank checks its log-probs / entropy and the

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _devices import backend_params, device_for
 
 import ptd_kernels as ptd
 from ptd_kernels import PTDTerms, TopK
@@ -55,11 +56,10 @@ TRITON = pytest.param(
     marks=pytest.mark.skipif(_TRITON_MISSING is not None,
                              reason=f"Triton kernels not importable: {_TRITON_MISSING}"))
 #: Backends with a public-function suite of their own (with shrunk blocks), left out of BOTH.
-OWN_SUITE = {"cublas": "tests/test_cublas_fused.py"}
-#: Every other registered backend that runs on this process's test tensors (the registry decides: Triton
-#: only under the interpreter on a CPU).
-BOTH = [TRITON if name == "triton" else pytest.param(name, id=name) for name in ptd.backends_for("cpu")
-        if name not in OWN_SUITE]
+OWN_SUITE = {"cublas": "tests/kernels/test_cublas_fused.py"}
+#: Every other registered backend that runs in this process (the registry decides: Triton on CUDA tensors, or
+#: on CPU ones under the interpreter); a test takes its tensors' device from the ``device`` fixture.
+BOTH = [TRITON if param.values[0] == "triton" else param for param in backend_params(exclude=OWN_SUITE)]
 
 
 _SHORT = {F64: "f64", F32: "f32", BF16: "bf16"}
@@ -70,9 +70,11 @@ def _pid(backend, params):
 
 
 def grid(names, full, triton_subset=()):
-    """Parametrize (backend, *params): the full grid on torch, a representative subset on Triton."""
+    """Parametrize (backend, *params): the full grid on torch, a representative subset on Triton (when it
+    runs in this process)."""
     params = [pytest.param("torch", *p, id=_pid("torch", p)) for p in full]
-    params += [pytest.param("triton", *p, id=_pid("triton", p), marks=TRITON.marks) for p in triton_subset]
+    if any(param.values[0] == "triton" for param in BOTH):
+        params += [pytest.param("triton", *p, id=_pid("triton", p), marks=TRITON.marks) for p in triton_subset]
     return pytest.mark.parametrize(("backend", *names), params)
 
 
@@ -126,9 +128,13 @@ class Case:
         """``t`` rounded to the case's dtype (so every dtype sees the same values), kept in float64."""
         return t.to(self.dtype).to(F64)
 
-    def inputs(self, dtype):
+    def inputs(self, dtype, device="cpu"):
+        """Fresh leaves in ``dtype`` on ``device`` (a test of a backend: its ``device`` fixture)."""
         def leaf(t, grad):  # rounded again: tests may have scaled the stored values after __init__
-            return None if t is None else self.rounded(t).to(dtype).detach().requires_grad_(grad)
+            return None if t is None else self.rounded(t).to(dtype).to(device).detach().requires_grad_(grad)
+
+        def copy(t):
+            return None if t is None else t.to(device, copy=True)
 
         return SimpleNamespace(
             hidden=leaf(self.hidden, True), weight=leaf(self.weight, True), bias=leaf(self.bias, True),
@@ -136,8 +142,7 @@ class Case:
             teacher_bias=leaf(self.teacher_bias, False),
             logits=leaf(self.rounded(self.logits()), True),
             teacher_logits=leaf(self.rounded(self.logits(True)), False),
-            targets=self.targets.clone(), mask=None if self.mask is None else self.mask.clone(),
-            jsd_mask=None if self.jsd_mask is None else self.jsd_mask.clone(), dtype=dtype)
+            targets=copy(self.targets), mask=copy(self.mask), jsd_mask=copy(self.jsd_mask), dtype=dtype)
 
 
 def masked_case(**kw):
@@ -165,12 +170,15 @@ def as_list(out):
 
 def cotangents(outs, seed=1234):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(o.shape, generator=g, dtype=F64) for o in outs]
+    return [torch.randn(o.shape, generator=g, dtype=F64).to(o.device) for o in outs]
 
 
-def evaluate(fn, module, case, dtype, backend, wrt=LINEAR, grad=True):
-    """Run ``fn(module, x, backend)``; return (outputs, grads of Σ cotangent·outputs w.r.t. ``wrt``)."""
-    x = case.inputs(dtype)
+def evaluate(fn, module, case, dtype, backend, wrt=LINEAR, grad=True, device=None):
+    """Run ``fn(module, x, backend)`` on ``device`` (default: the backend's test device; the CPU for the
+    reference); return (outputs, grads of Σ cotangent·outputs w.r.t. ``wrt``)."""
+    if device is None:
+        device = device_for(backend) if module is ptd else "cpu"
+    x = case.inputs(dtype, device)
     outs = as_list(fn(module, x, backend))
     if not grad:
         return outs, None, x
@@ -186,9 +194,10 @@ def evaluate(fn, module, case, dtype, backend, wrt=LINEAR, grad=True):
 def assert_values(actual, expected, tol, what):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if not actual.dtype.is_floating_point:
+        actual, expected = actual.cpu(), expected.cpu()
         assert torch.equal(actual, expected.to(actual.dtype)), f"{what}: {actual} != {expected}"
         return
-    a, e = actual.detach().to(F64), expected.detach().to(F64)
+    a, e = actual.detach().cpu().to(F64), expected.detach().cpu().to(F64)
     finite = torch.isfinite(e)
     assert torch.equal(torch.isfinite(a), finite), f"{what}: non-finite pattern differs ({a} vs {e})"
     err = ((a - e).abs() - tol * (1 + e.abs()))[finite]
@@ -199,7 +208,7 @@ def assert_values(actual, expected, tol, what):
 def assert_grads(actual, expected, tol, what, floor=1e-6):
     """max |actual − expected| ≤ tol · max(max |expected|, floor)."""
     assert actual.shape == expected.shape, what
-    a, e = actual.detach().to(F64), expected.detach().to(F64)
+    a, e = actual.detach().cpu().to(F64), expected.detach().cpu().to(F64)
     assert bool(torch.isfinite(a).all()), f"{what}: non-finite gradient"
     scale = float(e.abs().max())
     err = float((a - e).abs().max())
@@ -213,8 +222,9 @@ def check(fn, case, backend, dtype=None, wrt=LINEAR, grad=True, vtol=None, gtol=
     dtype = dtype or case.dtype
     vtol, gtol = vtol or VALUE_TOL[dtype], gtol or grad_tol(dtype, backend)
     out_tol = out_tol or {}
-    ours, ours_grads, x = evaluate(fn, ptd, case, dtype, backend, wrt, grad)
-    want, want_grads, _ = evaluate(fn, ref, case, F64, "torch", wrt, grad)
+    device = device_for(backend)  # the reference runs there too: a loss object may hold tensors on it
+    ours, ours_grads, x = evaluate(fn, ptd, case, dtype, backend, wrt, grad, device)
+    want, want_grads, _ = evaluate(fn, ref, case, F64, "torch", wrt, grad, device)
     assert len(ours) == len(want)
     out_dtype = F64 if dtype == F64 else F32
     for i, (o, w) in enumerate(zip(ours, want)):
@@ -262,7 +272,7 @@ def ptd_case(**kw):
 def loss_fn(kind, weights, beta=0.5, support="union", tail=True, k=K):
     def fn(m, x, be):
         n = x.hidden.shape[0]
-        w = None if weights is None else weights[:n].to(F64 if x.dtype == F64 else F32)
+        w = None if weights is None else weights[:n].to(F64 if x.dtype == F64 else F32).to(x.hidden.device)
         common = dict(beta=beta, bias=x.bias, teacher_bias=x.teacher_bias, temperature=TAU, mask=x.mask, weights=w,
                       backend=be)
         if kind == "jsd":
@@ -284,8 +294,9 @@ ALL_FNS = {
     "jsd": jsd_fn(0.5),
     "ptd_terms": ptd_terms_fn(K, 0.5, "union", True),
     "sparse_jsd": lambda m, x, be: m.linear_sparse_jsd(
-        x.hidden, x.weight, torch.arange(4).repeat(x.hidden.shape[0], 1),
-        torch.full((x.hidden.shape[0], 4), -3.0, dtype=F64 if x.dtype == F64 else F32), bias=x.bias,
+        x.hidden, x.weight, torch.arange(4, device=x.hidden.device).repeat(x.hidden.shape[0], 1),
+        torch.full((x.hidden.shape[0], 4), -3.0, dtype=F64 if x.dtype == F64 else F32, device=x.hidden.device),
+        bias=x.bias,
         temperature=TAU, mask=x.mask, backend=be),
     "topk_jsd_loss": loss_fn("topk", None),
     "jsd_loss": loss_fn("jsd", ROW_WEIGHTS),
@@ -306,7 +317,7 @@ def extreme_case(dtype=F32, bias=True):
 
 
 def _error(actual, expected, per_element=True):
-    a, e = actual.to(F64), expected.to(F64)
+    a, e = actual.cpu().to(F64), expected.cpu().to(F64)
     if per_element:
         return float(((a - e).abs() / (1 + e.abs())).max()) if a.numel() else 0.0
     return float((a - e).abs().max()) / max(float(e.abs().max()), 1e-30)

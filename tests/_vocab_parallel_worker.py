@@ -1,4 +1,4 @@
-"""One rank of the vocabulary-parallel tests (tests/test_vocab_parallel.py): every fused function on
+"""One rank of the vocabulary-parallel tests (tests/distributed/test_vocab_parallel.py): every fused function on
 this rank's slice of the output layer, written to ``out_dir/rank{r}.pt`` for the test to compare
 with the single-process results. The problems are built here and in the test from the same seeds."""
 

@@ -15,7 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # runs every example as a program
 
 
 @pytest.fixture
@@ -81,6 +81,7 @@ def test_trl_ptd_po(run_example):
     assert "rollouts in the PTD set" in out
 
 
+@pytest.mark.slow
 def test_tensor_parallel_under_torchrun():
     """examples/tensor_parallel.py as written, under torchrun with 2 gloo processes."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}

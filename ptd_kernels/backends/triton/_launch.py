@@ -15,8 +15,8 @@ from ..._dtypes import compute_dtype
 
 # The oldest Triton with every language feature the kernels use: tl.dot's input_precision (Triton 3.0;
 # 2.3 has only allow_tf32). The kernels were compiled for sm_90a with 3.0.0, 3.2.0 and 3.9.0
-# (docs/gpu.md); the Triton floor test keeps them to the tl names that 3.0 has (the cuBLAS backend's
-# kernels to those plus tl.topk, 3.4: ``CUBLAS_TRITON_FLOOR``). The jit-helper
+# (docs/gpu.md); tests/kernels/test_triton_floor.py keeps them to the tl names that 3.0 has (the cuBLAS
+# backend's kernels to those plus its topk, 3.4: ``CUBLAS_TRITON_FLOOR``). The jit-helper
 # modules every kernel imports first (``tiles``, ``rowmath``) call ``check_triton`` before they define
 # a function: a first use on an older Triton stops there, with the version needed.
 TRITON_FLOOR = (3, 0)
@@ -31,8 +31,8 @@ def check_triton(version: str) -> None:
                           f"{version}: install triton>={floor}, or pass backend='torch'")
 
 
-#: The cuBLAS backend's statistics kernel selects its top-K with ``tl.topk`` on a GPU, first in Triton 3.4
-#: (under the interpreter it ranks instead, and any floor version runs it).
+#: The cuBLAS backend's statistics kernel selects its top-K with ``triton.language.topk`` on a GPU, first in
+#: Triton 3.4 (under the interpreter it ranks instead, and any floor version runs it).
 CUBLAS_TRITON_FLOOR = (3, 4)
 
 
@@ -40,8 +40,8 @@ def check_triton_for_cublas(version: str, has_topk: bool) -> None:
     """Raise ImportError, naming the version needed, when the cuBLAS backend's kernels cannot compile."""
     if not has_topk and not interpreting():
         floor = ".".join(map(str, CUBLAS_TRITON_FLOOR))
-        raise ImportError(f"backend='cublas' needs triton>={floor} on a GPU (tl.topk); this is triton {version}: "
-                          f"install triton>={floor}, or pass backend='triton' or backend='torch'")
+        raise ImportError(f"backend='cublas' needs triton>={floor} on a GPU (triton.language.topk); this is triton "
+                          f"{version}: install triton>={floor}, or pass backend='triton' or backend='torch'")
 
 
 def cdiv(a: int, b: int) -> int:

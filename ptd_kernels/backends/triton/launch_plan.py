@@ -24,7 +24,7 @@ the table was made with, and recompiles exactly what changed.
 Nothing is launched and no device memory is touched: a launcher's torch work runs on meta tensors.
 Must run with the interpreter off (``TRITON_INTERPRET`` unset), in a process whose kernels were
 defined with it off: ``run_plan`` starts worker processes (``python -m
-ptd_kernels.backends.triton.launch_plan``). Used by ``tests/test_triton_launch_plan.py`` and
+ptd_kernels.backends.triton.launch_plan``). Used by ``tests/kernels/test_triton_launch_plan.py`` and
 ``bench/kernel_plan.py``.
 """
 

@@ -3,7 +3,7 @@ use on a GPU, on a machine without one, within Hopper's shared memory and withou
 
 The interpreter runs the kernels' Python semantics, not the compiler (a global that is not a constexpr,
 a tile that does not fit, a sort that spills would all pass every CPU test). One subprocess, with the
-interpreter off, compiles each case with Triton's bundled ptxas (``python tests/test_cublas_compile.py``
+interpreter off, compiles each case with Triton's bundled ptxas (``python tests/kernels/test_cublas_compile.py``
 prints the JSON) and reads the register and spill counts from ``ptxas -v``. Marked slow: ~15 s per case.
 """
 
@@ -120,7 +120,7 @@ def _results() -> dict:
     if _RESULTS is None:
         pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(os.path.join(__file__, "..", "..", "..")),
                                              env.get("PYTHONPATH", "")])
         out = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True, text=True, env=env,
                              timeout=1800)

@@ -18,6 +18,9 @@ import ptd_kernels as ptd
 from ptd_kernels import reference as ref
 
 N, H, V = 4096, 64, 32768
+
+pytestmark = pytest.mark.slow  # peak-memory measurements of every function (minutes on a busy 2-core CPU)
+
 LOGITS_BYTES = N * V * 4  # one float32 N×V tensor: 512 MiB
 LIMIT = LOGITS_BYTES // 8  # 64 MiB
 MiB = 1 << 20

@@ -31,7 +31,9 @@ import pytest
 
 from ptd_kernels.backends.triton import launch_plan
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # compiles every kernel for sm_90a and sm_100a
+
+ROOT = os.path.abspath(os.path.join(__file__, "..", "..", ".."))
 C = launch_plan.Configuration
 
 

@@ -70,7 +70,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest)
 @grid(("dtype", "bias", "entropy"),
       list(itertools.product((F64, F32, BF16), (True, False), (True, False))),
       [(F32, True, True), (BF16, True, True), (F32, False, False), (BF16, False, False), (F64, True, True)])
-def test_linear_logprobs(backend, dtype, bias, entropy):
+def test_linear_logprobs(backend, device, dtype, bias, entropy):
     case = masked_case(dtype=dtype, bias=bias)
     ours, _ = check(lambda m, x, be: m.linear_logprobs(x.hidden, x.weight, x.targets, bias=x.bias, temperature=TAU,
                                                        with_entropy=entropy, backend=be), case, backend)
@@ -79,7 +79,7 @@ def test_linear_logprobs(backend, dtype, bias, entropy):
 
 
 @grid(("dtype",), [(F64,), (F32,), (BF16,)], [(F32,)])
-def test_linear_logprobs_custom_ignore_index(backend, dtype):
+def test_linear_logprobs_custom_ignore_index(backend, device, dtype):
     case = Case(dtype=dtype)
     case.targets[3] = 7
     ours, _ = check(lambda m, x, be: m.linear_logprobs(x.hidden, x.weight, x.targets, bias=x.bias, ignore_index=7,
@@ -88,7 +88,7 @@ def test_linear_logprobs_custom_ignore_index(backend, dtype):
 
 
 @grid(("dtype", "k"), list(itertools.product((F64, F32, BF16), (1, 7, V))), [(F32, 7), (BF16, 1), (F32, V), (F64, 7)])
-def test_linear_topk(backend, dtype, k):
+def test_linear_topk(backend, device, dtype, k):
     case = masked_case(dtype=dtype)
     ours, _ = check(lambda m, x, be: m.linear_topk(x.hidden, x.weight, k, bias=x.bias, temperature=TAU,
                                                    targets=x.targets, backend=be), case, backend, grad=False)
@@ -98,7 +98,7 @@ def test_linear_topk(backend, dtype, k):
     assert bool((logprobs[:, :-1] >= logprobs[:, 1:]).all())  # descending
     assert target_logprobs[1] == 0
     # without targets: the same top-k, no target log-probs
-    x = case.inputs(dtype)
+    x = case.inputs(dtype, device)
     bare = ptd.linear_topk(x.hidden, x.weight, k, bias=x.bias, temperature=TAU, backend=backend)
     assert bare.target_logprobs is None and torch.equal(bare.indices, indices)
 
@@ -112,7 +112,7 @@ def test_linear_topk(backend, dtype, k):
       [(F32, *p) for p in itertools.product(SUPPORTS, (True, False), BETAS)]
       + [(BF16, "union", True, 0.5), (BF16, "union", False, 1.0), (BF16, "student", False, 0.0),
          (BF16, "teacher", True, 0.0)])
-def test_linear_topk_jsd(backend, dtype, support, tail, beta):
+def test_linear_topk_jsd(backend, device, dtype, support, tail, beta):
     case = masked_case(dtype=dtype)
     ours, want = check(topk_jsd_fn(K, beta, support, tail), case, backend)
     assert ours[0][2] == 0
@@ -122,14 +122,14 @@ def test_linear_topk_jsd(backend, dtype, support, tail, beta):
 @grid(("dtype", "support", "tail", "beta"),
       [(F64, s, t, b) for s, t, b in itertools.product(SUPPORTS, (True, False), BETAS)],
       [(F64, "union", True, 0.5), (F64, "teacher", False, 1.0)])
-def test_linear_topk_jsd_float64(backend, dtype, support, tail, beta):
+def test_linear_topk_jsd_float64(backend, device, dtype, support, tail, beta):
     check(topk_jsd_fn(K, beta, support, tail), masked_case(dtype=dtype), backend)
 
 
 @grid(("support", "tail", "bias"),
       list(itertools.product(SUPPORTS, (True, False), (True, False))),
       [("union", True, False), ("student", False, True), ("teacher", True, True), ("union", False, True)])
-def test_linear_topk_jsd_k1(backend, support, tail, bias):
+def test_linear_topk_jsd_k1(backend, device, support, tail, bias):
     case = masked_case(bias=bias)
     if tail or support == "union":
         check(topk_jsd_fn(1, 0.5, support, tail), case, backend)
@@ -142,7 +142,7 @@ def test_linear_topk_jsd_k1(backend, support, tail, bias):
 @grid(("support", "tail", "k", "beta"),
       list(itertools.product(SUPPORTS, (True, False), (V, V + 7), BETAS)),
       [("union", True, V, 0.5), ("teacher", False, V + 7, 0.0), ("student", True, V + 7, 1.0)])
-def test_k_at_least_vocab_equals_linear_jsd(backend, support, tail, k, beta):
+def test_k_at_least_vocab_equals_linear_jsd(backend, device, support, tail, k, beta):
     case = masked_case()
     check(topk_jsd_fn(k, beta, support, tail), case, backend)
     full_fn = lambda m, x, be: m.linear_jsd(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight,  # noqa: E731
@@ -160,7 +160,7 @@ def test_k_at_least_vocab_equals_linear_jsd(backend, support, tail, k, beta):
           (F64, b, t, "random") for b, t in itertools.product(BETAS, (True, False))],
       [(F32, 0.5, True, "topk"), (BF16, 1.0, False, "random"), (F32, 0.0, True, "random"),
        (F32, 1.0, False, "topk")])
-def test_linear_sparse_jsd(backend, dtype, beta, tail, ids):
+def test_linear_sparse_jsd(backend, device, dtype, beta, tail, ids):
     case = masked_case(dtype=dtype)
     tz = case.logits(teacher=True) / TAU
     logq = torch.log_softmax(tz, -1)
@@ -172,8 +172,9 @@ def test_linear_sparse_jsd(backend, dtype, beta, tail, ids):
     teacher_lp = logq.gather(1, teacher_ids)
 
     def fn(m, x, be):
-        lp = teacher_lp.to(F64 if x.dtype == F64 else F32)
-        return m.linear_sparse_jsd(x.hidden, x.weight, teacher_ids, lp, beta=beta, tail=tail, bias=x.bias,
+        lp = teacher_lp.to(x.hidden.device, F64 if x.dtype == F64 else F32)
+        ids_here = teacher_ids.to(x.hidden.device)
+        return m.linear_sparse_jsd(x.hidden, x.weight, ids_here, lp, beta=beta, tail=tail, bias=x.bias,
                                    temperature=TAU, mask=x.mask, backend=be)
 
     ours, _ = check(fn, case, backend)
@@ -188,7 +189,7 @@ def test_linear_sparse_jsd(backend, dtype, beta, tail, ids):
       list(itertools.product((F64, F32, BF16), BETAS, (True, False))),
       [(F32, b, bias) for b, bias in itertools.product(BETAS, (True, False))]
       + [(BF16, b, True) for b in BETAS] + [(F64, 0.5, True)])
-def test_linear_jsd(backend, dtype, beta, bias):
+def test_linear_jsd(backend, device, dtype, beta, bias):
     case = masked_case(dtype=dtype, bias=bias)
     ours, _ = check(jsd_fn(beta), case, backend)
     assert ours[0][2] == 0
@@ -207,7 +208,7 @@ def test_linear_jsd(backend, dtype, beta, bias):
          (F64, "union", True, 0.5, K), (F64, "teacher", False, 0.0, K), (F64, "union", True, 0.5, V)],
       [(F32, "union", True, 0.5, K), (BF16, "teacher", False, 0.0, K), (F32, "union", True, 0.5, V),
        (F32, "student", False, 1.0, K), (F32, "union", True, 0.5, 1), (F64, "union", True, 0.5, K)])
-def test_linear_ptd_terms(backend, dtype, support, tail, beta, k):
+def test_linear_ptd_terms(backend, device, dtype, support, tail, beta, k):
     case = ptd_case(dtype=dtype)
     # float64 overlap: count / k is formed in float32 (see test_float64_overlap_is_exact)
     ours, want = check(ptd_terms_fn(k, beta, support, tail), case, backend, out_tol={3: 1e-7} if dtype == F64 else None)
@@ -216,7 +217,7 @@ def test_linear_ptd_terms(backend, dtype, support, tail, beta, k):
         assert all(t[row] == 0 for t in ours), f"masked row {row} must give 0 everywhere"
     assert jsd[4] == 0 and overlap[4] == 0 and teacher_mass[4] == 0 and logp[4] != 0
     assert not overlap.requires_grad and not teacher_mass.requires_grad
-    live = torch.tensor([1, 0, 1, 0, 0, 1], dtype=torch.bool)
+    live = torch.tensor([1, 0, 1, 0, 0, 1], dtype=torch.bool, device=device)
     assert bool((teacher_mass[live] > 0).all()) and bool((teacher_mass <= 1 + 1e-6).all())
     if k >= V:
         assert bool((overlap[live] == 1).all()) and bool(((teacher_mass[live] - 1).abs() < 1e-5).all())
@@ -224,9 +225,9 @@ def test_linear_ptd_terms(backend, dtype, support, tail, beta, k):
 
 @pytest.mark.parametrize("backend", BOTH)
 @pytest.mark.parametrize("support,tail", [("union", True), ("teacher", False)])
-def test_ptd_terms_equal_the_separate_functions(backend, support, tail):
+def test_ptd_terms_equal_the_separate_functions(backend, device, support, tail):
     case = ptd_case()
-    x = case.inputs(F32)
+    x = case.inputs(F32, device)
     terms = ptd.linear_ptd_terms(x.hidden, x.weight, x.targets, x.teacher_hidden, x.teacher_weight, K,
                                  support=support, tail=tail, bias=x.bias, teacher_bias=x.teacher_bias,
                                  temperature=TAU, mask=x.mask, jsd_mask=x.jsd_mask, backend=backend)
@@ -283,7 +284,7 @@ def test_float64_overlap_is_exact():
       [(F32, "jsd", True, "union", True, 0.5), (F32, "topk", False, "union", True, 0.5),
        (BF16, "topk", True, "teacher", False, 1.0), (F32, "jsd", False, "union", True, 0.5),
        (F32, "topk", True, "student", True, 0.0)])
-def test_loss_level(backend, dtype, kind, weighted, support, tail, beta):
+def test_loss_level(backend, device, dtype, kind, weighted, support, tail, beta):
     """Value and gradients against the reference, and gradients equal to the per-row function's."""
     case = masked_case(dtype=dtype)
     weights = ROW_WEIGHTS if weighted else None
@@ -310,9 +311,9 @@ def test_loss_level(backend, dtype, kind, weighted, support, tail, beta):
 
 
 @pytest.mark.parametrize("backend", BOTH)
-def test_loss_scales_with_the_incoming_gradient(backend):
+def test_loss_scales_with_the_incoming_gradient(backend, device):
     case = masked_case()
-    x = case.inputs(F32)
+    x = case.inputs(F32, device)
     loss = ptd.linear_topk_jsd_loss(x.hidden, x.weight, x.teacher_hidden, x.teacher_weight, K, bias=x.bias,
                                     teacher_bias=x.teacher_bias, temperature=TAU, mask=x.mask, backend=backend)
     g1 = torch.autograd.grad(loss, x.hidden, retain_graph=True)[0]
@@ -350,14 +351,14 @@ def test_torch_path_in_many_small_blocks(monkeypatch, kind, one_sweep):
 
 
 @grid(("dtype", "entropy"), list(itertools.product((F64, F32, BF16), (True, False))), [(F32, True)])
-def test_logprobs_logits_level(backend, dtype, entropy):
+def test_logprobs_logits_level(backend, device, dtype, entropy):
     case = masked_case(dtype=dtype)
     check(lambda m, x, be: m.logprobs(x.logits, x.targets, temperature=TAU, with_entropy=entropy, backend=be),
           case, backend, wrt=LOGITS)
 
 
 @grid(("dtype", "beta"), list(itertools.product((F64, F32, BF16), BETAS)), [(F32, 0.5)])
-def test_jsd_logits_level(backend, dtype, beta):
+def test_jsd_logits_level(backend, device, dtype, beta):
     case = masked_case(dtype=dtype)
     ours, _ = check(lambda m, x, be: m.jsd(x.logits, x.teacher_logits, beta=beta, temperature=TAU, mask=x.mask,
                                            backend=be), case, backend, wrt=LOGITS)
@@ -370,7 +371,7 @@ def test_jsd_logits_level(backend, dtype, beta):
          (F64, "student", False, 0.0, K), (F32, "union", True, 0.5, 1), (F32, "union", False, 0.5, V),
          (F32, "student", True, 0.0, V + 1)],
       [(F32, "union", True, 0.5, K)])
-def test_topk_jsd_logits_level(backend, dtype, support, tail, beta, k):
+def test_topk_jsd_logits_level(backend, device, dtype, support, tail, beta, k):
     case = masked_case(dtype=dtype)
     ours, _ = check(lambda m, x, be: m.topk_jsd(x.logits, x.teacher_logits, k, beta=beta, support=support,
                                                 tail=tail, temperature=TAU, mask=x.mask, backend=be),

@@ -36,7 +36,7 @@ from ptd_train.hints import HintLeakError  # noqa: E402
 from ptd_train.trl import PTDGRPOConfig, PTDGRPOTrainer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(__file__, "..", "..", ".."))
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +241,7 @@ def test_config_and_arguments_are_validated(qwen3):
                        train_dataset=Dataset.from_list(text_rows(4)))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes(qwen3, tmp_path):
     """Under accelerate's DDP (2 CPU processes, gloo) the PTD term is computed and the replicas stay equal."""
     script = os.path.join(ROOT, "tests", "_ddp_ptd_trl.py")

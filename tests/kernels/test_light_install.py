@@ -11,9 +11,11 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # imports the library in fresh interpreters without the extras
+
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(__file__, "..", "..", ".."))
 CORE = {"torch", "triton", "numpy"}
 # Packages only an extra installs; the kernel library must import without any of them.
 EXTRAS_ONLY = ["transformers", "tokenizers", "matplotlib", "tqdm", "PIL", "liger_kernel", "trl", "accelerate",

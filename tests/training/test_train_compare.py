@@ -19,6 +19,8 @@ from ptd_train.prompts import Env, build_tokenizer
 from ptd_train.tasks import GridCountTask
 from ptd_train.vision import VisionGeometry
 
+pytestmark = pytest.mark.slow  # trains the miniature study
+
 TINY = dict(warmstart_max_steps=0, eval_size=8, eval_steps=1, prompts_per_step=2, group_size=4)
 FLAGS = sum([[f"--{k}", str(v)] for k, v in TINY.items()], [])
 

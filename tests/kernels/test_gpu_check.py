@@ -15,7 +15,7 @@ import zipfile
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(__file__, "..", "..", ".."))
 BENCH = os.path.join(ROOT, "bench")
 sys.path.insert(0, BENCH)
 
@@ -52,6 +52,7 @@ def _sample(device="cpu"):
     return picked
 
 
+@pytest.mark.slow
 def test_tier_sample_passes_on_the_cpu():
     cases = _sample()
     assert {c.function for c in cases} == set(cuda_tier.functions())

@@ -148,7 +148,7 @@ def test_jsd_matches_liger_jsd(beta):
 @pytest.mark.parametrize("backend,beta", [("torch", 0.0), ("torch", 0.5), ("torch", 1.0),
                                           pytest.param("triton", 0.5, marks=TRITON.marks)])
 @pytest.mark.parametrize("with_ignored", [False, True])
-def test_linear_jsd_matches_liger_fused_linear_jsd(backend, beta, with_ignored):
+def test_linear_jsd_matches_liger_fused_linear_jsd(backend, device, beta, with_ignored):
     """``LigerFusedLinearJSDLoss(weight_hard_loss=0, weight_soft_loss=1, beta, temperature)(student_input,
     student_weight [V,H], teacher_input, teacher_weight [V,H'], true_labels, student_bias, teacher_bias)``
     divides both sides' logits by the temperature and averages the per-row JSD_β (same β convention) over
@@ -159,8 +159,9 @@ def test_linear_jsd_matches_liger_fused_linear_jsd(backend, beta, with_ignored):
     labels = case.targets.clamp_min(0)
     if with_ignored:
         labels = torch.where(case.mask, labels, -100)
-    x = case.inputs(F32)
-    lx = case.inputs(F32)
+    x = case.inputs(F32, device)
+    lx = case.inputs(F32, device)
+    labels = labels.to(device)
     liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, temperature=TAU,
                                     compiled=False)(lx.hidden, lx.weight, lx.teacher_hidden, lx.teacher_weight,
                                                     labels, lx.bias, lx.teacher_bias)

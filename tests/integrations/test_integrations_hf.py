@@ -168,10 +168,11 @@ def test_softcapped_gemma2_head_matches_logits(tmp_path):
     _check_head_against_logits(model, input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
+@pytest.mark.slow
 def test_fsdp2_two_processes(qwen3, tmp_path):
     """Under FSDP2 (2 CPU processes, gloo) the head gives the unsharded values and gradients, with the
     output layer in the root unit (un-sharded for the forward) and in a unit of its own (a DTensor)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.abspath(os.path.join(__file__, "..", "..", ".."))
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(root, "tests", "_fsdp2_hf.py"), qwen3, str(tmp_path)]

@@ -18,7 +18,9 @@ import pytest
 import torch
 from _vocab_parallel_worker import SPLITS, K, V, cases, problem, run_case
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.slow  # 2 and 3 gloo processes per case
+
+HERE = os.path.abspath(os.path.join(__file__, "..", ".."))  # tests/: the shared helpers
 
 
 def _free_port() -> int:

@@ -38,7 +38,7 @@ K = 5
 
 
 def policy(case, *, kl_coef=0.1, ptd_coef=0.5, entropy_coef=0.0, old=True, weights=True, seed=7, kl_ratio=True,
-           **extra):
+           device="cpu", **extra):
     """A PolicyLoss on ``case``'s rows: old log-probs near the current ones (ratios ≈ 0.6 … 1.6, so that
     both clipping branches are active), reference log-probs near them too, some rows without the k3 term."""
     g = torch.Generator().manual_seed(seed)
@@ -46,11 +46,11 @@ def policy(case, *, kl_coef=0.1, ptd_coef=0.5, entropy_coef=0.0, old=True, weigh
     live_targets = torch.where(case.targets >= 0, case.targets, 0)
     logp = ref.linear_logprobs(case.hidden, case.weight, live_targets, bias=case.bias, temperature=TAU)
     return PolicyLoss(
-        advantages=torch.randn(n, generator=g, dtype=F64),
-        weights=(torch.rand(n, generator=g, dtype=F64) + 0.1) if weights else None,
-        old_logprobs=(logp + 0.25 * torch.randn(n, generator=g, dtype=F64)) if old else None,
-        ref_logprobs=logp + 0.2 * torch.randn(n, generator=g, dtype=F64),
-        kl_coef=kl_coef, kl_mask=torch.arange(n) % 3 != 1, ptd_coef=ptd_coef, entropy_coef=entropy_coef,
+        advantages=torch.randn(n, generator=g, dtype=F64).to(device),
+        weights=(torch.rand(n, generator=g, dtype=F64) + 0.1).to(device) if weights else None,
+        old_logprobs=(logp + 0.25 * torch.randn(n, generator=g, dtype=F64)).to(device) if old else None,
+        ref_logprobs=(logp + 0.2 * torch.randn(n, generator=g, dtype=F64)).to(device),
+        kl_coef=kl_coef, kl_mask=(torch.arange(n) % 3 != 1).to(device), ptd_coef=ptd_coef, entropy_coef=entropy_coef,
         kl_ratio=kl_ratio, **extra)
 
 
@@ -131,55 +131,55 @@ GRID = [(dtype, teacher, entropy_coef) for dtype in (F64, F32, BF16) for teacher
 @pytest.mark.parametrize("backend", BOTH)
 @pytest.mark.parametrize(("dtype", "teacher", "entropy_coef"), GRID,
                          ids=[f"{d}-{'teacher' if t else 'policy'}-{e}" for d, t, e in GRID])
-def test_matches_the_reference(backend, dtype, teacher, entropy_coef):
+def test_matches_the_reference(backend, device, dtype, teacher, entropy_coef):
     """Masked rows (ignore_index, mask False), a row without a divergence, τ ≠ 1, biases, V = 130."""
     case = ptd_case(dtype=dtype)
-    check(policy_fn(policy(case, entropy_coef=entropy_coef), teacher=teacher), case, backend)
+    check(policy_fn(policy(case, device=device, entropy_coef=entropy_coef), teacher=teacher), case, backend)
 
 
 @pytest.mark.parametrize("backend", BOTH)
 @pytest.mark.parametrize(("beta", "support", "tail"), [(0.0, "union", True), (1.0, "teacher", True),
                                                        (0.5, "student", False), (0.5, "teacher", False)])
-def test_every_divergence_form(backend, beta, support, tail):
+def test_every_divergence_form(backend, device, beta, support, tail):
     case = ptd_case(dtype=F32)
-    check(policy_fn(policy(case), beta=beta, support=support, tail=tail), case, backend)
+    check(policy_fn(policy(case, device=device), beta=beta, support=support, tail=tail), case, backend)
 
 
 @pytest.mark.parametrize("backend", BOTH)
 @pytest.mark.parametrize("k", [1, 130, 200], ids=["K=1", "K=V", "K>V"])
-def test_k_one_and_k_at_least_v(backend, k):
+def test_k_one_and_k_at_least_v(backend, device, k):
     """K ≥ V is the full-vocabulary JSD (composed from the per-row path)."""
     case = ptd_case(dtype=F32)
-    check(policy_fn(policy(case), k=k), case, backend)
+    check(policy_fn(policy(case, device=device), k=k), case, backend)
 
 
 @pytest.mark.parametrize("backend", BOTH)
-def test_softcap_logit_scale_and_defaults(backend):
+def test_softcap_logit_scale_and_defaults(backend, device):
     """A soft-capped, scaled student and teacher; default weights (the token mean) and ptd_tokens (the live
     rows with a divergence); no old log-probs (ρ = 1)."""
     case = ptd_case(dtype=F32)
-    loss = policy(case, old=False, weights=False, entropy_coef=0.01)
+    loss = policy(case, device=device, old=False, weights=False, entropy_coef=0.01)
     check(policy_fn(loss, softcap=2.5, logit_scale=1.3, teacher_softcap=4.0, teacher_logit_scale=0.8), case, backend)
 
 
 @pytest.mark.parametrize("backend", BOTH)
-def test_one_row_and_all_rows_masked(backend):
+def test_one_row_and_all_rows_masked(backend, device):
     one = Case(n=1, dtype=F32)
     check(policy_fn(policy(one)), one, backend)
     case = ptd_case(dtype=F32)
     case.mask = torch.zeros(case.n, dtype=torch.bool)
-    x = case.inputs(F32)
-    loss = policy_fn(policy(case))(ptd, x, backend)
+    x = case.inputs(F32, device)
+    loss = policy_fn(policy(case, device=device))(ptd, x, backend)
     loss.backward()
     assert float(loss.detach()) == 0.0 and bool((x.hidden.grad == 0).all()) and bool((x.weight.grad == 0).all())
 
 
 @pytest.mark.parametrize("backend", BOTH)
-def test_a_callable_equals_the_named_loss_and_the_reference(backend):
+def test_a_callable_equals_the_named_loss_and_the_reference(backend, device):
     case = ptd_case(dtype=F32)
-    named = policy(case, entropy_coef=0.02)
+    named = policy(case, device=device, entropy_coef=0.02)
     tokens = float((case.mask & case.jsd_mask & (case.targets != -100)).sum())
-    resolved = named.resolved(named.weights, torch.tensor(tokens, dtype=F64))
+    resolved = named.resolved(named.weights, torch.tensor(tokens, dtype=F64, device=device))
     check(policy_fn(lambda logp, entropy, jsd: resolved(logp, entropy, jsd)), case, backend)
     advantages = named.advantages
 
@@ -333,13 +333,14 @@ def test_mistakes_are_named():
 
 
 def logprobs_at_fn(ids, with_entropy=True, **extra):
-    return lambda m, x, be: m.linear_logprobs_at(x.hidden, x.weight, ids, bias=x.bias, temperature=TAU, mask=x.mask,
-                                                 with_entropy=with_entropy, backend=be, **extra)
+    return lambda m, x, be: m.linear_logprobs_at(x.hidden, x.weight, ids.to(x.hidden.device), bias=x.bias,
+                                                 temperature=TAU, mask=x.mask, with_entropy=with_entropy, backend=be,
+                                                 **extra)
 
 
 @pytest.mark.parametrize("backend", BOTH)
 @pytest.mark.parametrize("dtype", [F64, F32, BF16])
-def test_logprobs_at_matches_the_reference(backend, dtype):
+def test_logprobs_at_matches_the_reference(backend, device, dtype):
     """A repeated id in a row, a masked row, ids at both ends of the vocabulary."""
     case = ptd_case(dtype=dtype)
     ids = torch.randint(0, case.v, (case.n, 4), generator=torch.Generator().manual_seed(3))
@@ -382,25 +383,26 @@ def test_logprobs_at_mistakes():
 
 
 @pytest.fixture
-def cublas_blocks(monkeypatch):
-    """The cuBLAS one-sweep loss on, in blocks of 2 rows (a block straddles the rows with a teacher)."""
-    pytest.importorskip("triton")
-    if "cublas" not in ptd.backends_for("cpu"):
-        pytest.skip("the cuBLAS backend runs on a CPU only under TRITON_INTERPRET=1")
+def cublas_blocks(monkeypatch, device):
+    """The cuBLAS one-sweep loss on, in blocks of 2 rows (a block straddles the rows with a teacher); on the
+    ``device`` fixture's device (CUDA, or the CPU under TRITON_INTERPRET=1)."""
     from ptd_kernels.backends.cublas import fused_loss
 
     monkeypatch.setattr(fused_loss, "FUSED_MIN_ROWS", 1)
     monkeypatch.setattr(ptd.config, "CUDA_BLOCK_BYTES", 2 * 130 * 4 + 1024)
 
 
+@pytest.mark.backend("cublas")
 @pytest.mark.parametrize(("dtype", "teacher", "support"), [(F64, True, "union"), (F32, True, "teacher"),
                                                           (F32, False, "union"), (BF16, True, "student")])
-def test_cublas_one_sweep_matches_the_reference(cublas_blocks, dtype, teacher, support):
+def test_cublas_one_sweep_matches_the_reference(cublas_blocks, device, dtype, teacher, support):
     case = ptd_case(dtype=dtype)
-    check(policy_fn(policy(case, entropy_coef=0.02), teacher=teacher, support=support, softcap=3.0), case, "cublas")
+    check(policy_fn(policy(case, device=device, entropy_coef=0.02), teacher=teacher, support=support, softcap=3.0),
+          case, "cublas")
 
 
-def test_cublas_logprobs_at(cublas_blocks):
+@pytest.mark.backend("cublas")
+def test_cublas_logprobs_at(cublas_blocks, device):
     case = ptd_case(dtype=F32)
     ids = torch.randint(0, case.v, (case.n, 3), generator=torch.Generator().manual_seed(5))
     check(logprobs_at_fn(ids), case, "cublas")

@@ -17,7 +17,9 @@ import torch
 from ptd_train import compare, run, trainer, warmstart
 from ptd_train.config import FLAG_TEXT, SECTIONS, TrainConfig, UsageError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # runs the command line end to end
+
+ROOT = os.path.abspath(os.path.join(__file__, "..", "..", ".."))
 TINY = ["--warmstart_max_steps", "0", "--eval_size", "4", "--prompts_per_step", "2", "--group_size", "2",
         "--max_new_tokens", "2", "--no_progress"]  # fmt: skip
 # a warm start of two steps on two dev prompts: what the cache tests need, in a second

@@ -22,6 +22,8 @@ from ptd_train.rollout import completion_ids, evaluate
 from ptd_train.tasks import GridCountTask
 from ptd_train.vision import VisionGeometry
 
+pytestmark = pytest.mark.slow  # torchrun-style multi-process training
+
 SPEC = TinyVLSpec(
     hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, vision_hidden=16, vision_heads=1
 )

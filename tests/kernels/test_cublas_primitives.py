@@ -4,7 +4,9 @@ counted work.
 Blocks and tiles are shrunk so that the small problems take several vocabulary blocks, row blocks,
 kernel programs and tiles, partial ones included, and the top-K scratch list overflows (its cut-back
 path runs). Tolerances follow the dtype of the computation: float32 statistics at float32 tolerances
-whatever the oracle's dtype; bf16 gradients at the rounding of ∂L/∂a to bf16 before the GEMMs.
+whatever the oracle's dtype; bf16 gradients at the rounding of ∂L/∂a to bf16 before the GEMMs. Tensors live
+on the ``device`` fixture: CUDA on a GPU host, the CPU under the interpreter. What every backend must do
+is tests/kernels/test_conformance.py; this file holds the block/tile overrides and the counted work.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from ptd_kernels.backends.cublas import CublasBackend, _blocks, _work, fused_los
 from ptd_kernels.backends.cublas import row_stats as cublas_row_stats
 from ptd_kernels.backends.torch import TorchBackend
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# slow: block and tile overrides of the interpreted cuBLAS kernels (the conformance suite is the quick check)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.backend("cublas"), pytest.mark.slow]
 
 CUBLAS, TORCH = CublasBackend(), TorchBackend()
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
@@ -49,11 +52,11 @@ def small(monkeypatch):
     monkeypatch.setattr(_blocks, "INTERPRETER_TILES", tiles)
 
 
-def head(n=9, h=24, v=150, dtype=F32, bias=True, softcap=None, scale=1.0, seed=0, temperature=0.7):
+def head(n=9, h=24, v=150, dtype=F32, bias=True, softcap=None, scale=1.0, seed=0, temperature=0.7, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g).to(dtype)
-    weight = (torch.randn(v, h, generator=g) * 0.6).to(dtype)
-    b = torch.randn(v, generator=g).to(dtype) if bias else None
+    hidden = torch.randn(n, h, generator=g).to(device, dtype)
+    weight = (torch.randn(v, h, generator=g) * 0.6).to(device, dtype)
+    b = torch.randn(v, generator=g).to(device, dtype) if bias else None
     return Head(hidden, weight, b, LogitSpec(temperature, scale, softcap))
 
 
@@ -86,9 +89,9 @@ def grads_close(got, want, dtype, what=""):
 
 
 @pytest.mark.parametrize("dtype,k,softcap", [(F32, 7, None), (F32, 1, 2.5), (BF16, 64, None), (F64, 0, 3.0)])
-def test_row_stats_against_dense(small, dtype, k, softcap):
-    hd = head(dtype=dtype, softcap=softcap, scale=1.3)
-    targets = torch.randint(0, hd.vocab, (hd.rows,), generator=torch.Generator().manual_seed(1))
+def test_row_stats_against_dense(small, dtype, k, softcap, device):
+    hd = head(dtype=dtype, softcap=softcap, scale=1.3, device=device)
+    targets = torch.randint(0, hd.vocab, (hd.rows,), generator=torch.Generator().manual_seed(1)).to(device)
     r = CUBLAS.row_stats(hd, targets=targets, k=k, lse_dtype=F64)
     z = dense_logits(hd)
     tol = 1e-12 if dtype == F64 else 2e-6  # the logits themselves: float32 GEMMs
@@ -103,21 +106,8 @@ def test_row_stats_against_dense(small, dtype, k, softcap):
         assert r.topk_logits.dtype == F32
 
 
-def test_row_stats_ties_go_to_the_smaller_id(small):
-    """Rows of exactly tied logits (a zero hidden row: z = bias on a coarse grid; no bias: all equal)."""
-    hd = head(n=5, v=150, bias=True)
-    hidden = hd.hidden.clone()
-    hidden[1:3] = 0.0
-    bias = torch.round(torch.randn(150, generator=torch.Generator().manual_seed(4)) * 2) / 4
-    for b in (bias, None):
-        tied = Head(hidden, hd.weight, b, 0.7)
-        r = CUBLAS.row_stats(tied, k=20)
-        want = torch.sort(dense_logits(tied), dim=1, descending=True, stable=True).indices[:, :20]
-        assert torch.equal(r.topk_indices, want)
-
-
-def test_row_stats_nonfinite_row_stays_in_its_row(small):
-    hd = head()
+def test_row_stats_nonfinite_row_stays_in_its_row(small, device):
+    hd = head(device=device)
     hidden = hd.hidden.clone()
     hidden[2, 0] = math.nan
     hidden[5, 1] = math.inf
@@ -129,10 +119,10 @@ def test_row_stats_nonfinite_row_stays_in_its_row(small):
     assert torch.equal(r.topk_indices[clean], want.topk_indices)
 
 
-def test_row_stats_wide_top_k_path(small, monkeypatch):
+def test_row_stats_wide_top_k_path(small, monkeypatch, device):
     """k above the in-kernel top set: the block's keys ranked by torch, the same ids and tie rule."""
     monkeypatch.setattr(cublas_row_stats, "MAX_K", 4)
-    hd = head()
+    hd = head(device=device)
     hidden = hd.hidden.clone()
     hidden[3] = 0.0  # ties on the bias grid
     tied = Head(hidden, hd.weight, torch.round(hd.bias * 4) / 4, 0.7)
@@ -140,16 +130,9 @@ def test_row_stats_wide_top_k_path(small, monkeypatch):
     assert torch.equal(r.topk_indices, TORCH.row_stats(tied, k=37).topk_indices)
 
 
-def test_row_stats_float64_top_k_falls_back_exactly(small):
-    hd = head(dtype=F64)
+def test_row_stats_float64_top_k_falls_back_exactly(small, device):
+    hd = head(dtype=F64, device=device)
     assert torch.equal(CUBLAS.row_stats(hd, k=9).topk_indices, TORCH.row_stats(hd, k=9).topk_indices)
-
-
-def test_row_stats_empty_and_one_row(small):
-    r = CUBLAS.row_stats(head(n=0), k=3, targets=torch.empty(0, dtype=torch.int64))
-    assert r.lse.shape == (0,) and r.topk_indices.shape == (0, 3)
-    one = head(n=1)
-    close(CUBLAS.row_stats(one).lse, TORCH.row_stats(one).lse, 2e-6, "one row")
 
 
 # ----------------------------------------------------------------------------- backward sweeps
@@ -157,34 +140,35 @@ def test_row_stats_empty_and_one_row(small):
 
 def coefs_for(hd, seed=2, sparse=True):
     g = torch.Generator().manual_seed(seed)
-    n, v = hd.rows, hd.vocab
+    n, v, device = hd.rows, hd.vocab, hd.hidden.device
     stats = TORCH.row_stats(hd)
     terms = ()
     if sparse:  # two triples, a repeated id within a row, rows with no term, ids in any order
         ids = torch.randint(0, v, (n, 4), generator=g)
         ids[:, 1] = ids[:, 0]
         rows = torch.arange(0, n, 2)
-        terms = (SparseTerms.every_row(ids, torch.randn(n, 4, generator=g)),
-                 SparseTerms(rows, torch.randint(0, v, (rows.numel(), 3), generator=g),
-                             torch.randn(rows.numel(), 3, generator=g)))
-    coefs = HeadGradCoefs(torch.randn(n, generator=g), torch.randn(n, generator=g), stats.mean_logit,
-                          torch.randint(0, v, (n,), generator=g), torch.randn(n, generator=g), terms)
+        terms = (SparseTerms.every_row(ids.to(device), torch.randn(n, 4, generator=g).to(device)),
+                 SparseTerms(rows.to(device), torch.randint(0, v, (rows.numel(), 3), generator=g).to(device),
+                             torch.randn(rows.numel(), 3, generator=g).to(device)))
+    coefs = HeadGradCoefs(torch.randn(n, generator=g).to(device), torch.randn(n, generator=g).to(device),
+                          stats.mean_logit, torch.randint(0, v, (n,), generator=g).to(device),
+                          torch.randn(n, generator=g).to(device), terms)
     return stats.lse, coefs
 
 
 @pytest.mark.parametrize("dtype,softcap,bias", [(F32, None, True), (F32, 2.0, False), (BF16, None, True),
                                                 (F64, 1.5, True)])
-def test_head_backward_against_torch(small, dtype, softcap, bias):
-    hd = head(dtype=dtype, softcap=softcap, bias=bias, scale=0.8)
+def test_head_backward_against_torch(small, dtype, softcap, bias, device):
+    hd = head(dtype=dtype, softcap=softcap, bias=bias, scale=0.8, device=device)
     lse, coefs = coefs_for(hd)
     grads_close(CUBLAS.head_backward(hd, lse, coefs, ALL_GRADS), TORCH.head_backward(hd, lse, coefs, ALL_GRADS),
                 dtype)
 
 
-def test_head_backward_row_and_vocabulary_blocks(small, monkeypatch):
+def test_head_backward_row_and_vocabulary_blocks(small, monkeypatch, device):
     """More rows than a block holds: row blocks × vocabulary blocks, d weight accumulated over row blocks."""
     monkeypatch.setattr(_blocks, "MIN_BLOCK_COLS", 150)
-    hd = head(n=13)
+    hd = head(n=13, device=device)
     plan = _blocks.vocab_plan(13, 150, 4)
     assert plan.rows < 13 and plan.cols == 150
     lse, coefs = coefs_for(hd)
@@ -193,8 +177,8 @@ def test_head_backward_row_and_vocabulary_blocks(small, monkeypatch):
 
 @pytest.mark.parametrize("needs", [GradNeeds(True, False, False), GradNeeds(False, True, True),
                                    GradNeeds(False, False, False)])
-def test_head_backward_forms_only_what_is_needed(small, needs):
-    hd = head()
+def test_head_backward_forms_only_what_is_needed(small, needs, device):
+    hd = head(device=device)
     lse, coefs = coefs_for(hd, sparse=False)
     with _work.counting() as log:
         got = CUBLAS.head_backward(hd, lse, coefs, needs)
@@ -253,19 +237,19 @@ def test_vocab_plan_keeps_the_slice_buffer_within_the_budget(n, v, bytes_per_log
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_jsd_against_torch(small, beta):
-    student = head(softcap=3.0, scale=1.2)
-    teacher = head(h=31, seed=5, bias=False, scale=0.7)
+def test_jsd_against_torch(small, beta, device):
+    student = head(softcap=3.0, scale=1.2, device=device)
+    teacher = head(h=31, seed=5, bias=False, scale=0.7, device=device)
     got, want = CUBLAS.jsd_forward(student, teacher, beta), TORCH.jsd_forward(student, teacher, beta)
     close(got.value, want.value, 2e-6, "value")
     close(got.w_sum, want.w_sum, 2e-6, "w_sum")
-    grad = torch.randn(student.rows, generator=torch.Generator().manual_seed(3))
+    grad = torch.randn(student.rows, generator=torch.Generator().manual_seed(3)).to(device)
     grads_close(CUBLAS.jsd_backward(student, teacher, beta, got, grad, ALL_GRADS),
                 TORCH.jsd_backward(student, teacher, beta, want, grad, ALL_GRADS), F32, f"β={beta}")
 
 
-def test_jsd_mixed_dtypes_and_given_lse(small):
-    student, teacher = head(dtype=BF16), head(h=31, seed=5, dtype=F32)
+def test_jsd_mixed_dtypes_and_given_lse(small, device):
+    student, teacher = head(dtype=BF16, device=device), head(h=31, seed=5, dtype=F32, device=device)
     lse = TORCH.row_stats(student, lse_dtype=F64).lse
     got = CUBLAS.jsd_forward(student, teacher, 0.3, lse=lse)
     want = TORCH.jsd_forward(student, teacher, 0.3, lse=lse)
@@ -286,9 +270,9 @@ def three_rows(small, monkeypatch):
                                         DivergenceSpec(1.0, 6, "teacher", False),
                                         DivergenceSpec(0.5, 6, "student", True)],
                          ids=["full", "union", "teacher", "student"])
-def test_fused_loss_against_torch(three_rows, divergence):
-    student, teacher = head(softcap=2.0), head(h=31, seed=5)
-    weights = torch.randn(student.rows, generator=torch.Generator().manual_seed(8))
+def test_fused_loss_against_torch(three_rows, divergence, device):
+    student, teacher = head(softcap=2.0, device=device), head(h=31, seed=5, device=device)
+    weights = torch.randn(student.rows, generator=torch.Generator().manual_seed(8)).to(device)
     value, grads = CUBLAS.fused_loss(student, teacher, divergence, weights, ALL_GRADS)
     want_value, want_grads = TORCH.fused_loss(student, teacher, divergence, weights, ALL_GRADS)
     close(value, want_value, 2e-6, "value")
@@ -296,13 +280,13 @@ def test_fused_loss_against_torch(three_rows, divergence):
 
 
 @pytest.mark.parametrize("dtype,k", [(F64, 6), (F32, 9)])
-def test_fused_loss_top_k_ranked_by_torch(three_rows, monkeypatch, dtype, k):
+def test_fused_loss_top_k_ranked_by_torch(three_rows, monkeypatch, dtype, k, device):
     """float64 logits, or k above the kernel's top set: the student's top-k of a block ranked by torch."""
     from ptd_kernels.backends.cublas import fused_loss as module
 
     monkeypatch.setattr(module, "MAX_K", 8)
-    student, teacher = head(dtype=dtype), head(h=31, seed=5, dtype=dtype)
-    weights = torch.ones(student.rows, dtype=dtype)
+    student, teacher = head(dtype=dtype, device=device), head(h=31, seed=5, dtype=dtype, device=device)
+    weights = torch.ones(student.rows, dtype=dtype, device=device)
     divergence = DivergenceSpec(0.5, k, "union", True)
     value, grads = CUBLAS.fused_loss(student, teacher, divergence, weights, ALL_GRADS)
     want_value, want_grads = TORCH.fused_loss(student, teacher, divergence, weights, ALL_GRADS)
@@ -310,19 +294,19 @@ def test_fused_loss_top_k_ranked_by_torch(three_rows, monkeypatch, dtype, k):
     grads_close(grads, want_grads, dtype)
 
 
-def test_fused_loss_without_gradients_launches_no_gradient_work(three_rows):
-    student, teacher = head(), head(h=31, seed=5)
+def test_fused_loss_without_gradients_launches_no_gradient_work(three_rows, device):
+    student, teacher = head(device=device), head(h=31, seed=5, device=device)
     with _work.counting() as log:
-        value, grads = CUBLAS.fused_loss(student, teacher, DivergenceSpec(0.5, 6), torch.ones(9),
+        value, grads = CUBLAS.fused_loss(student, teacher, DivergenceSpec(0.5, 6), torch.ones(9, device=device),
                                          GradNeeds(False, False, False))
     assert {g.name for g in log.gemms} == {"logits"} and not any(r.name == "head_grad" for r in log.launches)
-    close(value, TORCH.fused_loss(student, teacher, DivergenceSpec(0.5, 6), torch.ones(9),
+    close(value, TORCH.fused_loss(student, teacher, DivergenceSpec(0.5, 6), torch.ones(9, device=device),
                                   GradNeeds(False, False, False))[0], 2e-6, "value")
 
 
-def test_gather_logits(small):
-    hd = head(softcap=2.0, dtype=BF16)
-    ids = torch.randint(0, hd.vocab, (hd.rows, 11), generator=torch.Generator().manual_seed(6))
+def test_gather_logits(small, device):
+    hd = head(softcap=2.0, dtype=BF16, device=device)
+    ids = torch.randint(0, hd.vocab, (hd.rows, 11), generator=torch.Generator().manual_seed(6)).to(device)
     for dtype in (F32, F64):
         close(CUBLAS.gather_logits(hd, ids, dtype), dense_logits(hd).gather(1, ids), 2e-6, f"gather {dtype}")
 
@@ -330,6 +314,7 @@ def test_gather_logits(small):
 # ----------------------------------------------------------------------------- work and memory
 
 
+@pytest.mark.slow
 def test_gemm_work_per_form_is_the_floor_and_memory_the_budget(monkeypatch):
     """Counted at the target shape on meta tensors (N = 8192, H = 4096, V = 151936, K = 100, bf16): logits-GEMM
     equivalents per op — log-prob + entropy 4, teacher top-K 1, Top-K JSD / PTD terms 5, per-row full JSD 6,

@@ -15,7 +15,7 @@ trl = pytest.importorskip("trl")
 from _served_teacher import CannedTeacher, RolloutWorker, WeightTransfer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "served_teacher.md")
+DOC = os.path.join(os.path.abspath(os.path.join(__file__, "..", "..", "..")), "docs", "served_teacher.md")
 HUB_ID = "Qwen/Qwen3-0.6B"
 
 pytestmark = pytest.mark.usefixtures("one_thread")

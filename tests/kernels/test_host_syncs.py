@@ -14,9 +14,10 @@ import torch
 
 import ptd_kernels as ptd
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# slow: counts the syncs of every public function on every backend
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "host_syncs.py")
+_PATH = os.path.join(os.path.abspath(os.path.join(__file__, "..", "..", "..")), "bench", "host_syncs.py")
 _spec = importlib.util.spec_from_file_location("host_syncs", _PATH)
 host_syncs = importlib.util.module_from_spec(_spec)
 sys.modules["host_syncs"] = host_syncs  # its dataclasses look their module up

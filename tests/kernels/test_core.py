@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _devices import backend_params
 
 import ptd_kernels as ptd
 from ptd_kernels.backends import Backend, registry, select_backend
@@ -41,9 +42,10 @@ class _LaunchRecorder:
         return launch
 
 
+@pytest.mark.backend("triton")
 @pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
                                         (torch.float64, False)])
-def test_every_triton_kernel_gets_the_same_dot_precision(monkeypatch, dtype, tf32):
+def test_every_triton_kernel_gets_the_same_dot_precision(monkeypatch, dtype, tf32, device):
     """row_stats, head_backward and both JSD sweeps pass one ``input_precision`` for one operand dtype
     (a forward lse and a backward p = exp(z − lse) must come from the same logits)."""
     seen = []
@@ -51,13 +53,14 @@ def test_every_triton_kernel_gets_the_same_dot_precision(monkeypatch, dtype, tf3
                          (triton_jsd_forward, "_jsd_forward_kernel"), (triton_jsd_backward, "_jsd_backward_kernel")):
         monkeypatch.setattr(module, name, _LaunchRecorder(name, seen))
     n, h, v = 4, 16, 40
-    head = Head(torch.randn(n, h).to(dtype), torch.randn(v, h).to(dtype), None, 0.7)
-    lse = torch.zeros(n, dtype=torch.float64)
+    head = Head(torch.randn(n, h).to(device, dtype), torch.randn(v, h).to(device, dtype), None, 0.7)
+    lse = torch.zeros(n, dtype=torch.float64, device=device)
+    ones = torch.ones(n, device=device)
     stats = ptd.backends.base.JSDStats(lse, lse, lse, lse)
     calls = (lambda: triton_row_stats.row_stats(head, k=3),
-             lambda: triton_head_backward.head_backward(head, lse, HeadGradCoefs(torch.ones(n))),
+             lambda: triton_head_backward.head_backward(head, lse, HeadGradCoefs(ones)),
              lambda: triton_jsd_forward.jsd_forward(head, head, 0.5, lse=lse, teacher_lse=lse),
-             lambda: triton_jsd_backward.jsd_backward(head, head, 0.5, stats, torch.ones(n)))
+             lambda: triton_jsd_backward.jsd_backward(head, head, 0.5, stats, ones))
     saved = torch.backends.cuda.matmul.allow_tf32  # a property module: monkeypatch cannot restore it
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
@@ -113,12 +116,12 @@ def test_logits_level_jsd_equals_linear_jsd_on_the_same_logits(beta):
 # ----------------------------------------------------------------------------- one gradient cast
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "triton"])
-def test_bf16_gradients_are_the_fp32_sum_rounded_once(monkeypatch, backend_name):
+@pytest.mark.parametrize("backend", backend_params())
+def test_bf16_gradients_are_the_fp32_sum_rounded_once(monkeypatch, backend, device):
     """PTD terms with K ≥ V have two gradient parts (log-prob/entropy sweep and full-JSD sweep):
     the backends return them unrounded (float32), and the bf16 gradient is their float32 sum
     rounded to bf16 once."""
-    backend_cls = TorchBackend if backend_name == "torch" else TritonBackend
+    backend_cls = type(registry.get_backend(backend))
     parts = []  # copies: the autograd layer accumulates into the first part in place
 
     def recording(real):
@@ -131,11 +134,12 @@ def test_bf16_gradients_are_the_fp32_sum_rounded_once(monkeypatch, backend_name)
     for name in ("head_backward", "jsd_backward"):
         monkeypatch.setattr(backend_cls, name, recording(getattr(backend_cls, name)))
     n, h, v = 5, 16, 48
-    hidden = torch.randn(n, h).bfloat16().requires_grad_()
-    weight = (0.5 * torch.randn(v, h)).bfloat16().requires_grad_()
-    teacher_hidden, teacher_weight = torch.randn(n, h).bfloat16(), torch.randn(v, h).bfloat16()
-    targets = torch.randint(0, v, (n,))
-    terms = ptd.linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, v, backend=backend_name)
+    hidden = torch.randn(n, h).to(device, torch.bfloat16).requires_grad_()
+    weight = (0.5 * torch.randn(v, h)).to(device, torch.bfloat16).requires_grad_()
+    teacher_hidden = torch.randn(n, h).to(device, torch.bfloat16)
+    teacher_weight = torch.randn(v, h).to(device, torch.bfloat16)
+    targets = torch.randint(0, v, (n,)).to(device)
+    terms = ptd.linear_ptd_terms(hidden, weight, targets, teacher_hidden, teacher_weight, v, backend=backend)
     (terms.logp.sum() + terms.entropy.sum() + terms.jsd.sum()).backward()
     assert len(parts) == 2
     assert all(p.weight.dtype == torch.float32 and p.hidden.dtype == torch.float32 for p in parts)
