@@ -233,15 +233,19 @@ def oracle_head_grads(head: Head, dz: torch.Tensor):
 
 
 def check_grads(grads, want, head: Head, needs: GradNeeds, what):
-    """Each gradient asked for (None otherwise) in the compute dtype, on the head's device, within the
+    """Each gradient asked for (None otherwise) in the compute dtype or its input's own dtype (the
+    interface allows a gradient rounded once from a wider accumulator), on the head's device, within the
     tolerance of its computation: bf16 operands make a bf16 computation."""
     computed_in = BF16 if head.hidden.dtype == BF16 else head.dtype
-    for name, got, expected, needed in zip(("hidden", "weight", "bias"), grads, (*want, None),
-                                           (needs.hidden, needs.weight, needs.bias and head.bias is not None)):
+    inputs = (head.hidden, head.weight, head.bias)
+    for name, got, expected, needed, given in zip(("hidden", "weight", "bias"), grads, (*want, None),
+                                                  (needs.hidden, needs.weight, needs.bias and head.bias is not None),
+                                                  inputs):
         if not needed:
             assert got is None, f"{what}: grad {name} formed though not needed"
             continue
-        assert got.dtype == head.dtype and got.device == head.hidden.device, f"{what}: grad {name} {got.dtype}"
+        assert got.dtype in (head.dtype, given.dtype), f"{what}: grad {name} {got.dtype}"
+        assert got.device == head.hidden.device, f"{what}: grad {name} on {got.device}"
         assert float(expected.abs().max()) > 0, f"{what}: the oracle's grad {name} is zero"
         assert_rel_close(got, expected, computed_in, f"{what}: grad {name}")
 
