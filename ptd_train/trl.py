@@ -50,6 +50,7 @@ from trl.data_utils import is_conversational, prepare_multimodal_messages
 from ptd_kernels import SUPPORTS, PolicyLoss
 from ptd_kernels.integrations.hf import PTDSparseTeacher, PTDTeacher, add_ptd_head, output_layer
 from ptd_kernels.integrations.trl import check_trl_version, use_ptd_kernels
+from ptd_kernels.policy_loss import normalization_weights
 
 from .grpo import k3, ptd_groups, ptd_set, ptd_term
 from .hints import check_hint
@@ -510,12 +511,9 @@ class PTDGRPOTrainer(GRPOTrainer):
         per_token = mask.to(torch.float32)
         rows, length = per_token.shape
         factor = accumulation
-        if self.loss_type == "grpo":
-            weights = per_token / (per_token.sum(-1, keepdim=True).clamp(min=1.0) * rows)
-        elif self.loss_type == "bnpo":
-            weights = per_token / per_token.sum().clamp(min=1.0)
-        elif self.loss_type == "dr_grpo":
-            weights = per_token / (rows * self.max_completion_length)
+        if self.loss_type in ("grpo", "bnpo", "dr_grpo"):  # this batch's counts: PolicyLoss's own normalizations
+            weights = normalization_weights(mask, self.loss_type, max_length=self.max_completion_length)
+            weights = weights.view(rows, length)
         else:  # dapo: the generation batch's token count, rescaled to one process and one accumulation window
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
