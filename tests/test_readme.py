@@ -4,10 +4,12 @@ each carries a marker on the line before it, and
 - ``<!-- runs -->``: the snippet runs as written (its own asserts must hold);
 - ``<!-- file: examples/X.py -->``: the snippet is that file, its docstring aside (tests/test_examples.py
   runs the file);
-- ``<!-- excerpt: examples/X.py -->``: every line of the snippet is a line of that file, in order.
+- ``<!-- excerpt: examples/X.py -->``: every line of the snippet is a line of that file, in order;
+- ``<!-- tested: tests/.../test_X.py -->``: that test runs the page's snippets (with tiny local models
+  in place of hub ids, say).
 
-Relative links of these pages point to files that exist (pages another part of the project writes are
-listed in ``PAGES_WRITTEN_ELSEWHERE`` until they exist). The README stays within 250 lines.
+Relative links of these pages (the README, examples/README.md and every page of docs/) point to files
+that exist. The README stays within 250 lines.
 """
 
 from __future__ import annotations
@@ -19,11 +21,10 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = ["README.md", "examples/README.md", "docs/README.md", "docs/method.md", "docs/api.md", "docs/distributed.md",
-         "docs/integrations.md", "docs/benchmarks.md", "docs/trainer.md", "docs/study.md", "docs/formulas.md"]
-# Linked from the pages above, written by other parts of the project (may not exist on every branch yet).
-PAGES_WRITTEN_ELSEWHERE = {"docs/gpu.md", "docs/host_syncs.md"}
-BLOCK = re.compile(r"(?:<!-- (runs|file|excerpt)(?:: (\S+))? -->\n)?```python\n(.*?)```", re.S)
+# Every page a user reads: the README, the examples' index and every page of docs/.
+PAGES = ["README.md", "examples/README.md"] + sorted(
+    os.path.join("docs", name) for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md"))
+BLOCK = re.compile(r"(?:<!-- (runs|file|excerpt|tested)(?:: (\S+))? -->\n)?```python\n(.*?)```", re.S)
 
 
 def _read(path: str) -> str:
@@ -51,7 +52,11 @@ def _runnable():
 
 def test_every_snippet_is_checked():
     unmarked = [(page, code.splitlines()[0]) for page, kind, _file, code in _blocks() if kind is None]
-    assert not unmarked, f"python blocks without a runs / file / excerpt marker: {unmarked}"
+    assert not unmarked, f"python blocks without a runs / file / excerpt / tested marker: {unmarked}"
+    for page, kind, test_file, _code in _blocks():
+        if kind == "tested":
+            assert test_file and os.path.exists(os.path.join(ROOT, test_file)), f"{page}: no test file {test_file}"
+            assert os.path.basename(page) in _read(test_file), f"{test_file} does not name {page}"
 
 
 @pytest.mark.parametrize("code", _runnable())
@@ -109,7 +114,7 @@ def test_links_resolve():
             if re.match(r"[a-z]+://", target):
                 continue
             path = os.path.normpath(os.path.join(folder, target))
-            if not os.path.exists(os.path.join(ROOT, path)) and path not in PAGES_WRITTEN_ELSEWHERE:
+            if not os.path.exists(os.path.join(ROOT, path)):
                 broken.append(f"{page} -> {target}")
     assert not broken, broken
 
