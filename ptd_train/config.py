@@ -168,7 +168,7 @@ class TrainConfig:
     ptd_beta: float = _opt(0.5, "β of the generalized JSD, in [0, 1] (0: KL(teacher ‖ student), 1: KL(student ‖ "
                            "teacher)).")
     ptd_support: str = _opt("union", "Top-K support: union (both models' top K), teacher or student.",
-                            choices=("union", "teacher", "student"))
+                            choices=("union", "teacher", "student"))  # ptd_kernels.SUPPORTS: --help imports no torch
     ptd_tail: bool = _opt(True, "Add one tail atom holding the mass outside the support.",
                           no_help="Renormalise both distributions over the support instead of adding a tail atom.")
     ptd_full_vocab: bool = _opt(False, "Use the full-vocabulary JSD instead of the Top-K one (an ablation).")

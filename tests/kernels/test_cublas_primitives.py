@@ -190,7 +190,7 @@ def test_head_backward_forms_only_what_is_needed(small, needs, device):
 
 
 @pytest.mark.parametrize("row_blocks", [1, "several"])
-def test_weight_gradient_comes_in_the_weights_dtype(monkeypatch, row_blocks):
+def test_weight_gradient_comes_in_the_weights_dtype(monkeypatch, row_blocks, device):
     """A bf16 head: d weight and d bias come back in bf16, d hidden in float32 (the autograd layer's cast is
     then a no-op for the first two). With every row in one block, a vocabulary slice's d weight is one
     GEMM straight into the bf16 gradient (no float32 V×H buffer, no slice buffer); with several row blocks
@@ -198,7 +198,7 @@ def test_weight_gradient_comes_in_the_weights_dtype(monkeypatch, row_blocks):
     n, v, h = 9, 150, 24
     monkeypatch.setattr(_blocks, "MIN_BLOCK_COLS", 64)
     monkeypatch.setattr(config, "CUDA_BLOCK_BYTES", (n if row_blocks == 1 else n - 1) * 64 * 4)
-    hd = head(n=n, v=v, h=h, dtype=BF16, softcap=2.0)
+    hd = head(n=n, v=v, h=h, dtype=BF16, softcap=2.0, device=device)
     lse, coefs = coefs_for(hd)
     with _work.counting() as log:
         got = CUBLAS.head_backward(hd, lse, coefs, ALL_GRADS)

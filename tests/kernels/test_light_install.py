@@ -54,7 +54,7 @@ def test_kernel_library_imports_only_its_dependencies():
     assert declared == CORE, f"pyproject's dependencies {sorted(declared)} are not the kernel library's {sorted(CORE)}"
     extras = project["optional-dependencies"]
     # the README's set-up command installs the trainer and every test tool
-    assert "ptd[train]" in extras["dev"] and "ptd[hf]" in extras["train"]
+    assert "ptd[train]" in extras["dev"] and "ptd[trl]" in extras["dev"] and "ptd[hf]" in extras["train"]
     for tool in ("pytest", "pytest-benchmark", "hypothesis", "ruff", "liger-kernel"):
         assert any(dep.startswith(tool) for dep in extras["dev"]), tool
 

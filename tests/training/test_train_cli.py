@@ -396,3 +396,13 @@ def test_transformers_parser_reads_the_config_too():
 
     (cfg,) = HfArgumentParser(TrainConfig).parse_args_into_dataclasses(args=["--max_steps", "3", "--no_progress"])
     assert cfg.max_steps == 3 and cfg.progress is False
+
+
+def test_support_choices_are_the_library_supports():
+    """The trainer's --ptd_support choices are spelled in its config (so that --help imports no torch):
+    they must stay the library's supports."""
+    from ptd_kernels import SUPPORTS
+    from ptd_train.config import TrainConfig
+
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "ptd_support")
+    assert tuple(field.metadata["choices"]) == SUPPORTS
