@@ -34,7 +34,7 @@ def run_example(tmp_path, monkeypatch, capsys):
 
 def test_every_example_is_tested():
     tested = {"hf_logprobs.py", "verl_fused_linear.py", "trl_grpo.py", "trl_distillation.py", "trl_ptd_po.py",
-              "tensor_parallel.py"}
+              "trl_served_distillation.py", "tensor_parallel.py"}
     assert {name for name in os.listdir(EXAMPLES) if name.endswith(".py")} == tested
 
 
@@ -71,6 +71,17 @@ def test_trl_distillation(run_example):
     full = next(line for line in out.splitlines() if line.startswith("full JSD"))
     topk = next(line for line in out.splitlines() if line.startswith("Top-K JSD, K=16"))
     assert full != topk.replace("Top-K JSD, K=16", "full JSD")  # the two divergences differ
+
+
+def test_trl_served_distillation(run_example, monkeypatch):
+    pytest.importorskip("trl")
+    import trl.generation.vllm_client as vllm_client
+
+    monkeypatch.setattr(vllm_client, "VLLMClient", vllm_client.VLLMClient)  # the example swaps in its stand-in
+    scope, out = run_example("trl_served_distillation.py")
+    trainer = scope["trainer"]
+    assert "compute_loss" in trainer.__dict__ and trainer.state.global_step == 2  # ptd's student side, 2 steps
+    assert "beta=0.0, top-8: loss per step" in out and "beta=0.5, top-1: loss per step" in out
 
 
 def test_trl_ptd_po(run_example):
