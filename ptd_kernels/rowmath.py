@@ -390,10 +390,13 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     only matters where ties straddle the k-th place (those rows redo the selection on packed
     keys) and among equal selected values (fixed by sorting the k selected on packed keys).
     float64 blocks use a stable sort instead (packed keys hold float32 bits, which would merge
-    float64 values closer than a float32 ulp).
+    float64 values closer than a float32 ulp). On a device, where that check would wait for the queue,
+    one top-k of the packed keys gives the exact ids in order directly.
     """
     if logits.dtype == torch.float64:
         return torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
+    if not free_to_read(logits):  # on a device a tie check would wait for the queue: select on packed keys once
+        return _ids_from_keys(torch.topk(pack_topk_keys(logits), k, dim=-1).values)  # key order = the tie rule
     if k < logits.shape[-1]:  # one extra value tells whether a tie straddles the k-th place
         values, ids = torch.topk(logits, k + 1, dim=-1)
         ambiguous = values[:, k - 1] == values[:, k]
@@ -402,15 +405,10 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
         values, ids = torch.topk(logits, k, dim=-1)
         ambiguous = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     ambiguous |= torch.isnan(values).any(-1)
-    if free_to_read(ambiguous):  # a CPU block: check, and redo only the rows that need it
-        if bool(ambiguous.any()):
-            rows = ambiguous.nonzero().squeeze(-1)
-            top = torch.topk(pack_topk_keys(logits[rows]), k, dim=-1).values
-            ids[rows] = _ids_from_keys(top)
-            values[rows] = logits[rows].gather(1, ids[rows])
-    else:  # on a device, a check would wait for the queue: redo every row, keep the redone ambiguous ones
-        exact = _ids_from_keys(torch.topk(pack_topk_keys(logits), k, dim=-1).values)
-        ids = torch.where(ambiguous[:, None], exact, ids)
-        values = logits.gather(1, ids)
+    if bool(ambiguous.any()):  # a CPU block: redo only the rows that need it
+        rows = ambiguous.nonzero().squeeze(-1)
+        top = torch.topk(pack_topk_keys(logits[rows]), k, dim=-1).values
+        ids[rows] = _ids_from_keys(top)
+        values[rows] = logits[rows].gather(1, ids[rows])
     order = torch.sort(pack_topk_keys(values, ids), dim=-1, descending=True).values
     return _ids_from_keys(order)

@@ -293,3 +293,19 @@ def test_importing_and_running_on_the_cpu_never_imports_triton():
     env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 8])
+def test_topk_ids_on_a_device_path_equals_the_cpu_path(monkeypatch, k):
+    """rowmath.topk_ids: the device branch (one top-k of packed keys) gives the CPU branch's ids, in the
+    same order, on rows with ties straddling the k-th place, ties among the selected, NaN and ±inf."""
+    from ptd_kernels import _host_reads, rowmath
+
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0, -1.0, 2.0],
+                           [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+                           [float("nan"), 1.0, float("inf"), -float("inf"), 2.0, 2.0, 0.0, 1.0],
+                           [-0.0, 0.0, 4.0, -2.0, 4.0, 1.0, 1.0, 1.0]])
+    on_cpu = rowmath.topk_ids(logits, k)
+    monkeypatch.setattr(_host_reads, "AS_ON_A_DEVICE", True)
+    assert torch.equal(rowmath.topk_ids(logits, k), on_cpu)
+    assert on_cpu[1].tolist() == list(range(k))  # all tied: the smaller ids, in order
