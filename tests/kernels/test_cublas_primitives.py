@@ -37,7 +37,7 @@ from ptd_kernels.backends.torch import TorchBackend
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.backend("cublas"), pytest.mark.slow]
 
 CUBLAS, TORCH = CublasBackend(), TorchBackend()
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+BENCH = os.path.join(os.path.abspath(os.path.join(__file__, "..", "..", "..")), "bench")
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 GRAD_TOL = {F64: 1e-10, F32: 1e-5, BF16: 2e-2}  # of the largest gradient entry
 

@@ -29,20 +29,6 @@ def sparse_layout(n: int, vocab: int, sparse: tuple[SparseTerms, ...], dtype: to
     return pad_sparse(n, vocab, sparse, dtype)
 
 
-def new_grads(side: Side, needs: GradNeeds) -> HeadGrads:
-    """Gradient buffers in the compute dtype: d hidden and d weight written by the sweep's first GEMMs
-    (no zero fill), d bias accumulated. For a sweep over blocks of whole rows (the one-sweep loss), whose
-    d weight sums over the row blocks; the vocabulary sweeps use ``SweepGrads``."""
-    n, v, h = side.head.rows, side.head.vocab, side.hidden.shape[1]
-    device = side.hidden.device
-    grads = HeadGrads(torch.empty((n, h), dtype=side.dtype, device=device) if needs.hidden else None,
-                      torch.empty((v, h), dtype=side.dtype, device=device) if needs.weight else None,
-                      torch.zeros(v, dtype=side.dtype, device=device) if needs.bias else None)
-    if n == 0 and grads.weight is not None:
-        grads.weight.zero_()
-    return grads
-
-
 class SweepGrads:
     """The gradients of a recomputing sweep over vocabulary blocks (``vocab_plan``), each formed in the
     dtype the autograd layer returns it in wherever that needs no buffer beyond the gradient itself:
