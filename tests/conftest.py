@@ -139,3 +139,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """A tiny Qwen3 checkpoint saved for the module (``_tiny_hf.save_tiny_qwen3``'s defaults): the student
+    of the Hugging Face, TRL and trainer-on-TRL tests."""
+    from _tiny_hf import save_tiny_qwen3
+
+    return save_tiny_qwen3(tmp_path_factory.mktemp("qwen3"))

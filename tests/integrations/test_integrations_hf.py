@@ -23,11 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    return save_tiny_qwen3(tmp_path_factory.mktemp("qwen3"))
-
-
-@pytest.fixture(scope="module")
 def qwen3_vl(tmp_path_factory):
     return save_tiny_qwen3_vl(tmp_path_factory.mktemp("qwen3vl"))
 

@@ -27,11 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    return save_tiny_qwen3(tmp_path_factory.mktemp("student"))
-
-
-@pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     return save_tiny_qwen3(tmp_path_factory.mktemp("teacher"), hidden=48, layers=1, seed=1)
 

@@ -28,11 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    return save_tiny_qwen3(tmp_path_factory.mktemp("student"))
-
-
-@pytest.fixture(scope="module")
 def gemma2(tmp_path_factory):
     return save_tiny_gemma2(tmp_path_factory.mktemp("gemma2"), softcap=2.0)
 

@@ -23,7 +23,6 @@ from _tiny_hf import (  # noqa: E402
     image_rows,
     reward_by_length,
     reward_says_yes,
-    save_tiny_qwen3,
     save_tiny_qwen3_vl,
     text_rows,
 )
@@ -37,11 +36,6 @@ from ptd_train.trl import PTDGRPOConfig, PTDGRPOTrainer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.abspath(os.path.join(__file__, "..", "..", ".."))
-
-
-@pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    return save_tiny_qwen3(tmp_path_factory.mktemp("qwen3"))
 
 
 def _config(cls=PTDGRPOConfig, **overrides):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 trl = pytest.importorskip("trl")
-from _tiny_hf import image_rows, save_tiny_qwen3, save_tiny_qwen3_vl, text_rows  # noqa: E402
+from _tiny_hf import image_rows, save_tiny_qwen3_vl, text_rows  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 import ptd_kernels  # noqa: E402
@@ -22,11 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 METRICS = ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
            "clip_ratio/low_min", "clip_ratio/high_max", "policy_loss", "entropy_coef", "ptd/jsd", "ptd/overlap",
            "ptd/teacher_mass")
-
-
-@pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    return save_tiny_qwen3(tmp_path_factory.mktemp("qwen3"))
 
 
 def _reward(completions, **kwargs):
