@@ -72,10 +72,10 @@ def encode_prompt(tok, question: str, n_image_tokens: int | None, hint: str | No
 
     ``hint=None`` is the student context x; a hint string gives the teacher context x^h = [x ; h].
     """
-    vocab = tok.get_vocab()
     out: list[int] = []
-    if n_image_tokens is not None:
-        out += [vocab[VISION_START]] + [vocab[IMAGE_PAD]] * n_image_tokens + [vocab[VISION_END]]
+    if n_image_tokens is not None:  # (not tok.get_vocab(): it copies the whole vocabulary)
+        start, pad, end = tok.convert_tokens_to_ids([VISION_START, IMAGE_PAD, VISION_END])
+        out += [start] + [pad] * n_image_tokens + [end]
     out += tok.encode(" " + question, add_special_tokens=False)
     if hint is not None:
         out += tok.encode(" hint : " + hint, add_special_tokens=False)
