@@ -48,7 +48,7 @@ def operations():
         ptd.linear_topk_jsd_loss(*student(x), x.teacher_hidden, x.teacher_weight, 64, beta=BETA, **kw,
                                  **tkw).backward()
 
-    def ptd_head(x, kw, tkw):
+    def ptd_terms(x, kw, tkw):
         t = ptd.linear_ptd_terms(*student(x), x.targets, x.teacher_hidden, x.teacher_weight, 100, beta=BETA, **kw,
                                  **tkw)
         (t.logp.sum() + t.entropy.sum() + t.jsd.sum()).backward()
@@ -57,7 +57,7 @@ def operations():
         ptd.linear_topk(x.teacher_hidden, x.teacher_weight, 100, **kw)
 
     return {"logprobs+entropy (linear_logprobs)": logprobs, "jsd (linear_jsd_loss)": jsd_loss,
-            "topk_jsd K=64 (linear_topk_jsd_loss)": topk_jsd_loss, "ptd head K=100 (linear_ptd_terms)": ptd_head,
+            "topk_jsd K=64 (linear_topk_jsd_loss)": topk_jsd_loss, "ptd head K=100 (linear_ptd_terms)": ptd_terms,
             "teacher top-K K=100 (linear_topk, fwd)": teacher_topk}
 
 

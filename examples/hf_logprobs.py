@@ -17,9 +17,9 @@ model_id = sys.argv[1] if len(sys.argv) > 1 else make_checkpoint(tempfile.mkdtem
 model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
 batch = AutoTokenizer.from_pretrained(model_id)(["what is two plus three"], return_tensors="pt")
 
-hf.add_ptd_head(model)                         # this instance only; generate() is unchanged
+hf.add_fused_head(model)                       # this instance only; generate() is unchanged
 labels = batch["input_ids"].clone()            # -100 marks positions to skip (prompt, padding)
-out = model(**batch, labels=labels, ptd_head=True)
+out = model(**batch, labels=labels, fused_head=True)
 (-out.log_probs.sum()).backward()              # gradients reach the backbone and lm_head as usual
 print("log-probs", tuple(out.log_probs.shape), "entropy", tuple(out.entropy.shape),
       "(position t scores token t+1)")

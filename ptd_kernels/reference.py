@@ -5,7 +5,8 @@ from a stable descending sort (ties to the smaller id), and gradients come from 
 Slow and memory-hungry on purpose; float64-capable (float64 inputs compute in float64, all
 other dtypes in float32). The divergence formulas here are written independently of
 ``ptd_kernels.rowmath`` so that the tests that tie every backend to this module compare two
-separate derivations.
+separate derivations; only the logit transform comes from there (``rowmath.transform_logits``, its one
+out-of-place definition, which the backends' in-place and in-kernel versions are tested against).
 
 Outputs are float32 per-row tensors (float64 for float64 inputs). ``backend`` is accepted for
 signature parity and ignored.
@@ -20,6 +21,7 @@ from torch.nn.functional import kl_div
 
 from . import _validate as validate
 from ._types import PTDTerms, TopK
+from .rowmath import transform_logits
 
 TAIL_FLOOR = 1e-12
 
@@ -49,14 +51,12 @@ def _compute_dtype(*tensors) -> torch.dtype:
 
 
 def _logits(hidden, weight, bias, temperature, dtype, logit_scale=1.0, softcap=None):
-    """z = cap_c(s · (hidden @ weightᵀ + bias)) / τ, cap_c(x) = c · tanh(x / c) (docs/method.md §2)."""
-    z = hidden.to(dtype) @ weight.to(dtype).T
+    """z = cap_c(s · (hidden @ weightᵀ + bias)) / τ, cap_c(x) = c · tanh(x / c) (docs/method.md §2), the
+    transform by ``rowmath.transform_logits``, its one definition."""
+    a = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
-        z = z + bias.to(dtype)
-    z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / temperature
+        a = a + bias.to(dtype)
+    return transform_logits(a, logit_scale=logit_scale, softcap=softcap, temperature=temperature)
 
 
 def _check_transform(logit_scale, softcap, prefix=""):

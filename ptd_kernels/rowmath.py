@@ -20,6 +20,9 @@ When the atoms are a softmax of logits z (p = softmax(z)), ∂D/∂z_v = w_v −
 
 The forms, each written once:
 
+- the logit transform z = cap_c(s·a)/τ, out of place and differentiable: ``transform_logits`` (the
+  reference and the trainer's sampling use it; the PyTorch backend's in-place, cache-blocked
+  ``backends/torch/_blocks.py::to_logits_`` and the kernels' ``to_logits`` compute the same z).
 - value and weighted score per atom, log-add-exp form: ``jsd_pointwise`` (top-K atoms; full rows
   near β = 0 or 1). Its Triton twin is ``backends/triton/rowmath.py``.
 - the same for full rows from the probabilities (0.001 ≤ β ≤ 0.999): ``jsd_scores_`` (log m =
@@ -42,6 +45,25 @@ import torch
 from ._host_reads import free_to_read
 
 TAIL_FLOOR = 1e-12  # floor of a tail atom, in probability (docs/method.md, Top-K JSD)
+
+
+# ----------------------------------------------------------------------------- the logit transform
+
+
+def transform_logits(a: torch.Tensor, *, logit_scale: float = 1.0, softcap: float | None = None,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """The logits z of the pre-activations a = W h + b, out of place (``a`` is never changed) and differentiable:
+
+        z = cap_c(s·a) / τ,   cap_c(x) = c·tanh(x / c)   (``softcap=None``: no cap, z = s·a / τ)
+
+    with s = ``logit_scale``, c = ``softcap``, τ = ``temperature``; computed in ``a``'s dtype, in that order
+    (scale, cap, divide); a factor of 1 is skipped (exact either way), so the identity transform returns ``a``
+    itself. The callers validate s, c and τ (``ptd_kernels._validate``).
+    """
+    z = a * logit_scale if logit_scale != 1.0 else a
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature if temperature != 1.0 else z
 
 
 # ----------------------------------------------------------------------------- the range of a divergence

@@ -117,7 +117,7 @@ def started(cfg, device: torch.device):
 
 
 def parallelize(lm: torch.nn.Module, d: Dist, *, trainable: bool, unused_params: bool = False) -> torch.nn.Module:
-    """The module to call for ``lm`` (a ``ModelWithPTDHead``): itself on one process; under
+    """The module to call for ``lm`` (a ``ModelWithFusedHead``): itself on one process; under
     FSDP2 ``lm`` sharded in place — each transformer block (the model's ``_no_split_modules``:
     decoder layers, vision blocks) and the root, its forward methods registered; under DDP a
     ``DistributedDataParallel`` around the trainable policy, and the frozen reference unchanged
@@ -146,7 +146,7 @@ def parallelize(lm: torch.nn.Module, d: Dist, *, trainable: bool, unused_params:
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The ``ModelWithPTDHead`` inside a DDP wrapper (its no-grad methods need no DDP forward)."""
+    """The ``ModelWithFusedHead`` inside a DDP wrapper (its no-grad methods need no DDP forward)."""
     return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 

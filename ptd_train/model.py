@@ -1,6 +1,6 @@
 """Model side: the embedded tiny Qwen3-VL built from a config, loading a local checkpoint through
 the Auto classes, the backbone passes the trainer runs (each prompt encoded once, its KV cache
-continued per rollout), and :class:`ModelWithPTDHead`, which applies the output layer through
+continued per rollout), and :class:`ModelWithFusedHead`, which applies the output layer through
 ``ptd_kernels`` inside its own forward.
 
 Nothing here downloads anything. Qwen-VL facts this relies on (transformers ≥ 5,
@@ -26,6 +26,7 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from ptd_kernels import linear_jsd, linear_logprobs, linear_policy_loss, linear_ptd_terms
 from ptd_kernels.integrations.hf import logit_transform, sparse_teacher_terms
+from ptd_kernels.rowmath import transform_logits
 
 from .prompts import IMAGE_PAD, PAD, VIDEO_PAD, VISION_END, VISION_START, PromptBatch
 from .vision import VisionBatch
@@ -334,7 +335,7 @@ class StudentTerms(NamedTuple):
     teacher_mass: torch.Tensor
 
 
-class ModelWithPTDHead(torch.nn.Module):
+class ModelWithFusedHead(torch.nn.Module):
     """A (vision-)language model as the trainer runs it: the backbone, then the output layer
     through ``ptd_kernels`` (no ``[tokens, vocab]`` logits; only sampling forms one row of logits
     per sequence).
@@ -456,13 +457,12 @@ class ModelWithPTDHead(torch.nn.Module):
 
     def next_token_logits(self, env, prefix: Prefix, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits ``[B, V]`` of the token after ``prefix`` (after ``ids`` [B, 1], which then
-        join the prefix): one row per sequence, what sampling needs."""
+        join the prefix): one row per sequence, what sampling needs. The checkpoint's scale and soft-cap
+        are applied (``rowmath.transform_logits``); the sampler divides by its temperature."""
         W, b = self.output_layer()
         with env.amp():
             h = prefix.last if ids is None else continue_prefix(self.model, prefix, ids, torch.ones_like(ids))[:, -1]
-            logits = torch.nn.functional.linear(h.to(W.dtype), W, b).float() * self.logit_transform["logit_scale"]
-            softcap = self.logit_transform["softcap"]
-            return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+            return transform_logits(torch.nn.functional.linear(h.to(W.dtype), W, b).float(), **self.logit_transform)
 
     def prefix_logprobs(self, env, prefix: Prefix, resp, mask) -> torch.Tensor:
         """Teacher-forced log-probs ``[B, T]`` of ``resp`` continuing ``prefix`` (advances it)."""

@@ -1,7 +1,7 @@
 """Sampling and evaluation: KV-cached rollouts from the policy, greedy held-out accuracy, and the
 reference completions the warm start and evaluation score.
 
-``lm`` is a :class:`~ptd_train.model.ModelWithPTDHead` (sharded or not). Under torchrun,
+``lm`` is a :class:`~ptd_train.model.ModelWithFusedHead` (sharded or not). Under torchrun,
 ``dist`` keeps the ranks in lockstep where FSDP2 needs it and reduces the evaluation."""
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def check_config(cfg) -> None:
 
 
 class TrainerTeacherServer:
-    """``ptd_train``'s frozen initial policy (a ``ModelWithPTDHead``) answering the served-teacher call
+    """``ptd_train``'s frozen initial policy (a ``ModelWithFusedHead``) answering the served-teacher call
     in-process: prompts and completions are split back out of the sequences and images encoded as the
     trainer encodes a prompt's (``images``: per sequence, a list of one RGB array, or None)."""
 

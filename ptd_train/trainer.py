@@ -41,7 +41,7 @@ import torch
 from . import checkpoint, grpo, teacher_server
 from .config import TRAINED_MARKER, TrainConfig, UsageError, trained_marker
 from .distributed import SINGLE, Dist, clip_grad_norm, full_model_state, full_output_layer, parallelize, started, unwrap
-from .model import ModelWithPTDHead, build_tiny_model, is_vision_language, load_model_and_tokenizer, stop_token_ids
+from .model import ModelWithFusedHead, build_tiny_model, is_vision_language, load_model_and_tokenizer, stop_token_ids
 from .prompts import Env, build_tokenizer
 from .rollout import decode, evaluate, generate
 from .tasks import Example, GridCountTask, load_jsonl, reward
@@ -199,7 +199,7 @@ def rl_step(
     policy, ref, opt, env: Env, examples: list[Example], *, teacher_head=None, dist: Dist = SINGLE, rollouts=None
 ) -> dict:
     """One update on this rank's prompts ``examples``; the loss and the metrics are those of the
-    global batch. ``policy``/``ref``: ``ModelWithPTDHead`` (wrapped by ``parallelize``);
+    global batch. ``policy``/``ref``: ``ModelWithFusedHead`` (wrapped by ``parallelize``);
     ``teacher_head``: the reference's output layer, whole (``full_output_layer``; None: read from
     ``ref``, one process); ``rollouts``: given (response ids, mask) instead of sampling them."""
     cfg = env.cfg
@@ -368,9 +368,9 @@ def _train(cfg: TrainConfig, dist: Dist, backend: str, state: dict | None) -> di
         report.seconds["warm start"] = round(seconds, 1)
         report.detail(f"done: {warm['steps']} steps; dev accuracy {warm['dev_accuracy']:.2f} without hint, "
                       f"{warm['dev_accuracy_hinted']:.2f} with the spatial hint ({seconds:.1f} s)")
-    ref = ModelWithPTDHead(copy.deepcopy(model).eval().requires_grad_(False))  # frozen initial policy: KL, teacher
+    ref = ModelWithFusedHead(copy.deepcopy(model).eval().requires_grad_(False))  # frozen initial policy: KL, teacher
     vision_unused = is_vision_language(model) and task is None and train_set[0].image is None  # a text task
-    policy = parallelize(ModelWithPTDHead(model), dist, trainable=True, unused_params=vision_unused)
+    policy = parallelize(ModelWithFusedHead(model), dist, trainable=True, unused_params=vision_unused)
     ref = parallelize(ref, dist, trainable=False)
     teacher_head = full_output_layer(ref) if cfg.teacher == "ref" else None
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -48,7 +48,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational, prepare_multimodal_messages
 
 from ptd_kernels import SUPPORTS, PolicyLoss
-from ptd_kernels.integrations.hf import PTDSparseTeacher, PTDTeacher, add_ptd_head, output_layer
+from ptd_kernels.integrations.hf import PTDTeacher, SparseTeacher, add_fused_head, output_layer
 from ptd_kernels.integrations.trl import check_trl_version, use_ptd_kernels
 from ptd_kernels.policy_loss import normalization_weights
 
@@ -111,7 +111,7 @@ class _PendingStep:
     """What one ``_compute_loss`` call hands to the log-prob call inside TRL's loss."""
 
     batch: dict
-    teacher: PTDTeacher | PTDSparseTeacher | None
+    teacher: PTDTeacher | SparseTeacher | None
     ptd_group: torch.Tensor
     consumed: bool = False
     jsd: torch.Tensor | None = None
@@ -180,7 +180,7 @@ class PTDGRPOTrainer(GRPOTrainer):
     def _build_teacher(self):
         """The frozen initial policy: TRL's reference model if it built one, else a frozen copy."""
         if self.ref_model is not None:
-            return self.ref_model  # given a ptd head by use_ptd_kernels
+            return self.ref_model  # given a fused head by use_ptd_kernels
         if self.is_deepspeed_enabled:
             raise NotImplementedError("under DeepSpeed set beta > 0: TRL then builds the reference model, which is "
                                       "PTD-PO's teacher")
@@ -189,8 +189,8 @@ class PTDGRPOTrainer(GRPOTrainer):
             # instance-level forwards (TRL's fused head, its fp32 head cast) close over the original modules
             module.__dict__.pop("forward", None)
         teacher.requires_grad_(False).eval()
-        add_ptd_head(teacher, temperature=self.temperature, flag="fused_lm_head", with_entropy=False,
-                     fp32_head=self.args.cast_lm_head_to_fp32)
+        add_fused_head(teacher, temperature=self.temperature, flag="fused_lm_head", with_entropy=False,
+                       fp32_head=self.args.cast_lm_head_to_fp32)
         if self.is_fsdp_enabled:
             from trl.models.utils import prepare_fsdp
 
@@ -410,7 +410,7 @@ class PTDGRPOTrainer(GRPOTrainer):
         labels[:, :-logits_to_keep] = -100
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
-                        ptd_teacher=pending.teacher, **model_inputs)
+                        fused_teacher=pending.teacher, **model_inputs)
         logps = out.log_probs[:, -logits_to_keep:]
         entropies = out.entropy[:, -logits_to_keep:] if compute_entropy else None
         if pending.teacher is not None:
@@ -451,9 +451,9 @@ class PTDGRPOTrainer(GRPOTrainer):
         if "ptd_teacher_topk_ids" in inputs:  # served: the teacher's top-K came with the rollouts
             teacher = None
             if bool(rows.any()):
-                teacher = PTDSparseTeacher(indices=inputs["ptd_teacher_topk_ids"],
-                                           logprobs=inputs["ptd_teacher_topk_logprobs"], rows=rows,
-                                           beta=self.args.ptd_beta, tail=self.args.ptd_tail)
+                teacher = SparseTeacher(indices=inputs["ptd_teacher_topk_ids"],
+                                        logprobs=inputs["ptd_teacher_topk_logprobs"], rows=rows,
+                                        beta=self.args.ptd_beta, tail=self.args.ptd_tail)
         else:
             needs_teacher = rows.any()
             if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # a sharded teacher runs on every rank or none
@@ -559,7 +559,7 @@ class PTDGRPOTrainer(GRPOTrainer):
         model_inputs = {k: inputs[k] for k in _IMAGE_KEYS + _TOKEN_TYPE_KEYS if inputs.get(k) is not None}
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
-                        ptd_teacher=teacher, ptd_policy_loss=policy_loss, **model_inputs)
+                        fused_teacher=teacher, fused_policy_loss=policy_loss, **model_inputs)
         loss = out.loss
         logps = out.log_probs[:, -logits_to_keep:]
         entropies = out.entropy[:, -logits_to_keep:]

@@ -26,7 +26,7 @@ import torch
 
 from .checkpoint import build_fingerprint
 from .config import UsageError, parse_hint_mix
-from .model import ModelWithPTDHead, TinyVLSpec
+from .model import ModelWithFusedHead, TinyVLSpec
 from .prompts import Env
 from .rollout import evaluate, gold_batch
 from .tasks import GridCountTask
@@ -164,7 +164,7 @@ def _train(model, env: Env, task: GridCountTask, log) -> dict:
     if leak:
         data_env = Env(dataclasses.replace(cfg, allow_answer_leak=True), env.tok, env.geo, env.device, env.backend,
                        processor=getattr(env.format, "processor", None), stop_ids=env.stop_ids)  # fmt: skip
-    lm = ModelWithPTDHead(model)
+    lm = ModelWithFusedHead(model)
     rng = np.random.default_rng([cfg.warmstart_seed, 17])
     torch.manual_seed(cfg.warmstart_seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmstart_lr, weight_decay=0.0)

@@ -1,4 +1,4 @@
-"""Run by tests/integrations/test_integrations_hf.py under torch.distributed.run: the ptd head under FSDP2
+"""Run by tests/integrations/test_integrations_hf.py under torch.distributed.run: the fused head under FSDP2
 (2 CPU processes, gloo), with the output layer inside the root unit and in a unit of its own.
 
 argv: tiny model directory, output directory. Each rank checks its log-probs / entropy and the
@@ -32,19 +32,19 @@ def main(path: str, out_dir: str) -> None:
     labels[:, :3] = -100
     result = {}
     for head_unit in (False, True):
-        reference = hf.add_ptd_head(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
-        want = reference(input_ids=ids, labels=labels, ptd_head=True)
+        reference = hf.add_fused_head(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+        want = reference(input_ids=ids, labels=labels, fused_head=True)
         _loss(want).backward()
         for p in reference.parameters():
             dist.all_reduce(p.grad)
             p.grad /= world
-        model = hf.add_ptd_head(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+        model = hf.add_fused_head(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
         for layer in model.model.layers:
             fully_shard(layer)
         if head_unit:
             fully_shard(model.lm_head)
         fully_shard(model)
-        got = model(input_ids=ids, labels=labels, ptd_head=True)
+        got = model(input_ids=ids, labels=labels, fused_head=True)
         _loss(got).backward()
         value_gap = max((got.log_probs - want.log_probs).abs().max().item(),
                         (got.entropy - want.entropy).abs().max().item())

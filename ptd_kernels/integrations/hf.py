@@ -8,10 +8,10 @@ What a model's logits are made of, read from the model itself:
   logit scale / soft-cap of the text config (``final_logit_softcapping`` → soft-cap,
   ``logit_scale`` → scale, ``logits_scaling`` → scale 1/value, and the other spellings listed
   in :func:`logit_transform`), so that logits = cap(scale · (W h + b));
-- :func:`add_ptd_head` — an instance-scoped forward: ``model(..., labels=labels, ptd_head=True)``
-  returns a :class:`PTDCausalLMOutput` with per-token log-probs and entropy (and, given a
+- :func:`add_fused_head` — an instance-scoped forward: ``model(..., labels=labels, fused_head=True)``
+  returns a :class:`FusedCausalLMOutput` with per-token log-probs and entropy (and, given a
   :class:`PTDTeacher`, PTD-PO's Top-K JSD, overlap and teacher mass) computed by ptd from the
-  last hidden states; ``ptd_policy_loss=PolicyLoss(...)`` makes its ``loss`` that policy loss, from
+  last hidden states; ``fused_policy_loss=PolicyLoss(...)`` makes its ``loss`` that policy loss, from
   one sweep; no tokens × vocabulary tensor is formed. The computation runs inside the
   model's ``forward``, and the output-layer part inside the output layer's own call
   (:func:`run_as_forward`), so DDP's and FSDP2's hooks see both: FSDP2 un-shards the parameters
@@ -34,17 +34,17 @@ from ptd_kernels.backends.vocab_parallel_setup import is_dtensor
 
 __all__ = [
     "OutputLayer",
-    "PTDCausalLMOutput",
-    "PTDSparseTeacher",
+    "FusedCausalLMOutput",
+    "SparseTeacher",
     "PTDTeacher",
-    "add_ptd_head",
+    "add_fused_head",
     "backbone",
     "check_against_logits",
     "last_hidden_states",
     "logit_transform",
     "output_layer",
-    "ptd_lm_forward",
-    "remove_ptd_head",
+    "fused_lm_forward",
+    "remove_fused_head",
     "run_as_forward",
     "sparse_teacher_terms",
 ]
@@ -135,7 +135,7 @@ def output_layer(model) -> OutputLayer:
     Tied embeddings give the embedding matrix, as the model's own head uses. A weight read while
     it is a sharded DTensor (FSDP2, outside the head's forward) is gathered to a full tensor: right
     for a frozen teacher, but a gradient through that copy is not reduced across ranks — to train
-    through the layer, read it inside :func:`run_as_forward` (as :func:`ptd_lm_forward` does).
+    through the layer, read it inside :func:`run_as_forward` (as :func:`fused_lm_forward` does).
     """
     head = _head_module(model)
     weight, bias = head.weight, getattr(head, "bias", None)
@@ -198,7 +198,7 @@ def backbone(model):
 def last_hidden_states(model, *args, **kwargs) -> torch.Tensor:
     """``backbone(model)(*args, **kwargs).last_hidden_state`` [B, L, H] (no cache).
 
-    Under DDP / FSDP call it from inside the wrapped model's ``forward`` (as :func:`add_ptd_head`
+    Under DDP / FSDP call it from inside the wrapped model's ``forward`` (as :func:`add_fused_head`
     does), never on the bare backbone from outside.
     """
     kwargs.setdefault("use_cache", False)
@@ -211,7 +211,7 @@ def last_hidden_states(model, *args, **kwargs) -> torch.Tensor:
 
 @dataclass
 class PTDTeacher:
-    """The teacher side of PTD-PO's terms for :func:`ptd_lm_forward`.
+    """The teacher side of PTD-PO's terms for :func:`fused_lm_forward`.
 
     ``hidden`` [B, T, H']: the teacher's last hidden states, detached, aligned with the *last* T
     next-token positions of the student (the positions that predict the T completion tokens,
@@ -230,8 +230,8 @@ class PTDTeacher:
 
 
 @dataclass
-class PTDSparseTeacher:
-    """A served teacher's side of PTD-PO's terms for :func:`ptd_lm_forward`: its top-K ids and their
+class SparseTeacher:
+    """A sparse teacher for :func:`fused_lm_forward` (a served teacher's answer): its top-K ids and their
     log-probs per completion position, ``indices`` (int) and ``logprobs`` [B, T, K], aligned as
     :class:`PTDTeacher`'s ``hidden``. The support is those ids (the sparse teacher of docs/method.md §2,
     ``ptd_kernels.linear_sparse_jsd``); ``rows``, ``beta``, ``tail`` as in :class:`PTDTeacher`.
@@ -245,13 +245,14 @@ class PTDSparseTeacher:
 
 
 @dataclass
-class PTDCausalLMOutput(ModelOutput):
-    """Output of :func:`ptd_lm_forward`. Per-token fields are [B, L-1] (next-token positions;
+class FusedCausalLMOutput(ModelOutput):
+    """Output of :func:`fused_lm_forward`. Per-token fields are [B, L-1] (next-token positions;
     [B, L] with ``shift_labels``), 0 where the label is -100, float32.
 
     loss: −Σ log p(label) / (number of labels, or ``num_items_in_batch``); with ``policy_loss``, that loss.
     log_probs, entropy: of the next-token distribution (entropy None when not asked for).
-    jsd, overlap, teacher_mass: PTD-PO's Top-K JSD, top-K overlap and Σ_S q (None without a teacher;
+    jsd, overlap, teacher_mass: the teacher's JSD (PTD-PO's Top-K JSD with a :class:`PTDTeacher`, the
+    sparse-teacher JSD with a :class:`SparseTeacher`), top-K overlap and Σ_S q (None without a teacher;
     0 off the teacher's rows).
     label_mask: bool, where the label is not -100.
     last_hidden_state: [B, L, H], only when called without labels.
@@ -271,8 +272,8 @@ class PTDCausalLMOutput(ModelOutput):
 def _teacher_rows(teacher, label_mask: torch.Tensor, device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """The teacher's per-position tensors (hidden [n, H'], or top-K ids and log-probs [n, K]) aligned with
     the student's labelled positions, and the jsd mask [n]."""
-    per_position = (teacher.indices, teacher.logprobs) if isinstance(teacher, PTDSparseTeacher) else (teacher.hidden,)
-    name = "teacher.indices" if isinstance(teacher, PTDSparseTeacher) else "teacher.hidden"
+    per_position = (teacher.indices, teacher.logprobs) if isinstance(teacher, SparseTeacher) else (teacher.hidden,)
+    name = "teacher.indices" if isinstance(teacher, SparseTeacher) else "teacher.hidden"
     first = per_position[0]
     n_seq, n_pos = label_mask.shape
     if first.dim() != 3 or first.shape[0] != n_seq or first.shape[1] > n_pos:
@@ -289,7 +290,7 @@ def _teacher_rows(teacher, label_mask: torch.Tensor, device) -> tuple[tuple[torc
         if teacher.rows.shape != (n_seq,):
             raise ValueError(f"teacher.rows must be a bool tensor [B={n_seq}], got shape {tuple(teacher.rows.shape)}")
         jsd_mask = jsd_mask & teacher.rows.to(device=device, dtype=torch.bool)[seq]
-    if not isinstance(teacher, PTDSparseTeacher):
+    if not isinstance(teacher, SparseTeacher):
         aligned = (aligned[0].to(teacher.layer.weight.dtype),)
     return aligned, jsd_mask
 
@@ -339,19 +340,19 @@ def _policy_rows(policy_loss, label_mask: torch.Tensor, device):
     return policy_loss.map_rows(take)
 
 
-def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: float = 1.0, teacher=None,
-                   with_entropy: bool = True, num_items_in_batch=None, fp32_head: bool = False, policy_loss=None,
-                   **kwargs) -> PTDCausalLMOutput:
+def fused_lm_forward(model, *args, labels=None, shift_labels=None, temperature: float = 1.0, teacher=None,
+                     with_entropy: bool = True, num_items_in_batch=None, fp32_head: bool = False, policy_loss=None,
+                     **kwargs) -> FusedCausalLMOutput:
     """Run the model's backbone and its output layer through ptd.
 
-    Meant to run *inside* ``model.forward`` (:func:`add_ptd_head` arranges it): under DDP / FSDP2
+    Meant to run *inside* ``model.forward`` (:func:`add_fused_head` arranges it): under DDP / FSDP2
     the wrapped model's forward is what prepares the parameters and the backward.
 
     ``labels`` [B, L] are shifted by one as a causal LM's loss does (position t scores label
     t+1); ``shift_labels`` [B, L] are taken as already aligned. Positions labelled -100 are
     skipped (they cost nothing). Without labels the output carries only ``last_hidden_state``.
     ``teacher`` (a :class:`PTDTeacher`) adds PTD-PO's Top-K JSD from the same sweep; a
-    :class:`PTDSparseTeacher` (a served teacher's top-K) adds the sparse-teacher JSD.
+    :class:`SparseTeacher` (a served teacher's top-K) adds the sparse-teacher JSD.
     ``fp32_head``: the output layer in float32, autocast off (TRL's ``cast_lm_head_to_fp32``).
     ``policy_loss`` (a ``ptd_kernels.PolicyLoss`` whose per-token tensors are [B, T], aligned as
     :class:`PTDTeacher`'s ``hidden``): the output's ``loss`` is that loss over the labelled positions, formed
@@ -362,13 +363,13 @@ def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: fl
     """
     if kwargs.get("output_router_logits"):
         raise NotImplementedError(
-            "output_router_logits: the MoE load-balancing loss is not computed by the ptd head; "
-            "call the model without it (or without the ptd head)")
+            "output_router_logits: the MoE load-balancing loss is not computed by the fused head; "
+            "call the model without it (or without the fused head)")
     hidden = last_hidden_states(model, *args, **kwargs)
     if labels is None and shift_labels is None:
         if teacher is not None:
             raise ValueError("a teacher needs labels (the tokens it is teacher-forced on)")
-        return PTDCausalLMOutput(last_hidden_state=hidden)
+        return FusedCausalLMOutput(last_hidden_state=hidden)
     if shift_labels is not None:
         targets = shift_labels
     else:
@@ -382,9 +383,9 @@ def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: fl
     if teacher is not None:
         teacher_rows, jsd_mask = _teacher_rows(teacher, label_mask, device)
     if policy_loss is not None:
-        if isinstance(teacher, PTDSparseTeacher):
+        if isinstance(teacher, SparseTeacher):
             raise ValueError("policy_loss takes a PTDTeacher (a local teacher's hidden states) or none, not a "
-                             "PTDSparseTeacher")
+                             "SparseTeacher")
         policy_loss = _policy_rows(policy_loss, label_mask, device)
 
     def head_terms(rows, row_targets, jsd_mask, *teacher_rows):
@@ -403,7 +404,7 @@ def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: fl
         if not torch.is_autocast_enabled(device.type):
             rows = rows.to(weight.dtype)
         common = dict(bias=bias, temperature=temperature, **layer.kernel_kwargs())
-        if isinstance(teacher, PTDSparseTeacher):
+        if isinstance(teacher, SparseTeacher):
             return (None, *sparse_teacher_terms(rows, weight, row_targets, *teacher_rows, jsd_mask, beta=teacher.beta,
                                                 tail=teacher.tail, **common))
         pair, with_teacher = (), {}
@@ -440,7 +441,7 @@ def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: fl
     if loss is None:
         count = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -logp.sum() / count
-    return PTDCausalLMOutput(
+    return FusedCausalLMOutput(
         loss=loss,
         log_probs=spread(logp),
         entropy=spread(entropy),
@@ -451,11 +452,14 @@ def ptd_lm_forward(model, *args, labels=None, shift_labels=None, temperature: fl
     )
 
 
-def add_ptd_head(model, *, temperature: float = 1.0, flag: str = "ptd_head", with_entropy: bool = True,
-                 fp32_head: bool = False):
-    """Give this model instance a ptd head: ``model(..., labels=labels, ptd_head=True)`` returns a
-    :class:`PTDCausalLMOutput` (see :func:`ptd_lm_forward`; ``ptd_teacher=PTDTeacher(...)`` adds the
-    PTD-PO terms). Without the flag the forward is the previous one, so ``generate`` is unchanged.
+def add_fused_head(model, *, temperature: float = 1.0, flag: str = "fused_head", with_entropy: bool = True,
+                   fp32_head: bool = False):
+    """Give this model instance a fused output head: ``model(..., labels=labels, fused_head=True)`` returns a
+    :class:`FusedCausalLMOutput` (see :func:`fused_lm_forward`): per-token log-probs and entropy from the last
+    hidden states, with no logits tensor. ``fused_teacher=PTDTeacher(...)`` adds PTD-PO's terms,
+    ``fused_teacher=SparseTeacher(...)`` the sparse-teacher JSD, ``fused_policy_loss=PolicyLoss(...)`` makes the
+    output's ``loss`` that policy loss (see :func:`fused_lm_forward`'s ``teacher`` and ``policy_loss``). Without
+    the flag the forward is the previous one, so ``generate`` is unchanged.
 
     Only this instance changes (its ``forward`` attribute); other instances and the class do not.
     ``flag`` renames the switch (TRL's trainers call ``fused_lm_head=True``); ``fp32_head`` runs the
@@ -471,21 +475,21 @@ def add_ptd_head(model, *, temperature: float = 1.0, flag: str = "ptd_head", wit
     def forward(self, *args, **kwargs):
         if not kwargs.pop(flag, False):
             return previous(*args, **kwargs)
-        teacher = kwargs.pop("ptd_teacher", None)
-        policy_loss = kwargs.pop("ptd_policy_loss", None)
-        return ptd_lm_forward(self, *args, temperature=temperature, teacher=teacher, with_entropy=with_entropy,
-                              fp32_head=fp32_head, policy_loss=policy_loss, **kwargs)
+        teacher = kwargs.pop("fused_teacher", None)
+        policy_loss = kwargs.pop("fused_policy_loss", None)
+        return fused_lm_forward(self, *args, temperature=temperature, teacher=teacher, with_entropy=with_entropy,
+                                fp32_head=fp32_head, policy_loss=policy_loss, **kwargs)
 
-    forward._ptd_previous_forward = previous
+    forward._fused_head_previous_forward = previous
     model.forward = types.MethodType(forward, model)
     return model
 
 
-def remove_ptd_head(model):
-    """Undo the last :func:`add_ptd_head` on this instance. Returns the model."""
-    previous = getattr(model.forward, "_ptd_previous_forward", None)
+def remove_fused_head(model):
+    """Undo the last :func:`add_fused_head` on this instance. Returns the model."""
+    previous = getattr(model.forward, "_fused_head_previous_forward", None)
     if previous is None:
-        raise ValueError(f"{type(model).__name__} instance has no ptd head")
+        raise ValueError(f"{type(model).__name__} instance has no fused head (add_fused_head)")
     if getattr(previous, "__self__", None) is model and previous.__func__ is type(model).forward:
         del model.forward  # back to the class's forward
     else:
@@ -509,7 +513,7 @@ def check_against_logits(model, *, atol: float = 1e-4, temperature: float = 1.0,
         logp = logits.log_softmax(-1)
         want_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         want_entropy = -(logp.exp() * logp).sum(-1)
-        got = ptd_lm_forward(model, labels=input_ids, temperature=temperature, **inputs)
+        got = fused_lm_forward(model, labels=input_ids, temperature=temperature, **inputs)
     gap = max((got.log_probs - want_logp).abs().max().item(), (got.entropy - want_entropy).abs().max().item())
     if not gap <= atol:
         raise ValueError(

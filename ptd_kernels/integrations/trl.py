@@ -46,7 +46,7 @@ import ptd_kernels as ptd
 from ptd_kernels._validate import SUPPORTS
 
 from . import trl_served
-from .hf import add_ptd_head, output_layer, run_as_forward
+from .hf import add_fused_head, output_layer, run_as_forward
 
 __all__ = ["SUPPORTED_TRL", "use_ptd_kernels"]
 
@@ -158,11 +158,11 @@ def _use_on_grpo(trainer) -> None:
         return
     # cast_lm_head_to_fp32: TRL casts the head's weight to float32 and runs its GEMM in float32 outside autocast
     fp32_head = bool(getattr(trainer.args, "cast_lm_head_to_fp32", False))
-    add_ptd_head(_policy_module(trainer), temperature=trainer.temperature, flag="fused_lm_head", with_entropy=True,
-                 fp32_head=fp32_head)
+    add_fused_head(_policy_module(trainer), temperature=trainer.temperature, flag="fused_lm_head", with_entropy=True,
+                   fp32_head=fp32_head)
     if trainer.ref_model is not None:
-        add_ptd_head(trainer.accelerator.unwrap_model(trainer.ref_model), temperature=trainer.temperature,
-                     flag="fused_lm_head", with_entropy=False, fp32_head=fp32_head)
+        add_fused_head(trainer.accelerator.unwrap_model(trainer.ref_model), temperature=trainer.temperature,
+                       flag="fused_lm_head", with_entropy=False, fp32_head=fp32_head)
     trainer._ptd_kernels_on = True
 
 

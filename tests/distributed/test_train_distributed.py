@@ -16,7 +16,7 @@ from _tiny_checkpoints import make_checkpoint, make_dataset
 
 from ptd_train import checkpoint, distributed, run, trainer
 from ptd_train.config import TrainConfig
-from ptd_train.model import ModelWithPTDHead, TinyVLSpec, build_tiny_model
+from ptd_train.model import ModelWithFusedHead, TinyVLSpec, build_tiny_model
 from ptd_train.prompts import Env, build_tokenizer
 from ptd_train.rollout import completion_ids, evaluate
 from ptd_train.tasks import GridCountTask
@@ -73,8 +73,8 @@ def _step_setup(fsdp: bool):
 def _one_step(d: distributed.Dist):
     """rl_step on this process's share, then the held-out evaluation; (metrics, eval, full weights)."""
     cfg, env, task, model, ref, examples, (resp, mask) = _step_setup(d.fsdp)
-    policy = distributed.parallelize(ModelWithPTDHead(model), d, trainable=True)
-    ref = distributed.parallelize(ModelWithPTDHead(ref), d, trainable=False)
+    policy = distributed.parallelize(ModelWithFusedHead(model), d, trainable=True)
+    ref = distributed.parallelize(ModelWithFusedHead(ref), d, trainable=False)
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)  # the update is the (clipped) gradient itself
     mine = d.share(list(range(len(examples))))
     rows = [r for r in range(16) if r // 4 in mine]
@@ -181,7 +181,7 @@ def test_resume_at_another_world_size(tmp_path):
     a_step2 = _weights(a)
     cfg = TrainConfig(output_dir=a, **STEP).resolved()
     model = build_tiny_model(build_tokenizer(GridCountTask.words), seed=0)
-    lm = ModelWithPTDHead(model)
+    lm = ModelWithFusedHead(model)
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr)
     state = checkpoint.load(os.path.join(a, "checkpoints"), lm, opt)
     assert state["step"] == 2 and state["world_size"] == 2

@@ -1,6 +1,6 @@
 """ptd_kernels.integrations.hf on tiny Qwen3, Qwen3-VL and soft-capped Gemma-2 (fp32, CPU).
 
-The ptd head must give the model's own next-token log-probs and entropy, the same gradients
+The fused head must give the model's own next-token log-probs and entropy, the same gradients
 as the materialized-logits path, and PTD-PO's Top-K JSD equal to ptd_kernels.reference.
 """
 
@@ -46,11 +46,11 @@ def _check_head_against_logits(model, **inputs):
     want = (want_logp.sum() + 0.3 * want_entropy.sum())
     want_grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
 
-    hf.add_ptd_head(model)
+    hf.add_fused_head(model)
     try:
-        out = model(**inputs, labels=labels, ptd_head=True)
+        out = model(**inputs, labels=labels, fused_head=True)
     finally:
-        hf.remove_ptd_head(model)
+        hf.remove_fused_head(model)
     assert out.log_probs.shape == labels[:, 1:].shape and out.log_probs.dtype == torch.float32
     assert torch.equal(out.label_mask, labels[:, 1:] != -100)
     torch.testing.assert_close(out.log_probs, want_logp, atol=2e-6, rtol=1e-5)
@@ -100,7 +100,7 @@ def test_teacher_terms_equal_reference(qwen3, tmp_path):
         teacher_hidden = hf.last_hidden_states(teacher, input_ids=teacher_ids)[:, -n_completion - 1:-1]
     rows = torch.tensor([True, False, True])
     spec = hf.PTDTeacher(hidden=teacher_hidden, layer=hf.output_layer(teacher), rows=rows, k=5)
-    out = hf.ptd_lm_forward(student, input_ids=ids, labels=labels, teacher=spec)
+    out = hf.fused_lm_forward(student, input_ids=ids, labels=labels, teacher=spec)
 
     student_hidden = hf.last_hidden_states(student, input_ids=ids)[:, -n_completion - 1:-1]
     want = ptd.reference.linear_topk_jsd(student_hidden.reshape(-1, 32).double(),
@@ -124,17 +124,32 @@ def test_generate_and_plain_forward_unchanged(qwen3):
     model = AutoModelForCausalLM.from_pretrained(qwen3, dtype=torch.float32)
     ids = torch.randint(3, 30, (1, 5))
     before = model(input_ids=ids).logits
-    hf.add_ptd_head(model, flag="fused_lm_head")
+    hf.add_fused_head(model, flag="fused_lm_head")
     torch.testing.assert_close(model(input_ids=ids).logits, before)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 8)
     assert model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.shape == (1, 4)
     other = AutoModelForCausalLM.from_pretrained(qwen3)
     assert "forward" not in other.__dict__  # instance-scoped: another instance keeps the class forward
-    hf.remove_ptd_head(model)
+    hf.remove_fused_head(model)
     assert "forward" not in model.__dict__
-    with pytest.raises(ValueError, match="no ptd head"):
-        hf.remove_ptd_head(model)
+    with pytest.raises(ValueError, match="no fused head"):
+        hf.remove_fused_head(model)
+
+
+def test_generic_head_names_say_fused_not_ptd():
+    """The generic fused head is not the method: its old "PTD" names are gone, with no aliases kept."""
+    import inspect
+
+    import ptd_train.model
+
+    for old in ("add_ptd_head", "remove_ptd_head", "ptd_lm_forward", "PTDCausalLMOutput", "PTDSparseTeacher"):
+        assert not hasattr(hf, old) and old not in hf.__all__, old
+    for new in ("add_fused_head", "remove_fused_head", "fused_lm_forward", "FusedCausalLMOutput", "SparseTeacher",
+                "PTDTeacher"):
+        assert hasattr(hf, new) and new in hf.__all__, new
+    assert inspect.signature(hf.add_fused_head).parameters["flag"].default == "fused_head"
+    assert not hasattr(ptd_train.model, "ModelWithPTDHead") and hasattr(ptd_train.model, "ModelWithFusedHead")
 
 
 def test_logit_transform_from_configs():

@@ -8,10 +8,13 @@ import itertools
 
 import pytest
 import torch
-from _checks import tolerance
+from _checks import assert_close, tolerance
 from _fused_cases import BF16, BOTH, F32, F64, TAU, Case, K, V, check, grid, masked_case, ptd_case
 
 import ptd_kernels as ptd
+from ptd_kernels.backends.base import Head, LogitSpec
+from ptd_kernels.backends.torch._blocks import to_logits_
+from ptd_kernels.rowmath import transform_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -169,3 +172,31 @@ def test_module_configuration_is_fixed_once_built():
     with pytest.raises(AttributeError, match="fixed"):
         loss.beta = 5.0
     loss.train(False)  # module state other than the configuration is untouched
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F64], ids=str)
+@pytest.mark.parametrize("name", ["plain", *STUDENT_ONLY])
+def test_one_definition_of_the_transform(name, dtype):
+    """``rowmath.transform_logits`` is z = c·tanh(s·a/c)/τ, out of place, with ∂z/∂a = (1 − tanh²(s·a/c))·s/τ
+    (both against float64 by hand); the PyTorch backend's in-place ``to_logits_`` gives the same z and the
+    same cap derivative."""
+    kw = STUDENT_ONLY.get(name, {})
+    s, c = kw.get("logit_scale", 1.0), kw.get("softcap")
+    a = (torch.randn(5, 37, generator=torch.Generator().manual_seed(0), dtype=F64) * 4).to(dtype)
+    exact = a.to(F64)
+    cap_derivative = 1 - torch.tanh(s * exact / c) ** 2 if c is not None else torch.ones_like(exact)
+    want = (c * torch.tanh(s * exact / c) if c is not None else s * exact) / TAU
+
+    leaf = a.clone().requires_grad_()
+    z = transform_logits(leaf, temperature=TAU, **kw)
+    assert z.dtype == dtype and torch.equal(leaf.detach(), a)  # out of place
+    assert_close(z, want, dtype, "z")
+    (grad,) = torch.autograd.grad(z.sum(), leaf)
+    assert_close(grad, cap_derivative * s / TAU, dtype, "dz/da")
+
+    in_place = a.clone()
+    derivative = to_logits_(in_place, Head(None, None, None, LogitSpec(TAU, s, c)), want_derivative=True)
+    assert_close(in_place, want, dtype, "to_logits_")
+    if c is not None:
+        assert_close(derivative, cap_derivative, dtype, "to_logits_'s 1 − tanh²")
+    assert transform_logits(a) is a  # the identity transform forms nothing

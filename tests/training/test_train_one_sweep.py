@@ -12,7 +12,7 @@ import torch
 import ptd_kernels
 from ptd_train import trainer
 from ptd_train.config import TrainConfig
-from ptd_train.model import ModelWithPTDHead, TinyVLSpec, build_tiny_model
+from ptd_train.model import ModelWithFusedHead, TinyVLSpec, build_tiny_model
 from ptd_train.prompts import Env, build_tokenizer
 from ptd_train.tasks import GridCountTask
 from ptd_train.vision import VisionGeometry
@@ -37,14 +37,14 @@ def _steps(tmp_path, monkeypatch, one_sweep: bool, steps: int = 3, **overrides):
     tok = build_tokenizer(list(task.words))
     policy = build_tiny_model(tok, SPEC, seed=0)
     env = Env(cfg, tok, VisionGeometry.of(policy), torch.device("cpu"), "torch")
-    ref = ModelWithPTDHead(copy.deepcopy(policy).eval().requires_grad_(False))
+    ref = ModelWithFusedHead(copy.deepcopy(policy).eval().requires_grad_(False))
     # plain SGD: Adam's normalization would turn a gradient coordinate that is rounding noise (a rare token's
     # row of the output layer, where terms cancel) into a step of size lr, and compare rounding, not gradients
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     metrics = []
     for step in range(1, steps + 1):
         trainer.step_seed(cfg.seed, step)
-        metrics.append(trainer.rl_step(ModelWithPTDHead(policy), ref, opt, env,
+        metrics.append(trainer.rl_step(ModelWithFusedHead(policy), ref, opt, env,
                                        task.sample(np.random.default_rng([0, step]), cfg.prompts_per_step)))
     monkeypatch.undo()
     assert bool(calls) == (one_sweep and steps > 0)

@@ -13,7 +13,7 @@ from PIL import Image
 from ptd_train import rollout, run, trainer, warmstart
 from ptd_train.config import TrainConfig
 from ptd_train.hints import HintLeakError
-from ptd_train.model import ModelWithPTDHead, TinyVLSpec, build_tiny_model
+from ptd_train.model import ModelWithFusedHead, TinyVLSpec, build_tiny_model
 from ptd_train.prompts import Env, build_tokenizer
 from ptd_train.tasks import GridCountTask
 from ptd_train.tasks.grid_count import render
@@ -132,7 +132,7 @@ def test_student_never_sees_the_hint(tmp_path, teacher):
     policy.model.register_forward_pre_hook(spy("policy"), with_kwargs=True)
     ref.model.register_forward_pre_hook(spy("ref"), with_kwargs=True)
     examples = task.sample(np.random.default_rng(0), 2)
-    m = trainer.rl_step(ModelWithPTDHead(policy), ModelWithPTDHead(ref), opt, env, examples)
+    m = trainer.rl_step(ModelWithFusedHead(policy), ModelWithFusedHead(ref), opt, env, examples)
     assert m["ptd_rollouts"] > 0  # a teacher pass happened
     assert seen["policy_with_grad"] and not any(seen["policy_with_grad"])  # the student's passes: no hint
     if teacher == "ref":
@@ -164,10 +164,10 @@ def _student_step_memory(tmp_path, n_extra_words):
     G = cfg.group_size
     owner = [i // G for i in range(len(exs) * G)]
     x = env.prompts(exs).select(owner)
-    resp, mask = rollout.generate(ModelWithPTDHead(policy), env, x, greedy=False)
+    resp, mask = rollout.generate(ModelWithFusedHead(policy), env, x, greedy=False)
     R, T = resp.shape
     with torch.no_grad():
-        th = ModelWithPTDHead(ref).hidden(env, env.prompts([exs[i] for i in owner], ["spatial"] * R), resp, mask)
+        th = ModelWithFusedHead(ref).hidden(env, env.prompts([exs[i] for i in owner], ["spatial"] * R), resp, mask)
         th = th.reshape(R * T, -1)
     jsd_mask = torch.ones(R * T, dtype=torch.bool)  # PTD on every rollout
     Wt = ref.lm_head.weight
@@ -175,7 +175,7 @@ def _student_step_memory(tmp_path, n_extra_words):
 
     class Forward(torch.nn.Module):  # one parent module: the backbone runs twice per pass (the prompts,
         def forward(self):  # then the responses on their cache), which MemTracker refuses at top level
-            out = ModelWithPTDHead(policy)(env, x, resp, mask, th, (Wt, None), jsd_mask)
+            out = ModelWithFusedHead(policy)(env, x, resp, mask, th, (Wt, None), jsd_mask)
             logp, ent, jsd = out[:3]
             return logp.sum() + ent.sum() + jsd.sum()
 
@@ -386,7 +386,7 @@ def test_cached_generate_matches_hf_generate(tmp_path, greedy):
     x = env.prompts(exs).select(owner)
     pid, pmask, vision = x.ids, x.mask, x.vision
     torch.manual_seed(7)
-    resp, mask = rollout.generate(ModelWithPTDHead(policy), env, x, greedy=greedy)
+    resp, mask = rollout.generate(ModelWithFusedHead(policy), env, x, greedy=greedy)
     torch.manual_seed(7)
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     with torch.no_grad():

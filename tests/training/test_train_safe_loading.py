@@ -12,7 +12,7 @@ import torch
 from ptd_train import checkpoint, run, warmstart
 from ptd_train.checkpoint import SafeLoadPlanner, UnsafeFileError
 from ptd_train.config import TrainConfig, UsageError
-from ptd_train.model import ModelWithPTDHead, build_tiny_model
+from ptd_train.model import ModelWithFusedHead, build_tiny_model
 from ptd_train.prompts import Env, build_tokenizer
 from ptd_train.tasks import GridCountTask
 from ptd_train.vision import VisionGeometry
@@ -82,7 +82,7 @@ def test_crafted_checkpoint_metadata_is_refused(tmp_path, capsys):
     with open(os.path.join(path, ".metadata"), "wb") as f:
         pickle.dump(Payload(str(marker)), f)
     model = build_tiny_model(build_tokenizer(GridCountTask.words), seed=0)
-    lm = ModelWithPTDHead(model)
+    lm = ModelWithFusedHead(model)
     opt = torch.optim.AdamW(lm.parameters())
     with pytest.raises(UnsafeFileError, match=r"\.metadata: refused to load, it asks for (builtins|io)\.open"):
         checkpoint.load(os.path.join(out, "checkpoints"), lm, opt)

@@ -10,7 +10,7 @@ import torch
 
 from ptd_train import run, teacher_server
 from ptd_train.config import TrainConfig
-from ptd_train.model import ModelWithPTDHead, TinyVLSpec, build_tiny_model
+from ptd_train.model import ModelWithFusedHead, TinyVLSpec, build_tiny_model
 from ptd_train.prompts import Env, build_tokenizer
 from ptd_train.tasks import GridCountTask
 from ptd_train.vision import VisionGeometry
@@ -28,12 +28,12 @@ def _steps(tmp_path, served: bool, steps: int = 2):
     tok = build_tokenizer(list(task.words))
     policy = build_tiny_model(tok, SPEC, seed=0)
     env = Env(cfg, tok, VisionGeometry.of(policy), torch.device("cpu"), "torch")
-    ref = ModelWithPTDHead(copy.deepcopy(policy).eval().requires_grad_(False))
+    ref = ModelWithFusedHead(copy.deepcopy(policy).eval().requires_grad_(False))
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     metrics = []
     for step in range(1, steps + 1):
         run.step_seed(cfg.seed, step)
-        metrics.append(run.rl_step(ModelWithPTDHead(policy), ref, opt, env,
+        metrics.append(run.rl_step(ModelWithFusedHead(policy), ref, opt, env,
                                    task.sample(np.random.default_rng([0, step]), cfg.prompts_per_step)))
     return metrics, torch.cat([p.detach().reshape(-1) for p in policy.parameters()]), ref
 

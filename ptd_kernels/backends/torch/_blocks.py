@@ -53,7 +53,8 @@ def logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, b
 
 
 def to_logits_(a: torch.Tensor, head: Head, *, want_derivative: bool = False) -> torch.Tensor | None:
-    """In place: a = hidden·weight + bias becomes z = cap_c(s·a)/τ (a cache-sized sub-block).
+    """In place: a = hidden·weight + bias becomes z = cap_c(s·a)/τ (a cache-sized sub-block); the same z as
+    ``ptd_kernels.rowmath.transform_logits``, the formula's one out-of-place definition.
 
     With a soft-cap and ``want_derivative``, returns the cap's derivative factor 1 − tanh²(s·a/c)
     (a new tensor; the rest of ∂z/∂a, s/τ, is applied to the gradients by ``scale_grads_``);
