@@ -208,7 +208,7 @@ def _check(function: str, args: dict, autocast_dtype) -> Checked:
     if "hidden" in args:
         backend = select_backend(args["backend"], *(args.get(name) for name in LAYERS), function=function)
     summary = _live_rows(out, n)
-    return Checked(out, backend, _agreement(function, out, vocab, summary))
+    return Checked(out, backend, vocab, summary, lambda: _agreement(function, out, vocab, summary))
 
 
 def _live_rows(out: dict, n: int) -> list[tuple[str, torch.Tensor]]:

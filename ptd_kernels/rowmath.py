@@ -373,8 +373,13 @@ def overlap_fraction(ids_a: torch.Tensor, ids_b: torch.Tensor, dtype: torch.dtyp
     if k == 0:
         return torch.zeros(ids_a.shape[0], dtype=dtype, device=ids_a.device)
     _, valid = union_support(ids_a, ids_b)
-    duplicates = (~valid).sum(-1)
-    return duplicates.to(dtype) / k
+    return overlap_from_union(valid, k, dtype)
+
+
+def overlap_from_union(valid: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``overlap_fraction`` from the ``valid`` of the two sets' ``union_support``: each duplicate is a
+    shared id (k > 0)."""
+    return (~valid).sum(-1).to(dtype) / k
 
 
 def merge_topk(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,7 +415,8 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
 
     ``torch.topk`` finds the k largest values fast but orders ties arbitrarily; the exact rule
     only matters where ties straddle the k-th place (those rows redo the selection on packed
-    keys) and among equal selected values (fixed by sorting the k selected on packed keys).
+    keys) and among equal selected values (fixed by sorting the k selected on packed keys). A block
+    whose k + 1 largest values are distinct in every row (no NaN) takes torch's order as it is.
     float64 blocks use a stable sort instead (packed keys hold float32 bits, which would merge
     float64 values closer than a float32 ulp). On a device, where that check would wait for the queue,
     one top-k of the packed keys gives the exact ids in order directly.
@@ -419,14 +425,15 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
         return torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
     if not free_to_read(logits):  # on a device a tie check would wait for the queue: select on packed keys once
         return _ids_from_keys(torch.topk(pack_topk_keys(logits), k, dim=-1).values)  # key order = the tie rule
-    if k < logits.shape[-1]:  # one extra value tells whether a tie straddles the k-th place
-        values, ids = torch.topk(logits, k + 1, dim=-1)
-        ambiguous = values[:, k - 1] == values[:, k]
-        values, ids = values[:, :k], ids[:, :k]
-    else:
-        values, ids = torch.topk(logits, k, dim=-1)
-        ambiguous = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    ambiguous |= torch.isnan(values).any(-1)
+    # one extra value tells whether a tie straddles the k-th place
+    values, ids = torch.topk(logits, min(k + 1, logits.shape[-1]), dim=-1)
+    ties = values[:, 1:] == values[:, :-1]  # [n, k] (k − 1 when k = V): neighbours in descending order
+    if not bool(ties.any() | values.isnan().any()):  # distinct values: torch's order is the rule's
+        return ids[:, :k]
+    ambiguous = (ties[:, k - 1] if k < logits.shape[-1] else
+                 torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device))
+    values, ids = values[:, :k], ids[:, :k]
+    ambiguous = ambiguous | torch.isnan(values).any(-1)
     if bool(ambiguous.any()):  # a CPU block: redo only the rows that need it
         rows = ambiguous.nonzero().squeeze(-1)
         top = torch.topk(pack_topk_keys(logits[rows]), k, dim=-1).values

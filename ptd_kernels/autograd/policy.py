@@ -45,8 +45,10 @@ class RowLossAdapter(RowLoss):
     """
 
     def __init__(self, loss, n: int, positions, live, jsd_live, dtype, device, *, with_teacher: bool):
-        self.loss, self.positions, self.live, self.jsd_live = loss, positions, live, jsd_live
         self.named = isinstance(loss, PolicyLoss)
+        # a PolicyLoss's rows in the order they go in, in the compute dtype, once: a block reads slices of them
+        self.loss = loss.for_rows(positions, dtype) if self.named else loss
+        self.positions, self.live, self.jsd_live = positions, live, jsd_live
         self.logprobs = True
         self.entropy_gradient = loss.uses_entropy_gradient if self.named else True
         self.overlap = with_teacher
@@ -68,7 +70,7 @@ class RowLossAdapter(RowLoss):
         jsd_live = None if self.jsd_live is None else self.jsd_live[at]
         jsd = terms.jsd if jsd_live is None else torch.where(jsd_live, terms.jsd, zero)
         if self.named:
-            loss, d_logp, d_entropy, d_jsd = self.loss.row_gradients(terms.logp, terms.entropy, jsd, rows=at)
+            loss, d_logp, d_entropy, d_jsd = self.loss.row_gradients(terms.logp, terms.entropy, jsd, rows=rows)
         else:
             loss, d_logp, d_entropy, d_jsd = self._by_autograd(at, terms.logp, terms.entropy, jsd)
         if jsd_live is not None and d_jsd is not None:

@@ -55,7 +55,9 @@ def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, wi
             z = logits_into(view(flat, h.shape[0], c1 - c0), h, weight[c0:c1], block_bias)
             for sub in sub_blocks(z.shape[0], c1 - c0, size):  # before the top-k: its ties are the logits'
                 to_logits_(z[sub], head)
-            if targets is not None:
+            if targets is not None and c1 - c0 == vocab:  # one block holds every id
+                target_logit[rows] = z.gather(1, targets[rows, None]).squeeze(1)
+            elif targets is not None:
                 local = targets[rows] - c0
                 inside = (local >= 0) & (local < c1 - c0)
                 picked = z.gather(1, local.clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
@@ -69,6 +71,15 @@ def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, wi
                     block_ids = torch.cat([run_ids, block_ids], dim=-1)
                 run_values, run_ids = rowmath.merge_topk(block_values, block_ids, k)
             for sub in sub_blocks(z.shape[0], c1 - c0, size):
+                if c0 == 0:  # the first block: nothing to rescale (S = 0, m = −inf)
+                    z_sub = z[sub]
+                    m_new = z_sub.amax(-1, keepdim=True)
+                    e = z_sub.sub_(m_new).exp()
+                    e_sum[sub] = e.sum(-1, keepdim=True)
+                    if with_mean_logit:
+                        ez_sum[sub] = torch.linalg.vecdot(e, z_sub)[:, None]
+                    m[sub] = m_new
+                    continue
                 z_sub, m_sub, e_sub = z[sub], m[sub], e_sum[sub]
                 m_new = torch.maximum(m_sub, z_sub.amax(-1, keepdim=True))
                 seen = e_sub > 0  # the first block: S = 0 and m = −inf, nothing to rescale
