@@ -194,7 +194,8 @@ class PolicyLoss:
         tokens = self.ptd_tokens
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.detach().to(dtype).reshape(())
-        return replace(self.map_rows(take), ptd_tokens=tokens)
+        return replace(self, ptd_tokens=tokens, **{name: take(getattr(self, name)) for name in self.ROW_FIELDS
+                                                   if getattr(self, name) is not None})
 
     @property
     def uses_entropy_gradient(self) -> bool:

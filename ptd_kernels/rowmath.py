@@ -272,19 +272,25 @@ def topk_jsd_terms(
             gathered values (a sparse teacher's own log-probs).
     """
     zero = torch.zeros((), dtype=student_logp.dtype, device=student_logp.device)
-    logp = torch.where(valid, student_logp, zero)
-    logq = torch.where(valid, teacher_logq, zero)
-    log_p_mass = masked_logsumexp(logp, valid)
-    log_q_mass = masked_logsumexp(logq, valid) if teacher_log_mass is None else teacher_log_mass
+    # both sides stacked [2, n, M] (and [2, n] per row): each step below is one op for both
+    sides = torch.where(valid, torch.stack([student_logp, teacher_logq]), zero)
+    logp, logq = sides.unbind()
+    if teacher_log_mass is None:
+        masses = masked_logsumexp(sides, valid)
+    else:
+        masses = torch.stack([masked_logsumexp(logp, valid), teacher_log_mass.to(logp.dtype)])
+    log_p_mass, log_q_mass = masses.unbind()
     if tail:
-        d, w = jsd_pointwise(logp, logq, beta)
-        d = torch.where(valid, d, zero)
-        w = torch.where(valid, w, zero)
-        log_p_tail, p_floored = tail_logprob(log_p_mass)
-        log_q_tail, _ = tail_logprob(log_q_mass)
-        d_tail, w_tail = jsd_pointwise(log_p_tail, log_q_tail, beta)
+        log_tails, floored = tail_logprob(masses)
+        # the support's atoms and the tail atom in one row [n, M + 1] of each side
+        atoms = torch.cat([sides, log_tails[:, :, None]], dim=-1)
+        d_all, w_all = jsd_pointwise(atoms[0], atoms[1], beta)
+        size = sides.shape[-1]
+        d = torch.where(valid, d_all[:, :size], zero)
+        w = torch.where(valid, w_all[:, :size], zero)
+        log_p_tail, d_tail = log_tails[0], d_all[:, size]
         # A floored student tail is a constant: it contributes to D but not to the gradient.
-        w_tail = torch.where(p_floored, zero, w_tail)
+        w_tail = torch.where(floored[0], zero, w_all[:, size])
         g_tail = w_tail * torch.exp(-log_p_tail)  # ∂D/∂p_tail
         value = d.sum(-1) + d_tail
         w_sum = w.sum(-1) + w_tail
@@ -427,13 +433,14 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
         return _ids_from_keys(torch.topk(pack_topk_keys(logits), k, dim=-1).values)  # key order = the tie rule
     # one extra value tells whether a tie straddles the k-th place
     values, ids = torch.topk(logits, min(k + 1, logits.shape[-1]), dim=-1)
-    ties = values[:, 1:] == values[:, :-1]  # [n, k] (k − 1 when k = V): neighbours in descending order
-    if not bool(ties.any() | values.isnan().any()):  # distinct values: torch's order is the rule's
+    if bool((values[:, :-1] > values[:, 1:]).all()):  # strictly descending: distinct, no NaN — torch's order
         return ids[:, :k]
-    ambiguous = (ties[:, k - 1] if k < logits.shape[-1] else
-                 torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device))
-    values, ids = values[:, :k], ids[:, :k]
-    ambiguous = ambiguous | torch.isnan(values).any(-1)
+    if k < logits.shape[-1]:
+        ambiguous = values[:, k - 1] == values[:, k]
+        values, ids = values[:, :k], ids[:, :k]
+    else:
+        ambiguous = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    ambiguous |= torch.isnan(values).any(-1)
     if bool(ambiguous.any()):  # a CPU block: redo only the rows that need it
         rows = ambiguous.nonzero().squeeze(-1)
         top = torch.topk(pack_topk_keys(logits[rows]), k, dim=-1).values

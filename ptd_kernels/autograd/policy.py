@@ -88,7 +88,7 @@ class RowLossAdapter(RowLoss):
                     values = torch.where(live, values, zero)
                 if jsd_only and jsd_live is not None:
                     values = torch.where(jsd_live, values, zero)
-                record.index_copy_(0, at, values.to(self.dtype))
+                record.index_copy_(0, at, values if values.dtype == self.dtype else values.to(self.dtype))
         return RowGrads(d_logp, d_entropy, d_jsd)
 
     def _by_autograd(self, at: torch.Tensor, logp, entropy, jsd):
@@ -183,7 +183,7 @@ def _resolved(call: Call, dtype, device) -> PolicyLoss | object:
     """A PolicyLoss's defaults on this call: the weights (1 / live rows) and ptd_tokens (live rows with a
     divergence), counted on the device."""
     loss = call.row_loss
-    if not isinstance(loss, PolicyLoss):
+    if not isinstance(loss, PolicyLoss) or (loss.weights is not None and loss.ptd_tokens is not None):
         return loss
     rows = call.rows
     if rows.live is None:
