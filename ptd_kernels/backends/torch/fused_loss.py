@@ -80,12 +80,26 @@ class _Block:
         if not (row_loss.overlap and with_jsd):
             self.overlap = self.teacher_mass = None
         self.support = {}  # by sub-block start: (ids, row_coef, support_coef), or None
+        self.rows = rows
+
+    def put(self, sub: slice, **values: torch.Tensor) -> None:
+        """Per-row values of a sub-block into the named state; a sub-block of all the block's rows hands its
+        tensors over (no copy)."""
+        whole = sub.start == 0 and sub.stop == self.rows
+        for name, value in values.items():
+            if whole:
+                setattr(self, name, value)
+            else:
+                getattr(self, name)[sub] = value
 
     def terms(self, rows: slice) -> RowTerms:
-        def at(t):
-            return None if t is None else t[rows]
+        whole = rows == slice(None)
 
-        return RowTerms(at(self.logp), at(self.entropy), self.jsd[rows], at(self.overlap), at(self.teacher_mass))
+        def at(t):
+            return t if t is None or whole else t[rows]
+
+        return RowTerms(at(self.logp), at(self.entropy), self.jsd if whole else self.jsd[rows], at(self.overlap),
+                        at(self.teacher_mass))
 
 
 def fused_loss(student: Head, teacher: Head | None, divergence: DivergenceSpec | None, row_loss, needs: GradNeeds, *,
@@ -135,7 +149,7 @@ def fused_loss(student: Head, teacher: Head | None, divergence: DivergenceSpec |
                 rows = shift(sub, r0)
                 if full:
                     jsd_rows = rowmath.full_jsd_rows_(z_sub, teacher_sub, divergence.beta)  # ∂D/∂z over z
-                    block.jsd[sub] = jsd_rows.value
+                    block.put(sub, jsd=jsd_rows.value)
                 else:
                     _terms(block, sub, z_sub, teacher_sub, None if targets is None else targets[rows], divergence,
                            row_loss, keep_shifted)
@@ -154,7 +168,7 @@ def fused_loss(student: Head, teacher: Head | None, divergence: DivergenceSpec |
                     for sub in subs:
                         z_sub = z[sub]
                         derivative = _cap_derivative(z_sub, block.row_max[sub], student) if capped else None
-                        _dz(z_sub, block, sub, _rows_of(g, sub), targets, r0, chain, keep_shifted)
+                        _dz(z_sub, block, sub, _rows_of(g, sub, r1 - r0), targets, r0, chain, keep_shifted)
                         if derivative is not None:
                             z_sub.mul_(derivative)
             value[r0:r1] = block.jsd
@@ -188,10 +202,10 @@ def _terms(block: _Block, sub: slice, z: torch.Tensor, teacher_z: torch.Tensor |
         teacher_ids = rowmath.topk_ids(teacher_z, k) if divergence.support != "student" else None
         ids, valid = rowmath.support_ids(student_ids, teacher_ids, divergence.support)
         if block.overlap is not None and divergence.support == "union":  # the union's duplicates: shared ids
-            block.overlap[sub] = rowmath.overlap_from_union(valid, k, dtype)
+            block.put(sub, overlap=rowmath.overlap_from_union(valid, k, dtype))
         elif block.overlap is not None:  # one side's support: the other's top-k for the diagnostic
             other = rowmath.topk_ids(teacher_z if teacher_ids is None else z, k)
-            block.overlap[sub] = rowmath.overlap_fraction(ids, other, dtype)
+            block.put(sub, overlap=rowmath.overlap_fraction(ids, other, dtype))
         # float64 logsumexps of each side's own logits: z_S − lse is then exact, and Σ_S p ≤ 1 holds to rounding
         teacher_at = teacher_z.gather(1, ids).to(wide)
         teacher_max = teacher_z.amax(-1, keepdim=True)
@@ -214,17 +228,16 @@ def _terms(block: _Block, sub: slice, z: torch.Tensor, teacher_z: torch.Tensor |
         exp_mean = None
     log_sum = exp_sum.to(wide).log()
     lse = row_max.to(wide) + log_sum
-    block.row_max[sub], block.exp_sum[sub] = row_max, exp_sum
+    block.put(sub, row_max=row_max, exp_sum=exp_sum)
     if row_loss.logprobs:
-        block.exp_mean[sub] = exp_mean
-        block.logp[sub] = (target_z.to(wide) - lse).to(dtype)
-        block.entropy[sub] = (log_sum - exp_mean.to(wide)).to(dtype)
+        block.put(sub, exp_mean=exp_mean, logp=(target_z.to(wide) - lse).to(dtype),
+                  entropy=(log_sum - exp_mean.to(wide)).to(dtype))
     if teacher_z is not None:
         student_logp = (student_z.to(wide) - lse[:, None]).to(dtype)
         terms = rowmath.topk_jsd_terms(student_logp, teacher_logq, valid, divergence.beta, divergence.tail)
-        block.jsd[sub] = terms.value
+        block.put(sub, jsd=terms.value)
         if block.teacher_mass is not None:
-            block.teacher_mass[sub] = terms.teacher_mass
+            block.put(sub, teacher_mass=terms.teacher_mass)
         support = (ids, terms.row_coef, terms.support_coef)
     block.support[sub.start] = support
 
@@ -257,7 +270,10 @@ def _times(chain: float, t: torch.Tensor) -> torch.Tensor:
     return t if chain == 1.0 else chain * t
 
 
-def _rows_of(g: RowGrads, rows: slice) -> RowGrads:
+def _rows_of(g: RowGrads, rows: slice, count: int) -> RowGrads:
+    """The derivatives of a sub-block's rows (``count``: the block's rows)."""
+    if rows.start == 0 and rows.stop == count:
+        return g
     return RowGrads(*(None if t is None else t[rows] for t in (g.logp, g.entropy, g.jsd)))
 
 
