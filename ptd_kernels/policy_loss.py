@@ -203,9 +203,9 @@ class PolicyLoss:
 
     # ------------------------------------------------------------------------- the loss of rows
 
-    def _row_data(self, rows, dtype, device):
+    def _row_data(self, rows, dtype, device, *, entropy: bool = True):
         """(advantages, weights, old, ref, kl_mask, entropy weights) of the rows (``rows``: an index or a
-        slice; None: all), detached, in ``dtype``."""
+        slice; None: all), detached, in ``dtype``; the entropy weights None unless ``entropy``."""
         def at(t):
             if t is None:
                 return None
@@ -217,7 +217,8 @@ class PolicyLoss:
             raise ValueError("PolicyLoss.weights and ptd_tokens are None: linear_policy_loss fills them in; to "
                              "evaluate the loss directly, give both")
         return (at(self.advantages), at(self.weights), at(self.old_logprobs), at(self.ref_logprobs),
-                at(self.kl_mask), at(self.entropy_weights if self.entropy_weights is not None else self.weights))
+                at(self.kl_mask),
+                at(self.entropy_weights if self.entropy_weights is not None else self.weights) if entropy else None)
 
     def _per_token(self, numerator: float, dtype):
         """numerator / ptd_tokens (0 tokens: the numerator), a number or a 0-dim tensor on the tokens' device
@@ -233,7 +234,8 @@ class PolicyLoss:
     def row_losses(self, logp, entropy, jsd, rows=None):
         """loss_n of the rows (``rows``: an index into the per-row tensors; None: all), differentiable in
         ``logp``, ``entropy`` and ``jsd`` (their rows' values, [r] each)."""
-        advantages, weights, old, ref, kl_mask, entropy_weights = self._row_data(rows, logp.dtype, logp.device)
+        advantages, weights, old, ref, kl_mask, entropy_weights = self._row_data(
+            rows, logp.dtype, logp.device, entropy=self.entropy_coef != 0.0)
         ptd_scale = self._per_token(self.ptd_coef, logp.dtype)
         old = logp.detach() if old is None else old
         pg, _ = clipped_objective(logp, old, advantages, self.epsilon_low, self.epsilon_high)
@@ -261,7 +263,8 @@ class PolicyLoss:
         ∂k3/∂logp = 1 − exp(r − logp); ∂loss/∂D = ptd_coef / ptd_tokens; ∂loss/∂H = −entropy_coef·u_n.
         """
         with torch.no_grad():
-            advantages, weights, old, ref, kl_mask, entropy_weights = self._row_data(rows, logp.dtype, logp.device)
+            advantages, weights, old, ref, kl_mask, entropy_weights = self._row_data(
+                rows, logp.dtype, logp.device, entropy=self.entropy_coef != 0.0)
             ptd_scale = self._per_token(self.ptd_coef, logp.dtype)
             zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
             if old is None:  # ρ = 1 inside [1 − ε_low, 1 + ε_high]: both branches are A (NaN: no gradient)

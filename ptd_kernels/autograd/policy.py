@@ -65,7 +65,8 @@ class RowLossAdapter(RowLoss):
 
     def __call__(self, rows: slice, terms: RowTerms) -> RowGrads:
         at = self._place(rows)
-        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        zero = (None if self.live is None and self.jsd_live is None else
+                torch.zeros((), dtype=self.dtype, device=self.device))
         live = None if self.live is None else self.live[at]
         jsd_live = None if self.jsd_live is None else self.jsd_live[at]
         jsd = terms.jsd if jsd_live is None else torch.where(jsd_live, terms.jsd, zero)
