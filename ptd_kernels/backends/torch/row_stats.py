@@ -69,7 +69,13 @@ def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, wi
                 if run_ids is not None:
                     block_values = torch.cat([run_values, block_values], dim=-1)
                     block_ids = torch.cat([run_ids, block_ids], dim=-1)
-                run_values, run_ids = rowmath.merge_topk(block_values, block_ids, k)
+                    run_values, run_ids = rowmath.merge_topk(block_values, block_ids, k)
+                elif c1 < vocab or not bool(block_values.isnan().any()):
+                    # the first block's top-k is in the rule's order already (the next merge re-sorts anyway);
+                    # only NaNs, tied among themselves, take merge_topk's id order
+                    run_values, run_ids = block_values, block_ids
+                else:
+                    run_values, run_ids = rowmath.merge_topk(block_values, block_ids, k)
             for sub in sub_blocks(z.shape[0], c1 - c0, size):
                 if c0 == 0:  # the first block: nothing to rescale (S = 0, m = −inf)
                     z_sub = z[sub]
