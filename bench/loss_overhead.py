@@ -1,6 +1,6 @@
 """The fixed per-call cost of the trainer's loss at the default step's shape, in two source trees, paired.
 
-    python bench/loss_overhead.py --old /tmp/ptd-old --new . [--rounds 30] [--calls 10]
+    python bench/loss_overhead.py --old /tmp/ptd-old --new . [--old /tmp/older ...] [--rounds 30] [--calls 10]
 
 The shape of ``python -m ptd_train.run``'s embedded default step (V = 71, H = 128; 64 rollouts × 4 tokens
 = N = 256 rows, a teacher on 16 of the rollouts, K = 8, β = 0.5), where the loss's time is almost all fixed
@@ -14,14 +14,16 @@ the same inputs (one seed), each with the trainer's logged parts:
 Each tree runs in a worker process of its own (``PYTHONPATH`` = the tree); the workers take turns in short
 bursts of ``--calls`` calls, the order alternating by round, after a warm-up, so that load drift on a shared
 machine hits both sides of a pair alike. The result per call is the median over rounds of new/old in the
-workers' CPU time (one torch thread each) and in wall time, beside each side's median ms per call. A tree
-without ``linear_policy_loss`` or ``grpo.policy_loss`` runs the per-row call only. Run it alone on the
-machine (e.g. under ``flock /tmp/ptd-cpu.lock``) and report the load average beside it.
+workers' CPU time (one torch thread each) and in wall time, beside each side's median ms per call; each
+``--old`` tree is paired with ``--new`` in the same rounds. A tree without ``linear_policy_loss`` or
+``grpo.policy_loss`` runs the per-row call only. Writes ``<out>/loss_overhead.{json,md}`` with ``--out``. Run
+it alone on the machine (e.g. under ``flock /tmp/ptd-cpu.lock``); the load average is recorded.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -82,6 +84,18 @@ def _calls():
     return calls
 
 
+def _describe(tree: str) -> str:
+    """A tree as its commit (and `+` when its work tree differs from it), else its path."""
+    try:
+        commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return tree
+    return f"commit {commit}{' +' if dirty else ''}"
+
+
 def _worker() -> None:
     """Read ``<call> <count>`` lines; answer each with ``<wall ms> <cpu ms>`` per call (or ``-`` if absent)."""
     calls = _calls()
@@ -100,15 +114,17 @@ def _worker() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--old", required=True, help="the tree whose ptd_kernels is the baseline")
+    parser.add_argument("--old", action="append", required=True,
+                        help="a tree whose ptd_kernels is a baseline (repeat for several, each paired with --new)")
     parser.add_argument("--new", required=True)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=10, help="calls per burst")
+    parser.add_argument("--out", default=None, help="write <out>/loss_overhead.{json,md}")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return _worker()
-    trees = {"old": os.path.abspath(args.old), "new": os.path.abspath(args.new)}
+    trees = {"new": os.path.abspath(args.new), **{f"old {i + 1}": os.path.abspath(t) for i, t in enumerate(args.old)}}
     workers = {side: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "--old", tree, "--new",
                                        tree], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tree,
                                       env={**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": "1"})
@@ -123,33 +139,52 @@ def main() -> None:
         return None if answer == ["-"] else [float(x) for x in answer]
 
     load_before = os.getloadavg()
+    started = time.time()
     for side in trees:  # warm-up, not counted
         for call in CALLS:
             burst(side, call, 3 * args.calls)
     times = {(side, call): [] for side in trees for call in CALLS}
+    sides = list(trees)
     for r in range(args.rounds):
         for call in CALLS:
-            for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
+            for side in (sides if r % 2 == 0 else sides[::-1]):
                 times[(side, call)].append(burst(side, call, args.calls))
     for worker in workers.values():
         worker.stdin.close()
         worker.wait()
     load_after = os.getloadavg()
-    print(f"Loss call at the default step's shape (measured), {args.rounds} rounds × {args.calls} calls per side, "
-          f"one torch thread; load average {' '.join(f'{x:.2f}' for x in load_before)} → "
-          f"{' '.join(f'{x:.2f}' for x in load_after)}\n")
-    print(f"old: `{trees['old']}`  \nnew: `{trees['new']}`\n")
-    print("| call | old (median ms, CPU) | new (median ms, CPU) | new/old CPU (median of rounds) | new/old wall |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for call in CALLS:
-        old, new = times[("old", call)], times[("new", call)]
-        if any(t is None for t in old + new):
-            print(f"| {call} | {'—' if None in old else ''} | {'—' if None in new else ''} | | |")
+    rows = []
+    for side in sides[1:]:
+        for call in CALLS:
+            old, new = times[(side, call)], times[("new", call)]
+            if any(t is None for t in old + new):
+                rows.append({"call": call, "old": _describe(trees[side]), "present": False})
+                continue
+            rows.append({"call": call, "old": _describe(trees[side]), "present": True,
+                         "old_ms": statistics.median(o[1] for o in old), "new_ms": statistics.median(n[1] for n in new),
+                         "cpu_ratio": statistics.median(n[1] / o[1] for o, n in zip(old, new)),
+                         "wall_ratio": statistics.median(n[0] / o[0] for o, n in zip(old, new))})
+    lines = [f"Measured: the trainer's loss call (forward, logged parts, backward) at the default step's shape "
+             f"(V = 71, H = 128, N = 256 rows, a teacher on 16 of 64 rollouts, K = 8), each tree in its own worker "
+             f"process, {args.rounds} interleaved rounds × {args.calls} calls per tree after a warm-up, one torch thread, CPU "
+             f"time per call; {time.time() - started:.0f} s in all; 1-min load average {load_before[0]:.2f} → "
+             f"{load_after[0]:.2f}.", "", f"new: {_describe(trees['new'])}", "",
+             "| call | baseline | baseline ms | new ms | new / baseline CPU (median of rounds) | new / baseline wall |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        if not row["present"]:
+            lines.append(f"| {row['call']} | {row['old']} | — | — | (the baseline has no such call) | |")
             continue
-        cpu = statistics.median(n[1] / o[1] for o, n in zip(old, new))
-        wall = statistics.median(n[0] / o[0] for o, n in zip(old, new))
-        print(f"| {call} | {statistics.median(o[1] for o in old):.2f} | {statistics.median(n[1] for n in new):.2f} | "
-              f"{cpu:.3f} | {wall:.3f} |")
+        lines.append(f"| {row['call']} | {row['old']} | {row['old_ms']:.2f} | {row['new_ms']:.2f} | "
+                     f"{row['cpu_ratio']:.3f} | {row['wall_ratio']:.3f} |")
+    print("\n".join(lines))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "loss_overhead.json"), "w") as f:
+            json.dump({"rounds": args.rounds, "calls": args.calls, "load_before": load_before,
+                       "load_after": load_after, "new": _describe(trees["new"]), "rows": rows}, f, indent=1)
+        with open(os.path.join(args.out, "loss_overhead.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
