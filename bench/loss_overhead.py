@@ -167,8 +167,8 @@ def main() -> None:
     lines = [f"Measured: the trainer's loss call (forward, logged parts, backward) at the default step's shape "
              f"(V = 71, H = 128, N = 256 rows, a teacher on 16 of 64 rollouts, K = 8), each tree in its own worker "
              f"process, {args.rounds} interleaved rounds × {args.calls} calls per tree after a warm-up, one torch "
-             f"thread, CPU time per call; {time.time() - started:.0f} s in all; 1-min load average {load_before[0]:.2f} → "
-             f"{load_after[0]:.2f}.", "", f"new: {_describe(trees['new'])}", "",
+             f"thread, CPU time per call; {time.time() - started:.0f} s in all; 1-min load average "
+             f"{load_before[0]:.2f} → {load_after[0]:.2f}.", "", f"new: {_describe(trees['new'])}", "",
              "| call | baseline | baseline ms | new ms | new / baseline CPU (median of rounds) | new / baseline wall |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for row in rows:
