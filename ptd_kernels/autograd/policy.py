@@ -53,10 +53,10 @@ class RowLossAdapter(RowLoss):
         self.entropy_gradient = loss.uses_entropy_gradient if self.named else True
         self.overlap = with_teacher
         self.n, self.dtype, self.device = n, dtype, device
-        zeros = lambda: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
-        self.logp, self.entropy, self.jsd, self.losses = zeros(), zeros(), zeros(), zeros()
-        self.overlap_values = zeros() if with_teacher else None
-        self.teacher_mass = zeros() if with_teacher else None
+        # the records in one [k, N] tensor: a block writes all of its rows' records with one index_copy_
+        self.records = torch.zeros((6 if with_teacher else 4, n), dtype=dtype, device=device)
+        self.logp, self.entropy, self.jsd, self.losses, *rest = self.records.unbind()
+        self.overlap_values, self.teacher_mass = rest if with_teacher else (None, None)
 
     def _place(self, rows: slice) -> torch.Tensor:
         if self.positions is None:
@@ -80,16 +80,18 @@ class RowLossAdapter(RowLoss):
             loss = torch.where(live, loss, zero)
             d_logp, d_entropy, d_jsd = (None if g is None else torch.where(live, g, zero)
                                         for g in (d_logp, d_entropy, d_jsd))
-        for record, values, jsd_only in ((self.logp, terms.logp, False), (self.entropy, terms.entropy, False),
-                                         (self.jsd, jsd, False), (self.losses, loss, False),
-                                         (self.overlap_values, terms.overlap, True),
-                                         (self.teacher_mass, terms.teacher_mass, True)):
-            if record is not None and values is not None:
-                if live is not None:
-                    values = torch.where(live, values, zero)
-                if jsd_only and jsd_live is not None:
-                    values = torch.where(jsd_live, values, zero)
-                record.index_copy_(0, at, values if values.dtype == self.dtype else values.to(self.dtype))
+        records = [terms.logp, terms.entropy, jsd, loss]  # the first rows of self.records
+        if self.overlap_values is not None and terms.overlap is not None:
+            records += [terms.overlap, terms.teacher_mass]
+        for i, values in enumerate(records):
+            if values is None:
+                values = torch.zeros_like(loss)
+            elif live is not None:
+                values = torch.where(live, values, zero)
+            if i >= 4 and jsd_live is not None:
+                values = torch.where(jsd_live, values, zero)
+            records[i] = values if values.dtype == self.dtype else values.to(self.dtype)
+        self.records[:len(records)].index_copy_(1, at, torch.stack(records))
         return RowGrads(d_logp, d_entropy, d_jsd)
 
     def _by_autograd(self, at: torch.Tensor, logp, entropy, jsd):
