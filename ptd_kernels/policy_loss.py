@@ -304,7 +304,7 @@ class PolicyLoss:
         ``clip_fraction`` Σ w·[clipped branch active]."""
         with torch.no_grad():
             advantages, weights, old, ref, kl_mask, entropy_weights = self._row_data(None, logp.dtype, logp.device)
-            logp, entropy, jsd = logp.detach(), entropy.detach(), jsd.detach()
+            logp, entropy, jsd = (t.detach() if t.requires_grad else t for t in (logp, entropy, jsd))
             if old is None:  # ρ = exp(logp − logp) = 1 inside [1 − ε_low, 1 + ε_high]: ℓ = −A, never clipped
                 pg = torch.where(torch.isfinite(logp), -advantages, math.nan)  # (ρ is NaN at an infinite logp)
                 clipped = torch.zeros_like(advantages, dtype=torch.bool)

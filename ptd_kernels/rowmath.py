@@ -225,8 +225,7 @@ def tail_logprob(log_support_mass: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """
     tail = -torch.expm1(log_support_mass)
     floored = tail < TAIL_FLOOR
-    tail = torch.where(floored, torch.full_like(tail, TAIL_FLOOR), tail)
-    return tail.log(), floored
+    return tail.clamp_min_(TAIL_FLOOR).log_(), floored  # (a NaN stays NaN)
 
 
 def masked_logsumexp(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
