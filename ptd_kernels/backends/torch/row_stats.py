@@ -16,6 +16,7 @@ import math
 import torch
 
 from ... import config, rowmath
+from ..._host_reads import free_to_read
 from ..base import Head, RowStats
 from ._blocks import block_length, itemsize, logits_into, prepare, sub_blocks, to_logits_, view
 
@@ -70,9 +71,10 @@ def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, wi
                     block_values = torch.cat([run_values, block_values], dim=-1)
                     block_ids = torch.cat([run_ids, block_ids], dim=-1)
                     run_values, run_ids = rowmath.merge_topk(block_values, block_ids, k)
-                elif c1 < vocab or not bool(block_values.isnan().any()):
+                elif c1 < vocab or (free_to_read(block_values) and not bool(block_values.isnan().any())):
                     # the first block's top-k is in the rule's order already (the next merge re-sorts anyway);
-                    # only NaNs, tied among themselves, take merge_topk's id order
+                    # only NaNs, tied among themselves, take merge_topk's id order (on a device that check
+                    # would wait for the queue: the merge runs)
                     run_values, run_ids = block_values, block_ids
                 else:
                     run_values, run_ids = rowmath.merge_topk(block_values, block_ids, k)
