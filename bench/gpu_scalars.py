@@ -48,7 +48,7 @@ def _summary(frame_locals, _tensor):
     arguments = frame_locals["checked"].arguments
     rows = (arguments.get("hidden") if arguments.get("hidden") is not None else arguments["logits"]).shape[0]
     return [float(rows) if name in ("live rows", "jsd rows") else 0.0
-            for name, _ in frame_locals["agreement"].summary]
+            for name, _ in frame_locals["checked"].summary]
 
 
 SCALAR_RULES = (

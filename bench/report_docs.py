@@ -28,6 +28,10 @@ SCRIPTS = [
     ("train_step_time", "Trainer step time", "`python -m ptd_train.run`, one process against two (DDP, FSDP2)"),
     ("trl_step_time", "TRL step time", "stock `GRPOTrainer` against the same trainer on ptd's kernels and "
      "`PTDGRPOTrainer`"),
+    ("loss_overhead", "Loss call at the default step's shape, paired", "the trainer's loss where its time is almost "
+     "all fixed per-call cost (Python and a few hundred tiny ATen calls), not GEMMs: the one-sweep "
+     "`linear_policy_loss` and the per-row `linear_ptd_terms` + `grpo.ptd_po_loss`, the trees compared in one "
+     "interleaved run"),
 ]
 
 INTRO = """\

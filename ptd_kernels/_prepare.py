@@ -25,6 +25,7 @@ import torch
 
 from . import _validate as validate
 from . import config
+from ._host_reads import free_to_read
 from .autograd.common import Call, Rows, SweepConfig
 from .backends.base import DivergenceSpec, Head, LogitSpec, same_data
 from .backends.call import Checked, open_call
@@ -208,7 +209,7 @@ def _check(function: str, args: dict, autocast_dtype) -> Checked:
     if "hidden" in args:
         backend = select_backend(args["backend"], *(args.get(name) for name in LAYERS), function=function)
     summary = _live_rows(out, n)
-    return Checked(out, backend, _agreement(function, out, vocab, summary))
+    return Checked(out, backend, vocab, summary, lambda: _agreement(function, out, vocab, summary))
 
 
 def _live_rows(out: dict, n: int) -> list[tuple[str, torch.Tensor]]:
@@ -345,7 +346,9 @@ def _rows(checked: dict, summary: dict | None) -> Rows:
 
 
 def _first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """The ids of the ``count`` True entries of ``mask``, ascending (a stable sort: no host read)."""
+    """The ids of the ``count`` True entries of ``mask``, ascending (on a device a stable sort: no host read)."""
+    if free_to_read(mask):
+        return mask.nonzero().squeeze(1)
     return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
 
 

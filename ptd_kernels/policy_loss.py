@@ -182,26 +182,43 @@ class PolicyLoss:
         return replace(self, weights=weights if self.weights is None else self.weights,
                        ptd_tokens=ptd_tokens if self.ptd_tokens is None else self.ptd_tokens)
 
+    def for_rows(self, order: torch.Tensor | None, dtype: torch.dtype) -> PolicyLoss:
+        """This loss with its per-row tensors detached, taken at ``order`` (int64 [n]; None: as they are) and in
+        ``dtype`` (a mask stays bool), and a tensor ``ptd_tokens`` in ``dtype``: done once per call, so that
+        the loss of a block of rows (``rows`` a slice) reads views."""
+        def take(t):
+            t = t.detach()
+            t = t if order is None else t.index_select(0, order)
+            return t if t.dtype == torch.bool else t.to(dtype)
+
+        tokens = self.ptd_tokens
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.detach().to(dtype).reshape(())
+        return replace(self, ptd_tokens=tokens, **{name: take(getattr(self, name)) for name in self.ROW_FIELDS
+                                                   if getattr(self, name) is not None})
+
     @property
     def uses_entropy_gradient(self) -> bool:
         return self.entropy_coef != 0.0
 
     # ------------------------------------------------------------------------- the loss of rows
 
-    def _row_data(self, rows, dtype, device):
+    def _row_data(self, rows, dtype, device, *, entropy: bool = True):
+        """(advantages, weights, old, ref, kl_mask, entropy weights) of the rows (``rows``: an index or a
+        slice; None: all), detached, in ``dtype``; the entropy weights None unless ``entropy``."""
         def at(t):
             if t is None:
                 return None
-            t = t.detach()
+            t = t.detach() if t.requires_grad else t
             t = t if rows is None else t[rows]
-            return t if t.dtype == torch.bool else t.to(dtype)
+            return t if t.dtype in (torch.bool, dtype) else t.to(dtype)
 
         if self.weights is None or self.ptd_tokens is None:
             raise ValueError("PolicyLoss.weights and ptd_tokens are None: linear_policy_loss fills them in; to "
                              "evaluate the loss directly, give both")
         return (at(self.advantages), at(self.weights), at(self.old_logprobs), at(self.ref_logprobs),
-                at(self.kl_mask), at(self.entropy_weights if self.entropy_weights is not None else self.weights),
-                self._per_token(self.ptd_coef, dtype))
+                at(self.kl_mask),
+                at(self.entropy_weights if self.entropy_weights is not None else self.weights) if entropy else None)
 
     def _per_token(self, numerator: float, dtype):
         """numerator / ptd_tokens (0 tokens: the numerator), a number or a 0-dim tensor on the tokens' device
@@ -209,14 +226,17 @@ class PolicyLoss:
         tokens = self.ptd_tokens
         if not isinstance(tokens, torch.Tensor):
             return numerator / tokens if tokens > 0 else numerator
-        tokens = tokens.detach().to(dtype).reshape(())
-        return numerator / torch.where(tokens > 0, tokens, torch.ones_like(tokens))
+        tokens = tokens.detach() if tokens.requires_grad else tokens
+        tokens = tokens if tokens.dtype == dtype else tokens.to(dtype)
+        tokens = tokens.reshape(()) if tokens.dim() else tokens
+        return numerator / torch.where(tokens > 0, tokens, 1.0)
 
     def row_losses(self, logp, entropy, jsd, rows=None):
         """loss_n of the rows (``rows``: an index into the per-row tensors; None: all), differentiable in
         ``logp``, ``entropy`` and ``jsd`` (their rows' values, [r] each)."""
-        advantages, weights, old, ref, kl_mask, entropy_weights, ptd_scale = self._row_data(rows, logp.dtype,
-                                                                                              logp.device)
+        advantages, weights, old, ref, kl_mask, entropy_weights = self._row_data(
+            rows, logp.dtype, logp.device, entropy=self.entropy_coef != 0.0)
+        ptd_scale = self._per_token(self.ptd_coef, logp.dtype)
         old = logp.detach() if old is None else old
         pg, _ = clipped_objective(logp, old, advantages, self.epsilon_low, self.epsilon_high)
         policy = pg
@@ -243,20 +263,28 @@ class PolicyLoss:
         ∂k3/∂logp = 1 − exp(r − logp); ∂loss/∂D = ptd_coef / ptd_tokens; ∂loss/∂H = −entropy_coef·u_n.
         """
         with torch.no_grad():
-            advantages, weights, old, ref, kl_mask, entropy_weights, ptd_scale = self._row_data(rows, logp.dtype,
-                                                                                                  logp.device)
+            advantages, weights, old, ref, kl_mask, entropy_weights = self._row_data(
+                rows, logp.dtype, logp.device, entropy=self.entropy_coef != 0.0)
+            ptd_scale = self._per_token(self.ptd_coef, logp.dtype)
             zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-            ratio = torch.ones_like(logp) if old is None else torch.exp(logp - old)
-            unclipped = ratio * advantages
-            clipped = torch.clamp(ratio, 1.0 - self.epsilon_low, 1.0 + self.epsilon_high) * advantages
-            policy = -torch.minimum(unclipped, clipped)
-            d_policy = torch.where(unclipped <= clipped, -unclipped, zero)
+            if old is None:  # ρ = 1 inside [1 − ε_low, 1 + ε_high]: both branches are A (NaN: no gradient)
+                ratio = None
+                policy = -advantages
+                d_policy = torch.where(torch.isnan(advantages), zero, policy)
+            else:
+                ratio = torch.exp(logp - old)
+                unclipped = ratio * advantages
+                clipped = torch.clamp(ratio, 1.0 - self.epsilon_low, 1.0 + self.epsilon_high) * advantages
+                policy = -torch.minimum(unclipped, clipped)
+                d_policy = torch.where(unclipped <= clipped, -unclipped, zero)
             if self.kl_coef != 0.0:
                 d = ref - logp
                 exp_d = torch.exp(d)
                 kl, d_kl = exp_d - d - 1.0, 1.0 - exp_d
-                if self.kl_ratio:  # ∂(ρ·k3)/∂logp = ρ·(k3 + ∂k3/∂logp)
+                if self.kl_ratio and ratio is not None:  # ∂(ρ·k3)/∂logp = ρ·(k3 + ∂k3/∂logp)
                     kl, d_kl = ratio * kl, ratio * (kl + d_kl)
+                elif self.kl_ratio:  # ρ = 1
+                    d_kl = kl + d_kl
                 if kl_mask is not None:
                     kl, d_kl = torch.where(kl_mask, kl, zero), torch.where(kl_mask, d_kl, zero)
                 policy = policy + self.kl_coef * kl
@@ -275,10 +303,13 @@ class PolicyLoss:
         the kept rows, without kl_coef), ``ptd`` Σ D / ptd_tokens (without λ), ``entropy`` Σ u·H and
         ``clip_fraction`` Σ w·[clipped branch active]."""
         with torch.no_grad():
-            advantages, weights, old, ref, kl_mask, entropy_weights, _ = self._row_data(None, logp.dtype, logp.device)
-            logp, entropy, jsd = logp.detach(), entropy.detach(), jsd.detach()
-            pg, clipped = clipped_objective(logp, logp if old is None else old, advantages, self.epsilon_low,
-                                            self.epsilon_high)
+            advantages, weights, old, ref, kl_mask, entropy_weights = self._row_data(None, logp.dtype, logp.device)
+            logp, entropy, jsd = (t.detach() if t.requires_grad else t for t in (logp, entropy, jsd))
+            if old is None:  # ρ = exp(logp − logp) = 1 inside [1 − ε_low, 1 + ε_high]: ℓ = −A, never clipped
+                pg = torch.where(torch.isfinite(logp), -advantages, math.nan)  # (ρ is NaN at an infinite logp)
+                clipped = torch.zeros_like(advantages, dtype=torch.bool)
+            else:
+                pg, clipped = clipped_objective(logp, old, advantages, self.epsilon_low, self.epsilon_high)
             zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
             kl = zero
             if ref is not None:

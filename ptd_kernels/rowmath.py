@@ -225,8 +225,7 @@ def tail_logprob(log_support_mass: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """
     tail = -torch.expm1(log_support_mass)
     floored = tail < TAIL_FLOOR
-    tail = torch.where(floored, torch.full_like(tail, TAIL_FLOOR), tail)
-    return tail.log(), floored
+    return tail.clamp_min_(TAIL_FLOOR).log_(), floored  # (a NaN stays NaN)
 
 
 def masked_logsumexp(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -272,19 +271,25 @@ def topk_jsd_terms(
             gathered values (a sparse teacher's own log-probs).
     """
     zero = torch.zeros((), dtype=student_logp.dtype, device=student_logp.device)
-    logp = torch.where(valid, student_logp, zero)
-    logq = torch.where(valid, teacher_logq, zero)
-    log_p_mass = masked_logsumexp(logp, valid)
-    log_q_mass = masked_logsumexp(logq, valid) if teacher_log_mass is None else teacher_log_mass
+    # both sides stacked [2, n, M] (and [2, n] per row): each step below is one op for both
+    sides = torch.where(valid, torch.stack([student_logp, teacher_logq]), zero)
+    logp, logq = sides.unbind()
+    if teacher_log_mass is None:
+        masses = masked_logsumexp(sides, valid)
+    else:
+        masses = torch.stack([masked_logsumexp(logp, valid), teacher_log_mass.to(logp.dtype)])
+    log_p_mass, log_q_mass = masses.unbind()
     if tail:
-        d, w = jsd_pointwise(logp, logq, beta)
-        d = torch.where(valid, d, zero)
-        w = torch.where(valid, w, zero)
-        log_p_tail, p_floored = tail_logprob(log_p_mass)
-        log_q_tail, _ = tail_logprob(log_q_mass)
-        d_tail, w_tail = jsd_pointwise(log_p_tail, log_q_tail, beta)
+        log_tails, floored = tail_logprob(masses)
+        # the support's atoms and the tail atom in one row [n, M + 1] of each side
+        atoms = torch.cat([sides, log_tails[:, :, None]], dim=-1)
+        d_all, w_all = jsd_pointwise(atoms[0], atoms[1], beta)
+        size = sides.shape[-1]
+        d = torch.where(valid, d_all[:, :size], zero)
+        w = torch.where(valid, w_all[:, :size], zero)
+        log_p_tail, d_tail = log_tails[0], d_all[:, size]
         # A floored student tail is a constant: it contributes to D but not to the gradient.
-        w_tail = torch.where(p_floored, zero, w_tail)
+        w_tail = torch.where(floored[0], zero, w_all[:, size])
         g_tail = w_tail * torch.exp(-log_p_tail)  # ∂D/∂p_tail
         value = d.sum(-1) + d_tail
         w_sum = w.sum(-1) + w_tail
@@ -373,8 +378,13 @@ def overlap_fraction(ids_a: torch.Tensor, ids_b: torch.Tensor, dtype: torch.dtyp
     if k == 0:
         return torch.zeros(ids_a.shape[0], dtype=dtype, device=ids_a.device)
     _, valid = union_support(ids_a, ids_b)
-    duplicates = (~valid).sum(-1)
-    return duplicates.to(dtype) / k
+    return overlap_from_union(valid, k, dtype)
+
+
+def overlap_from_union(valid: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``overlap_fraction`` from the ``valid`` of the two sets' ``union_support``: each duplicate is a
+    shared id (k > 0)."""
+    return (~valid).sum(-1).to(dtype) / k
 
 
 def merge_topk(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,7 +420,8 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
 
     ``torch.topk`` finds the k largest values fast but orders ties arbitrarily; the exact rule
     only matters where ties straddle the k-th place (those rows redo the selection on packed
-    keys) and among equal selected values (fixed by sorting the k selected on packed keys).
+    keys) and among equal selected values (fixed by sorting the k selected on packed keys). A block
+    whose k + 1 largest values are distinct in every row (no NaN) takes torch's order as it is.
     float64 blocks use a stable sort instead (packed keys hold float32 bits, which would merge
     float64 values closer than a float32 ulp). On a device, where that check would wait for the queue,
     one top-k of the packed keys gives the exact ids in order directly.
@@ -419,12 +430,14 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
         return torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
     if not free_to_read(logits):  # on a device a tie check would wait for the queue: select on packed keys once
         return _ids_from_keys(torch.topk(pack_topk_keys(logits), k, dim=-1).values)  # key order = the tie rule
-    if k < logits.shape[-1]:  # one extra value tells whether a tie straddles the k-th place
-        values, ids = torch.topk(logits, k + 1, dim=-1)
+    # one extra value tells whether a tie straddles the k-th place
+    values, ids = torch.topk(logits, min(k + 1, logits.shape[-1]), dim=-1)
+    if bool((values[:, :-1] > values[:, 1:]).all()):  # strictly descending: distinct, no NaN — torch's order
+        return ids[:, :k]
+    if k < logits.shape[-1]:
         ambiguous = values[:, k - 1] == values[:, k]
         values, ids = values[:, :k], ids[:, :k]
     else:
-        values, ids = torch.topk(logits, k, dim=-1)
         ambiguous = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     ambiguous |= torch.isnan(values).any(-1)
     if bool(ambiguous.any()):  # a CPU block: redo only the rows that need it

@@ -149,7 +149,9 @@ class _Sweep(torch.autograd.Function):
                 terms = rowmath.topk_jsd_terms(student_logp, teacher_logq, valid, div.beta, div.tail)
                 _write(jsd, jsd_rows, terms.value)
                 _write(teacher_mass, jsd_rows, terms.teacher_mass)
-                if config.overlap:
+                if config.overlap and div.support == "union":  # the union's duplicates are the shared ids
+                    _write(overlap, jsd_rows, rowmath.overlap_from_union(valid, k, dtype))
+                elif config.overlap:
                     _write(overlap, jsd_rows, rowmath.overlap_fraction(student_top.topk_indices,
                                                                         teacher_top.topk_indices, dtype))
                 jsd_saved = [ids, terms.row_coef, terms.support_coef]

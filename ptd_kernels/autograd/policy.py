@@ -45,16 +45,18 @@ class RowLossAdapter(RowLoss):
     """
 
     def __init__(self, loss, n: int, positions, live, jsd_live, dtype, device, *, with_teacher: bool):
-        self.loss, self.positions, self.live, self.jsd_live = loss, positions, live, jsd_live
         self.named = isinstance(loss, PolicyLoss)
+        # a PolicyLoss's rows in the order they go in, in the compute dtype, once: a block reads slices of them
+        self.loss = loss.for_rows(positions, dtype) if self.named else loss
+        self.positions, self.live, self.jsd_live = positions, live, jsd_live
         self.logprobs = True
         self.entropy_gradient = loss.uses_entropy_gradient if self.named else True
         self.overlap = with_teacher
         self.n, self.dtype, self.device = n, dtype, device
-        zeros = lambda: torch.zeros(n, dtype=dtype, device=device)  # noqa: E731
-        self.logp, self.entropy, self.jsd, self.losses = zeros(), zeros(), zeros(), zeros()
-        self.overlap_values = zeros() if with_teacher else None
-        self.teacher_mass = zeros() if with_teacher else None
+        # the records in one [k, N] tensor: a block writes all of its rows' records with one index_copy_
+        self.records = torch.zeros((6 if with_teacher else 4, n), dtype=dtype, device=device)
+        self.logp, self.entropy, self.jsd, self.losses, *rest = self.records.unbind()
+        self.overlap_values, self.teacher_mass = rest if with_teacher else (None, None)
 
     def _place(self, rows: slice) -> torch.Tensor:
         if self.positions is None:
@@ -63,12 +65,13 @@ class RowLossAdapter(RowLoss):
 
     def __call__(self, rows: slice, terms: RowTerms) -> RowGrads:
         at = self._place(rows)
-        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        zero = (None if self.live is None and self.jsd_live is None else
+                torch.zeros((), dtype=self.dtype, device=self.device))
         live = None if self.live is None else self.live[at]
         jsd_live = None if self.jsd_live is None else self.jsd_live[at]
         jsd = terms.jsd if jsd_live is None else torch.where(jsd_live, terms.jsd, zero)
         if self.named:
-            loss, d_logp, d_entropy, d_jsd = self.loss.row_gradients(terms.logp, terms.entropy, jsd, rows=at)
+            loss, d_logp, d_entropy, d_jsd = self.loss.row_gradients(terms.logp, terms.entropy, jsd, rows=rows)
         else:
             loss, d_logp, d_entropy, d_jsd = self._by_autograd(at, terms.logp, terms.entropy, jsd)
         if jsd_live is not None and d_jsd is not None:
@@ -77,16 +80,18 @@ class RowLossAdapter(RowLoss):
             loss = torch.where(live, loss, zero)
             d_logp, d_entropy, d_jsd = (None if g is None else torch.where(live, g, zero)
                                         for g in (d_logp, d_entropy, d_jsd))
-        for record, values, jsd_only in ((self.logp, terms.logp, False), (self.entropy, terms.entropy, False),
-                                         (self.jsd, jsd, False), (self.losses, loss, False),
-                                         (self.overlap_values, terms.overlap, True),
-                                         (self.teacher_mass, terms.teacher_mass, True)):
-            if record is not None and values is not None:
-                if live is not None:
-                    values = torch.where(live, values, zero)
-                if jsd_only and jsd_live is not None:
-                    values = torch.where(jsd_live, values, zero)
-                record.index_copy_(0, at, values.to(self.dtype))
+        records = [terms.logp, terms.entropy, jsd, loss]  # the first rows of self.records
+        if self.overlap_values is not None and terms.overlap is not None:
+            records += [terms.overlap, terms.teacher_mass]
+        for i, values in enumerate(records):
+            if values is None:
+                values = torch.zeros_like(loss)
+            elif live is not None:
+                values = torch.where(live, values, zero)
+            if i >= 4 and jsd_live is not None:
+                values = torch.where(jsd_live, values, zero)
+            records[i] = values if values.dtype == self.dtype else values.to(self.dtype)
+        self.records[:len(records)].index_copy_(1, at, torch.stack(records))
         return RowGrads(d_logp, d_entropy, d_jsd)
 
     def _by_autograd(self, at: torch.Tensor, logp, entropy, jsd):
@@ -181,7 +186,7 @@ def _resolved(call: Call, dtype, device) -> PolicyLoss | object:
     """A PolicyLoss's defaults on this call: the weights (1 / live rows) and ptd_tokens (live rows with a
     divergence), counted on the device."""
     loss = call.row_loss
-    if not isinstance(loss, PolicyLoss):
+    if not isinstance(loss, PolicyLoss) or (loss.weights is not None and loss.ptd_tokens is not None):
         return loss
     rows = call.rows
     if rows.live is None:

@@ -212,7 +212,7 @@ class GradNeeds:
 
     def of(self, head: Head) -> GradNeeds:
         """These needs, with no bias gradient for a head without bias."""
-        return replace(self, bias=self.bias and head.bias is not None)
+        return replace(self, bias=False) if self.bias and head.bias is None else self
 
     @property
     def any(self) -> bool:

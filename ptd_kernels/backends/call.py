@@ -28,11 +28,15 @@ from .vocab_parallel_setup import Agreement, exchange, group_of, resolve_layers
 @dataclass
 class Checked:
     """What a call's check returns: the checked arguments (as the public layer wants them), the backend
-    selected for the call's tensors, and what the call must agree on across ranks and read once."""
+    selected for the call's tensors, the vocabulary size the check saw, the summary (name, device scalar) the
+    call reads once, and ``agreement()``: what the call must agree on across ranks (built only for a
+    vocabulary-parallel call)."""
 
     arguments: dict
     backend: Backend | None
-    agreement: Agreement
+    vocab: int
+    summary: list
+    agreement: Callable[[], Agreement]
 
 
 @dataclass
@@ -60,14 +64,12 @@ def open_call(function: str, backend: str, process_group, layers: dict, check: C
             raise
         failure = exc
     if group is None:
-        agreement = checked.agreement
         summary = None
-        if agreement.summary and not config.SYNC_FREE:
-            values = torch.stack([value.to(torch.float64) for _, value in agreement.summary]).tolist()  # one read
-            summary = {name: v for (name, _), v in zip(agreement.summary, values)}
-        return OpenedCall(checked.backend, agreement.vocab, checked.arguments, summary)
-    sizes, values = exchange(group, function, None if checked is None else checked.agreement, failure,
+        if checked.summary and not config.SYNC_FREE:
+            values = torch.stack([value.to(torch.float64) for _, value in checked.summary]).tolist()  # one read
+            summary = {name: v for (name, _), v in zip(checked.summary, values)}
+        return OpenedCall(checked.backend, checked.vocab, checked.arguments, summary)
+    sizes, values = exchange(group, function, None if checked is None else checked.agreement(), failure,
                              layers.get("weight"), words=(*words, *backend_names()))
-    agreement = checked.agreement
-    summary = {name: v for (name, _), v in zip(agreement.summary, values)}
+    summary = {name: v for (name, _), v in zip(checked.summary, values)}
     return OpenedCall(VocabParallelBackend(checked.backend, group, sizes), sum(sizes), checked.arguments, summary)

@@ -49,6 +49,8 @@ LAYER_NAMES = ("hidden", "weight", "bias", "teacher_hidden", "teacher_weight", "
 
 def is_dtensor(t) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
+    if t is None or type(t) in (torch.Tensor, torch.nn.Parameter):  # the common case, without the import
+        return False
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without DTensor

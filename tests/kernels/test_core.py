@@ -296,6 +296,23 @@ def test_importing_and_running_on_the_cpu_never_imports_triton():
 
 
 @pytest.mark.parametrize("k", [1, 3, 7, 8])
+def test_topk_ids_follow_the_tie_rule_with_and_without_ties(k):
+    """rowmath.topk_ids on a CPU: a block whose k + 1 largest values are distinct takes torch's order as it is,
+    a block with a tie, a NaN or ±0 anywhere goes the exact way; both equal a full sort of the packed keys
+    (value descending, then id ascending), rows of both kinds mixed in one block."""
+    from ptd_kernels import rowmath
+
+    generator = torch.Generator().manual_seed(k)
+    distinct = torch.randn(6, 8, generator=generator)
+    tied = torch.randint(-2, 3, (6, 8), generator=generator).float()
+    special = distinct.clone()
+    special[0, 3], special[1, 5], special[2, 0], special[2, 1] = float("nan"), float("inf"), -0.0, 0.0
+    for logits in (distinct, tied, special, torch.cat([distinct, tied])):
+        expected = rowmath._ids_from_keys(torch.sort(rowmath.pack_topk_keys(logits), dim=-1, descending=True).values)
+        assert torch.equal(rowmath.topk_ids(logits, k), expected[:, :k])
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 8])
 def test_topk_ids_on_a_device_path_equals_the_cpu_path(monkeypatch, k):
     """rowmath.topk_ids: the device branch (one top-k of packed keys) gives the CPU branch's ids, in the
     same order, on rows with ties straddling the k-th place, ties among the selected, NaN and ±inf."""

@@ -406,3 +406,41 @@ def test_cublas_logprobs_at(cublas_blocks, device):
     case = ptd_case(dtype=F32)
     ids = torch.randint(0, case.v, (case.n, 3), generator=torch.Generator().manual_seed(5))
     check(logprobs_at_fn(ids), case, "cublas")
+
+
+@pytest.mark.parametrize("entropy_coef,softcap,support", [(0.0, None, "union"), (0.03, 5.0, "union"),
+                                                          (0.03, None, "teacher"), (0.0, 5.0, "student")])
+def test_one_sweep_in_many_small_blocks_and_sub_blocks_equals_the_per_row_path(monkeypatch, entropy_coef, softcap,
+                                                                               support):
+    """Budgets of a few rows: several blocks of each kind, and blocks of several cache sub-blocks (a block's
+    per-row state is then written and read by slices; a block of one sub-block hands its tensors over), with
+    and without the ratio (old log-probs), the entropy bonus and a soft-cap. float64: the two paths agree to
+    rounding."""
+    from ptd_kernels import config
+
+    n, hidden_size, vocab = 37, 16, 53
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(n, hidden_size, generator=g, dtype=F64)
+    weight = torch.randn(vocab, hidden_size, generator=g, dtype=F64) * 0.3
+    teacher_hidden = torch.randn(n, hidden_size, generator=g, dtype=F64)
+    teacher_weight = torch.randn(vocab, hidden_size, generator=g, dtype=F64) * 0.3
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[::5] = -100
+    jsd_mask = torch.rand(n, generator=g) < 0.6
+    row_loss = PolicyLoss(torch.randn(n, generator=g, dtype=F64),
+                          old_logprobs=-torch.rand(n, generator=g, dtype=F64) * 3 if entropy_coef else None,
+                          ref_logprobs=-torch.rand(n, generator=g, dtype=F64) * 3, kl_coef=0.1, kl_mask=~jsd_mask,
+                          ptd_coef=0.7, entropy_coef=entropy_coef)
+    monkeypatch.setattr(config, "LOSS_BLOCK_BYTES", 3 * 2 * vocab * 8)  # 3 rows of both sides, 6 of one
+    monkeypatch.setattr(config, "SUB_BLOCK_BYTES", vocab * 4)  # sub-blocks of 2 rows (Top-K), 1 row (one side)
+    out = []
+    for min_rows in (1, 10**9):  # the one sweep, then the per-row path
+        monkeypatch.setattr(config, "FUSED_LOSS_MIN_ROWS", min_rows)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, terms = ptd.linear_policy_loss(h, w, targets, teacher_hidden, teacher_weight, K, row_loss=row_loss,
+                                             jsd_mask=jsd_mask, softcap=softcap, support=support, return_terms=True,
+                                             backend="torch")
+        out.append((loss, *torch.autograd.grad(loss, [h, w]), terms.logp, terms.entropy, terms.jsd, terms.overlap,
+                    terms.teacher_mass))
+    for one_sweep, per_row in zip(*out):
+        torch.testing.assert_close(one_sweep, per_row, rtol=1e-12, atol=1e-12)

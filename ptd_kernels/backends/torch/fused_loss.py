@@ -71,22 +71,35 @@ class _Block:
     Top-K supports with their gradient coefficients (one entry per sub-block)."""
 
     def __init__(self, rows: int, dtype, device, row_loss: RowLoss, with_jsd: bool):
-        zeros = lambda: torch.zeros(rows, dtype=dtype, device=device)  # noqa: E731
-        self.jsd = zeros()
-        self.logp = zeros() if row_loss.logprobs else None
-        self.entropy = zeros() if row_loss.logprobs else None
-        self.overlap = zeros() if row_loss.overlap and with_jsd else None
-        self.teacher_mass = zeros() if row_loss.overlap and with_jsd else None
-        self.row_max = zeros()
-        self.exp_sum = zeros()  # S = Σ e^{z − max}
-        self.exp_mean = zeros()  # T / S = Σ p·(z − max)
+        # one allocation for all of the per-row state
+        (self.jsd, self.logp, self.entropy, self.overlap, self.teacher_mass, self.row_max, self.exp_sum,
+         self.exp_mean) = torch.zeros((8, rows), dtype=dtype, device=device).unbind()
+        # self.exp_sum: S = Σ e^{z − max}; self.exp_mean: T / S = Σ p·(z − max)
+        if not row_loss.logprobs:
+            self.logp = self.entropy = None
+        if not (row_loss.overlap and with_jsd):
+            self.overlap = self.teacher_mass = None
         self.support = {}  # by sub-block start: (ids, row_coef, support_coef), or None
+        self.rows = rows
+
+    def put(self, sub: slice, **values: torch.Tensor) -> None:
+        """Per-row values of a sub-block into the named state; a sub-block of all the block's rows hands its
+        tensors over (no copy)."""
+        whole = sub.start == 0 and sub.stop == self.rows
+        for name, value in values.items():
+            if whole:
+                setattr(self, name, value)
+            else:
+                getattr(self, name)[sub] = value
 
     def terms(self, rows: slice) -> RowTerms:
-        def at(t):
-            return None if t is None else t[rows]
+        whole = rows == slice(None)
 
-        return RowTerms(at(self.logp), at(self.entropy), self.jsd[rows], at(self.overlap), at(self.teacher_mass))
+        def at(t):
+            return t if t is None or whole else t[rows]
+
+        return RowTerms(at(self.logp), at(self.entropy), self.jsd if whole else self.jsd[rows], at(self.overlap),
+                        at(self.teacher_mass))
 
 
 def fused_loss(student: Head, teacher: Head | None, divergence: DivergenceSpec | None, row_loss, needs: GradNeeds, *,
@@ -136,7 +149,7 @@ def fused_loss(student: Head, teacher: Head | None, divergence: DivergenceSpec |
                 rows = shift(sub, r0)
                 if full:
                     jsd_rows = rowmath.full_jsd_rows_(z_sub, teacher_sub, divergence.beta)  # ∂D/∂z over z
-                    block.jsd[sub] = jsd_rows.value
+                    block.put(sub, jsd=jsd_rows.value)
                 else:
                     _terms(block, sub, z_sub, teacher_sub, None if targets is None else targets[rows], divergence,
                            row_loss, keep_shifted)
@@ -155,7 +168,7 @@ def fused_loss(student: Head, teacher: Head | None, divergence: DivergenceSpec |
                     for sub in subs:
                         z_sub = z[sub]
                         derivative = _cap_derivative(z_sub, block.row_max[sub], student) if capped else None
-                        _dz(z_sub, block, sub, _rows_of(g, sub), targets, r0, chain, keep_shifted)
+                        _dz(z_sub, block, sub, _rows_of(g, sub, r1 - r0), targets, r0, chain, keep_shifted)
                         if derivative is not None:
                             z_sub.mul_(derivative)
             value[r0:r1] = block.jsd
@@ -188,19 +201,21 @@ def _terms(block: _Block, sub: slice, z: torch.Tensor, teacher_z: torch.Tensor |
         student_ids = rowmath.topk_ids(z, k) if divergence.support != "teacher" else None
         teacher_ids = rowmath.topk_ids(teacher_z, k) if divergence.support != "student" else None
         ids, valid = rowmath.support_ids(student_ids, teacher_ids, divergence.support)
-        # float64 logsumexps of each side's own logits: z_S − lse is then exact, and Σ_S p ≤ 1 holds to rounding
-        teacher_max = teacher_z.amax(-1, keepdim=True)
-        teacher_lse = teacher_max.to(wide) + torch.exp(teacher_z - teacher_max).sum(-1, keepdim=True).to(wide).log()
-        teacher_logq = (teacher_z.gather(1, ids).to(wide) - teacher_lse).to(dtype)
-        student_z = z.gather(1, ids)
-        if block.overlap is not None and student_ids is not None and teacher_ids is not None:
-            block.overlap[sub] = rowmath.overlap_fraction(student_ids, teacher_ids, dtype)
+        if block.overlap is not None and divergence.support == "union":  # the union's duplicates: shared ids
+            block.put(sub, overlap=rowmath.overlap_from_union(valid, k, dtype))
         elif block.overlap is not None:  # one side's support: the other's top-k for the diagnostic
             other = rowmath.topk_ids(teacher_z if teacher_ids is None else z, k)
-            block.overlap[sub] = rowmath.overlap_fraction(ids, other, dtype)
+            block.put(sub, overlap=rowmath.overlap_fraction(ids, other, dtype))
+        # float64 logsumexps of each side's own logits: z_S − lse is then exact, and Σ_S p ≤ 1 holds to rounding
+        teacher_at = teacher_z.gather(1, ids).to(wide)
+        teacher_max = teacher_z.amax(-1, keepdim=True)
+        teacher_sum = teacher_z.sub_(teacher_max).exp_().sum(-1, keepdim=True)  # the teacher's logits are done
+        teacher_logq = (teacher_at - (teacher_max.to(wide) + teacher_sum.to(wide).log())).to(dtype)
+        student_z = z.gather(1, ids)
     target_z = z.gather(1, targets[:, None]).squeeze(1) if row_loss.logprobs else None
     row_max = z.amax(-1, keepdim=True)
     shifted = z.sub_(row_max)
+    row_max = row_max.squeeze(-1)
     if row_loss.logprobs:
         e = torch.exp(shifted)
         exp_sum = e.sum(-1)
@@ -211,18 +226,18 @@ def _terms(block: _Block, sub: slice, z: torch.Tensor, teacher_z: torch.Tensor |
         e = shifted.exp_()
         exp_sum = e.sum(-1)
         exp_mean = None
-    lse = row_max.squeeze(-1).to(wide) + exp_sum.to(wide).log()
-    block.row_max[sub], block.exp_sum[sub] = row_max.squeeze(-1), exp_sum
+    log_sum = exp_sum.to(wide).log()
+    lse = row_max.to(wide) + log_sum
+    block.put(sub, row_max=row_max, exp_sum=exp_sum)
     if row_loss.logprobs:
-        block.exp_mean[sub] = exp_mean
-        block.logp[sub] = (target_z.to(wide) - lse).to(dtype)
-        block.entropy[sub] = (exp_sum.to(wide).log() - exp_mean.to(wide)).to(dtype)
+        block.put(sub, exp_mean=exp_mean, logp=(target_z.to(wide) - lse).to(dtype),
+                  entropy=(log_sum - exp_mean.to(wide)).to(dtype))
     if teacher_z is not None:
         student_logp = (student_z.to(wide) - lse[:, None]).to(dtype)
         terms = rowmath.topk_jsd_terms(student_logp, teacher_logq, valid, divergence.beta, divergence.tail)
-        block.jsd[sub] = terms.value
+        block.put(sub, jsd=terms.value)
         if block.teacher_mass is not None:
-            block.teacher_mass[sub] = terms.teacher_mass
+            block.put(sub, teacher_mass=terms.teacher_mass)
         support = (ids, terms.row_coef, terms.support_coef)
     block.support[sub.start] = support
 
@@ -232,12 +247,10 @@ def _dz(z: torch.Tensor, block: _Block, sub: slice, g: RowGrads, targets, r0: in
     """∂L/∂z (times s/τ, before the cap's derivative) of a sub-block, written over what ``_terms`` left in ``z``."""
     support = block.support[sub.start]
     exp_sum = block.exp_sum[sub]
-    row_coef = torch.zeros_like(exp_sum)
-    if g.logp is not None:
-        row_coef -= g.logp
+    row_coef = -g.logp if g.logp is not None else torch.zeros_like(exp_sum)
     if g.jsd is not None and support is not None:
         row_coef += g.jsd * support[1]
-    row_coef *= chain
+    row_coef = _times(chain, row_coef)
     if keep_shifted:  # z holds y = z − max: p = e^{y − log S}
         coef = row_coef[:, None]
         if g.entropy is not None:  # ∂H/∂z = −p·(z − Σp·z) = −p·(y − T/S)
@@ -246,13 +259,21 @@ def _dz(z: torch.Tensor, block: _Block, sub: slice, g: RowGrads, targets, r0: in
     else:  # z holds e^y: p = e^y / S
         z.mul_((row_coef / exp_sum)[:, None])
     if g.logp is not None:
-        z.scatter_add_(1, targets[shift(sub, r0), None], (chain * g.logp)[:, None])
+        z.scatter_add_(1, targets[shift(sub, r0), None], _times(chain, g.logp)[:, None])
     if g.jsd is not None and support is not None:
         ids, _, support_coef = support
-        z.scatter_add_(1, ids, (chain * g.jsd)[:, None] * support_coef.to(z.dtype))
+        z.scatter_add_(1, ids, _times(chain, g.jsd)[:, None] * support_coef.to(z.dtype))
 
 
-def _rows_of(g: RowGrads, rows: slice) -> RowGrads:
+def _times(chain: float, t: torch.Tensor) -> torch.Tensor:
+    """chain·t (t itself when chain is 1: no op)."""
+    return t if chain == 1.0 else chain * t
+
+
+def _rows_of(g: RowGrads, rows: slice, count: int) -> RowGrads:
+    """The derivatives of a sub-block's rows (``count``: the block's rows)."""
+    if rows.start == 0 and rows.stop == count:
+        return g
     return RowGrads(*(None if t is None else t[rows] for t in (g.logp, g.entropy, g.jsd)))
 
 

@@ -16,6 +16,7 @@ import math
 import torch
 
 from ... import config, rowmath
+from ..._host_reads import free_to_read
 from ..base import Head, RowStats
 from ._blocks import block_length, itemsize, logits_into, prepare, sub_blocks, to_logits_, view
 
@@ -55,7 +56,9 @@ def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, wi
             z = logits_into(view(flat, h.shape[0], c1 - c0), h, weight[c0:c1], block_bias)
             for sub in sub_blocks(z.shape[0], c1 - c0, size):  # before the top-k: its ties are the logits'
                 to_logits_(z[sub], head)
-            if targets is not None:
+            if targets is not None and c1 - c0 == vocab:  # one block holds every id
+                target_logit[rows] = z.gather(1, targets[rows, None]).squeeze(1)
+            elif targets is not None:
                 local = targets[rows] - c0
                 inside = (local >= 0) & (local < c1 - c0)
                 picked = z.gather(1, local.clamp(0, c1 - c0 - 1)[:, None]).squeeze(1)
@@ -67,8 +70,24 @@ def row_stats(head: Head, *, targets: torch.Tensor | None = None, k: int = 0, wi
                 if run_ids is not None:
                     block_values = torch.cat([run_values, block_values], dim=-1)
                     block_ids = torch.cat([run_ids, block_ids], dim=-1)
-                run_values, run_ids = rowmath.merge_topk(block_values, block_ids, k)
+                    run_values, run_ids = rowmath.merge_topk(block_values, block_ids, k)
+                elif c1 < vocab or (free_to_read(block_values) and not bool(block_values.isnan().any())):
+                    # the first block's top-k is in the rule's order already (the next merge re-sorts anyway);
+                    # only NaNs, tied among themselves, take merge_topk's id order (on a device that check
+                    # would wait for the queue: the merge runs)
+                    run_values, run_ids = block_values, block_ids
+                else:
+                    run_values, run_ids = rowmath.merge_topk(block_values, block_ids, k)
             for sub in sub_blocks(z.shape[0], c1 - c0, size):
+                if c0 == 0:  # the first block: nothing to rescale (S = 0, m = −inf)
+                    z_sub = z[sub]
+                    m_new = z_sub.amax(-1, keepdim=True)
+                    e = z_sub.sub_(m_new).exp()
+                    e_sum[sub] = e.sum(-1, keepdim=True)
+                    if with_mean_logit:
+                        ez_sum[sub] = torch.linalg.vecdot(e, z_sub)[:, None]
+                    m[sub] = m_new
+                    continue
                 z_sub, m_sub, e_sub = z[sub], m[sub], e_sum[sub]
                 m_new = torch.maximum(m_sub, z_sub.amax(-1, keepdim=True))
                 seen = e_sub > 0  # the first block: S = 0 and m = −inf, nothing to rescale
