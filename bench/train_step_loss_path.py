@@ -31,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 
+from report_data import write_results
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WARMUP_STEPS = 2
@@ -125,11 +127,7 @@ def main(argv=None) -> dict:
     md = "\n".join(lines) + "\n"
     print(md)
     if opts.out:
-        os.makedirs(opts.out, exist_ok=True)
-        with open(os.path.join(opts.out, "train_step_loss_path.json"), "w") as f:
-            json.dump(data, f, indent=1)
-        with open(os.path.join(opts.out, "train_step_loss_path.md"), "w") as f:
-            f.write(md)
+        write_results(opts.out, "train_step_loss_path", data, md)
     return data
 
 

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 
+from report_data import write_results
+
 WARMUP_STEPS = 2
 
 
@@ -74,11 +76,7 @@ def main(argv=None) -> dict:
           f"{', '.join(f'{r:.3f}' for r in ratios)})\n")
     print(md)
     if opts.out:
-        os.makedirs(opts.out, exist_ok=True)
-        with open(os.path.join(opts.out, "train_step_paired.json"), "w") as f:
-            json.dump(data, f, indent=1)
-        with open(os.path.join(opts.out, "train_step_paired.md"), "w") as f:
-            f.write(md)
+        write_results(opts.out, "train_step_paired", data, md)
     return data
 
 
