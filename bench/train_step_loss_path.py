@@ -102,6 +102,15 @@ def measure(vocab: int, steps: int, reps: int, scratch: str) -> dict:
                 ratios=[round(r, 4) for r in ratios], median_ratio=statistics.median(ratios), seconds=seconds)
 
 
+def tree_commit() -> str:
+    """The measured tree's commit (short), marked when the tree has uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + (" + changes" if git("status", "--porcelain",
+                                                                                      "--untracked-files=no") else "")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, nargs="+", default=[EMBEDDED_VOCAB, 32768])
@@ -112,11 +121,11 @@ def main(argv=None) -> dict:
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ptd_loss_path_") as scratch:
         rows = [measure(vocab, opts.steps, opts.reps, scratch) for vocab in opts.vocab]
-    data = dict(steps=opts.steps, reps=opts.reps, load_start=round(load_start, 2),
+    data = dict(commit=tree_commit(), steps=opts.steps, reps=opts.reps, load_start=round(load_start, 2),
                 load_end=round(os.getloadavg()[0], 2), rows=rows)
     lines = [f"`python -m ptd_train.run`, CPU, one thread: the step with its loss from one sweep vs the per-row path, "
              f"{opts.reps} paired reps × {opts.steps} steps per path (first {WARMUP_STEPS} dropped); 1-min load "
-             f"{data['load_start']} → {data['load_end']}. Measured.", "",
+             f"{data['load_start']} → {data['load_end']}; commit {data['commit']}. Measured.", "",
              "| vocabulary | one sweep, median s/step | per row, median s/step | saved per step | "
              "one sweep / per row (median of paired reps) |", "| --- | ---: | ---: | ---: | ---: |"]
     for row in rows:

@@ -424,8 +424,9 @@ def topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     whose k + 1 largest values are distinct in every row (no NaN) takes torch's order as it is.
     float64 blocks use a stable sort instead (packed keys hold float32 bits, which would merge
     float64 values closer than a float32 ulp). On a device, where that check would wait for the queue,
-    one top-k of the packed keys gives the exact ids in order directly.
+    one top-k of the packed keys gives the exact ids in order directly. k ≥ V gives all V ids, in that order.
     """
+    k = min(k, logits.shape[-1])
     if logits.dtype == torch.float64:
         return torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
     if not free_to_read(logits):  # on a device a tie check would wait for the queue: select on packed keys once

@@ -74,7 +74,10 @@ def encode_prompt(tok, question: str, n_image_tokens: int | None, hint: str | No
     """
     out: list[int] = []
     if n_image_tokens is not None:  # (not tok.get_vocab(): it copies the whole vocabulary)
-        start, pad, end = tok.convert_tokens_to_ids([VISION_START, IMAGE_PAD, VISION_END])
+        start, pad, end = ids = tok.convert_tokens_to_ids([VISION_START, IMAGE_PAD, VISION_END])
+        if any(i is None or i == tok.unk_token_id for i in ids):
+            raise ValueError(f"the tokenizer has no {VISION_START}, {IMAGE_PAD} and {VISION_END} tokens: an image "
+                             "prompt in the word-level format needs all three")
         out += [start] + [pad] * n_image_tokens + [end]
     out += tok.encode(" " + question, add_special_tokens=False)
     if hint is not None:

@@ -54,10 +54,12 @@ def open_call(function: str, backend: str, process_group, layers: dict, check: C
               words: tuple[str, ...] = ()) -> OpenedCall:
     """Resolve the layers, run ``check`` on them, and agree with the other ranks (see the module docstring).
     ``words``: the strings an argument may hold (for messages naming other ranks' values)."""
-    group = failure = checked = None
+    group = failure = checked = agreement = None
     try:
         group, layers = resolve_layers(process_group, layers)
         checked = check(layers)
+        if group is not None:
+            agreement = checked.agreement()
     except Exception as exc:  # with a process group, the other ranks must hear of it (no hang)
         group = group if group is not None else group_of(process_group, layers)
         if group is None:
@@ -69,7 +71,7 @@ def open_call(function: str, backend: str, process_group, layers: dict, check: C
             values = torch.stack([value.to(torch.float64) for _, value in checked.summary]).tolist()  # one read
             summary = {name: v for (name, _), v in zip(checked.summary, values)}
         return OpenedCall(checked.backend, checked.vocab, checked.arguments, summary)
-    sizes, values = exchange(group, function, None if checked is None else checked.agreement(), failure,
+    sizes, values = exchange(group, function, agreement, failure,
                              layers.get("weight"), words=(*words, *backend_names()))
     summary = {name: v for (name, _), v in zip(checked.summary, values)}
     return OpenedCall(VocabParallelBackend(checked.backend, group, sizes), sum(sizes), checked.arguments, summary)

@@ -477,6 +477,11 @@ def add_fused_head(model, *, temperature: float = 1.0, flag: str = "fused_head",
             return previous(*args, **kwargs)
         teacher = kwargs.pop("fused_teacher", None)
         policy_loss = kwargs.pop("fused_policy_loss", None)
+        # the model's own forward takes no such keyword and would drop it silently
+        stray = [name for name in kwargs if name.startswith(("fused_", "ptd_"))]
+        if stray:
+            raise TypeError(f"model(..., {flag}=True): unknown keyword {stray[0]!r}; the fused head takes "
+                            "fused_teacher= and fused_policy_loss=")
         return fused_lm_forward(self, *args, temperature=temperature, teacher=teacher, with_entropy=with_entropy,
                                 fp32_head=fp32_head, policy_loss=policy_loss, **kwargs)
 

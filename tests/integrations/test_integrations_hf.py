@@ -129,6 +129,9 @@ def test_generate_and_plain_forward_unchanged(qwen3):
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 8)
     assert model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.shape == (1, 4)
+    for stray in ("fused_techer", "ptd_policy_loss"):  # the model's forward would drop it: refused instead
+        with pytest.raises(TypeError, match=f"unknown keyword '{stray}'; the fused head takes fused_teacher="):
+            model(input_ids=ids, labels=ids, fused_lm_head=True, **{stray: None})
     other = AutoModelForCausalLM.from_pretrained(qwen3)
     assert "forward" not in other.__dict__  # instance-scoped: another instance keeps the class forward
     hf.remove_fused_head(model)

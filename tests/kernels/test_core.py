@@ -295,11 +295,11 @@ def test_importing_and_running_on_the_cpu_never_imports_triton():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("k", [1, 3, 7, 8])
+@pytest.mark.parametrize("k", [1, 3, 7, 8, 12])
 def test_topk_ids_follow_the_tie_rule_with_and_without_ties(k):
     """rowmath.topk_ids on a CPU: a block whose k + 1 largest values are distinct takes torch's order as it is,
     a block with a tie, a NaN or ±0 anywhere goes the exact way; both equal a full sort of the packed keys
-    (value descending, then id ascending), rows of both kinds mixed in one block."""
+    (value descending, then id ascending), rows of both kinds mixed in one block; k > V gives all V ids."""
     from ptd_kernels import rowmath
 
     generator = torch.Generator().manual_seed(k)
@@ -312,7 +312,7 @@ def test_topk_ids_follow_the_tie_rule_with_and_without_ties(k):
         assert torch.equal(rowmath.topk_ids(logits, k), expected[:, :k])
 
 
-@pytest.mark.parametrize("k", [1, 3, 7, 8])
+@pytest.mark.parametrize("k", [1, 3, 7, 8, 12])
 def test_topk_ids_on_a_device_path_equals_the_cpu_path(monkeypatch, k):
     """rowmath.topk_ids: the device branch (one top-k of packed keys) gives the CPU branch's ids, in the
     same order, on rows with ties straddling the k-th place, ties among the selected, NaN and ±inf."""
@@ -325,4 +325,5 @@ def test_topk_ids_on_a_device_path_equals_the_cpu_path(monkeypatch, k):
     on_cpu = rowmath.topk_ids(logits, k)
     monkeypatch.setattr(_host_reads, "AS_ON_A_DEVICE", True)
     assert torch.equal(rowmath.topk_ids(logits, k), on_cpu)
-    assert on_cpu[1].tolist() == list(range(k))  # all tied: the smaller ids, in order
+    assert on_cpu[1].tolist() == list(range(min(k, 8)))  # all tied: the smaller ids, in order
+    assert torch.equal(rowmath.topk_ids(logits.double(), k), on_cpu)  # the float64 branch

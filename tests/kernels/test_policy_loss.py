@@ -413,7 +413,8 @@ def test_cublas_logprobs_at(cublas_blocks, device):
 def test_one_sweep_in_many_small_blocks_and_sub_blocks_equals_the_per_row_path(monkeypatch, entropy_coef, softcap,
                                                                                support):
     """Budgets of a few rows: several blocks of each kind, and blocks of several cache sub-blocks (a block's
-    per-row state is then written and read by slices; a block of one sub-block hands its tensors over), with
+    per-row state is then written and read by slices; the default budgets' single-sub-block blocks, which hand
+    their tensors over, are the other tests' case), with
     and without the ratio (old log-probs), the entropy bonus and a soft-cap. float64: the two paths agree to
     rounding."""
     from ptd_kernels import config

@@ -196,3 +196,18 @@ def test_prompt_cache_matches_full_forward(task, tok):
     torch.testing.assert_close(h1 * m, h2 * m, rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())
+
+
+def test_an_image_prompt_needs_the_vision_tokens():
+    """encode_prompt reads three token ids; a tokenizer without them is refused (an unknown token would
+    otherwise come back as the <unk> id and the image would have no placeholders)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "how": 1, "many": 2, "answer": 3, ":": 4},
+                                      unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    assert encode_prompt(tok, "how many", None) == [1, 2, 3, 4]  # text only: no vision token read
+    with pytest.raises(ValueError, match="needs all three"):
+        encode_prompt(tok, "how many", 4)
