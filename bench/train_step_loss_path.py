@@ -1,6 +1,6 @@
 """The trainer's RL step with its loss from one sweep vs from the per-row path, paired, in one tree.
 
-    python bench/train_step_loss_path.py [--vocab 71 32768] [--steps 30] [--reps 6] [--out bench/results]
+    python bench/train_step_loss_path.py [--vocab 71 32768] [--steps 30] [--reps 6] [--replay 300] [--out DIR]
 
 ``python -m ptd_train.run`` forms the PTD-PO loss with ``ptd_kernels.linear_policy_loss`` (one sweep: the
 student's and the teacher's logits GEMMs and the two gradient GEMMs, 4 in all). This script runs the same
@@ -15,6 +15,10 @@ cached warm start). A larger value runs the same model shape (H = 128, 2 layers)
 whose tokenizer is the embedded task's words padded with unused words to that many tokens — a random
 initialisation (``--ptd_k 8``, the checkpoint defaults otherwise), where every group fails and every
 rollout is in the PTD set: the output layer's share of the step is that of a real vocabulary.
+
+Whole runs differ by a few percent from run to run, more than the embedded default's loss can save, so
+``--replay`` also times that step on one fixed batch, in one process, the two paths alternating and the model
+and optimizer restored before each step: the mean of the paired differences, with its standard error.
 
 One process, one torch thread (the trainer's default); a step's time is the ``seconds`` that
 ``metrics.jsonl`` records; the first 2 steps of a run are dropped. Run it alone on the machine (e.g. under
@@ -111,18 +115,76 @@ def tree_commit() -> str:
                                                                                       "--untracked-files=no") else "")
 
 
+def replay(pairs: int, scratch: str) -> dict:
+    """The embedded default's RL step on one fixed batch — the same prompts and rollouts, the model and the
+    optimizer restored before each step — with the loss from each path in turn, ``pairs`` times each, in this
+    process: the same work every time, so the paired difference is the loss path's alone (the sampling,
+    identical for both paths, is left out by giving the rollouts)."""
+    sys.path.insert(0, ROOT)
+    import copy
+
+    import numpy as np
+    import torch
+
+    from ptd_train import trainer
+    from ptd_train.config import TrainConfig
+    from ptd_train.distributed import full_output_layer
+    from ptd_train.model import ModelWithFusedHead
+    from ptd_train.rollout import generate
+    from ptd_train.warmstart import warm_start
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(output_dir=os.path.join(scratch, "replay"), device="cpu",
+                      warmstart_dir=os.path.join(scratch, "warmstart")).resolved()
+    task, train_set, _, _ = trainer.load_data(cfg)
+    model, _, _, env = trainer.load_model(cfg, torch.device("cpu"), "torch")
+    warm_start(model, env, task, log=lambda *args: None)
+    ref = ModelWithFusedHead(copy.deepcopy(model).eval().requires_grad_(False))
+    policy = ModelWithFusedHead(model)
+    teacher_head = full_output_layer(ref)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    torch.manual_seed(0)
+    examples = trainer.sample_prompts(cfg, task, train_set, np.random.default_rng(0))
+    x = env.prompts(examples).select([i // cfg.group_size for i in range(len(examples) * cfg.group_size)])
+    rollouts = generate(policy, env, x, greedy=False)
+    start = copy.deepcopy(policy.state_dict())
+    chosen = {"path": PATHS[0]}
+    trainer.one_sweep_loss = lambda cfg, teacher_topk: chosen["path"] == "one sweep"
+    seconds = {path: [] for path in PATHS}
+    ptd_rollouts = None
+    for pair in range(pairs + 2):  # the first 2 pairs warm up
+        for path in (PATHS if pair % 2 == 0 else PATHS[::-1]):
+            policy.load_state_dict(start)
+            opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            chosen["path"] = path
+            torch.manual_seed(pair)
+            metrics = trainer.rl_step(policy, ref, opt, env, examples, teacher_head=teacher_head, rollouts=rollouts)
+            ptd_rollouts = metrics["ptd_rollouts"]
+            if pair >= 2:
+                seconds[path].append(metrics["seconds"])
+    differences = [one - per for one, per in zip(seconds["one sweep"], seconds["per row"])]
+    spread = statistics.stdev(differences) / len(differences) ** 0.5
+    return dict(pairs=pairs, ptd_rollouts=ptd_rollouts, rollouts=len(examples) * cfg.group_size,
+                median_s={path: statistics.median(seconds[path]) for path in PATHS},
+                mean_difference_s=statistics.mean(differences), standard_error_s=spread,
+                median_difference_s=statistics.median(differences), seconds=seconds)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, nargs="+", default=[EMBEDDED_VOCAB, 32768])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--reps", type=int, default=6)
+    parser.add_argument("--replay", type=int, default=300, metavar="PAIRS",
+                        help="pairs of replayed default steps (0: none)")
     parser.add_argument("--out", default=None)
     opts = parser.parse_args(argv)
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ptd_loss_path_") as scratch:
+        replayed = replay(opts.replay, scratch) if opts.replay else None
         rows = [measure(vocab, opts.steps, opts.reps, scratch) for vocab in opts.vocab]
     data = dict(commit=tree_commit(), steps=opts.steps, reps=opts.reps, load_start=round(load_start, 2),
-                load_end=round(os.getloadavg()[0], 2), rows=rows)
+                load_end=round(os.getloadavg()[0], 2), replay=replayed, rows=rows)
     lines = [f"`python -m ptd_train.run`, CPU, one thread: the step with its loss from one sweep vs the per-row path, "
              f"{opts.reps} paired reps × {opts.steps} steps per path (first {WARMUP_STEPS} dropped); 1-min load "
              f"{data['load_start']} → {data['load_end']}; commit {data['commit']}. Measured.", "",
@@ -133,6 +195,15 @@ def main(argv=None) -> dict:
         name = f"{row['vocab']} (embedded default)" if row["vocab"] == EMBEDDED_VOCAB else f"{row['vocab']} (padded)"
         lines.append(f"| {name} | {one:.4f} | {per:.4f} | {1e3 * (per - one):.1f} ms | {row['median_ratio']:.3f} "
                      f"({', '.join(f'{r:.3f}' for r in row['ratios'])}) |")
+    if replayed:
+        one, per = replayed["median_s"]["one sweep"], replayed["median_s"]["per row"]
+        lines += ["", f"The embedded default's step replayed on one fixed batch ({replayed['rollouts']} rollouts, "
+                  f"{replayed['ptd_rollouts']} in the PTD set; model and optimizer restored before each step; "
+                  f"sampling left out), {replayed['pairs']} pairs in one process:", "",
+                  "| one sweep, median s/step | per row, median s/step | one sweep − per row, mean of pairs ± "
+                  "standard error |", "| ---: | ---: | ---: |",
+                  f"| {one:.4f} | {per:.4f} | {1e3 * replayed['mean_difference_s']:+.2f} ± "
+                  f"{1e3 * replayed['standard_error_s']:.2f} ms |"]
     md = "\n".join(lines) + "\n"
     print(md)
     if opts.out:
