@@ -34,10 +34,9 @@ SCRIPTS = [
      "interleaved run"),
     ("train_step_loss_path", "Trainer step: the loss from one sweep vs the per-row path", "`python -m ptd_train.run` "
      "in one tree, its PTD-PO loss from `linear_policy_loss` (4 logits GEMMs) or from `linear_ptd_terms` and "
-     "autograd (5), at the embedded 71-token vocabulary and at a padded 32768-token one (the same model shape): "
-     "at 71 tokens the step resolves no difference (the loss call, timed above, is ~2 ms of a ~80 ms step and "
-     "0.76 ms faster in one sweep: ~1 % of the step, under the runs' ±5 % spread); at 32768 the output layer is a "
-     "real share of the step"),
+     "autograd (5): whole runs at the embedded 71-token vocabulary and at a padded 32768-token one (the same "
+     "model shape), and the embedded default's step replayed on one fixed batch, which resolves what whole runs "
+     "(a few percent apart from run to run) cannot: at 71 tokens the loss is ~2 ms of the step"),
 ]
 
 INTRO = """\
