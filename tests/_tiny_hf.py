@@ -143,3 +143,35 @@ def reward_by_length(completions, **kwargs):
 
 def flat_params(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+
+
+def loss_and_grads(trainer, inputs):
+    """A trainer's loss on ``inputs`` and the gradients of its model's parameters."""
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+
+
+def assert_same_loss_and_grads(stock, through_ptd, *, rtol=1e-5):
+    """Two ``loss_and_grads`` results agree: the loss to ``rtol``, every gradient to fp32 accuracy."""
+    (loss_a, grads_a), (loss_b, grads_b) = stock, through_ptd
+    torch.testing.assert_close(loss_b, loss_a, rtol=rtol, atol=1e-7)
+    assert len(grads_a) == len(grads_b) > 10
+    scale = max(g.abs().max() for g in grads_a)
+    assert scale > 0
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
+
+
+def assert_same_training(make_trainer, steps: int = 3):
+    """``make_trainer(through_ptd)`` trained as stock and through ptd: the same logged losses and parameters."""
+    runs = []
+    for through_ptd in (False, True):
+        trainer = make_trainer(through_ptd)
+        trainer.train()
+        runs.append(([h["loss"] for h in trainer.state.log_history if "loss" in h], flat_params(trainer.model)))
+    (losses_a, params_a), (losses_b, params_b) = runs
+    assert len(losses_a) == steps
+    torch.testing.assert_close(losses_b, losses_a, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(params_b, params_a, rtol=0, atol=2e-4)  # Adam steps of 1e-2 each

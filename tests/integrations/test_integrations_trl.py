@@ -10,8 +10,10 @@ import torch
 
 trl = pytest.importorskip("trl")
 from _tiny_hf import (  # noqa: E402
-    flat_params,
+    assert_same_loss_and_grads,
+    assert_same_training,
     image_rows,
+    loss_and_grads,
     reward_by_length,
     save_tiny_qwen3,
     save_tiny_qwen3_vl,
@@ -51,23 +53,6 @@ def _fixed_batch(trainer):
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
 
-def _loss_and_grads(trainer, inputs):
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, inputs)
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
-
-
-def _assert_same(stock, through_ptd, *, rtol=1e-5):
-    (loss_a, grads_a), (loss_b, grads_b) = stock, through_ptd
-    torch.testing.assert_close(loss_b, loss_a, rtol=rtol, atol=1e-7)
-    assert len(grads_a) == len(grads_b) > 10
-    scale = max(g.abs().max() for g in grads_a)
-    assert scale > 0
-    for a, b in zip(grads_a, grads_b):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
-
-
 @pytest.mark.parametrize(("beta", "temperature"), [(0.0, 1.0), (0.05, 0.7)])
 def test_grpo_fixed_batch_equals_stock(qwen3, beta, temperature):
     trainer = _grpo(qwen3, text_rows(4), beta=beta, temperature=temperature)
@@ -82,10 +67,10 @@ def test_grpo_fixed_batch_equals_stock(qwen3, beta, temperature):
             return [trainer._get_per_token_logps_and_entropies(m, ids, mask, inputs["completion_ids"].shape[1],
                                                                batch_size=2)[0] for m in models]
 
-    stock, stock_logps = _loss_and_grads(trainer, inputs), logps()
+    stock, stock_logps = loss_and_grads(trainer, inputs), logps()
     use_ptd_kernels(trainer)
     assert all("forward" in m.__dict__ for m in models)
-    _assert_same(stock, _loss_and_grads(trainer, inputs))
+    assert_same_loss_and_grads(stock, loss_and_grads(trainer, inputs))
     for a, b in zip(stock_logps, logps()):
         assert a.abs().sum() > 0
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
@@ -96,24 +81,18 @@ def test_grpo_vlm_fixed_batch_equals_stock(tmp_path):
     trainer = _grpo(path, image_rows(4), processor, max_completion_length=4)
     inputs = _fixed_batch(trainer)
     assert inputs["pixel_values"].shape[0] > 0
-    stock = _loss_and_grads(trainer, inputs)
+    stock = loss_and_grads(trainer, inputs)
     use_ptd_kernels(trainer)
-    _assert_same(stock, _loss_and_grads(trainer, inputs))
+    assert_same_loss_and_grads(stock, loss_and_grads(trainer, inputs))
 
 
 def test_grpo_training_equals_stock(qwen3):
     """Three optimizer steps (2 iterations per rollout batch, 2 accumulation steps): same losses."""
-    runs = []
-    for through_ptd in (False, True):
+    def make_trainer(through_ptd):
         trainer = _grpo(qwen3, text_rows(8), max_steps=3, beta=0.05, num_iterations=2, gradient_accumulation_steps=2)
-        if through_ptd:
-            use_ptd_kernels(trainer)
-        trainer.train()
-        runs.append(([h["loss"] for h in trainer.state.log_history if "loss" in h], flat_params(trainer.model)))
-    (losses_a, params_a), (losses_b, params_b) = runs
-    assert len(losses_a) == 3
-    torch.testing.assert_close(losses_b, losses_a, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(params_b, params_a, rtol=0, atol=2e-4)  # Adam steps of 1e-2 each
+        return use_ptd_kernels(trainer) if through_ptd else trainer
+
+    assert_same_training(make_trainer)
 
 
 def _distillation(student, teacher, beta, rows=None, **overrides):
@@ -126,11 +105,11 @@ def _distillation(student, teacher, beta, rows=None, **overrides):
 def test_distillation_fixed_batch_equals_stock(qwen3, teacher, beta, temperature):
     trainer = _distillation(qwen3, teacher, beta, temperature=temperature)
     inputs = _fixed_batch(trainer)
-    stock = _loss_and_grads(trainer, inputs)
+    stock = loss_and_grads(trainer, inputs)
     stock_entropy = trainer._metrics["train"]["entropy"][-1]
     use_ptd_kernels(trainer)
     assert "_compute_loss" in trainer.__dict__
-    _assert_same(stock, _loss_and_grads(trainer, inputs))
+    assert_same_loss_and_grads(stock, loss_and_grads(trainer, inputs))
     assert trainer._metrics["train"]["entropy"][-1] == pytest.approx(stock_entropy, rel=1e-5)
     other = _distillation(qwen3, teacher, beta)
     assert "_compute_loss" not in other.__dict__  # instance-scoped

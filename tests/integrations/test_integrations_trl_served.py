@@ -12,7 +12,14 @@ import torch
 
 trl = pytest.importorskip("trl")
 from _served_teacher import CannedTeacher, RolloutWorker, WeightTransfer  # noqa: E402
-from _tiny_hf import flat_params, save_tiny_gemma2, save_tiny_qwen3, text_rows  # noqa: E402
+from _tiny_hf import (  # noqa: E402
+    assert_same_loss_and_grads,
+    assert_same_training,
+    loss_and_grads,
+    save_tiny_gemma2,
+    save_tiny_qwen3,
+    text_rows,
+)
 from datasets import Dataset  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
@@ -44,22 +51,9 @@ def _common(**overrides):
     return args
 
 
-def _loss_and_grads(trainer, inputs):
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, inputs)
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
-
-
 def _assert_same(stock, through_ptd):
-    (loss_a, grads_a), (loss_b, grads_b) = stock, through_ptd
-    assert loss_a > 0
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
-    assert len(grads_a) == len(grads_b) > 10
-    scale = max(g.abs().max() for g in grads_a)
-    assert scale > 0
-    for a, b in zip(grads_a, grads_b):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
+    assert stock[0] > 0
+    assert_same_loss_and_grads(stock, through_ptd)
 
 
 # ----------------------------------------------------------------------------- ServerDistillationTrainer
@@ -96,10 +90,10 @@ def test_server_fixed_batch_equals_stock(monkeypatch, qwen3, beta, top_k, tail, 
                       temperature=temperature)
     inputs = _fixed_batch(trainer)
     assert not inputs["completion_mask"].bool().all(), "a ragged batch (some completions end early); change the seed"
-    stock = _loss_and_grads(trainer, inputs)
+    stock = loss_and_grads(trainer, inputs)
     use_ptd_kernels(trainer)
     assert "compute_loss" in trainer.__dict__
-    through_ptd = _loss_and_grads(trainer, inputs)
+    through_ptd = loss_and_grads(trainer, inputs)
     if beta == 1.0 and not tail:  # one atom renormalized: probability 1 on both sides, as stock computes
         assert stock[0] == 0 and through_ptd[0] == 0
     else:
@@ -111,28 +105,22 @@ def test_server_fixed_batch_equals_stock(monkeypatch, qwen3, beta, top_k, tail, 
 def test_server_training_equals_stock(monkeypatch, qwen3):
     """Three optimizer steps (2 accumulation steps each): the same losses and parameters."""
     vocab = _vocab(qwen3)
-    runs = []
-    for through_ptd in (False, True):
+    def make_trainer(through_ptd):
         trainer = _server(monkeypatch, qwen3, CannedTeacher(vocab, confident=range(0, vocab, 4)),
                           rows=text_rows(12), max_steps=3, gradient_accumulation_steps=2,
                           per_device_train_batch_size=2)
-        if through_ptd:
-            use_ptd_kernels(trainer)
-        trainer.train()
-        runs.append(([h["loss"] for h in trainer.state.log_history if "loss" in h], flat_params(trainer.model)))
-    (losses_a, params_a), (losses_b, params_b) = runs
-    assert len(losses_a) == 3
-    torch.testing.assert_close(losses_b, losses_a, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(params_b, params_a, rtol=0, atol=2e-4)
+        return use_ptd_kernels(trainer) if through_ptd else trainer
+
+    assert_same_training(make_trainer)
 
 
 def test_server_softcapped_model_equals_stock(monkeypatch, gemma2):
     """Gemma-2's final_logit_softcapping: stock reads it through the model's logits, ptd from the config."""
     trainer = _server(monkeypatch, gemma2, CannedTeacher(_vocab(gemma2)), beta=0.0, loss_top_k=3)
     inputs = _fixed_batch(trainer)
-    stock = _loss_and_grads(trainer, inputs)
+    stock = loss_and_grads(trainer, inputs)
     use_ptd_kernels(trainer)
-    _assert_same(stock, _loss_and_grads(trainer, inputs))
+    _assert_same(stock, loss_and_grads(trainer, inputs))
 
 
 def test_server_refusals(monkeypatch, qwen3):
@@ -193,11 +181,11 @@ def test_async_fixed_batch_equals_stock(monkeypatch, qwen3, beta, tail, teacher_
     trainer = _async(monkeypatch, qwen3, teacher, beta=beta, add_tail_bucket=tail,
                      teacher_temperature=teacher_temperature)
     inputs = _async_batch(trainer)
-    stock = _loss_and_grads(trainer, inputs)
+    stock = loss_and_grads(trainer, inputs)
     stock_metrics = _metrics(trainer)
     use_ptd_kernels(trainer)
     assert "_compute_loss" in trainer.__dict__
-    _assert_same(stock, _loss_and_grads(trainer, inputs))
+    _assert_same(stock, loss_and_grads(trainer, inputs))
     for key, value in _metrics(trainer).items():
         assert value == pytest.approx(stock_metrics[key], rel=1e-5, abs=1e-7), key
 
@@ -216,26 +204,22 @@ def test_async_head_is_float32_under_bf16(monkeypatch, qwen3):
 def test_async_softcapped_model_equals_stock(monkeypatch, gemma2):
     trainer = _async(monkeypatch, gemma2, CannedTeacher(_vocab(gemma2)), beta=0.5)
     inputs = _async_batch(trainer)
-    stock = _loss_and_grads(trainer, inputs)
+    stock = loss_and_grads(trainer, inputs)
     use_ptd_kernels(trainer)
-    _assert_same(stock, _loss_and_grads(trainer, inputs))
+    _assert_same(stock, loss_and_grads(trainer, inputs))
 
 
 def test_async_training_equals_stock(monkeypatch, qwen3):
     vocab = _vocab(qwen3)
-    runs = []
-    for through_ptd in (False, True):
+    def make_trainer(through_ptd):
         trainer = _async(monkeypatch, qwen3, CannedTeacher(vocab, confident=range(0, vocab, 4)), max_steps=3)
         if through_ptd:
             use_ptd_kernels(trainer)
             other = _async(monkeypatch, qwen3, CannedTeacher(vocab))
             assert "_compute_loss" not in other.__dict__  # instance-scoped
-        trainer.train()
-        runs.append(([h["loss"] for h in trainer.state.log_history if "loss" in h], flat_params(trainer.model)))
-    (losses_a, params_a), (losses_b, params_b) = runs
-    assert len(losses_a) == 3
-    torch.testing.assert_close(losses_b, losses_a, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(params_b, params_a, rtol=0, atol=2e-4)
+        return trainer
+
+    assert_same_training(make_trainer)
 
 
 # ----------------------------------------------------------------------------- memory
