@@ -108,36 +108,17 @@ def test_total_loss_matches_spec_formula():
 def test_ref_kl_dropped_exactly_for_ptd_groups():
     out, t = _parts()
     assert t["ref_kl_mask"].tolist() == [False, False, True, True]  # group 0 is a PTD group
+
+    def kl_with(logp_ref):
+        return grpo.ptd_po_loss(t["logp"], t["logp"].detach(), logp_ref, t["adv"], t["mask"], t["jsd"], t["f"],
+                                t["ref_kl_mask"], kl_coef=0.1, ptd_coef=1.0).kl
+
     # the k3 term only sees rows 2 and 3: changing logp_ref of group 0 changes nothing
     logp_ref2 = t["logp_ref"].clone()
     logp_ref2[:2] -= 5.0
-    out2 = grpo.ptd_po_loss(
-        t["logp"],
-        t["logp"].detach(),
-        logp_ref2,
-        t["adv"],
-        t["mask"],
-        t["jsd"],
-        t["f"],
-        t["ref_kl_mask"],
-        kl_coef=0.1,
-        ptd_coef=1.0,
-    )
-    assert torch.equal(out.kl, out2.kl)
+    assert torch.equal(out.kl, kl_with(logp_ref2))
     logp_ref2[2:] -= 5.0
-    out3 = grpo.ptd_po_loss(
-        t["logp"],
-        t["logp"].detach(),
-        logp_ref2,
-        t["adv"],
-        t["mask"],
-        t["jsd"],
-        t["f"],
-        t["ref_kl_mask"],
-        kl_coef=0.1,
-        ptd_coef=1.0,
-    )
-    assert out3.kl > out.kl
+    assert kl_with(logp_ref2) > out.kl
     # with the flag off every rollout gets its k3 term
     out_all, _ = _parts(drop=False)
     assert out_all.kl > out.kl
