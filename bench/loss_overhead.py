@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from report_data import describe_tree
+
 CALLS = ("one-sweep", "per-row")
 
 
@@ -82,18 +84,6 @@ def _calls():
 
         calls["one-sweep"] = one_sweep
     return calls
-
-
-def _describe(tree: str) -> str:
-    """A tree as its commit (and `+` when its work tree differs from it), else its path."""
-    try:
-        commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return tree
-    return f"commit {commit}{' +' if dirty else ''}"
 
 
 def _worker() -> None:
@@ -158,9 +148,9 @@ def main() -> None:
         for call in CALLS:
             old, new = times[(side, call)], times[("new", call)]
             if any(t is None for t in old + new):
-                rows.append({"call": call, "old": _describe(trees[side]), "present": False})
+                rows.append({"call": call, "old": describe_tree(trees[side]), "present": False})
                 continue
-            rows.append({"call": call, "old": _describe(trees[side]), "present": True,
+            rows.append({"call": call, "old": describe_tree(trees[side]), "present": True,
                          "old_ms": statistics.median(o[1] for o in old), "new_ms": statistics.median(n[1] for n in new),
                          "cpu_ratio": statistics.median(n[1] / o[1] for o, n in zip(old, new)),
                          "wall_ratio": statistics.median(n[0] / o[0] for o, n in zip(old, new))})
@@ -168,7 +158,7 @@ def main() -> None:
              f"(V = 71, H = 128, N = 256 rows, a teacher on 16 of 64 rollouts, K = 8), each tree in its own worker "
              f"process, {args.rounds} interleaved rounds × {args.calls} calls per tree after a warm-up, one torch "
              f"thread, CPU time per call; {time.time() - started:.0f} s in all; 1-min load average "
-             f"{load_before[0]:.2f} → {load_after[0]:.2f}.", "", f"new: {_describe(trees['new'])}", "",
+             f"{load_before[0]:.2f} → {load_after[0]:.2f}.", "", f"new: {describe_tree(trees['new'])}", "",
              "| call | baseline | baseline ms | new ms | new / baseline CPU (median of rounds) | new / baseline wall |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for row in rows:
@@ -182,7 +172,7 @@ def main() -> None:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "loss_overhead.json"), "w") as f:
             json.dump({"rounds": args.rounds, "calls": args.calls, "load_before": load_before,
-                       "load_after": load_after, "new": _describe(trees["new"]), "rows": rows}, f, indent=1)
+                       "load_after": load_after, "new": describe_tree(trees["new"]), "rows": rows}, f, indent=1)
         with open(os.path.join(args.out, "loss_overhead.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
 

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 from collections import defaultdict
 
 
@@ -18,6 +19,18 @@ def cpu_model() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor()
+
+
+def describe_tree(tree: str) -> str:
+    """A source tree as ``commit <short hash>`` (``+`` when its work tree differs from it), else its path."""
+    try:
+        commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return tree
+    return f"commit {commit}{' +' if dirty else ''}"
 
 
 def write_results(out_dir, stem, data, md):

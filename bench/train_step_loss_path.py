@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 
-from report_data import write_results
+from report_data import describe_tree, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -106,15 +106,6 @@ def measure(vocab: int, steps: int, reps: int, scratch: str) -> dict:
                 ratios=[round(r, 4) for r in ratios], median_ratio=statistics.median(ratios), seconds=seconds)
 
 
-def tree_commit() -> str:
-    """The measured tree's commit (short), marked when the tree has uncommitted changes."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + (" + changes" if git("status", "--porcelain",
-                                                                                      "--untracked-files=no") else "")
-
-
 def replay(pairs: int, scratch: str) -> dict:
     """The embedded default's RL step on one fixed batch — the same prompts and rollouts, the model and the
     optimizer restored before each step — with the loss from each path in turn, ``pairs`` times each, in this
@@ -183,11 +174,11 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="ptd_loss_path_") as scratch:
         replayed = replay(opts.replay, scratch) if opts.replay else None
         rows = [measure(vocab, opts.steps, opts.reps, scratch) for vocab in opts.vocab]
-    data = dict(commit=tree_commit(), steps=opts.steps, reps=opts.reps, load_start=round(load_start, 2),
+    data = dict(tree=describe_tree(ROOT), steps=opts.steps, reps=opts.reps, load_start=round(load_start, 2),
                 load_end=round(os.getloadavg()[0], 2), replay=replayed, rows=rows)
     lines = [f"`python -m ptd_train.run`, CPU, one thread: the step with its loss from one sweep vs the per-row path, "
              f"{opts.reps} paired reps × {opts.steps} steps per path (first {WARMUP_STEPS} dropped); 1-min load "
-             f"{data['load_start']} → {data['load_end']}; commit {data['commit']}. Measured.", "",
+             f"{data['load_start']} → {data['load_end']}; {data['tree']}. Measured.", "",
              "| vocabulary | one sweep, median s/step | per row, median s/step | saved per step | "
              "one sweep / per row (median of paired reps) |", "| --- | ---: | ---: | ---: | ---: |"]
     for row in rows:
